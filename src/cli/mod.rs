@@ -1,0 +1,127 @@
+//! The command line: clap structs, one small handler per command, and the one place that
+//! turns errors into reports and exit codes (0 ok, 1 failed operation, 2 bad input).
+
+mod check;
+mod completions;
+mod config;
+mod error;
+mod init;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use error::{CliError, ExitKind};
+pub use output::Output;
+
+/// Build, ship and promote an app from source to production.
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, clap::Args)]
+pub struct GlobalOpts {
+    /// Run as if started in DIR (the project directory).
+    #[arg(short = 'C', value_name = "DIR", global = true)]
+    pub project_dir: Option<PathBuf>,
+    /// Where images, layers and containers live [default: /var/lib/berth as root,
+    /// else $XDG_DATA_HOME/berth].
+    #[arg(long, value_name = "DIR", env = "BERTH_STORE", global = true)]
+    pub store: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print only results and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more about what is happening (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl GlobalOpts {
+    /// The project directory: `-C DIR`, else the current directory.
+    pub fn project_dir(&self) -> PathBuf {
+        self.project_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// The store directory: `--store`/`BERTH_STORE`, else `/var/lib/berth` for root, else
+    /// `$XDG_DATA_HOME/berth` (`~/.local/share/berth`).
+    pub fn store_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.store {
+            return dir.clone();
+        }
+        if nix::unistd::geteuid().is_root() {
+            return PathBuf::from("/var/lib/berth");
+        }
+        let data = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        data.join("berth")
+    }
+}
+
+/// berth's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create berth.toml, environments/{dev,uat,prod}.toml and .berthignore.
+    Init(init::InitArgs),
+    /// Validate berth.toml and the environment files.
+    Check(check::CheckArgs),
+    /// Print an environment's fully resolved configuration, or diff two.
+    Config(config::ConfigArgs),
+    /// Print a shell completion script.
+    Completions(completions::CompletionsArgs),
+    /// Print berth's man page, or write one per command into a directory.
+    Man(completions::ManArgs),
+}
+
+/// Parses the command line, runs the command and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help and version to stdout (exit 0) and usage errors to stderr.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    error::install_report_handler();
+    let mut out = Output::new(cli.global.json, cli.global.quiet);
+    match run(&cli, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Init(args) => init::run(g, args, out),
+        Command::Check(args) => check::run(g, args, out),
+        Command::Config(args) => config::run(g, args, out),
+        Command::Completions(args) => completions::run_completions(args, out),
+        Command::Man(args) => completions::run_man(args, out),
+    }
+}

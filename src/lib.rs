@@ -1,0 +1,7 @@
+//! berth: build an app's OCI image, ship it to a registry and promote the same digest
+//! through fixed environments (dev → uat → prod).
+//!
+//! Dependencies flow one way: [`cli`] → pipeline modules → [`manifest`].
+
+pub mod cli;
+pub mod manifest;
