@@ -3,5 +3,7 @@
 //!
 //! Dependencies flow one way: [`cli`] → pipeline modules → [`manifest`].
 
+pub mod build;
 pub mod cli;
 pub mod manifest;
+pub mod store;

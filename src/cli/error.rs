@@ -133,3 +133,19 @@ pub fn install_report_handler() {
         Box::new(GraphicalReportHandler::new_themed(theme).with_width(100))
     }));
 }
+
+impl From<crate::store::StoreError> for CliError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError as E;
+        let invalid = matches!(
+            e,
+            E::UnknownImage(_) | E::AmbiguousImage { .. } | E::BadTag(_)
+        );
+        let report = Report::from_err(e);
+        if invalid {
+            CliError::invalid(report)
+        } else {
+            CliError::failed(report)
+        }
+    }
+}

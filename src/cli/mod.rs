@@ -1,6 +1,7 @@
 //! The command line: clap structs, one small handler per command, and the one place that
 //! turns errors into reports and exit codes (0 ok, 1 failed operation, 2 bad input).
 
+mod build;
 mod check;
 mod completions;
 mod config;
@@ -88,6 +89,8 @@ pub enum Command {
     Init(init::InitArgs),
     /// Validate berth.toml and the environment files.
     Check(check::CheckArgs),
+    /// Build the app's image from [image] steps or its Dockerfile.
+    Build(build::BuildArgs),
     /// Print an environment's fully resolved configuration, or diff two.
     Config(config::ConfigArgs),
     /// Print a shell completion script.
@@ -120,8 +123,25 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
     match &cli.command {
         Command::Init(args) => init::run(g, args, out),
         Command::Check(args) => check::run(g, args, out),
+        Command::Build(args) => build::run(g, args, out),
         Command::Config(args) => config::run(g, args, out),
         Command::Completions(args) => completions::run_completions(args, out),
         Command::Man(args) => completions::run_man(args, out),
+    }
+}
+
+/// `1.2 MB`-style sizes (decimal units, as Docker prints them).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }

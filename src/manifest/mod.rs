@@ -224,6 +224,22 @@ impl Project {
         }
     }
 
+    /// The configuration of `berth.toml` alone (no environment): what a build needs.
+    pub fn resolve_base(&self) -> Result<AppConfig, ProjectError> {
+        let base = self.base.as_ref().map_err(|d| InvalidConfig {
+            diagnostics: d.clone(),
+        })?;
+        let (config, decoder) = resolve::resolve(base, None);
+        match config {
+            Some(c) if decoder.diags.is_empty() => Ok(c),
+            _ => {
+                let mut diags = decoder.diags;
+                diags.sort();
+                Err(InvalidConfig { diagnostics: diags }.into())
+            }
+        }
+    }
+
     fn env_node(&self, name: &str) -> Result<&Result<Node, Diagnostics>, ProjectError> {
         self.envs
             .get(name)

@@ -208,7 +208,7 @@ impl fmt::Display for ByteSize {
         const UNITS: [(u32, &str); 4] = [(40, "T"), (30, "G"), (20, "M"), (10, "k")];
         for (shift, unit) in UNITS {
             let size = 1u64 << shift;
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }

@@ -1,0 +1,280 @@
+//! The build cache, under the store's `berth/cache/`:
+//!
+//! - the **stat cache** maps a context file's identity (path, size, device, inode, mtime,
+//!   ctime) to its content hash, so a no-op rebuild of a large context re-hashes nothing;
+//! - **step records** map a step's cache key to the layer it produced;
+//! - **explain records** keep, per project and step position, what the last build's step
+//!   saw, so `--explain` can say why a step missed (which file, which build arg, which base).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::layer::Layer;
+use crate::store::{Digest, Store};
+
+/// Identity of a file as of its last hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StatEntry {
+    size: u64,
+    dev: u64,
+    ino: u64,
+    mtime: i128,
+    ctime: i128,
+    hash: String,
+}
+
+/// Content hashes of context files, keyed by absolute path.
+pub struct StatCache {
+    path: PathBuf,
+    entries: BTreeMap<String, StatEntry>,
+    dirty: bool,
+}
+
+impl StatCache {
+    /// Loads the stat cache (an unreadable or corrupt one is treated as empty).
+    pub fn load(store: &Store) -> StatCache {
+        let path = store.state_dir().join("cache/stat.json");
+        let entries = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        StatCache {
+            path,
+            entries,
+            dirty: false,
+        }
+    }
+
+    /// The cached hash of a file, if its identity is unchanged.
+    pub fn get(&self, abs: &Path, size: u64, stamp: (u64, u64, i128, i128)) -> Option<Digest> {
+        let e = self.entries.get(abs.to_str()?)?;
+        let same = e.size == size && (e.dev, e.ino, e.mtime, e.ctime) == stamp;
+        same.then(|| e.hash.parse().ok()).flatten()
+    }
+
+    /// Records a file's hash. Files changed in the last two seconds are not recorded: a
+    /// write within the same timestamp tick could otherwise go unnoticed (git's "racy"
+    /// files).
+    pub fn put(&mut self, abs: &Path, size: u64, stamp: (u64, u64, i128, i128), hash: &Digest) {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        if now_ns - stamp.2.max(stamp.3) < 2_000_000_000 {
+            return;
+        }
+        let Some(key) = abs.to_str() else { return };
+        let entry = StatEntry {
+            size,
+            dev: stamp.0,
+            ino: stamp.1,
+            mtime: stamp.2,
+            ctime: stamp.3,
+            hash: hash.to_string(),
+        };
+        if self.entries.get(key) != Some(&entry) {
+            self.entries.insert(key.to_string(), entry);
+            self.dirty = true;
+        }
+    }
+
+    /// Writes the cache back if it changed.
+    pub fn save(&self, store: &Store) {
+        if !self.dirty {
+            return;
+        }
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Ok(bytes) = serde_json::to_vec(&self.entries) {
+            // Losing the stat cache only costs re-hashing; a failure here is not an error.
+            let _ = store.write_atomic(&self.path, &bytes);
+        }
+    }
+}
+
+fn record_path(store: &Store, kind: &str, key: &Digest) -> PathBuf {
+    store
+        .state_dir()
+        .join("cache")
+        .join(kind)
+        .join(format!("{}.json", key.hex()))
+}
+
+fn write_record<T: Serialize>(store: &Store, kind: &str, key: &Digest, value: &T) {
+    let path = record_path(store, kind, key);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(bytes) = serde_json::to_vec(value) {
+        let _ = store.write_atomic(&path, &bytes);
+    }
+}
+
+/// The layer cached under `key`, if its blob is still in the store.
+pub fn lookup_step(store: &Store, key: &Digest) -> Option<Layer> {
+    let bytes = std::fs::read(record_path(store, "steps", key)).ok()?;
+    let layer: Layer = serde_json::from_slice(&bytes).ok()?;
+    store.has_blob(&layer.digest).then_some(layer)
+}
+
+/// Records the layer a step produced.
+pub fn record_step(store: &Store, key: &Digest, layer: &Layer) {
+    write_record(store, "steps", key, layer);
+}
+
+/// What one step saw in the last build at its position.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExplainRecord {
+    /// The parent's chain key.
+    pub parent: String,
+    /// The base image digest (first step of a stage).
+    pub base: Option<String>,
+    /// The instruction, expanded.
+    pub instruction: String,
+    /// Input files: path → (content hash or link target, mode).
+    pub inputs: BTreeMap<String, (String, u32)>,
+    /// Build arguments in scope.
+    pub args: BTreeMap<String, String>,
+    /// The key this step had.
+    pub key: String,
+}
+
+/// The last record at a step position.
+pub fn last_explain(store: &Store, slot: &Digest) -> Option<ExplainRecord> {
+    serde_json::from_slice(&std::fs::read(record_path(store, "explain", slot)).ok()?).ok()
+}
+
+/// Saves the record at a step position.
+pub fn save_explain(store: &Store, slot: &Digest, record: &ExplainRecord) {
+    write_record(store, "explain", slot, record);
+}
+
+/// Why a step missed, comparing what it sees now with the last build at its position.
+pub fn miss_reason(
+    now: &ExplainRecord,
+    last: Option<&ExplainRecord>,
+    parent_missed: bool,
+) -> String {
+    let Some(last) = last else {
+        return "no earlier build of this step".into();
+    };
+    if now.base != last.base {
+        return format!(
+            "the base image changed ({} → {})",
+            last.base.as_deref().map_or("none", short),
+            now.base.as_deref().map_or("none", short)
+        );
+    }
+    if now.instruction != last.instruction {
+        let args: Vec<String> = now
+            .args
+            .iter()
+            .filter(|(k, v)| last.args.get(*k) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}={v} (was {})",
+                    last.args.get(k).map_or("unset", String::as_str)
+                )
+            })
+            .collect();
+        let mut reason = format!("the instruction changed (was `{}`)", last.instruction);
+        if !args.is_empty() {
+            reason += &format!("; build args changed: {}", args.join(", "));
+        }
+        return reason;
+    }
+    if now.parent != last.parent {
+        return if parent_missed {
+            "an earlier step changed".into()
+        } else {
+            "the layers below changed".into()
+        };
+    }
+    let mut changes = Vec::new();
+    for (path, (hash, mode)) in &now.inputs {
+        match last.inputs.get(path) {
+            None => changes.push(format!("{path} added")),
+            Some((h, _)) if h != hash => changes.push(format!("{path} changed")),
+            Some((_, m)) if m != mode => changes.push(format!("{path} mode {m:o} → {mode:o}")),
+            Some(_) => {}
+        }
+    }
+    changes.extend(
+        last.inputs
+            .keys()
+            .filter(|p| !now.inputs.contains_key(*p))
+            .map(|p| format!("{p} removed")),
+    );
+    if changes.is_empty() {
+        return "the cached layer is gone (removed by gc?) or the cache was cleared".into();
+    }
+    let more = changes.len().saturating_sub(5);
+    changes.truncate(5);
+    let mut s = changes.join(", ");
+    if more > 0 {
+        s += &format!(" and {more} more");
+    }
+    s
+}
+
+fn short(d: &str) -> &str {
+    d.strip_prefix("sha256:")
+        .map_or(d, |h| &h[..12.min(h.len())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(instruction: &str, inputs: &[(&str, &str, u32)]) -> ExplainRecord {
+        ExplainRecord {
+            parent: "p".into(),
+            instruction: instruction.into(),
+            inputs: inputs
+                .iter()
+                .map(|(p, h, m)| (p.to_string(), (h.to_string(), *m)))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reasons_name_the_change() {
+        let last = rec(
+            "COPY . /app",
+            &[
+                ("a.js", "h1", 0o644),
+                ("b.js", "h2", 0o644),
+                ("c.js", "h3", 0o644),
+            ],
+        );
+        let now = rec(
+            "COPY . /app",
+            &[
+                ("a.js", "h1", 0o755),
+                ("b.js", "h9", 0o644),
+                ("d.js", "h4", 0o644),
+            ],
+        );
+        assert_eq!(
+            miss_reason(&now, Some(&last), false),
+            "a.js mode 644 → 755, b.js changed, d.js added, c.js removed"
+        );
+        assert_eq!(
+            miss_reason(&rec("COPY x /y", &[]), Some(&last), false),
+            "the instruction changed (was `COPY . /app`)"
+        );
+        assert_eq!(
+            miss_reason(&now, None, false),
+            "no earlier build of this step"
+        );
+        let mut moved = now.clone();
+        moved.parent = "q".into();
+        assert_eq!(
+            miss_reason(&moved, Some(&now), true),
+            "an earlier step changed"
+        );
+    }
+}

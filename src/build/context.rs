@@ -1,0 +1,329 @@
+//! The build context: a directory whose files COPY and ADD read. Paths are resolved inside
+//! it (sources outside are refused), ignore rules apply, symlinks are listed as symlinks and
+//! never followed.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::BuildError;
+use super::ignore::{IgnoreRules, glob_component};
+
+/// What kind of file a context entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symlink with its target, as written.
+    Symlink(String),
+}
+
+/// A file in the context with the metadata a layer and the stat cache need.
+#[derive(Debug, Clone)]
+pub struct ContextEntry {
+    /// Path relative to the context root, `/`-separated, no leading `/`.
+    pub rel: String,
+    /// Kind.
+    pub kind: EntryKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Size in bytes (files).
+    pub size: u64,
+    /// Identity for the stat cache: (device, inode, mtime ns, ctime ns).
+    pub stamp: (u64, u64, i128, i128),
+}
+
+/// A build context directory with its ignore rules.
+pub struct Context {
+    root: PathBuf,
+    ignore: IgnoreRules,
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Normalises a source path: relative to the context root, `.` and empty components dropped,
+/// `..` resolved lexically. `None` if it climbs out of the context.
+pub fn clean_relative(path: &str) -> Option<String> {
+    let mut out: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop()?;
+            }
+            c => out.push(c),
+        }
+    }
+    Some(out.join("/"))
+}
+
+impl Context {
+    /// Opens a context directory, reading `.berthignore`, else `.dockerignore`.
+    pub fn open(root: &Path) -> Result<Context, BuildError> {
+        let root = fs::canonicalize(root).map_err(|e| BuildError::Context {
+            path: root.to_path_buf(),
+            source: e,
+        })?;
+        if !root.is_dir() {
+            return Err(BuildError::Context {
+                path: root,
+                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+            });
+        }
+        let mut ignore = IgnoreRules::default();
+        for name in [".berthignore", ".dockerignore"] {
+            match fs::read_to_string(root.join(name)) {
+                Ok(text) => {
+                    ignore = IgnoreRules::parse(&text);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(BuildError::Context {
+                        path: root.join(name),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(Context { root, ignore })
+    }
+
+    /// The context's absolute root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The entries a COPY source names: the matches of `source` (a path or a glob, relative
+    /// to the context root even when written with a leading `/`), each followed by
+    /// everything under it when it is a directory, in sorted order. Each match is returned
+    /// with the listing of its subtree.
+    pub fn select(
+        &self,
+        source: &str,
+    ) -> Result<Vec<(ContextEntry, Vec<ContextEntry>)>, BuildError> {
+        let clean =
+            clean_relative(source).ok_or_else(|| BuildError::OutsideContext(source.to_string()))?;
+        let roots = if has_glob(&clean) {
+            self.glob(&clean)?
+        } else {
+            vec![clean]
+        };
+        let mut out = Vec::new();
+        for rel in roots {
+            if !rel.is_empty() && self.ignore.is_excluded(&rel) {
+                continue;
+            }
+            let Some(entry) = self.entry(&rel)? else {
+                continue;
+            };
+            let mut children = Vec::new();
+            if entry.kind == EntryKind::Dir {
+                self.walk(&rel, &mut children)?;
+            }
+            out.push((entry, children));
+        }
+        if out.is_empty() {
+            return Err(BuildError::MissingSource(source.to_string()));
+        }
+        Ok(out)
+    }
+
+    fn abs(&self, rel: &str) -> PathBuf {
+        if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(rel)
+        }
+    }
+
+    /// The entry at `rel`, without following a symlink there; `None` if absent.
+    pub fn entry(&self, rel: &str) -> Result<Option<ContextEntry>, BuildError> {
+        let path = self.abs(rel);
+        let md = match fs::symlink_metadata(&path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BuildError::Context { path, source: e }),
+        };
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            EntryKind::Dir
+        } else if ft.is_file() {
+            EntryKind::File
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&path).map_err(|e| BuildError::Context {
+                path: path.clone(),
+                source: e,
+            })?;
+            EntryKind::Symlink(target.to_string_lossy().into_owned())
+        } else {
+            return Err(BuildError::SpecialFile(rel.to_string()));
+        };
+        Ok(Some(ContextEntry {
+            rel: rel.to_string(),
+            kind,
+            mode: md.mode() & 0o7777,
+            size: if ft.is_file() { md.len() } else { 0 },
+            stamp: (
+                md.dev(),
+                md.ino(),
+                i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+                i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
+            ),
+        }))
+    }
+
+    fn sorted_children(&self, rel: &str) -> Result<Vec<String>, BuildError> {
+        let path = self.abs(rel);
+        let mut names = Vec::new();
+        for e in fs::read_dir(&path).map_err(|e| BuildError::Context {
+            path: path.clone(),
+            source: e,
+        })? {
+            let e = e.map_err(|e| BuildError::Context {
+                path: path.clone(),
+                source: e,
+            })?;
+            let name = e
+                .file_name()
+                .into_string()
+                .map_err(|n| BuildError::NonUtf8Path(path.join(n)))?;
+            names.push(name);
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Appends everything under directory `rel` (depth first, sorted, parents before
+    /// children), skipping ignored paths.
+    fn walk(&self, rel: &str, out: &mut Vec<ContextEntry>) -> Result<(), BuildError> {
+        for name in self.sorted_children(rel)? {
+            let child = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let excluded = self.ignore.is_excluded(&child);
+            if excluded && !self.ignore.may_reinclude_under(&child) {
+                continue;
+            }
+            let Some(entry) = self.entry(&child)? else {
+                continue;
+            };
+            let is_dir = entry.kind == EntryKind::Dir;
+            if !excluded {
+                out.push(entry);
+            }
+            if is_dir {
+                self.walk(&child, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Paths matching a glob, component by component, sorted.
+    fn glob(&self, pattern: &str) -> Result<Vec<String>, BuildError> {
+        let mut current = vec![String::new()];
+        for comp in pattern.split('/') {
+            let mut next = Vec::new();
+            for base in &current {
+                if !has_glob(comp) {
+                    let p = if base.is_empty() {
+                        comp.to_string()
+                    } else {
+                        format!("{base}/{comp}")
+                    };
+                    if fs::symlink_metadata(self.abs(&p)).is_ok() {
+                        next.push(p);
+                    }
+                    continue;
+                }
+                if !self.abs(base).is_dir()
+                    || fs::symlink_metadata(self.abs(base))
+                        .is_ok_and(|m| m.file_type().is_symlink())
+                {
+                    continue;
+                }
+                for name in self.sorted_children(base)? {
+                    if glob_component(comp, &name) {
+                        next.push(if base.is_empty() {
+                            name
+                        } else {
+                            format!("{base}/{name}")
+                        });
+                    }
+                }
+            }
+            current = next;
+        }
+        Ok(current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> (tempfile::TempDir, Context) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        fs::create_dir_all(p.join("www/css")).unwrap();
+        fs::write(p.join("www/index.html"), "hi").unwrap();
+        fs::write(p.join("www/css/a.css"), "a").unwrap();
+        fs::write(p.join("www/notes.md"), "n").unwrap();
+        fs::write(p.join("app.js"), "js").unwrap();
+        fs::write(p.join("lib.js"), "js").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", p.join("www/passwd")).unwrap();
+        fs::write(p.join(".dockerignore"), "**/*.md\n").unwrap();
+        let c = Context::open(p).unwrap();
+        (d, c)
+    }
+
+    #[test]
+    fn directories_list_their_tree_sorted_without_ignored_files() {
+        let (_d, c) = ctx();
+        let sel = c.select("www/").unwrap();
+        assert_eq!(sel.len(), 1);
+        let names: Vec<_> = sel[0].1.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(
+            names,
+            ["www/css", "www/css/a.css", "www/index.html", "www/passwd"]
+        );
+        assert_eq!(
+            sel[0].1[3].kind,
+            EntryKind::Symlink("/etc/passwd".into()),
+            "symlinks are not followed"
+        );
+    }
+
+    #[test]
+    fn globs_and_escapes() {
+        let (_d, c) = ctx();
+        let sel = c.select("*.js").unwrap();
+        assert_eq!(
+            sel.iter().map(|s| s.0.rel.as_str()).collect::<Vec<_>>(),
+            ["app.js", "lib.js"]
+        );
+        assert!(matches!(
+            c.select("../outside"),
+            Err(BuildError::OutsideContext(_))
+        ));
+        assert!(matches!(
+            c.select("www/../../x"),
+            Err(BuildError::OutsideContext(_))
+        ));
+        assert!(matches!(
+            c.select("nope.txt"),
+            Err(BuildError::MissingSource(_))
+        ));
+        assert!(
+            matches!(c.select("www/notes.md"), Err(BuildError::MissingSource(_))),
+            "ignored files are not in the context"
+        );
+        assert_eq!(c.select("/app.js").unwrap()[0].0.rel, "app.js");
+    }
+}

@@ -1,0 +1,700 @@
+//! COPY and ADD: which files a step reads (its cache inputs), where they land in the image
+//! (Docker's destination rules, symlinked parents resolved inside the image), and writing
+//! them as one sorted, normalised layer.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use super::BuildError;
+use super::cache::StatCache;
+use super::context::{Context, ContextEntry, EntryKind};
+use super::imagefs::{FsKind, FsNode, ImageFs, normalize, open_layer};
+use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
+use crate::store::{Digest, HashingReader, Store, StoreError};
+
+/// What a planned entry holds.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// A directory.
+    Dir,
+    /// A file read from `path`; `stamp` set for context files (hashed into the stat cache).
+    File {
+        /// Where the bytes are.
+        path: PathBuf,
+        /// Size.
+        size: u64,
+        /// Context identity, for the stat cache.
+        stamp: Option<(u64, u64, i128, i128)>,
+    },
+    /// A symlink.
+    Symlink(String),
+    /// A hardlink to another planned path.
+    Hardlink(String),
+}
+
+/// One entry of the layer to write.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// Content.
+    pub content: Content,
+    /// Metadata.
+    pub meta: EntryMeta,
+}
+
+/// The layer to write: image path (no leading `/`) → entry, sorted.
+pub type Plan = BTreeMap<String, Planned>;
+
+/// Who owns copied files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Owner {
+    /// User id.
+    pub uid: u64,
+    /// Group id.
+    pub gid: u64,
+}
+
+/// The inputs of a context COPY: every file's hash (or link target) and mode, keyed by
+/// context path. `complete` is false when some hash is not in the stat cache yet.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    /// path → (hash, link target or "dir"; mode).
+    pub files: BTreeMap<String, (String, u32)>,
+    /// Every file's hash is known.
+    pub complete: bool,
+}
+
+/// Context entries a COPY selected: each match with the listing of its subtree.
+pub type Selection = Vec<(ContextEntry, Vec<ContextEntry>)>;
+
+/// Selects the context entries `sources` name and what is known of their content.
+pub fn context_inputs(
+    ctx: &Context,
+    sources: &[String],
+    stat: &StatCache,
+) -> Result<(Selection, Inputs), BuildError> {
+    let mut selected = Vec::new();
+    for s in sources {
+        selected.extend(ctx.select(s)?);
+    }
+    let mut inputs = Inputs {
+        files: BTreeMap::new(),
+        complete: true,
+    };
+    for (root, children) in &selected {
+        for e in std::iter::once(root).chain(children) {
+            let value = match &e.kind {
+                EntryKind::Dir => "dir".to_string(),
+                EntryKind::Symlink(t) => format!("-> {t}"),
+                EntryKind::File => match stat.get(&ctx.root().join(&e.rel), e.size, e.stamp) {
+                    Some(h) => h.to_string(),
+                    None => {
+                        inputs.complete = false;
+                        String::new()
+                    }
+                },
+            };
+            inputs.files.insert(
+                if e.rel.is_empty() {
+                    ".".into()
+                } else {
+                    e.rel.clone()
+                },
+                (value, e.mode),
+            );
+        }
+    }
+    Ok((selected, inputs))
+}
+
+/// Hashes the selected files whose hash `inputs` lacks, recording them in the stat cache.
+pub fn hash_missing(
+    ctx: &Context,
+    selected: &[(ContextEntry, Vec<ContextEntry>)],
+    stat: &mut StatCache,
+    inputs: &mut Inputs,
+) -> Result<(), BuildError> {
+    for (root, children) in selected {
+        for e in std::iter::once(root).chain(children) {
+            let Some(slot) = inputs.files.get_mut(&e.rel) else {
+                continue;
+            };
+            if e.kind != EntryKind::File || !slot.0.is_empty() {
+                continue;
+            }
+            let abs = ctx.root().join(&e.rel);
+            let f = File::open(&abs).map_err(|err| BuildError::Context {
+                path: abs.clone(),
+                source: err,
+            })?;
+            let mut r = HashingReader::new(f);
+            io::copy(&mut r, &mut io::sink()).map_err(|err| BuildError::Context {
+                path: abs.clone(),
+                source: err,
+            })?;
+            let (hash, _) = r.finish();
+            stat.put(&abs, e.size, e.stamp, &hash);
+            slot.0 = hash.to_string();
+        }
+    }
+    inputs.complete = true;
+    Ok(())
+}
+
+fn join(dir: &str, name: &str) -> String {
+    match (dir.is_empty(), name.is_empty()) {
+        (_, true) => dir.to_string(),
+        (true, _) => name.to_string(),
+        _ => format!("{dir}/{name}"),
+    }
+}
+
+fn basename(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// Where a COPY writes: `(path, is_dir)`, the destination resolved through symlinks in the
+/// image. `dest` is absolute; `dir_form` when it must be a directory (trailing `/`, several
+/// sources, a directory source, or an existing directory).
+fn destination(
+    fs: &ImageFs,
+    dest: &str,
+    several: bool,
+    dir_source: bool,
+) -> Result<(String, bool), BuildError> {
+    let trimmed = dest.trim_end_matches('/');
+    let resolved_full = fs
+        .resolve(trimmed, true)
+        .ok_or_else(|| BuildError::Destination(dest.to_string(), "too many symlinks".into()))?;
+    let exists_dir = fs
+        .get(&resolved_full)
+        .is_some_and(|n| n.kind == FsKind::Dir)
+        || resolved_full.is_empty();
+    if dest.ends_with('/') || several || dir_source || exists_dir {
+        return Ok((resolved_full, true));
+    }
+    let (parent, name) = match trimmed.rsplit_once('/') {
+        Some((p, n)) => (p, n),
+        None => ("", trimmed),
+    };
+    let parent = fs
+        .resolve(parent, true)
+        .ok_or_else(|| BuildError::Destination(dest.to_string(), "too many symlinks".into()))?;
+    Ok((join(&parent, name), false))
+}
+
+/// Adds directories for every missing ancestor of the planned paths (0755, root).
+fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(), BuildError> {
+    let paths: Vec<String> = plan.keys().cloned().collect();
+    for p in paths {
+        let mut cur = p.as_str();
+        while let Some((parent, _)) = cur.rsplit_once('/') {
+            cur = parent;
+            if plan.contains_key(parent) {
+                continue;
+            }
+            match fs.get(parent) {
+                Some(n) if n.kind == FsKind::Dir => {}
+                Some(_) => {
+                    return Err(BuildError::Destination(
+                        format!("/{p}"),
+                        format!("/{parent} is not a directory"),
+                    ));
+                }
+                None => {
+                    plan.insert(
+                        parent.to_string(),
+                        Planned {
+                            content: Content::Dir,
+                            meta: EntryMeta {
+                                mode: 0o755,
+                                uid: 0,
+                                gid: 0,
+                                mtime: epoch,
+                            },
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Plans a COPY/ADD from the context.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_from_context(
+    ctx: &Context,
+    selected: &[(ContextEntry, Vec<ContextEntry>)],
+    dest: &str,
+    chown: Option<Owner>,
+    chmod: Option<u32>,
+    add: bool,
+    fs: &ImageFs,
+    epoch: u64,
+    spool: &Path,
+) -> Result<Plan, BuildError> {
+    let several = selected.len() > 1;
+    let dir_source = selected
+        .first()
+        .is_some_and(|(e, _)| e.kind == EntryKind::Dir);
+    let (target, is_dir) = destination(fs, dest, several, dir_source)?;
+    let mut plan = Plan::new();
+    let owner = chown.unwrap_or_default();
+    let meta = |mode: u32| EntryMeta {
+        mode: chmod.unwrap_or(mode),
+        uid: owner.uid,
+        gid: owner.gid,
+        mtime: epoch,
+    };
+    for (root, children) in selected {
+        if add
+            && root.kind == EntryKind::File
+            && let Some(kind) = archive_kind(&ctx.root().join(&root.rel))?
+        {
+            // A local archive is extracted into the destination, which is then a directory;
+            // entries keep their archive ownership unless --chown says otherwise.
+            extract_archive(
+                &ctx.root().join(&root.rel),
+                kind,
+                &target,
+                chmod,
+                chown,
+                epoch,
+                spool,
+                &mut plan,
+            )?;
+            continue;
+        }
+        let base = match root.kind {
+            EntryKind::Dir => target.clone(),
+            _ if is_dir => join(&target, basename(&root.rel)),
+            _ => target.clone(),
+        };
+        let prefix_len = if root.rel.is_empty() {
+            0
+        } else {
+            root.rel.len() + 1
+        };
+        for e in std::iter::once(root).chain(children) {
+            let path = if std::ptr::eq(e, root) {
+                base.clone()
+            } else {
+                join(&base, &e.rel[prefix_len..])
+            };
+            if path.is_empty() {
+                continue; // COPY into `/`: the root directory itself is not an entry.
+            }
+            let content = match &e.kind {
+                EntryKind::Dir => Content::Dir,
+                EntryKind::Symlink(t) => Content::Symlink(t.clone()),
+                EntryKind::File => Content::File {
+                    path: ctx.root().join(&e.rel),
+                    size: e.size,
+                    stamp: Some(e.stamp),
+                },
+            };
+            let mode = if matches!(e.kind, EntryKind::Symlink(_)) {
+                0o777
+            } else {
+                e.mode
+            };
+            plan.insert(
+                path,
+                Planned {
+                    content,
+                    meta: meta(mode),
+                },
+            );
+        }
+    }
+    add_parents(&mut plan, fs, epoch)?;
+    Ok(plan)
+}
+
+/// Archive formats ADD extracts.
+#[derive(Debug, Clone, Copy)]
+enum ArchiveKind {
+    Tar,
+    Gzip,
+}
+
+fn archive_kind(path: &Path) -> Result<Option<ArchiveKind>, BuildError> {
+    let mut head = [0u8; 262];
+    let mut f = File::open(path).map_err(|e| BuildError::Context {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let n = read_up_to(&mut f, &mut head).map_err(|e| BuildError::Context {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    Ok(if n >= 2 && head[..2] == [0x1f, 0x8b] {
+        Some(ArchiveKind::Gzip)
+    } else if n >= 262 && &head[257..262] == b"ustar" {
+        Some(ArchiveKind::Tar)
+    } else {
+        None
+    })
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Extracts a local archive (ADD) into the plan under `dir`, spooling file contents.
+#[allow(clippy::too_many_arguments)]
+fn extract_archive(
+    path: &Path,
+    kind: ArchiveKind,
+    dir: &str,
+    chmod: Option<u32>,
+    owner: Option<Owner>,
+    epoch: u64,
+    spool: &Path,
+    plan: &mut Plan,
+) -> Result<(), BuildError> {
+    let file = File::open(path).map_err(|e| BuildError::Context {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let reader: Box<dyn Read> = match kind {
+        ArchiveKind::Tar => Box::new(io::BufReader::new(file)),
+        ArchiveKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file))),
+    };
+    let bad = |e: io::Error| BuildError::Archive {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    };
+    let mut archive = tar::Archive::new(reader);
+    for (i, entry) in archive.entries().map_err(bad)?.enumerate() {
+        let mut entry = entry.map_err(bad)?;
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        let rel = normalize(&name).ok_or_else(|| BuildError::Archive {
+            path: path.to_path_buf(),
+            why: format!("entry `{name}` climbs out with `..`"),
+        })?;
+        if rel.is_empty() {
+            continue;
+        }
+        let h = entry.header().clone();
+        let meta = EntryMeta {
+            mode: chmod.unwrap_or(h.mode().unwrap_or(0o644) & 0o7777),
+            uid: owner.map_or(h.uid().unwrap_or(0), |o| o.uid),
+            gid: owner.map_or(h.gid().unwrap_or(0), |o| o.gid),
+            mtime: epoch,
+        };
+        let link = || {
+            entry
+                .link_name_bytes()
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+                .unwrap_or_default()
+        };
+        let content = match h.entry_type() {
+            tar::EntryType::Directory => Content::Dir,
+            tar::EntryType::Symlink => Content::Symlink(link()),
+            tar::EntryType::Link => {
+                let target = normalize(&link())
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| BuildError::Archive {
+                        path: path.to_path_buf(),
+                        why: format!("hardlink `{name}` points outside the archive"),
+                    })?;
+                Content::Hardlink(join(dir, &target))
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let spooled = spool.join(format!("add-{i}"));
+                let mut out = File::create(&spooled).map_err(|e| BuildError::Context {
+                    path: spooled.clone(),
+                    source: e,
+                })?;
+                let size = io::copy(&mut entry, &mut out).map_err(bad)?;
+                Content::File {
+                    path: spooled,
+                    size,
+                    stamp: None,
+                }
+            }
+            other => {
+                return Err(BuildError::Archive {
+                    path: path.to_path_buf(),
+                    why: format!("entry `{name}` is a {other:?}, which ADD does not create"),
+                });
+            }
+        };
+        plan.insert(join(dir, &rel), Planned { content, meta });
+    }
+    Ok(())
+}
+
+/// Plans a `COPY --from`: entries of another image, contents spooled from its layers.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_from_image(
+    store: &Store,
+    src: &ImageFs,
+    sources: &[String],
+    dest: &str,
+    owner: Owner,
+    chmod: Option<u32>,
+    fs: &ImageFs,
+    epoch: u64,
+    spool: &Path,
+) -> Result<Plan, BuildError> {
+    // Resolve sources (globs in the last component) to image paths.
+    let mut roots: Vec<String> = Vec::new();
+    for s in sources {
+        let resolved = src
+            .resolve(s, true)
+            .ok_or_else(|| BuildError::MissingSource(s.clone()))?;
+        let name = basename(&resolved);
+        if name.contains(['*', '?', '[']) {
+            let parent = resolved.rsplit_once('/').map_or("", |(p, _)| p);
+            let prefix = if parent.is_empty() {
+                String::new()
+            } else {
+                format!("{parent}/")
+            };
+            let hits: Vec<String> = src
+                .nodes
+                .keys()
+                .filter(|p| {
+                    p.starts_with(&prefix)
+                        && !p[prefix.len()..].contains('/')
+                        && super::ignore::glob_component(name, &p[prefix.len()..])
+                })
+                .cloned()
+                .collect();
+            if hits.is_empty() {
+                return Err(BuildError::MissingSource(s.clone()));
+            }
+            roots.extend(hits);
+        } else if resolved.is_empty() || src.get(&resolved).is_some() {
+            roots.push(resolved);
+        } else {
+            return Err(BuildError::MissingSource(s.clone()));
+        }
+    }
+    let several = roots.len() > 1;
+    let dir_source = roots
+        .first()
+        .is_some_and(|r| r.is_empty() || src.get(r).is_some_and(|n| n.kind == FsKind::Dir));
+    let (target, is_dir) = destination(fs, dest, several, dir_source)?;
+    let mut plan = Plan::new();
+    // Files whose bytes must be spooled: (source path) → destination path(s).
+    let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for root in &roots {
+        let root_is_dir = root.is_empty() || src.get(root).is_some_and(|n| n.kind == FsKind::Dir);
+        let base = if root_is_dir {
+            target.clone()
+        } else if is_dir {
+            join(&target, basename(root))
+        } else {
+            target.clone()
+        };
+        let prefix = if root.is_empty() {
+            String::new()
+        } else {
+            format!("{root}/")
+        };
+        let under = src
+            .nodes
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, n)| (p.clone(), n));
+        let items: Vec<(String, &FsNode)> = if root.is_empty() {
+            under.collect()
+        } else {
+            std::iter::once((root.clone(), src.get(root).expect("checked")))
+                .chain(under)
+                .collect()
+        };
+        for (path, node) in items {
+            let rel = if path == *root {
+                ""
+            } else {
+                &path[prefix.len()..]
+            };
+            let dst = join(&base, rel);
+            if dst.is_empty() {
+                continue;
+            }
+            let meta = EntryMeta {
+                mode: chmod.unwrap_or(node.mode),
+                uid: owner.uid,
+                gid: owner.gid,
+                mtime: epoch,
+            };
+            let content = match &node.kind {
+                FsKind::Dir => Content::Dir,
+                FsKind::Symlink(t) => Content::Symlink(t.clone()),
+                FsKind::File => {
+                    wanted.entry(path.clone()).or_default().push(dst.clone());
+                    Content::File {
+                        path: PathBuf::new(),
+                        size: node.size,
+                        stamp: None,
+                    }
+                }
+                FsKind::Hardlink(t) => {
+                    wanted.entry(t.clone()).or_default().push(dst.clone());
+                    Content::File {
+                        path: PathBuf::new(),
+                        size: src.get(t).map_or(0, |n| n.size),
+                        stamp: None,
+                    }
+                }
+                FsKind::Other => return Err(BuildError::SpecialFile(format!("/{path}"))),
+            };
+            plan.insert(dst, Planned { content, meta });
+        }
+    }
+    spool_files(store, src, &wanted, spool, &mut plan)?;
+    add_parents(&mut plan, fs, epoch)?;
+    Ok(plan)
+}
+
+/// Streams each layer that holds wanted files once, writing their bytes to spool files.
+fn spool_files(
+    store: &Store,
+    src: &ImageFs,
+    wanted: &BTreeMap<String, Vec<String>>,
+    spool: &Path,
+    plan: &mut Plan,
+) -> Result<(), BuildError> {
+    let mut by_layer: BTreeMap<usize, Vec<&String>> = BTreeMap::new();
+    for path in wanted.keys() {
+        let layer = src
+            .get(path)
+            .map(|n| n.layer)
+            .ok_or_else(|| BuildError::MissingSource(format!("/{path}")))?;
+        by_layer.entry(layer).or_default().push(path);
+    }
+    let mut n = 0;
+    for (layer, paths) in by_layer {
+        let (digest, media_type) = &src.layers[layer];
+        let bad = |e: io::Error| {
+            BuildError::Store(StoreError::BadDocument {
+                what: "layer",
+                digest: digest.to_string(),
+                message: e.to_string(),
+            })
+        };
+        let mut archive = tar::Archive::new(open_layer(store, digest, media_type)?);
+        for entry in archive.entries().map_err(bad)? {
+            let mut entry = entry.map_err(bad)?;
+            let raw = entry.path_bytes().into_owned();
+            let Some(path) = std::str::from_utf8(&raw).ok().and_then(normalize) else {
+                continue;
+            };
+            if !paths.contains(&&path) {
+                continue;
+            }
+            n += 1;
+            let spooled = spool.join(format!("from-{n}"));
+            let mut out = File::create(&spooled).map_err(|e| BuildError::Context {
+                path: spooled.clone(),
+                source: e,
+            })?;
+            let size = io::copy(&mut entry, &mut out).map_err(bad)?;
+            for dst in &wanted[&path] {
+                if let Some(p) = plan.get_mut(dst) {
+                    p.content = Content::File {
+                        path: spooled.clone(),
+                        size,
+                        stamp: None,
+                    };
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a plan as a layer. Context files are hashed as they stream into the layer; their
+/// hashes go into the stat cache and `inputs`, so a cold build reads each file once.
+pub fn write_plan(
+    store: &Store,
+    plan: &Plan,
+    compression: LayerCompression,
+    ctx_root: Option<&Path>,
+    stat: &mut StatCache,
+    inputs: &mut Inputs,
+) -> Result<(Layer, Vec<(String, FsNode)>), BuildError> {
+    let mut w = LayerWriter::new(store, compression)?;
+    let mut nodes = Vec::with_capacity(plan.len());
+    let werr = |path: &str, e: io::Error| BuildError::Context {
+        path: PathBuf::from(format!("/{path}")),
+        source: e,
+    };
+    for (path, p) in plan {
+        let (kind, size) = match &p.content {
+            Content::Dir => {
+                w.dir(path, &p.meta).map_err(|e| werr(path, e))?;
+                (FsKind::Dir, 0)
+            }
+            Content::Symlink(t) => {
+                w.symlink(path, t, &p.meta).map_err(|e| werr(path, e))?;
+                (FsKind::Symlink(t.clone()), 0)
+            }
+            Content::Hardlink(t) => {
+                w.hardlink(path, t, &p.meta).map_err(|e| werr(path, e))?;
+                (FsKind::Hardlink(t.clone()), 0)
+            }
+            Content::File {
+                path: src,
+                size,
+                stamp,
+            } => {
+                let f = File::open(src).map_err(|e| BuildError::Context {
+                    path: src.clone(),
+                    source: e,
+                })?;
+                let mut reader = HashingReader::new(io::BufReader::with_capacity(128 << 10, f));
+                w.file(path, &p.meta, *size, &mut reader)
+                    .map_err(|e| BuildError::Context {
+                        path: src.clone(),
+                        source: e,
+                    })?;
+                if let (Some(stamp), Some(root)) = (stamp, ctx_root) {
+                    let (hash, _) = reader.finish();
+                    stat.put(src, *size, *stamp, &hash);
+                    if let Ok(rel) = src.strip_prefix(root) {
+                        let key = rel.to_str().unwrap_or_default().to_string();
+                        if let Some(slot) = inputs.files.get_mut(&key) {
+                            slot.0 = hash.to_string();
+                        }
+                    }
+                }
+                (FsKind::File, *size)
+            }
+        };
+        nodes.push((
+            path.clone(),
+            FsNode {
+                kind,
+                mode: p.meta.mode,
+                uid: p.meta.uid,
+                gid: p.meta.gid,
+                size,
+                layer: 0,
+            },
+        ));
+    }
+    let layer = w.finish()?;
+    inputs.complete = true;
+    Ok((layer, nodes))
+}
+
+/// The digest of a step's cache inputs.
+pub fn inputs_digest(inputs: &Inputs) -> Digest {
+    Digest::of(&serde_json::to_vec(&inputs.files).expect("inputs serialise"))
+}

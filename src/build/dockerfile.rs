@@ -1,0 +1,731 @@
+//! A Dockerfile/Containerfile parser producing a [`BuildPlan`].
+//!
+//! Covers parser directives (`# escape=`), line continuations, comments, FROM (with `AS`),
+//! COPY and ADD (`--from`, `--chown`, `--chmod`), RUN (exec and shell form, `--network`),
+//! ENV, ARG, LABEL, EXPOSE, USER, WORKDIR, VOLUME, STOPSIGNAL, CMD, ENTRYPOINT (exec and
+//! shell form), HEALTHCHECK, SHELL and MAINTAINER. What it does not support (ONBUILD, ADD
+//! from a URL, RUN --mount) is an error naming the line; every error of the file is reported.
+
+use std::ops::Range;
+
+use super::plan::{Base, BuildPlan, Origin, Stage, Step};
+use super::shell_words::split_words;
+use crate::manifest::schema::CommandLine;
+use crate::manifest::steps::{CopySpec, ImageHealthcheck, RunNetwork, StepSpec};
+use crate::manifest::values::{Duration, ExposedPort, Signal};
+use crate::manifest::{ConfigDiagnostic, Diagnostics, SourceFile};
+
+/// A logical line: an instruction with its continuation lines joined.
+struct Line {
+    span: Range<usize>,
+    keyword: String,
+    args: String,
+}
+
+struct Parser<'a> {
+    file: &'a SourceFile,
+    escape: char,
+    diags: Diagnostics,
+}
+
+/// Parses a Dockerfile.
+pub fn parse(file: &SourceFile) -> Result<BuildPlan, Diagnostics> {
+    let mut p = Parser {
+        file,
+        escape: '\\',
+        diags: Diagnostics::default(),
+    };
+    let text = file.text.as_str();
+    let body_start = p.directives(text);
+    let lines = p.logical_lines(text, body_start);
+    let mut plan = BuildPlan {
+        global_args: Vec::new(),
+        stages: Vec::new(),
+    };
+    for line in lines {
+        let origin = Origin::Dockerfile {
+            file: file.clone(),
+            span: line.span.clone(),
+        };
+        if line.keyword == "FROM" {
+            if let Some(stage) = p.from(&line, origin) {
+                plan.stages.push(stage);
+            }
+            continue;
+        }
+        let Some(stage) = plan.stages.last_mut() else {
+            if line.keyword == "ARG" {
+                if let Some(StepSpec::Arg(args)) = p.instruction(&line) {
+                    plan.global_args.extend(args);
+                }
+            } else {
+                p.error(
+                    &line.span,
+                    format!("{} before the first FROM", line.keyword),
+                    "only ARG may come before FROM",
+                    None,
+                );
+            }
+            continue;
+        };
+        if let Some(spec) = p.instruction(&line) {
+            stage.steps.push(Step {
+                spec,
+                origin,
+                expand: true,
+            });
+        }
+    }
+    if plan.stages.is_empty() && p.diags.is_empty() {
+        p.error(
+            &(0..0),
+            "the Dockerfile has no FROM".into(),
+            "empty build",
+            Some("start with FROM IMAGE or FROM scratch".into()),
+        );
+    }
+    if p.diags.is_empty() {
+        Ok(plan)
+    } else {
+        Err(p.diags)
+    }
+}
+
+impl Parser<'_> {
+    fn error(&mut self, span: &Range<usize>, message: String, label: &str, help: Option<String>) {
+        self.diags.push(ConfigDiagnostic {
+            message,
+            label: label.to_string(),
+            help,
+            code: "berth::dockerfile",
+            file: self.file.clone(),
+            span: span.clone(),
+        });
+    }
+
+    /// Reads `# directive=value` lines at the top; returns where the body starts.
+    fn directives(&mut self, text: &str) -> usize {
+        let mut offset = 0;
+        for line in text.split_inclusive('\n') {
+            let t = line.trim();
+            let Some(rest) = t.strip_prefix('#') else {
+                break;
+            };
+            let Some((key, value)) = rest.split_once('=') else {
+                break;
+            };
+            let (key, value) = (key.trim().to_ascii_lowercase(), value.trim());
+            if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric()) {
+                break;
+            }
+            if key == "escape" {
+                match value {
+                    "\\" => self.escape = '\\',
+                    "`" => self.escape = '`',
+                    _ => self.error(
+                        &(offset..offset + line.len()),
+                        format!("invalid escape character `{value}`"),
+                        "must be \\ or `",
+                        None,
+                    ),
+                }
+            }
+            offset += line.len();
+        }
+        offset
+    }
+
+    /// Joins continuation lines and drops comments and blank lines.
+    fn logical_lines(&mut self, text: &str, start: usize) -> Vec<Line> {
+        let mut lines = Vec::new();
+        let mut current: Option<(usize, String)> = None;
+        let mut offset = start;
+        for raw in text[start..].split_inclusive('\n') {
+            let line_start = offset;
+            offset += raw.len();
+            let content = raw.trim_end_matches(['\n', '\r']);
+            let trimmed = content.trim_start();
+            if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_none()) {
+                continue;
+            }
+            let (continues, piece) = match content.trim_end().strip_suffix(self.escape) {
+                Some(p) => (true, p),
+                None => (false, content),
+            };
+            let (begin, mut acc) = current
+                .take()
+                .unwrap_or((line_start + (content.len() - trimmed.len()), String::new()));
+            acc.push_str(piece);
+            if continues {
+                current = Some((begin, acc));
+            } else {
+                self.push_line(&mut lines, begin, offset, acc);
+            }
+        }
+        if let Some((begin, acc)) = current {
+            self.push_line(&mut lines, begin, offset, acc);
+        }
+        lines
+    }
+
+    fn push_line(&mut self, lines: &mut Vec<Line>, begin: usize, end: usize, text: String) {
+        let text = text.trim();
+        if text.is_empty() {
+            return;
+        }
+        let (kw, args) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
+        let end = self.file.text[begin..end].trim_end().len() + begin;
+        lines.push(Line {
+            span: begin..end,
+            keyword: kw.to_ascii_uppercase(),
+            args: args.trim().to_string(),
+        });
+    }
+
+    /// Splits leading `--flag=value` options off the arguments.
+    fn flags<'l>(
+        &mut self,
+        line: &'l Line,
+        allowed: &[&str],
+    ) -> Option<(Vec<(String, String)>, &'l str)> {
+        let mut rest = line.args.as_str();
+        let mut flags = Vec::new();
+        while let Some(after) = rest.strip_prefix("--") {
+            let (flag, tail) = after.split_once(char::is_whitespace).unwrap_or((after, ""));
+            let (name, value) = flag.split_once('=').unwrap_or((flag, ""));
+            if !allowed.contains(&name) {
+                let help = if allowed.is_empty() {
+                    None
+                } else {
+                    Some(format!(
+                        "{} accepts: --{}",
+                        line.keyword,
+                        allowed.join(", --")
+                    ))
+                };
+                self.error(
+                    &line.span,
+                    format!("{} --{name} is not supported", line.keyword),
+                    "unsupported flag",
+                    help,
+                );
+                return None;
+            }
+            flags.push((name.to_string(), value.to_string()));
+            rest = tail.trim_start();
+        }
+        Some((flags, rest))
+    }
+
+    fn words(&mut self, line: &Line, s: &str) -> Option<Vec<String>> {
+        match split_words(s, self.escape) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                self.error(
+                    &line.span,
+                    format!("cannot parse {}: {e}", line.keyword),
+                    "here",
+                    None,
+                );
+                None
+            }
+        }
+    }
+
+    /// Exec form (a JSON array of strings) or shell form.
+    fn command(&mut self, line: &Line, s: &str) -> Option<CommandLine> {
+        if s.trim_start().starts_with('[')
+            && let Ok(v) = serde_json::from_str::<Vec<String>>(s)
+        {
+            if v.is_empty() {
+                self.error(
+                    &line.span,
+                    format!("{} has an empty command", line.keyword),
+                    "empty",
+                    None,
+                );
+                return None;
+            }
+            return Some(CommandLine::Exec(v));
+        }
+        if s.trim().is_empty() {
+            self.error(
+                &line.span,
+                format!("{} needs a command", line.keyword),
+                "missing command",
+                None,
+            );
+            return None;
+        }
+        Some(CommandLine::Shell(s.to_string()))
+    }
+
+    fn from(&mut self, line: &Line, origin: Origin) -> Option<Stage> {
+        let (_flags, rest) = self.flags(line, &["platform"])?;
+        let words = self.words(line, rest)?;
+        let (image, name) = match words.as_slice() {
+            [image] => (image.clone(), None),
+            [image, as_kw, name] if as_kw.eq_ignore_ascii_case("as") => {
+                (image.clone(), Some(name.to_ascii_lowercase()))
+            }
+            _ => {
+                self.error(
+                    &line.span,
+                    "FROM takes an image and an optional `AS name`".into(),
+                    "here",
+                    Some("e.g. FROM base:1 AS build".into()),
+                );
+                return None;
+            }
+        };
+        let base = if image == "scratch" {
+            Base::Scratch
+        } else {
+            Base::Image(image)
+        };
+        Some(Stage {
+            name,
+            base,
+            origin,
+            steps: Vec::new(),
+        })
+    }
+
+    fn single(&mut self, line: &Line) -> Option<String> {
+        if line.args.is_empty() {
+            self.error(
+                &line.span,
+                format!("{} needs an argument", line.keyword),
+                "missing argument",
+                None,
+            );
+            return None;
+        }
+        Some(line.args.clone())
+    }
+
+    /// `k=v k2="v 2"` pairs (ENV, LABEL), or the legacy `ENV key value` form.
+    fn pairs(&mut self, line: &Line) -> Option<Vec<(String, String)>> {
+        let words = self.words(line, &line.args)?;
+        if words.is_empty() {
+            self.error(
+                &line.span,
+                format!("{} needs key=value", line.keyword),
+                "missing",
+                None,
+            );
+            return None;
+        }
+        if !words[0].contains('=') {
+            if words.len() < 2 || line.keyword != "ENV" {
+                self.error(
+                    &line.span,
+                    format!("{} needs key=value pairs", line.keyword),
+                    "missing `=`",
+                    None,
+                );
+                return None;
+            }
+            let value = line.args[words[0].len()..].trim().to_string();
+            return Some(vec![(words[0].clone(), value)]);
+        }
+        let mut out = Vec::new();
+        for w in words {
+            match w.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    out.push((k.trim_matches('"').to_string(), v.to_string()))
+                }
+                _ => {
+                    self.error(&line.span, format!("`{w}` is not key=value"), "here", None);
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn instruction(&mut self, line: &Line) -> Option<StepSpec> {
+        match line.keyword.as_str() {
+            "RUN" => {
+                let (flags, rest) = self.flags(line, &["network"])?;
+                let network = match flags
+                    .iter()
+                    .find(|(k, _)| k == "network")
+                    .map(|(_, v)| v.as_str())
+                {
+                    None | Some("default") => None,
+                    Some("none") => Some(RunNetwork::None),
+                    Some("host") => Some(RunNetwork::Host),
+                    Some(other) => {
+                        self.error(
+                            &line.span,
+                            format!("RUN --network={other} is not supported"),
+                            "use none or host",
+                            None,
+                        );
+                        return None;
+                    }
+                };
+                let command = self.command(line, rest)?;
+                Some(StepSpec::Run { command, network })
+            }
+            "CMD" => self.command(line, &line.args).map(StepSpec::Cmd),
+            "ENTRYPOINT" => self.command(line, &line.args).map(StepSpec::Entrypoint),
+            "SHELL" => match serde_json::from_str::<Vec<String>>(&line.args) {
+                Ok(v) if !v.is_empty() => Some(StepSpec::Shell(v)),
+                _ => {
+                    self.error(
+                        &line.span,
+                        "SHELL needs a JSON array".into(),
+                        "here",
+                        Some(r#"e.g. SHELL ["/bin/sh", "-c"]"#.into()),
+                    );
+                    None
+                }
+            },
+            "COPY" | "ADD" => self.copy(line),
+            "ENV" => self.pairs(line).map(StepSpec::Env),
+            "LABEL" => self.pairs(line).map(StepSpec::Label),
+            "MAINTAINER" => self.single(line).map(|m| {
+                StepSpec::Label(vec![(
+                    "maintainer".into(),
+                    format!("'{}'", m.replace('\'', "")),
+                )])
+            }),
+            "ARG" => {
+                let words = self.words(line, &line.args)?;
+                if words.is_empty() {
+                    self.error(&line.span, "ARG needs a name".into(), "missing name", None);
+                    return None;
+                }
+                Some(StepSpec::Arg(
+                    words
+                        .into_iter()
+                        .map(|w| match w.split_once('=') {
+                            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                            None => (w, None),
+                        })
+                        .collect(),
+                ))
+            }
+            "WORKDIR" => self.single(line).map(StepSpec::Workdir),
+            "USER" => self.single(line).map(StepSpec::User),
+            "VOLUME" => {
+                let arg = self.single(line)?;
+                let vols = match serde_json::from_str::<Vec<String>>(&arg) {
+                    Ok(v) => v,
+                    Err(_) => self.words(line, &arg)?,
+                };
+                Some(StepSpec::Volume(vols))
+            }
+            "EXPOSE" => {
+                let words = self.words(line, &line.args)?;
+                let mut ports = Vec::new();
+                for w in words {
+                    match w.parse::<ExposedPort>() {
+                        Ok(p) => ports.push(p),
+                        Err(e) => {
+                            let help = w
+                                .contains('$')
+                                .then(|| "berth does not expand variables in EXPOSE".to_string());
+                            self.error(&line.span, format!("invalid EXPOSE: {e}"), "here", help);
+                            return None;
+                        }
+                    }
+                }
+                if ports.is_empty() {
+                    self.error(
+                        &line.span,
+                        "EXPOSE needs a port".into(),
+                        "missing port",
+                        None,
+                    );
+                    return None;
+                }
+                Some(StepSpec::Expose(ports))
+            }
+            "STOPSIGNAL" => match line.args.parse::<Signal>() {
+                Ok(s) => Some(StepSpec::StopSignal(s)),
+                Err(e) => {
+                    self.error(&line.span, format!("invalid STOPSIGNAL: {e}"), "here", None);
+                    None
+                }
+            },
+            "HEALTHCHECK" => self.healthcheck(line),
+            "ONBUILD" => {
+                self.error(&line.span, "ONBUILD is not supported".into(), "unsupported instruction", Some("berth builds images from explicit steps; move the instruction into the image that uses it".into()));
+                None
+            }
+            other => {
+                let known = [
+                    "FROM",
+                    "RUN",
+                    "CMD",
+                    "LABEL",
+                    "EXPOSE",
+                    "ENV",
+                    "ADD",
+                    "COPY",
+                    "ENTRYPOINT",
+                    "VOLUME",
+                    "USER",
+                    "WORKDIR",
+                    "ARG",
+                    "STOPSIGNAL",
+                    "HEALTHCHECK",
+                    "SHELL",
+                    "MAINTAINER",
+                ];
+                let help = crate::manifest::decode::suggest(other, known)
+                    .map(|s| format!("did you mean {s}?"));
+                self.error(
+                    &line.span,
+                    format!("unknown instruction `{other}`"),
+                    "unknown instruction",
+                    help,
+                );
+                None
+            }
+        }
+    }
+
+    fn copy(&mut self, line: &Line) -> Option<StepSpec> {
+        let add = line.keyword == "ADD";
+        let allowed: &[&str] = if add {
+            &["chown", "chmod", "link", "checksum"]
+        } else {
+            &["from", "chown", "chmod", "link"]
+        };
+        let (flags, rest) = self.flags(line, allowed)?;
+        let mut args = match serde_json::from_str::<Vec<String>>(rest) {
+            Ok(v) if rest.trim_start().starts_with('[') => v,
+            _ => self.words(line, rest)?,
+        };
+        if args.len() < 2 {
+            self.error(
+                &line.span,
+                format!(
+                    "{} needs at least one source and a destination",
+                    line.keyword
+                ),
+                "here",
+                None,
+            );
+            return None;
+        }
+        if add && let Some(url) = args[..args.len() - 1].iter().find(|a| a.contains("://")) {
+            self.error(
+                &line.span,
+                format!("ADD from a URL ({url}) is not supported"),
+                "remote source",
+                Some("download the file in a RUN step or put it in the context".into()),
+            );
+            return None;
+        }
+        let dest = args.pop().expect("len >= 2");
+        let flag = |k: &str| flags.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let chmod = match flag("chmod") {
+            None => None,
+            Some(m) => match u32::from_str_radix(&m, 8) {
+                Ok(m) if m <= 0o7777 => Some(m),
+                _ => {
+                    self.error(
+                        &line.span,
+                        format!("--chmod={m} is not an octal mode"),
+                        "here",
+                        None,
+                    );
+                    return None;
+                }
+            },
+        };
+        let spec = CopySpec {
+            sources: args,
+            dest,
+            chown: flag("chown"),
+            chmod,
+            from: flag("from"),
+        };
+        Some(if add {
+            StepSpec::Add(spec)
+        } else {
+            StepSpec::Copy(spec)
+        })
+    }
+
+    fn healthcheck(&mut self, line: &Line) -> Option<StepSpec> {
+        let (flags, rest) = self.flags(
+            line,
+            &[
+                "interval",
+                "timeout",
+                "start-period",
+                "start-interval",
+                "retries",
+            ],
+        )?;
+        let (kw, cmd) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        let command = match kw.to_ascii_uppercase().as_str() {
+            "NONE" => None,
+            "CMD" => Some(self.command(line, cmd.trim())?),
+            _ => {
+                self.error(
+                    &line.span,
+                    "HEALTHCHECK needs CMD or NONE".into(),
+                    "here",
+                    None,
+                );
+                return None;
+            }
+        };
+        let mut h = ImageHealthcheck {
+            command,
+            interval: None,
+            timeout: None,
+            retries: None,
+            start_period: None,
+        };
+        for (k, v) in flags {
+            let dur = || v.parse::<Duration>();
+            let bad = match k.as_str() {
+                "interval" => dur().map(|d| h.interval = Some(d)).err(),
+                "timeout" => dur().map(|d| h.timeout = Some(d)).err(),
+                "start-period" => dur().map(|d| h.start_period = Some(d)).err(),
+                "start-interval" => dur().map(|_| ()).err(),
+                _ => v
+                    .parse::<u32>()
+                    .map(|n| h.retries = Some(n))
+                    .map_err(|e| e.to_string())
+                    .err(),
+            };
+            if let Some(e) = bad {
+                self.error(
+                    &line.span,
+                    format!("invalid HEALTHCHECK --{k}: {e}"),
+                    "here",
+                    None,
+                );
+                return None;
+            }
+        }
+        Some(StepSpec::Healthcheck(h))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn df(text: &str) -> Result<BuildPlan, Diagnostics> {
+        parse(&SourceFile {
+            name: "Dockerfile".into(),
+            text: Arc::new(text.into()),
+        })
+    }
+
+    fn line_of(d: &ConfigDiagnostic) -> usize {
+        d.file.line_col(d.span.start).0
+    }
+
+    #[test]
+    fn a_classic_node_dockerfile() {
+        let plan = df("# syntax=docker/dockerfile:1\nARG BASE=base:1\nFROM ${BASE} AS app\nWORKDIR /app\nCOPY package.json ./\nRUN npm install \\\n    --production\nCOPY . .\nEXPOSE 3000\nENV NODE_ENV=production PORT=\"3000\"\nCMD [\"node\", \"server.js\"]\n").unwrap();
+        assert_eq!(plan.global_args, [("BASE".into(), Some("base:1".into()))]);
+        let st = &plan.stages[0];
+        assert_eq!(
+            (st.name.as_deref(), &st.base),
+            (Some("app"), &Base::Image("${BASE}".into()))
+        );
+        let kinds: Vec<String> = st
+            .steps
+            .iter()
+            .map(|s| super::super::plan::describe_step(&s.spec))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "WORKDIR /app",
+                "COPY package.json ./",
+                "RUN npm install     --production",
+                "COPY . .",
+                "EXPOSE 3000/tcp",
+                "ENV NODE_ENV=production PORT=\"3000\"",
+                "CMD [\"node\",\"server.js\"]",
+            ]
+        );
+        let Origin::Dockerfile { file, span } = &st.steps[2].origin else {
+            panic!()
+        };
+        assert_eq!(
+            file.line_col(span.start).0,
+            6,
+            "a continued line reports where it starts"
+        );
+    }
+
+    #[test]
+    fn multi_stage_and_copy_flags() {
+        let plan = df("FROM base:1 AS build\nRUN [\"make\"]\nFROM scratch\nCOPY --from=build --chown=10:10 --chmod=755 /out/app /app\n").unwrap();
+        assert_eq!(plan.stages.len(), 2);
+        assert_eq!(plan.stages[1].base, Base::Scratch);
+        let StepSpec::Copy(c) = &plan.stages[1].steps[0].spec else {
+            panic!()
+        };
+        assert_eq!(
+            (c.from.as_deref(), c.chown.as_deref(), c.chmod),
+            (Some("build"), Some("10:10"), Some(0o755))
+        );
+        assert_eq!(plan.target_index(Some("build")), Some(0));
+        assert_eq!(plan.target_index(None), Some(1));
+    }
+
+    #[test]
+    fn escape_directive_and_comments() {
+        let plan = df("# escape=`\nFROM scratch\n# a comment\nCOPY a `\n  b /dst/\n").unwrap();
+        let StepSpec::Copy(c) = &plan.stages[0].steps[0].spec else {
+            panic!()
+        };
+        assert_eq!(c.sources, ["a", "b"]);
+    }
+
+    #[test]
+    fn healthcheck_forms() {
+        let plan = df("FROM scratch\nHEALTHCHECK --interval=5s --retries=2 CMD curl -f http://localhost/\nHEALTHCHECK NONE\n").unwrap();
+        let StepSpec::Healthcheck(h) = &plan.stages[0].steps[0].spec else {
+            panic!()
+        };
+        assert_eq!(
+            (h.interval.map(|d| d.to_string()), h.retries),
+            (Some("5s".into()), Some(2))
+        );
+        let StepSpec::Healthcheck(none) = &plan.stages[0].steps[1].spec else {
+            panic!()
+        };
+        assert!(none.command.is_none());
+    }
+
+    #[test]
+    fn every_error_names_its_line() {
+        let err = df("FROM base:1\nONBUILD RUN x\nADD https://example.com/x /x\nCOPY onlyone\nFRUM x\nRUN --mount=type=cache,target=/x make\nEXPOSE eighty\n").unwrap_err();
+        let lines: Vec<usize> = err.0.iter().map(line_of).collect();
+        assert_eq!(lines, [2, 3, 4, 5, 6, 7], "{err:#?}");
+        assert!(
+            err.0[3].help.as_deref() == Some("did you mean FROM?"),
+            "{:?}",
+            err.0[3].help
+        );
+    }
+
+    #[test]
+    fn instructions_before_from_and_empty_files() {
+        let err = df("COPY a b\n").unwrap_err();
+        assert!(err.0[0].message.contains("before the first FROM"));
+        assert!(
+            df("# nothing\n").unwrap_err().0[0]
+                .message
+                .contains("no FROM")
+        );
+    }
+}

@@ -1,0 +1,613 @@
+//! Runs a [`BuildPlan`] against the store: stages in dependency order, each step either a
+//! config change or a cached-or-built layer, then the image's config and manifest.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use oci_spec::image::{Arch, Descriptor, History, HistoryBuilder, ImageConfiguration, Os};
+
+use super::BuildError;
+use super::cache::{self, ExplainRecord, StatCache};
+use super::context::Context;
+use super::copy::{self, Inputs, Owner};
+use super::imagefs::{ImageFs, lookup_group, lookup_user};
+use super::layer::{Layer, LayerCompression};
+use super::meta;
+use super::plan::{Base, BuildPlan, Step, describe_step};
+use super::shell_words::process_word;
+use crate::manifest::steps::{CopySpec, StepSpec};
+use crate::store::{Digest, ImageConfig, Store, StoredImage};
+
+/// How to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Ignore cached layers.
+    pub no_cache: bool,
+    /// `--build-arg` values (over `[image] args`).
+    pub build_args: BTreeMap<String, String>,
+    /// The stage to build (default: the last).
+    pub target: Option<String>,
+    /// Layer compression.
+    pub compression: LayerCompression,
+    /// Timestamp for files and the config (`SOURCE_DATE_EPOCH`, else 0).
+    pub epoch: u64,
+    /// Labels added to the final image (provenance).
+    pub labels: Vec<(String, String)>,
+    /// Identifies the project, so `--explain` compares with this project's last build.
+    pub project_id: String,
+}
+
+/// How a step went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepStatus {
+    /// The layer came from the cache.
+    Hit,
+    /// The layer was built; why the cache missed.
+    Miss(String),
+    /// A config-only step (no layer).
+    Config,
+}
+
+/// One step's outcome, for progress output and `--explain`.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// The stage's name or number.
+    pub stage: String,
+    /// The step's number in its stage (from 1).
+    pub number: usize,
+    /// Steps in the stage.
+    pub of: usize,
+    /// The instruction, expanded.
+    pub text: String,
+    /// Where it was written.
+    pub origin: String,
+    /// Hit, miss or config.
+    pub status: StepStatus,
+    /// The layer, for layer steps.
+    pub layer: Option<Layer>,
+}
+
+/// A finished build.
+pub struct BuildOutput {
+    /// The image.
+    pub image: StoredImage,
+    /// Every step of the stages built, in order.
+    pub steps: Vec<StepReport>,
+}
+
+struct StageState {
+    config: ImageConfig,
+    layers: Vec<Descriptor>,
+    chain: Digest,
+    base: Option<String>,
+    fs: Option<ImageFs>,
+    fs_layers: Vec<(Digest, String)>,
+    args: BTreeMap<String, String>,
+}
+
+impl StageState {
+    fn lookup(&self, name: &str) -> Option<String> {
+        meta::env_pairs(&self.config)
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .or_else(|| self.args.get(name).cloned())
+    }
+
+    fn fs(&mut self, store: &Store) -> Result<&mut ImageFs, BuildError> {
+        if self.fs.is_none() {
+            self.fs = Some(ImageFs::load(store, &self.fs_layers)?);
+        }
+        Ok(self.fs.as_mut().expect("loaded"))
+    }
+}
+
+struct Engine<'a> {
+    store: &'a Store,
+    plan: &'a BuildPlan,
+    ctx: Context,
+    stat: StatCache,
+    opts: &'a BuildOptions,
+    built: BTreeMap<usize, StoredImage>,
+    reports: Vec<StepReport>,
+    spool: tempfile::TempDir,
+    on_step: &'a mut dyn FnMut(&StepReport),
+}
+
+/// Builds the target stage of `plan` with `context_dir` as the build context.
+pub fn build(
+    store: &Store,
+    plan: &BuildPlan,
+    context_dir: &Path,
+    opts: &BuildOptions,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<BuildOutput, BuildError> {
+    let _guard = store.use_guard()?;
+    let target = plan
+        .target_index(opts.target.as_deref())
+        .ok_or_else(|| BuildError::UnknownStage(opts.target.clone().unwrap_or_default()))?;
+    let tmp = store.state_dir().join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(|e| BuildError::Context {
+        path: tmp.clone(),
+        source: e,
+    })?;
+    let spool = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&tmp)
+        .map_err(|e| BuildError::Context {
+            path: tmp.clone(),
+            source: e,
+        })?;
+    let mut engine = Engine {
+        store,
+        plan,
+        ctx: Context::open(context_dir)?,
+        stat: StatCache::load(store),
+        opts,
+        built: BTreeMap::new(),
+        reports: Vec::new(),
+        spool,
+        on_step,
+    };
+    let result = engine.stage(target, true);
+    engine.stat.save(store);
+    let image = result?;
+    Ok(BuildOutput {
+        image,
+        steps: engine.reports,
+    })
+}
+
+fn host_arch() -> Arch {
+    match std::env::consts::ARCH {
+        "x86_64" => Arch::Amd64,
+        "aarch64" => Arch::ARM64,
+        other => Arch::Other(other.to_string()),
+    }
+}
+
+impl Engine<'_> {
+    fn timestamp(&self) -> String {
+        jiff::Timestamp::from_second(self.opts.epoch as i64)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    }
+
+    /// The image a `FROM` or `COPY --from` names: an earlier stage or a stored image.
+    fn image_named(&mut self, name: &str, before: usize) -> Result<StoredImage, BuildError> {
+        if let Some(i) = self.plan.stages[..before]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(&name.to_ascii_lowercase()))
+        {
+            return self.stage(i, false);
+        }
+        if let Ok(i) = name.parse::<usize>()
+            && i < before
+        {
+            return self.stage(i, false);
+        }
+        self.store.load_image(name).map_err(|e| match e {
+            crate::store::StoreError::UnknownImage(r) => BuildError::UnknownBase(r),
+            other => other.into(),
+        })
+    }
+
+    fn stage(&mut self, index: usize, is_target: bool) -> Result<StoredImage, BuildError> {
+        if let Some(done) = self.built.get(&index) {
+            return Ok(done.clone());
+        }
+        let stage = &self.plan.stages[index];
+        let global: BTreeMap<String, String> = self
+            .plan
+            .global_args
+            .iter()
+            .filter_map(|(k, d)| {
+                self.opts
+                    .build_args
+                    .get(k)
+                    .cloned()
+                    .or_else(|| d.clone())
+                    .map(|v| (k.clone(), v))
+            })
+            .collect();
+        let mut st = match &stage.base {
+            Base::Scratch => {
+                let mut oci = ImageConfiguration::default();
+                oci.set_architecture(host_arch());
+                oci.set_os(Os::Linux);
+                StageState {
+                    config: ImageConfig {
+                        oci,
+                        extra: Default::default(),
+                    },
+                    layers: Vec::new(),
+                    chain: Digest::of(b"scratch"),
+                    base: None,
+                    fs: Some(ImageFs::default()),
+                    fs_layers: Vec::new(),
+                    args: BTreeMap::new(),
+                }
+            }
+            Base::Image(raw) => {
+                let name = process_word(raw, '\\', &|k| global.get(k).cloned()).map_err(|e| {
+                    BuildError::Step {
+                        origin: stage.origin.describe(),
+                        text: format!("FROM {raw}"),
+                        source: Box::new(BuildError::Word(e.to_string())),
+                    }
+                })?;
+                let base = self
+                    .image_named(&name, index)
+                    .map_err(|e| BuildError::Step {
+                        origin: stage.origin.describe(),
+                        text: format!("FROM {name}"),
+                        source: Box::new(e),
+                    })?;
+                let fs_layers = base
+                    .layers()
+                    .into_iter()
+                    .map(|(d, desc)| (d, desc.media_type().to_string()))
+                    .collect();
+                StageState {
+                    config: base.config.clone(),
+                    layers: base.manifest.layers().clone(),
+                    chain: Digest::of(format!("base {}", base.digest).as_bytes()),
+                    base: Some(base.digest.to_string()),
+                    fs: None,
+                    fs_layers,
+                    args: BTreeMap::new(),
+                }
+            }
+        };
+        let stage_name = stage.name.clone().unwrap_or_else(|| index.to_string());
+        let mut parent_missed = false;
+        for (i, step) in stage.steps.iter().enumerate() {
+            let report = self
+                .step(&mut st, index, i, step, &global, parent_missed)
+                .map_err(|e| BuildError::Step {
+                    origin: step.origin.describe(),
+                    text: describe_step(&step.spec),
+                    source: Box::new(e),
+                })?;
+            parent_missed = matches!(report.status, StepStatus::Miss(_));
+            let report = StepReport {
+                stage: stage_name.clone(),
+                number: i + 1,
+                of: stage.steps.len(),
+                ..report
+            };
+            (self.on_step)(&report);
+            self.reports.push(report);
+        }
+        if is_target {
+            let mut cfg = st.config.oci.config().clone().unwrap_or_default();
+            let mut labels = cfg.labels().clone().unwrap_or_default();
+            labels.extend(self.opts.labels.iter().cloned());
+            if !labels.is_empty() {
+                cfg.set_labels(Some(labels));
+            }
+            st.config.oci.set_config(Some(cfg));
+        }
+        st.config.oci.set_created(Some(self.timestamp()));
+        let image = self.store.write_image(&st.config, st.layers)?;
+        self.built.insert(index, image.clone());
+        Ok(image)
+    }
+
+    fn expand(&self, st: &StageState, spec: &StepSpec) -> Result<StepSpec, BuildError> {
+        let w = |s: &str| {
+            process_word(s, '\\', &|k| st.lookup(k)).map_err(|e| BuildError::Word(e.to_string()))
+        };
+        Ok(match spec {
+            StepSpec::Copy(c) | StepSpec::Add(c) => {
+                let c = CopySpec {
+                    sources: c.sources.iter().map(|s| w(s)).collect::<Result<_, _>>()?,
+                    dest: w(&c.dest)?,
+                    chown: c.chown.as_deref().map(w).transpose()?,
+                    chmod: c.chmod,
+                    from: c.from.as_deref().map(w).transpose()?,
+                };
+                if matches!(spec, StepSpec::Copy(_)) {
+                    StepSpec::Copy(c)
+                } else {
+                    StepSpec::Add(c)
+                }
+            }
+            StepSpec::Env(v) => StepSpec::Env(
+                v.iter()
+                    .map(|(k, v)| Ok((k.clone(), w(v)?)))
+                    .collect::<Result<_, BuildError>>()?,
+            ),
+            StepSpec::Label(v) => StepSpec::Label(
+                v.iter()
+                    .map(|(k, v)| Ok((w(k)?, w(v)?)))
+                    .collect::<Result<_, BuildError>>()?,
+            ),
+            StepSpec::Arg(v) => StepSpec::Arg(
+                v.iter()
+                    .map(|(k, d)| Ok((k.clone(), d.as_deref().map(w).transpose()?)))
+                    .collect::<Result<_, BuildError>>()?,
+            ),
+            StepSpec::Workdir(s) => StepSpec::Workdir(w(s)?),
+            StepSpec::User(s) => StepSpec::User(w(s)?),
+            StepSpec::Volume(v) => {
+                StepSpec::Volume(v.iter().map(|s| w(s)).collect::<Result<_, _>>()?)
+            }
+            other => other.clone(),
+        })
+    }
+
+    fn step(
+        &mut self,
+        st: &mut StageState,
+        stage: usize,
+        index: usize,
+        step: &Step,
+        global: &BTreeMap<String, String>,
+        parent_missed: bool,
+    ) -> Result<StepReport, BuildError> {
+        let spec = if step.expand {
+            self.expand(st, &step.spec)?
+        } else {
+            step.spec.clone()
+        };
+        let text = describe_step(&spec);
+        let origin = step.origin.describe();
+        let config_step = |text: String| StepReport {
+            stage: String::new(),
+            number: 0,
+            of: 0,
+            text,
+            origin: origin.clone(),
+            status: StepStatus::Config,
+            layer: None,
+        };
+        match &spec {
+            StepSpec::Arg(args) => {
+                for (name, default) in args {
+                    let value = self
+                        .opts
+                        .build_args
+                        .get(name)
+                        .cloned()
+                        .or_else(|| default.clone())
+                        .or_else(|| global.get(name).cloned());
+                    if let Some(v) = value {
+                        st.args.insert(name.clone(), v);
+                    }
+                }
+                st.chain = Digest::of(format!("{}\n{text}\n{:?}", st.chain, st.args).as_bytes());
+                Ok(config_step(text))
+            }
+            StepSpec::Copy(c) | StepSpec::Add(c) => self.copy_step(
+                st,
+                stage,
+                index,
+                c,
+                matches!(spec, StepSpec::Add(_)),
+                text,
+                origin,
+                parent_missed,
+            ),
+            StepSpec::Run { .. } => Err(BuildError::RunUnsupported),
+            other => {
+                meta::apply(&mut st.config, other);
+                st.chain = Digest::of(format!("{}\n{text}", st.chain).as_bytes());
+                self.push_history(st, &text, true);
+                Ok(config_step(text))
+            }
+        }
+    }
+
+    fn push_history(&self, st: &mut StageState, created_by: &str, empty: bool) {
+        let mut b = HistoryBuilder::default()
+            .created(self.timestamp())
+            .created_by(created_by.to_string())
+            .comment("berth".to_string());
+        if empty {
+            b = b.empty_layer(true);
+        }
+        let entry: History = b.build().expect("history fields are set");
+        let mut h = st.config.oci.history().clone().unwrap_or_default();
+        h.push(entry);
+        st.config.oci.set_history(Some(h));
+    }
+
+    /// Resolves `--chown=user[:group]` against the image's passwd and group files.
+    fn owner(&self, st: &mut StageState, chown: &str) -> Result<Owner, BuildError> {
+        let (user, group) = match chown.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (chown, None),
+        };
+        let numeric = |s: &str| s.parse::<u64>().ok();
+        let read = |st: &mut StageState, path: &str| -> Result<String, BuildError> {
+            let store = self.store;
+            let fs = st.fs(store)?;
+            Ok(fs
+                .read_file(store, path, 1 << 20)?
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default())
+        };
+        let (uid, primary) = match numeric(user) {
+            Some(u) => (u, u),
+            None => lookup_user(&read(st, "etc/passwd")?, user)
+                .ok_or_else(|| BuildError::UnknownUser(user.to_string()))?,
+        };
+        let gid = match group {
+            None => primary,
+            Some(g) => match numeric(g) {
+                Some(g) => g,
+                None => lookup_group(&read(st, "etc/group")?, g)
+                    .ok_or_else(|| BuildError::UnknownUser(format!("group {g}")))?,
+            },
+        };
+        Ok(Owner { uid, gid })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_step(
+        &mut self,
+        st: &mut StageState,
+        stage: usize,
+        index: usize,
+        c: &CopySpec,
+        add: bool,
+        text: String,
+        origin: String,
+        parent_missed: bool,
+    ) -> Result<StepReport, BuildError> {
+        let dest = if c.dest.starts_with('/') {
+            c.dest.clone()
+        } else {
+            format!(
+                "{}/{}",
+                meta::workdir(&st.config).trim_end_matches('/'),
+                c.dest
+            )
+        };
+        let dest = format!(
+            "{}{}",
+            meta::clean_abs(&dest),
+            if c.dest.ends_with('/') || c.dest.ends_with("/.") || c.dest == "." {
+                "/"
+            } else {
+                ""
+            }
+        );
+        let compression = format!(
+            "{:?}/{:?}",
+            self.opts.compression.algorithm, self.opts.compression.level
+        );
+        let (source_image, selected, mut inputs) = match &c.from {
+            Some(from) => {
+                let img = self.image_named(from, stage)?;
+                (
+                    Some(img),
+                    Vec::new(),
+                    Inputs {
+                        files: BTreeMap::new(),
+                        complete: true,
+                    },
+                )
+            }
+            None => {
+                let (sel, inputs) = copy::context_inputs(&self.ctx, &c.sources, &self.stat)?;
+                (None, sel, inputs)
+            }
+        };
+        let source_id = source_image.as_ref().map(|i| i.digest.to_string());
+        let chain = st.chain.clone();
+        let key_of = |inputs: &Inputs| {
+            Digest::of(
+                format!(
+                    "{chain}\n{text}\n{}\n{source_id:?}\n{compression}",
+                    copy::inputs_digest(inputs)
+                )
+                .as_bytes(),
+            )
+        };
+        let slot = Digest::of(format!("{}\n{stage}\n{index}", self.opts.project_id).as_bytes());
+        let mut record = ExplainRecord {
+            parent: st.chain.to_string(),
+            base: if index == 0 { st.base.clone() } else { None },
+            instruction: text.clone(),
+            inputs: BTreeMap::new(),
+            args: st.args.clone(),
+            key: String::new(),
+        };
+        let last = cache::last_explain(self.store, &slot);
+        if !inputs.complete && last.is_some() && !self.opts.no_cache {
+            // This step was built before, so a hit is likely: hash what the stat cache does
+            // not know (files changed in the last seconds) rather than rebuild blindly. A
+            // first build skips this and hashes while writing, reading each file once.
+            copy::hash_missing(&self.ctx, &selected, &mut self.stat, &mut inputs)?;
+        }
+        let hit = (inputs.complete && !self.opts.no_cache)
+            .then(|| cache::lookup_step(self.store, &key_of(&inputs)))
+            .flatten();
+        let (layer, status) = match hit {
+            Some(layer) => {
+                st.fs = None; // Reload lazily if a later step needs it.
+                (layer, StepStatus::Hit)
+            }
+            None => {
+                let chown = c.chown.as_deref().map(|o| self.owner(st, o)).transpose()?;
+                let epoch = self.opts.epoch;
+                let spool = self.spool.path().to_path_buf();
+                let store = self.store;
+                let plan = match &source_image {
+                    Some(img) => {
+                        let layers: Vec<(Digest, String)> = img
+                            .layers()
+                            .into_iter()
+                            .map(|(d, desc)| (d, desc.media_type().to_string()))
+                            .collect();
+                        let src = ImageFs::load(store, &layers)?;
+                        copy::plan_from_image(
+                            store,
+                            &src,
+                            &c.sources,
+                            &dest,
+                            chown.unwrap_or_default(),
+                            c.chmod,
+                            st.fs(store)?,
+                            epoch,
+                            &spool,
+                        )?
+                    }
+                    None => copy::plan_from_context(
+                        &self.ctx,
+                        &selected,
+                        &dest,
+                        chown,
+                        c.chmod,
+                        add,
+                        st.fs(store)?,
+                        epoch,
+                        &spool,
+                    )?,
+                };
+                let (layer, nodes) = copy::write_plan(
+                    store,
+                    &plan,
+                    self.opts.compression,
+                    Some(self.ctx.root()),
+                    &mut self.stat,
+                    &mut inputs,
+                )?;
+                if let Some(fs) = st.fs.as_mut() {
+                    fs.add_layer(layer.digest.clone(), layer.media_type.clone(), nodes);
+                }
+                cache::record_step(store, &key_of(&inputs), &layer);
+                record.inputs = inputs.files.clone();
+                let reason = if self.opts.no_cache {
+                    "--no-cache".to_string()
+                } else {
+                    cache::miss_reason(&record, last.as_ref(), parent_missed)
+                };
+                (layer, StepStatus::Miss(reason))
+            }
+        };
+        record.inputs = inputs.files.clone();
+        let key = key_of(&inputs);
+        record.key = key.to_string();
+        cache::save_explain(self.store, &slot, &record);
+        st.chain = key;
+        st.layers.push(layer.descriptor());
+        st.fs_layers
+            .push((layer.digest.clone(), layer.media_type.clone()));
+        let diff_ids = st.config.oci.rootfs_mut().diff_ids_mut();
+        diff_ids.push(layer.diff_id.to_string());
+        self.push_history(st, &text, false);
+        Ok(StepReport {
+            stage: String::new(),
+            number: 0,
+            of: 0,
+            text,
+            origin,
+            status,
+            layer: Some(layer),
+        })
+    }
+}

@@ -1,0 +1,371 @@
+//! A read-only view of an image's filesystem built from its layers' tar headers (whiteouts
+//! applied), without unpacking anything: which paths exist, their metadata, symlink
+//! resolution inside the image, and file contents read by streaming the one layer that holds
+//! them. The builder uses it for parent directories, `--chown` names and `COPY --from`.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+
+use super::BuildError;
+use crate::store::{Digest, Store, StoreError};
+
+/// What a path is in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsKind {
+    /// Directory.
+    Dir,
+    /// Regular file.
+    File,
+    /// Symlink to a target.
+    Symlink(String),
+    /// Hardlink to another path of the image.
+    Hardlink(String),
+    /// Device, FIFO or other.
+    Other,
+}
+
+/// A path's metadata and the layer holding its content.
+#[derive(Debug, Clone)]
+pub struct FsNode {
+    /// Kind.
+    pub kind: FsKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Size (files).
+    pub size: u64,
+    /// Index of the layer the entry comes from.
+    pub layer: usize,
+}
+
+/// The merged filesystem of an image's layers.
+#[derive(Debug, Clone, Default)]
+pub struct ImageFs {
+    /// Paths without a leading `/`, e.g. `etc/passwd`.
+    pub nodes: BTreeMap<String, FsNode>,
+    /// Layer blobs and their media types, bottom first.
+    pub layers: Vec<(Digest, String)>,
+}
+
+/// Normalises a tar path: no leading `./` or `/`, no trailing `/`, no `.` components.
+/// `None` for paths with `..` (an image that has them is refused elsewhere; here they are
+/// skipped so they can never be looked up).
+pub fn normalize(path: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return None,
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// Opens a layer blob as an uncompressed tar stream, by media type.
+pub fn open_layer(
+    store: &Store,
+    digest: &Digest,
+    media_type: &str,
+) -> Result<Box<dyn Read>, BuildError> {
+    let file = io::BufReader::with_capacity(256 << 10, store.open_blob(digest)?);
+    // OCI `…tar+gzip` and Docker's `…tar.gzip`; OCI and Docker plain `…tar`.
+    if media_type.ends_with("gzip") {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(file)))
+    } else if media_type.ends_with("tar") {
+        Ok(Box::new(file))
+    } else {
+        Err(BuildError::Store(StoreError::BadDocument {
+            what: "layer",
+            digest: digest.to_string(),
+            message: format!("unsupported layer media type {media_type}"),
+        }))
+    }
+}
+
+fn layer_error(digest: &Digest, e: io::Error) -> BuildError {
+    BuildError::Store(StoreError::BadDocument {
+        what: "layer",
+        digest: digest.to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl ImageFs {
+    /// Indexes the given layers (bottom first).
+    pub fn load(store: &Store, layers: &[(Digest, String)]) -> Result<ImageFs, BuildError> {
+        let mut fs = ImageFs::default();
+        for (i, (digest, media_type)) in layers.iter().enumerate() {
+            fs.layers.push((digest.clone(), media_type.clone()));
+            let mut archive = tar::Archive::new(open_layer(store, digest, media_type)?);
+            for entry in archive.entries().map_err(|e| layer_error(digest, e))? {
+                let entry = entry.map_err(|e| layer_error(digest, e))?;
+                let raw = entry.path_bytes();
+                let Some(path) = std::str::from_utf8(&raw).ok().and_then(normalize) else {
+                    continue;
+                };
+                let h = entry.header();
+                let (dir, name) = match path.rsplit_once('/') {
+                    Some((d, n)) => (d.to_string(), n),
+                    None => (String::new(), path.as_str()),
+                };
+                if name == ".wh..wh..opq" {
+                    let prefix = if dir.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{dir}/")
+                    };
+                    fs.nodes.retain(|p, n| {
+                        !(p.starts_with(&prefix) && p.len() > prefix.len() && n.layer < i)
+                    });
+                    continue;
+                }
+                if let Some(hidden) = name.strip_prefix(".wh.") {
+                    let target = if dir.is_empty() {
+                        hidden.to_string()
+                    } else {
+                        format!("{dir}/{hidden}")
+                    };
+                    fs.remove_tree(&target);
+                    continue;
+                }
+                let link = || {
+                    entry
+                        .link_name_bytes()
+                        .map(|l| String::from_utf8_lossy(&l).into_owned())
+                        .unwrap_or_default()
+                };
+                let kind = match h.entry_type() {
+                    tar::EntryType::Directory => FsKind::Dir,
+                    tar::EntryType::Regular | tar::EntryType::Continuous => FsKind::File,
+                    tar::EntryType::Symlink => FsKind::Symlink(link()),
+                    tar::EntryType::Link => {
+                        FsKind::Hardlink(normalize(&link()).unwrap_or_default())
+                    }
+                    _ => FsKind::Other,
+                };
+                if kind != FsKind::Dir {
+                    fs.remove_tree(&path);
+                }
+                let node = FsNode {
+                    kind,
+                    mode: h.mode().unwrap_or(0o644) & 0o7777,
+                    uid: h.uid().unwrap_or(0),
+                    gid: h.gid().unwrap_or(0),
+                    size: h.size().unwrap_or(0),
+                    layer: i,
+                };
+                if !path.is_empty() {
+                    fs.nodes.insert(path, node);
+                }
+            }
+        }
+        Ok(fs)
+    }
+
+    fn remove_tree(&mut self, path: &str) {
+        self.nodes.remove(path);
+        let prefix = format!("{path}/");
+        let doomed: Vec<String> = self
+            .nodes
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in doomed {
+            self.nodes.remove(&p);
+        }
+    }
+
+    /// Resolves symlinks in `path` inside the image (never above its root), following the
+    /// last component too when `follow_last`. Returns the resolved path (which may not exist).
+    pub fn resolve(&self, path: &str, follow_last: bool) -> Option<String> {
+        let mut todo: Vec<String> = path
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .map(String::from)
+            .rev()
+            .collect();
+        let mut done: Vec<String> = Vec::new();
+        let mut hops = 0;
+        while let Some(c) = todo.pop() {
+            if c == ".." {
+                done.pop();
+                continue;
+            }
+            done.push(c);
+            let here = done.join("/");
+            let is_last = todo.is_empty();
+            if let Some(FsNode {
+                kind: FsKind::Symlink(target),
+                ..
+            }) = self.nodes.get(&here)
+                && (!is_last || follow_last)
+            {
+                hops += 1;
+                if hops > 40 {
+                    return None;
+                }
+                done.pop();
+                if target.starts_with('/') {
+                    done.clear();
+                }
+                todo.extend(
+                    target
+                        .split('/')
+                        .filter(|c| !c.is_empty() && *c != ".")
+                        .map(String::from)
+                        .rev(),
+                );
+            }
+        }
+        Some(done.join("/"))
+    }
+
+    /// The node at a resolved path.
+    pub fn get(&self, path: &str) -> Option<&FsNode> {
+        self.nodes.get(path)
+    }
+
+    /// Reads a small file (at most `limit` bytes) by path, following symlinks.
+    pub fn read_file(
+        &self,
+        store: &Store,
+        path: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, BuildError> {
+        let Some(resolved) = self.resolve(path, true) else {
+            return Ok(None);
+        };
+        let Some(mut node) = self.nodes.get(&resolved) else {
+            return Ok(None);
+        };
+        let mut target = resolved;
+        if let FsKind::Hardlink(t) = &node.kind {
+            target = t.clone();
+            node = match self.nodes.get(&target) {
+                Some(n) => n,
+                None => return Ok(None),
+            };
+        }
+        if node.kind != FsKind::File || node.size > limit {
+            return Ok(None);
+        }
+        let (digest, media_type) = &self.layers[node.layer];
+        let mut archive = tar::Archive::new(open_layer(store, digest, media_type)?);
+        for entry in archive.entries().map_err(|e| layer_error(digest, e))? {
+            let mut entry = entry.map_err(|e| layer_error(digest, e))?;
+            let raw = entry.path_bytes();
+            if std::str::from_utf8(&raw)
+                .ok()
+                .and_then(normalize)
+                .as_deref()
+                == Some(target.as_str())
+            {
+                let mut buf = Vec::new();
+                entry
+                    .read_to_end(&mut buf)
+                    .map_err(|e| layer_error(digest, e))?;
+                return Ok(Some(buf));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records entries added by a layer this build wrote (so later steps see them without
+    /// re-reading the layer).
+    pub fn add_layer(
+        &mut self,
+        digest: Digest,
+        media_type: String,
+        entries: impl IntoIterator<Item = (String, FsNode)>,
+    ) {
+        let index = self.layers.len();
+        self.layers.push((digest, media_type));
+        for (path, mut node) in entries {
+            node.layer = index;
+            if node.kind != FsKind::Dir {
+                self.remove_tree(&path);
+            }
+            self.nodes.insert(path, node);
+        }
+    }
+}
+
+/// Looks up a user (name or number) in `/etc/passwd` text: `(uid, primary gid)`.
+pub fn lookup_user(passwd: &str, user: &str) -> Option<(u64, u64)> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 4 && (f[0] == user || f[2] == user))
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+/// Looks up a group (name or number) in `/etc/group` text.
+pub fn lookup_group(group: &str, name: &str) -> Option<u64> {
+    group.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && (f[0] == name || f[2] == name)).then(|| f[2].parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(kind: FsKind) -> FsNode {
+        FsNode {
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            layer: 0,
+        }
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_the_image() {
+        let mut fs = ImageFs::default();
+        fs.nodes.insert("usr".into(), node(FsKind::Dir));
+        fs.nodes.insert("usr/bin".into(), node(FsKind::Dir));
+        fs.nodes
+            .insert("bin".into(), node(FsKind::Symlink("usr/bin".into())));
+        fs.nodes.insert(
+            "escape".into(),
+            node(FsKind::Symlink("../../../etc".into())),
+        );
+        fs.nodes
+            .insert("loop".into(), node(FsKind::Symlink("/loop".into())));
+        assert_eq!(fs.resolve("bin/sh", true).unwrap(), "usr/bin/sh");
+        assert_eq!(fs.resolve("/bin", false).unwrap(), "bin");
+        assert_eq!(
+            fs.resolve("escape/passwd", true).unwrap(),
+            "etc/passwd",
+            "`..` stops at the image root"
+        );
+        assert_eq!(fs.resolve("loop", true), None);
+    }
+
+    #[test]
+    fn passwd_and_group_lookups() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\nwww:x:33:34::/var/www:/bin/false\n";
+        assert_eq!(lookup_user(passwd, "www"), Some((33, 34)));
+        assert_eq!(lookup_user(passwd, "33"), Some((33, 34)));
+        assert_eq!(lookup_user(passwd, "nobody"), None);
+        assert_eq!(
+            lookup_group("root:x:0:\nstaff:x:50:a,b\n", "staff"),
+            Some(50)
+        );
+    }
+
+    #[test]
+    fn paths_normalize() {
+        assert_eq!(normalize("./a//b/").unwrap(), "a/b");
+        assert_eq!(normalize("/").unwrap(), "");
+        assert!(normalize("a/../b").is_none());
+    }
+}

@@ -1,0 +1,90 @@
+//! The build engine: TOML steps and Dockerfiles compile to one step list
+//! ([`plan::BuildPlan`]), which runs against the store to produce a reproducible OCI image.
+
+pub mod cache;
+pub mod context;
+pub mod copy;
+pub mod dockerfile;
+pub mod engine;
+pub mod ignore;
+pub mod imagefs;
+pub mod layer;
+pub mod meta;
+pub mod pgzip;
+pub mod plan;
+pub mod provenance;
+pub mod shell_words;
+
+pub use engine::{BuildOptions, BuildOutput, StepReport, StepStatus, build};
+
+use std::path::PathBuf;
+
+use crate::store::StoreError;
+
+/// Errors from building.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The context directory or a file in it cannot be read.
+    #[error("cannot read {} in the build context", path.display())]
+    Context {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A COPY/ADD source climbs out of the context.
+    #[error("`{0}` is outside the build context")]
+    OutsideContext(String),
+    /// A COPY/ADD source does not exist (or is ignored).
+    #[error(
+        "`{0}` does not exist in the build context (or is excluded by .berthignore/.dockerignore)"
+    )]
+    MissingSource(String),
+    /// The context holds a device, FIFO or socket.
+    #[error("`{0}` is a special file (device, FIFO or socket) and cannot be copied")]
+    SpecialFile(String),
+    /// A path is not UTF-8.
+    #[error("{} is not valid UTF-8", .0.display())]
+    NonUtf8Path(PathBuf),
+    /// A local archive given to ADD cannot be extracted safely.
+    #[error("cannot extract {}: {why}", path.display())]
+    Archive {
+        /// The archive.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
+    /// A COPY destination cannot be used.
+    #[error("cannot copy to {0}: {1}")]
+    Destination(String, String),
+    /// A word (quotes, `$VAR`) cannot be processed.
+    #[error("{0}")]
+    Word(String),
+    /// `--chown` names a user or group the image does not have.
+    #[error("no user `{0}` in the image's /etc/passwd or /etc/group")]
+    UnknownUser(String),
+    /// The base image is not in the store.
+    #[error("base image `{0}` is not in the store")]
+    UnknownBase(String),
+    /// `--target` names no stage.
+    #[error("no build stage named `{0}`")]
+    UnknownStage(String),
+    /// RUN needs the container runtime.
+    #[error("RUN steps need berth's container runtime, which this version does not have yet")]
+    RunUnsupported,
+    /// A step failed.
+    #[error("{origin}: {text}")]
+    Step {
+        /// Where the step was written.
+        origin: String,
+        /// The instruction.
+        text: String,
+        /// What went wrong.
+        #[source]
+        source: Box<BuildError>,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,68 @@
+//! Provenance labels from git: the commit, the remote the source came from, and whether the
+//! work tree had uncommitted changes.
+
+use std::path::Path;
+
+/// `org.opencontainers.image.revision`.
+pub const REVISION: &str = "org.opencontainers.image.revision";
+/// `org.opencontainers.image.source`.
+pub const SOURCE: &str = "org.opencontainers.image.source";
+/// Whether tracked files differed from the commit.
+pub const DIRTY: &str = "dev.berth.git.dirty";
+
+/// Labels for the repository containing `dir`; none when it is not in a git repository or
+/// has no commit. The source is the `origin` remote when it is a network URL (a path on
+/// this machine says nothing to anyone else, and would make two clones build different
+/// digests).
+pub fn labels(dir: &Path) -> Vec<(String, String)> {
+    let Ok(repo) = git2::Repository::discover(dir) else {
+        return Vec::new();
+    };
+    let Ok(commit) = repo.head().and_then(|h| h.peel_to_commit()) else {
+        return Vec::new();
+    };
+    let mut out = vec![(REVISION.to_string(), commit.id().to_string())];
+    if let Ok(remote) = repo.find_remote("origin")
+        && let Some(url) = remote.url()
+        && (url.contains("://") || url.contains('@'))
+        && !url.starts_with("file://")
+    {
+        out.push((SOURCE.to_string(), strip_credentials(url)));
+    }
+    let mut opts = git2::StatusOptions::new();
+    opts.include_untracked(false).include_ignored(false);
+    let dirty = repo
+        .statuses(Some(&mut opts))
+        .map(|s| !s.is_empty())
+        .unwrap_or(false);
+    out.push((DIRTY.to_string(), dirty.to_string()));
+    out
+}
+
+/// Drops `user:password@` from an https URL so credentials never reach an image.
+fn strip_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) if rest.contains('@') && scheme.starts_with("http") => {
+            let after = rest.split_once('@').map_or(rest, |(_, a)| a);
+            format!("{scheme}://{after}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_reach_labels() {
+        assert_eq!(
+            strip_credentials("https://user:tok@git.example.com/a.git"),
+            "https://git.example.com/a.git"
+        );
+        assert_eq!(
+            strip_credentials("git@github.com:a/b.git"),
+            "git@github.com:a/b.git"
+        );
+    }
+}

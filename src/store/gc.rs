@@ -1,0 +1,127 @@
+//! Garbage collection: remove every blob that no tag reaches.
+//!
+//! Builds and pulls hold the store's *use* lock shared while they write blobs that no tag
+//! reaches yet; GC takes it exclusively, so it never deletes a layer a build is about to
+//! tag.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::time::{Duration, SystemTime};
+
+use oci_spec::image::{ImageIndex, MediaType};
+
+use super::{Digest, Result, Store, StoreError};
+
+/// What a collection removed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct GcReport {
+    /// Blobs removed.
+    pub blobs: usize,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
+/// A shared hold on the store that keeps GC away; released on drop.
+pub struct UseGuard {
+    _file: File,
+}
+
+impl Store {
+    fn use_lock_file(&self) -> Result<File> {
+        let path = self.state_dir().join("use.lock");
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("cannot open", &path))
+    }
+
+    /// Keeps GC from running until the guard drops (taken by builds and pulls).
+    pub fn use_guard(&self) -> Result<UseGuard> {
+        let file = self.use_lock_file()?;
+        file.lock_shared().map_err(StoreError::io(
+            "cannot lock",
+            self.state_dir().join("use.lock"),
+        ))?;
+        Ok(UseGuard { _file: file })
+    }
+
+    /// Every blob a tag reaches: manifests (and the manifests of indexes), configs, layers.
+    pub fn reachable(&self) -> Result<HashSet<Digest>> {
+        let mut seen = HashSet::new();
+        let mut todo: Vec<(Digest, MediaType)> = self
+            .tags()?
+            .into_iter()
+            .map(|t| (t.digest(), t.descriptor.media_type().clone()))
+            .collect();
+        while let Some((digest, media_type)) = todo.pop() {
+            if !seen.insert(digest.clone()) || !self.has_blob(&digest) {
+                continue;
+            }
+            match media_type {
+                MediaType::ImageIndex => {
+                    let bytes = self.read_blob(&digest)?;
+                    if let Ok(index) = serde_json::from_slice::<ImageIndex>(&bytes) {
+                        for m in index.manifests() {
+                            if let Ok(d) = Digest::try_from(m.digest()) {
+                                todo.push((d, m.media_type().clone()));
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    let image = self.image(&digest)?;
+                    seen.insert(image.config_digest.clone());
+                    seen.extend(image.layers().into_iter().map(|(d, _)| d));
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Removes unreachable blobs, and ingest files abandoned for over a day.
+    pub fn gc(&self) -> Result<GcReport> {
+        let lock = self.use_lock_file()?;
+        lock.lock().map_err(StoreError::io(
+            "cannot lock",
+            self.state_dir().join("use.lock"),
+        ))?;
+        let _index = self.lock()?;
+        let keep = self.reachable()?;
+        let mut report = GcReport::default();
+        let dir = self.root().join("blobs/sha256");
+        for entry in fs::read_dir(&dir).map_err(StoreError::io("cannot list", &dir))? {
+            let entry = entry.map_err(StoreError::io("cannot list", &dir))?;
+            let name = entry.file_name();
+            let Some(digest) = name
+                .to_str()
+                .and_then(|h| format!("sha256:{h}").parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            if keep.contains(&digest) {
+                continue;
+            }
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(entry.path()).map_err(StoreError::io("cannot remove", entry.path()))?;
+            report.blobs += 1;
+            report.bytes += size;
+        }
+        let ingest = self.state_dir().join("ingest");
+        let day_ago = SystemTime::now() - Duration::from_secs(24 * 3600);
+        for entry in fs::read_dir(&ingest)
+            .map_err(StoreError::io("cannot list", &ingest))?
+            .flatten()
+        {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < day_ago);
+            if old {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,365 @@
+//! The local content store. Its root is an OCI image layout (`oci-layout`, `index.json`,
+//! `blobs/sha256/…`), so skopeo and umoci read it directly; tags are
+//! `org.opencontainers.image.ref.name` annotations in `index.json`. berth's own state (build
+//! cache, ingest files) lives under `berth/` beside the layout.
+//!
+//! Writes are atomic: a blob is written to an ingest file, fsynced, checked for size and
+//! digest, then renamed to its final name; `index.json` is rewritten whole under a file lock
+//! and renamed into place. A crash leaves no half blob under a final name.
+
+pub mod digest;
+pub mod gc;
+pub mod image;
+pub mod index;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+pub use digest::{DiffId, Digest, HashingReader, HashingWriter};
+pub use gc::{GcReport, UseGuard};
+pub use image::{ImageConfig, StoredImage};
+pub use index::{Tag, canonical_json, normalize_tag};
+
+/// The `imageLayoutVersion` berth writes.
+const LAYOUT_VERSION: &str = "1.0.0";
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done ("cannot read", "cannot create", …).
+        what: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Written content does not match what was expected.
+    #[error(
+        "blob content does not match: expected {expected} ({expected_size} bytes), got {actual} ({actual_size} bytes)"
+    )]
+    DigestMismatch {
+        /// Expected digest.
+        expected: Digest,
+        /// Expected size.
+        expected_size: u64,
+        /// Digest of what arrived.
+        actual: Digest,
+        /// Size of what arrived.
+        actual_size: u64,
+    },
+    /// A blob the store should have is missing.
+    #[error("blob {0} is not in the store")]
+    MissingBlob(Digest),
+    /// A JSON document in the store does not parse.
+    #[error("{what} {digest} is not valid: {message}")]
+    BadDocument {
+        /// Which kind of document.
+        what: &'static str,
+        /// Its digest (or file name).
+        digest: String,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// No image matches a reference.
+    #[error("no image `{0}` in the store")]
+    UnknownImage(String),
+    /// A digest prefix matches several images.
+    #[error("`{reference}` matches several images: {}", candidates.join(", "))]
+    AmbiguousImage {
+        /// The prefix.
+        reference: String,
+        /// What it matches.
+        candidates: Vec<String>,
+    },
+    /// A tag is not a valid `name:tag`.
+    #[error("`{0}` is not a valid image name (expected NAME[:TAG], lower-case)")]
+    BadTag(String),
+}
+
+impl StoreError {
+    /// Wraps an I/O error with what was being done to which path.
+    pub fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { what, path, source }
+    }
+}
+
+/// Result type of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A content store rooted at a directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens the store at `root`, creating an empty OCI layout if there is none.
+    pub fn open(root: &Path) -> Result<Store> {
+        let store = Store {
+            root: root.to_path_buf(),
+        };
+        for dir in [
+            store.root.join("blobs/sha256"),
+            store.state_dir().join("ingest"),
+        ] {
+            fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        }
+        let layout = store.root.join("oci-layout");
+        if !layout.exists() {
+            let text = format!("{{\"imageLayoutVersion\":\"{LAYOUT_VERSION}\"}}");
+            store.write_atomic(&layout, text.as_bytes())?;
+        }
+        let index = store.root.join("index.json");
+        if !index.exists() {
+            let _lock = store.lock()?;
+            if !index.exists() {
+                store.write_atomic(&index, index::EMPTY_INDEX.as_bytes())?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// The store's root directory (the OCI layout).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// berth's own state beside the layout.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("berth")
+    }
+
+    /// Where a blob lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// True when the blob is present.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Size of a stored blob.
+    pub fn blob_size(&self, digest: &Digest) -> Result<u64> {
+        let p = self.blob_path(digest);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StoreError::MissingBlob(digest.clone()))
+            }
+            Err(e) => Err(StoreError::io("cannot stat", p)(e)),
+        }
+    }
+
+    /// Opens a blob for reading.
+    pub fn open_blob(&self, digest: &Digest) -> Result<File> {
+        let p = self.blob_path(digest);
+        File::open(&p).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
+            _ => StoreError::io("cannot open", p)(e),
+        })
+    }
+
+    /// Reads a small blob (a manifest or config) whole.
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let p = self.blob_path(digest);
+        fs::read(&p).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
+            _ => StoreError::io("cannot read", p)(e),
+        })
+    }
+
+    /// Starts writing a blob of unknown digest.
+    pub fn blob_writer(&self) -> Result<BlobWriter> {
+        let dir = self.state_dir().join("ingest");
+        let file = tempfile::Builder::new()
+            .prefix("blob-")
+            .tempfile_in(&dir)
+            .map_err(StoreError::io("cannot create an ingest file in", &dir))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            inner: HashingWriter::new(io::BufWriter::with_capacity(256 << 10, file)),
+        })
+    }
+
+    /// Stores a small blob held in memory; returns its digest and size.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<(Digest, u64)> {
+        let digest = Digest::of(bytes);
+        if self.has_blob(&digest) {
+            return Ok((digest, bytes.len() as u64));
+        }
+        let mut w = self.blob_writer()?;
+        w.write_all(bytes).map_err(StoreError::io(
+            "cannot write",
+            self.state_dir().join("ingest"),
+        ))?;
+        w.commit(Some((&digest, bytes.len() as u64)))
+    }
+
+    /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
+    /// fsync of the directory.
+    pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let dir = path.parent().expect("store paths have a parent");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(dir)
+            .map_err(StoreError::io("cannot create a temp file in", dir))?;
+        tmp.write_all(bytes)
+            .map_err(StoreError::io("cannot write", tmp.path()))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(StoreError::io("cannot sync", tmp.path()))?;
+        tmp.persist(path)
+            .map_err(|e| StoreError::io("cannot replace", path)(e.error))?;
+        sync_dir(dir)
+    }
+
+    /// Takes the store's exclusive lock (held until the guard drops). Index updates and GC
+    /// run under it, so concurrent berth processes never lose each other's tags.
+    pub fn lock(&self) -> Result<StoreLock> {
+        let path = self.state_dir().join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("cannot open", &path))?;
+        file.lock().map_err(StoreError::io("cannot lock", &path))?;
+        Ok(StoreLock { _file: file })
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("cannot sync", dir))
+}
+
+/// The store's exclusive lock; released on drop.
+pub struct StoreLock {
+    _file: File,
+}
+
+/// A blob being written: bytes go to an ingest file and are hashed as they pass. Only
+/// [`BlobWriter::commit`] gives the blob its final name; dropping the writer removes the
+/// ingest file.
+pub struct BlobWriter {
+    store: Store,
+    inner: HashingWriter<io::BufWriter<tempfile::NamedTempFile>>,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.inner.count()
+    }
+
+    /// Flushes, fsyncs, checks digest and size against `expected` (when given) and renames
+    /// the ingest file to the blob's final name. Returns the digest and size.
+    pub fn commit(self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
+        let (buffered, digest, size) = self.inner.finish();
+        let ingest = self.store.state_dir().join("ingest");
+        let tmp = buffered
+            .into_inner()
+            .map_err(|e| StoreError::io("cannot write", &ingest)(e.into_error()))?;
+        if let Some((want, want_size)) = expected
+            && (want != &digest || want_size != size)
+        {
+            return Err(StoreError::DigestMismatch {
+                expected: want.clone(),
+                expected_size: want_size,
+                actual: digest,
+                actual_size: size,
+            });
+        }
+        let final_path = self.store.blob_path(&digest);
+        if final_path.exists() {
+            return Ok((digest, size)); // Same content already stored; the temp file goes.
+        }
+        tmp.as_file()
+            .sync_all()
+            .map_err(StoreError::io("cannot sync", tmp.path()))?;
+        tmp.persist(&final_path)
+            .map_err(|e| StoreError::io("cannot rename into", &final_path)(e.error))?;
+        sync_dir(final_path.parent().expect("blob dir"))?;
+        Ok((digest, size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_store_is_an_oci_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("oci-layout")).unwrap(),
+            r#"{"imageLayoutVersion":"1.0.0"}"#
+        );
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+        assert_eq!(index["schemaVersion"], 2);
+        assert!(store.root().join("blobs/sha256").is_dir());
+    }
+
+    #[test]
+    fn blobs_are_verified_before_they_get_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (d, n) = store.put_blob(b"hello").unwrap();
+        assert_eq!((d.clone(), n), (Digest::of(b"hello"), 5));
+        assert_eq!(store.read_blob(&d).unwrap(), b"hello");
+
+        let mut w = store.blob_writer().unwrap();
+        w.write_all(b"not what was promised").unwrap();
+        let err = w.commit(Some((&Digest::of(b"other"), 5))).unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(!store.has_blob(&Digest::of(b"not what was promised")));
+        let ingest: Vec<_> = fs::read_dir(store.state_dir().join("ingest"))
+            .unwrap()
+            .collect();
+        assert!(ingest.is_empty(), "the failed ingest file is removed");
+    }
+
+    #[test]
+    fn a_dropped_writer_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.blob_writer().unwrap();
+        w.write_all(&[7u8; 100_000]).unwrap();
+        drop(w);
+        assert_eq!(
+            fs::read_dir(store.root().join("blobs/sha256"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(
+            fs::read_dir(store.state_dir().join("ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}
