@@ -8,6 +8,7 @@ pub mod dockerfile;
 pub mod engine;
 pub mod ignore;
 pub mod imagefs;
+pub mod import;
 pub mod layer;
 pub mod meta;
 pub mod pgzip;

@@ -6,6 +6,7 @@ mod check;
 mod completions;
 mod config;
 mod error;
+mod images;
 mod init;
 mod output;
 
@@ -91,6 +92,22 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Build the app's image from [image] steps or its Dockerfile.
     Build(build::BuildArgs),
+    /// List images in the store.
+    Images,
+    /// Show an image's layers and the steps that made them.
+    History(images::ImageArg),
+    /// Print an image's digest, tags, manifest and config as JSON.
+    Inspect(images::ImageArg),
+    /// Give an image another name.
+    Tag(images::TagArgs),
+    /// Remove images (their tags, and blobs nothing else uses).
+    Rmi(images::RmiArgs),
+    /// Remove every blob no tag reaches.
+    Gc,
+    /// Make a one-layer base image from a root filesystem directory or tar.
+    Import(images::ImportArgs),
+    /// Write an image as an OCI or Docker archive.
+    Export(images::ExportArgs),
     /// Print an environment's fully resolved configuration, or diff two.
     Config(config::ConfigArgs),
     /// Print a shell completion script.
@@ -124,6 +141,14 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Init(args) => init::run(g, args, out),
         Command::Check(args) => check::run(g, args, out),
         Command::Build(args) => build::run(g, args, out),
+        Command::Images => images::images(g, out),
+        Command::History(args) => images::history(g, args, out),
+        Command::Inspect(args) => images::inspect(g, args, out),
+        Command::Tag(args) => images::tag(g, args, out),
+        Command::Rmi(args) => images::rmi(g, args, out),
+        Command::Gc => images::gc(g, out),
+        Command::Import(args) => images::import(g, args, out),
+        Command::Export(args) => images::export(g, args, out),
         Command::Config(args) => config::run(g, args, out),
         Command::Completions(args) => completions::run_completions(args, out),
         Command::Man(args) => completions::run_man(args, out),

@@ -80,6 +80,35 @@ impl Store {
         Ok(seen)
     }
 
+    /// Removes the blobs of `images` that no remaining tag reaches (what `rmi` frees).
+    pub fn remove_unreferenced(&self, images: &[super::StoredImage]) -> Result<GcReport> {
+        let lock = self.use_lock_file()?;
+        lock.lock().map_err(StoreError::io(
+            "cannot lock",
+            self.state_dir().join("use.lock"),
+        ))?;
+        let _index = self.lock()?;
+        let keep = self.reachable()?;
+        let mut report = GcReport::default();
+        let mut candidates: Vec<Digest> = Vec::new();
+        for image in images {
+            candidates.push(image.digest.clone());
+            candidates.push(image.config_digest.clone());
+            candidates.extend(image.layers().into_iter().map(|(d, _)| d));
+        }
+        candidates.sort();
+        candidates.dedup();
+        for d in candidates.into_iter().filter(|d| !keep.contains(d)) {
+            let path = self.blob_path(&d);
+            if let Ok(md) = fs::metadata(&path) {
+                fs::remove_file(&path).map_err(StoreError::io("cannot remove", &path))?;
+                report.blobs += 1;
+                report.bytes += md.len();
+            }
+        }
+        Ok(report)
+    }
+
     /// Removes unreachable blobs, and ingest files abandoned for over a day.
     pub fn gc(&self) -> Result<GcReport> {
         let lock = self.use_lock_file()?;

@@ -8,6 +8,7 @@
 //! and renamed into place. A crash leaves no half blob under a final name.
 
 pub mod digest;
+pub mod export;
 pub mod gc;
 pub mod image;
 pub mod index;

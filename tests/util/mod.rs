@@ -120,3 +120,63 @@ impl Run {
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Fails the test with an install hint when a peer tool is missing.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is required for this test: apt-get install {package}"
+    );
+}
+
+/// Makes a busybox root filesystem in `dir` with the repository's
+/// `examples/base/make-rootfs` (the same script the README's first command uses).
+pub fn busybox_rootfs(dir: &Path) {
+    require("busybox", "busybox-static");
+    run_ok(Command::new(repo_root().join("examples/base/make-rootfs")).arg(dir));
+}
+
+/// Runs a command and returns its stdout, failing the test with its output otherwise.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Run {
+    /// The last line of stdout (where commands that make an image print its digest).
+    pub fn last_line(&self) -> String {
+        self.stdout.lines().last().unwrap_or_default().to_string()
+    }
+}
+
+impl TempProject {
+    /// Imports a busybox root filesystem as `base:1` into this project's store.
+    pub fn with_busybox_base(&self) -> &Self {
+        let root = self.path().join(".rootfs");
+        busybox_rootfs(&root);
+        self.berth()
+            .args(["import"])
+            .args([&root])
+            .args(["--tag", "base:1"])
+            .run()
+            .ok();
+        std::fs::remove_dir_all(root).unwrap();
+        self
+    }
+
+    /// The store directory of this project.
+    pub fn store(&self) -> PathBuf {
+        self.path().join(".store")
+    }
+}

@@ -1,0 +1,303 @@
+//! Image commands: `images`, `history`, `inspect`, `tag`, `rmi`, `gc`, `import`, `export`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use super::{CliError, GlobalOpts, Output, human_size};
+use crate::build::layer::LayerCompression;
+use crate::manifest::schema::Compression;
+use crate::store::export::ExportFormat;
+use crate::store::{Digest, Store};
+
+/// Arguments of `berth history` and `berth inspect`.
+#[derive(Debug, clap::Args)]
+pub struct ImageArg {
+    /// An image: NAME[:TAG], a digest, or a unique digest prefix.
+    pub image: String,
+}
+
+/// Arguments of `berth tag`.
+#[derive(Debug, clap::Args)]
+pub struct TagArgs {
+    /// The image to tag.
+    pub source: String,
+    /// The new name, NAME[:TAG].
+    pub target: String,
+}
+
+/// Arguments of `berth rmi`.
+#[derive(Debug, clap::Args)]
+pub struct RmiArgs {
+    /// Images to remove: tags, digests or digest prefixes (a digest removes all its tags).
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+/// Arguments of `berth import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// A root filesystem: a directory, or a tar archive (optionally gzipped).
+    pub path: PathBuf,
+    /// The tag to give the image.
+    #[arg(long, short = 't', value_name = "NAME[:TAG]")]
+    pub tag: String,
+}
+
+/// Archive formats for `berth export`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FormatArg {
+    /// An OCI image layout in a tar (oci-archive).
+    Oci,
+    /// Docker's archive (`docker save`, `podman load`).
+    Docker,
+}
+
+/// Arguments of `berth export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The image to export.
+    pub image: String,
+    /// The archive to write (`-` for stdout).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Archive format.
+    #[arg(long, value_enum, default_value = "oci")]
+    pub format: FormatArg,
+}
+
+fn open(g: &GlobalOpts) -> Result<Store, CliError> {
+    Ok(Store::open(&g.store_dir())?)
+}
+
+/// `berth images`: every tag with its digest, creation time, size and shared size.
+pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let tags = store.tags()?;
+    let mut users: BTreeMap<Digest, BTreeSet<Digest>> = BTreeMap::new();
+    let mut loaded = Vec::new();
+    for t in &tags {
+        let img = store.image(&t.digest())?;
+        let blobs = std::iter::once(img.config_digest.clone())
+            .chain(img.layers().into_iter().map(|(d, _)| d));
+        for b in blobs {
+            users.entry(b).or_default().insert(img.digest.clone());
+        }
+        loaded.push((t.name.clone(), img));
+    }
+    let rows: Vec<_> = loaded
+        .iter()
+        .map(|(name, img)| {
+            let shared: u64 = img.layers().iter().filter(|(d, _)| users[d].len() > 1).map(|(_, l)| l.size()).sum();
+            let created = img.config.oci.created().clone().unwrap_or_default();
+            json!({ "name": name, "digest": img.digest, "created": created, "size": img.total_size(), "shared_size": shared })
+        })
+        .collect();
+    if out.json {
+        return Ok(out.json_value(&rows)?);
+    }
+    out.line(format!(
+        "{:<40} {:<14} {:<22} {:>10} {:>10}",
+        "NAME", "DIGEST", "CREATED", "SIZE", "SHARED"
+    ))?;
+    for r in rows {
+        let digest: Digest = r["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .expect("stored digest");
+        out.line(format!(
+            "{:<40} {:<14} {:<22} {:>10} {:>10}",
+            r["name"].as_str().unwrap_or_default(),
+            digest.short(),
+            r["created"].as_str().unwrap_or_default(),
+            human_size(r["size"].as_u64().unwrap_or(0)),
+            human_size(r["shared_size"].as_u64().unwrap_or(0)),
+        ))?;
+    }
+    Ok(())
+}
+
+/// `berth history IMG`: each history entry, newest first, with its layer.
+pub fn history(g: &GlobalOpts, args: &ImageArg, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let img = store.load_image(&args.image)?;
+    let mut layers = img.layers().into_iter();
+    let mut rows = Vec::new();
+    for h in img.config.oci.history().clone().unwrap_or_default() {
+        let layer = if h.empty_layer().unwrap_or(false) {
+            None
+        } else {
+            layers.next()
+        };
+        rows.push(json!({
+            "created": h.created(),
+            "created_by": h.created_by(),
+            "size": layer.as_ref().map_or(0, |(_, d)| d.size()),
+            "digest": layer.as_ref().map(|(d, _)| d.to_string()),
+        }));
+    }
+    rows.reverse();
+    if out.json {
+        return Ok(out.json_value(&rows)?);
+    }
+    out.line(format!("{:<14} {:>10}  {}", "LAYER", "SIZE", "CREATED BY"))?;
+    for r in rows {
+        let layer = r["digest"]
+            .as_str()
+            .map_or("-".to_string(), |d| d[7..19].to_string());
+        out.line(format!(
+            "{:<14} {:>10}  {}",
+            layer,
+            human_size(r["size"].as_u64().unwrap_or(0)),
+            r["created_by"].as_str().unwrap_or("")
+        ))?;
+    }
+    Ok(())
+}
+
+/// `berth inspect IMG`: the digest, tags, manifest and config as JSON.
+pub fn inspect(g: &GlobalOpts, args: &ImageArg, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let img = store.load_image(&args.image)?;
+    let tags: Vec<String> = store
+        .tags()?
+        .into_iter()
+        .filter(|t| t.digest() == img.digest)
+        .map(|t| t.name)
+        .collect();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&store.read_blob(&img.digest)?).unwrap_or_default();
+    let config: serde_json::Value =
+        serde_json::from_slice(&img.config.to_bytes()).unwrap_or_default();
+    Ok(out.json_value(
+        &json!({ "digest": img.digest, "tags": tags, "manifest": manifest, "config": config }),
+    )?)
+}
+
+/// `berth tag SRC DST`.
+pub fn tag(g: &GlobalOpts, args: &TagArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let img = store.load_image(&args.source)?;
+    store.set_tag(&args.target, &img.descriptor())?;
+    out.note(format!(
+        "{} → {}",
+        crate::store::normalize_tag(&args.target)?,
+        img.digest
+    ))?;
+    Ok(())
+}
+
+/// `berth rmi IMG...`: untag, then delete the blobs no remaining tag uses.
+pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let mut removed = Vec::new();
+    for reference in &args.images {
+        let img = store.load_image(reference)?;
+        let tags = store.tags()?;
+        let names: Vec<String> = match crate::store::normalize_tag(reference) {
+            Ok(n) if tags.iter().any(|t| t.name == n) => vec![n],
+            _ => tags
+                .into_iter()
+                .filter(|t| t.digest() == img.digest)
+                .map(|t| t.name)
+                .collect(),
+        };
+        for n in names {
+            store.remove_tag(&n)?;
+            out.note(format!("untagged {n}"))?;
+        }
+        removed.push(img);
+    }
+    let report = store.remove_unreferenced(&removed)?;
+    if out.json {
+        out.json_value(&report)?;
+    } else {
+        out.note(format!(
+            "deleted {} blobs, {} freed",
+            report.blobs,
+            human_size(report.bytes)
+        ))?;
+    }
+    Ok(())
+}
+
+/// `berth gc`.
+pub fn gc(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
+    let report = open(g)?.gc()?;
+    if out.json {
+        out.json_value(&report)?;
+    } else {
+        out.line(format!(
+            "removed {} blobs, {} freed",
+            report.blobs,
+            human_size(report.bytes)
+        ))?;
+    }
+    Ok(())
+}
+
+/// `berth import PATH --tag T`.
+pub fn import(g: &GlobalOpts, args: &ImportArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let name = crate::store::normalize_tag(&args.tag)?;
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let compression = LayerCompression {
+        algorithm: Compression::Gzip,
+        level: None,
+    };
+    let imported = crate::build::import::import(&store, &args.path, compression, epoch)
+        .map_err(|e| CliError::failed(miette::Report::from_err(e)))?;
+    store.set_tag(&name, &imported.image.descriptor())?;
+    if imported.skipped > 0 {
+        out.note(format!(
+            "skipped {} device nodes, FIFOs and sockets (the runtime provides /dev)",
+            imported.skipped
+        ))?;
+    }
+    if out.json {
+        out.json_value(&json!({ "digest": imported.image.digest, "tag": name }))?;
+    } else {
+        out.line(&imported.image.digest)?;
+    }
+    Ok(())
+}
+
+/// `berth export IMG -o FILE [--format oci|docker]`.
+pub fn export(g: &GlobalOpts, args: &ExportArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let img = store.load_image(&args.image)?;
+    let name = crate::store::normalize_tag(&args.image)
+        .ok()
+        .filter(|n| store.tags().is_ok_and(|t| t.iter().any(|t| &t.name == n)));
+    let format = match args.format {
+        FormatArg::Oci => ExportFormat::Oci,
+        FormatArg::Docker => ExportFormat::Docker,
+    };
+    if args.output.as_os_str() == "-" {
+        store.export(&img, name.as_deref(), format, std::io::stdout().lock())?;
+        return Ok(());
+    }
+    let dir = args
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".berth-export-")
+        .tempfile_in(dir)?;
+    store.export(
+        &img,
+        name.as_deref(),
+        format,
+        std::io::BufWriter::new(tmp.as_file_mut()),
+    )?;
+    tmp.persist(&args.output)
+        .map_err(|e| CliError::from(e.error))?;
+    out.note(format!("wrote {} ({})", args.output.display(), img.digest))?;
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! The build engine and the image commands, end to end: real files, the built binary, and
+//! real peers (skopeo, umoci, podman) reading what berth wrote.
+
+mod util;
+
+use std::process::Command;
+
+use util::{Berth, TempProject, repo_root, require, run_ok};
+
+const NODE_APP: &str = r#"[app]
+name = "shop"
+[image]
+from = "base:1"
+context = "app"
+dockerfile = "Dockerfile"
+"#;
+
+const DOCKERFILE: &str = "FROM base:1\nWORKDIR /app\nCOPY package.json ./\nCOPY . .\nEXPOSE 3000\nCMD [\"/bin/sh\", \"server.sh\"]\n";
+
+fn node_project() -> TempProject {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file("berth.toml", NODE_APP)
+        .file("app/Dockerfile", DOCKERFILE)
+        .file("app/package.json", "{\"name\": \"shop\"}\n")
+        .file("app/server.sh", "echo serving\n")
+        .file("app/lib/util.sh", "echo util\n")
+        .file("app/.dockerignore", "*.log\n")
+        .file("app/debug.log", "noise\n");
+    p
+}
+
+fn layers(p: &TempProject, image: &str) -> Vec<String> {
+    let run = p.berth().args(["inspect", image]).run().ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    v["manifest"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_demo_builds_caches_and_reproduces_from_a_fresh_clone() {
+    require("git", "git");
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        // Two clones in different directories, each with its own store.
+        let p = TempProject::new();
+        run_ok(
+            Command::new("git")
+                .args(["clone", "-q"])
+                .arg(repo_root())
+                .arg(p.path().join("repo")),
+        );
+        p.with_busybox_base();
+        let repo = p.path().join("repo");
+        let build = || {
+            Berth::new()
+                .args(["-C"])
+                .args([&repo])
+                .env("BERTH_STORE", p.store().to_str().unwrap())
+                .args(["build", "--explain"])
+                .run()
+                .ok()
+        };
+        let first = build();
+        assert!(first.stdout.contains("MISS"), "{}", first.stdout);
+        let second = build();
+        assert!(
+            !second.stdout.contains("MISS") && second.stdout.contains("HIT"),
+            "all cache hits: {}",
+            second.stdout
+        );
+        assert_eq!(first.last_line(), second.last_line());
+        assert!(first.last_line().starts_with("sha256:") && first.last_line().len() == 71);
+        digests.push(first.last_line());
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "same commit, different directories: same digest"
+    );
+}
+
+#[test]
+fn skopeo_umoci_and_podman_read_what_berth_builds() {
+    require("skopeo", "skopeo");
+    require("umoci", "umoci");
+    require("podman", "podman");
+    let p = node_project();
+    let digest = p.berth().args(["build"]).run().ok().last_line();
+    let store = p.store();
+    let inspect = run_ok(
+        Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci:{}:shop:latest", store.display())),
+    );
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(
+        v["Digest"],
+        digest.as_str(),
+        "skopeo sees the digest berth printed"
+    );
+
+    let bundle = p.path().join("bundle");
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:shop:latest", store.display()))
+            .arg(&bundle),
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/app/server.sh")).unwrap(),
+        "echo serving\n"
+    );
+    assert!(
+        !bundle.join("rootfs/app/debug.log").exists(),
+        ".dockerignore is respected"
+    );
+    assert!(bundle.join("rootfs/bin/sh").is_symlink());
+
+    let archive = p.path().join("shop.tar");
+    p.berth()
+        .args(["export", "shop", "-o"])
+        .args([&archive])
+        .args(["--format", "docker"])
+        .run()
+        .ok();
+    let podman_root = p.path().join("podman");
+    let out = run_ok(
+        Command::new("podman")
+            .arg("--root")
+            .arg(&podman_root)
+            .arg("--runroot")
+            .arg(p.path().join("podman-run"))
+            .args(["load", "-i"])
+            .arg(&archive),
+    );
+    assert!(out.contains("shop:latest"), "{out}");
+    let _ = Command::new("podman")
+        .arg("--root")
+        .arg(&podman_root)
+        .arg("--runroot")
+        .arg(p.path().join("podman-run"))
+        .args(["system", "reset", "-f"])
+        .output();
+
+    let oci = p.path().join("shop-oci.tar");
+    p.berth()
+        .args(["export", "shop", "-o"])
+        .args([&oci])
+        .run()
+        .ok();
+    let inspect = run_ok(
+        Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci-archive:{}", oci.display())),
+    );
+    assert!(inspect.contains(&digest));
+}
+
+#[test]
+fn a_one_file_change_rebuilds_only_the_last_layer() {
+    let p = node_project();
+    p.berth().args(["build"]).run().ok();
+    let before = layers(&p, "shop");
+    p.file("app/server.sh", "echo serving v2\n");
+    let run = p.berth().args(["build", "--explain"]).run().ok();
+    let after = layers(&p, "shop");
+    assert_eq!(before.len(), 3, "base + package.json + the rest");
+    assert_eq!(
+        before[..2],
+        after[..2],
+        "base and package.json layers are reused"
+    );
+    assert_ne!(before[2], after[2]);
+    assert!(
+        run.stdout.contains("server.sh changed"),
+        "--explain names the file: {}",
+        run.stdout
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&p.berth().args(["--json", "build"]).run().ok().stdout).unwrap();
+    let statuses: Vec<&str> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["config", "hit", "hit", "config", "config"]);
+}
+
+#[test]
+fn build_args_and_the_base_are_explained() {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file("berth.toml", "[app]\nname = \"a\"\n[image]\nfrom = \"base:1\"\ncontext = \".\"\ndockerfile = \"Dockerfile\"\n")
+        .file("Dockerfile", "FROM base:1\nARG VERSION=1\nCOPY v${VERSION}.txt /v.txt\n")
+        .file("v1.txt", "one\n")
+        .file("v2.txt", "two\n");
+    p.berth().args(["build"]).run().ok();
+    let run = p
+        .berth()
+        .args(["build", "--explain", "--build-arg", "VERSION=2"])
+        .run()
+        .ok();
+    assert!(run.stdout.contains("COPY v2.txt /v.txt"), "{}", run.stdout);
+    assert!(run.stdout.contains("VERSION=2 (was 1)"), "{}", run.stdout);
+}
+
+#[test]
+fn multi_stage_builds_keep_only_the_target_stage() {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file("berth.toml", "[app]\nname = \"ms\"\n[image]\nfrom = \"base:1\"\ncontext = \".\"\ndockerfile = \"Dockerfile\"\n")
+        .file("Dockerfile", "FROM base:1 AS build\nCOPY src/ /src/\nFROM scratch\nCOPY --from=build --chown=33:33 /src/app.sh /app/run.sh\nCMD [\"/app/run.sh\"]\n")
+        .file("src/app.sh", "#!/bin/sh\necho hi\n")
+        .file("src/other.txt", "x\n");
+    p.berth().args(["build"]).run().ok();
+    assert_eq!(layers(&p, "ms").len(), 1, "only the final stage's layer");
+    let run = p.berth().args(["--json", "history", "ms"]).run().ok();
+    assert!(
+        run.stdout
+            .contains("COPY --from=build --chown=33:33 /src/app.sh /app/run.sh"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn bad_input_names_the_step_or_line() {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file("berth.toml", "[app]\nname = \"bad\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"missing/\", \"/x/\"]\n");
+    let run = p.berth().args(["build"]).run().code(2);
+    assert!(
+        run.stderr.contains("[[image.steps]] #1")
+            && run.stderr.contains("`missing/` does not exist"),
+        "{}",
+        run.stderr
+    );
+
+    p.file("berth.toml", "[app]\nname = \"bad\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"../etc/passwd\", \"/x\"]\n");
+    let run = p.berth().args(["build"]).run().code(2);
+    assert!(
+        run.stderr.contains("outside the build context"),
+        "{}",
+        run.stderr
+    );
+
+    p.file(
+        "berth.toml",
+        "[app]\nname = \"bad\"\n[image]\nfrom = \"base:1\"\ndockerfile = \"Dockerfile\"\n",
+    )
+    .file(
+        "Dockerfile",
+        "FROM base:1\nCOPY a\nFORM x\nADD http://example.com/x /x\n",
+    );
+    let run = p.berth().args(["build"]).run().code(2);
+    for needle in [
+        "Dockerfile:2:1",
+        "Dockerfile:3:1",
+        "unknown instruction `FORM`",
+        "did you mean FROM?",
+        "Dockerfile:4:1",
+        "ADD from a URL",
+    ] {
+        assert!(
+            run.stderr.contains(needle),
+            "missing {needle:?} in {}",
+            run.stderr
+        );
+    }
+
+    p.file("Dockerfile", "FROM nope:1\n");
+    let run = p.berth().args(["build"]).run().code(2);
+    assert!(
+        run.stderr
+            .contains("base image `nope:1` is not in the store"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn symlinks_are_copied_as_symlinks() {
+    let p = TempProject::new();
+    p.file("berth.toml", "[app]\nname = \"ln\"\n[image]\nfrom = \"scratch\"\n[[image.steps]]\ncopy = [\"ctx/\", \"/data/\"]\n");
+    std::fs::create_dir_all(p.path().join("ctx")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", p.path().join("ctx/shadow")).unwrap();
+    p.berth().args(["build"]).run().ok();
+    let store = util::run_ok(Command::new("sh").arg("-c").arg(format!(
+        "for b in {}/blobs/sha256/*; do gzip -dc $b 2>/dev/null | tar -tvf - 2>/dev/null; done; true",
+        p.store().display()
+    )));
+    assert!(store.contains("data/shadow -> /etc/shadow"), "{store}");
+}
+
+#[test]
+fn image_commands_tag_remove_and_collect() {
+    let p = node_project();
+    let digest = p.berth().args(["build"]).run().ok().last_line();
+    p.berth().args(["tag", "shop", "shop:v1"]).run().ok();
+    let run = p.berth().args(["--json", "images"]).run().ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base:1", "shop:latest", "shop:v1"]);
+    assert!(
+        v[1]["shared_size"].as_u64().unwrap() > 0,
+        "the base layer is shared"
+    );
+    let run = p.berth().args(["inspect", &digest[..19]]).run().ok();
+    assert!(
+        run.stdout.contains("\"shop:v1\""),
+        "a digest prefix resolves: {}",
+        run.stdout
+    );
+
+    p.berth().args(["rmi", "shop:v1"]).run().ok();
+    assert!(
+        p.berth().args(["inspect", "shop:latest"]).run().code == 0,
+        "the other tag keeps the image"
+    );
+    p.berth().args(["rmi", "shop"]).run().ok();
+    p.berth().args(["inspect", "shop"]).run().code(2);
+    let count = |p: &TempProject| {
+        std::fs::read_dir(p.store().join("blobs/sha256"))
+            .unwrap()
+            .count()
+    };
+    let before = count(&p);
+    p.berth().args(["gc"]).run().ok();
+    assert!(count(&p) <= before);
+    p.berth().args(["inspect", "base:1"]).run().ok();
+    for blob in std::fs::read_dir(p.store().join("blobs/sha256")).unwrap() {
+        let blob = blob.unwrap();
+        let bytes = std::fs::read(blob.path()).unwrap();
+        use sha2::Digest as _;
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            blob.file_name().to_str().unwrap(),
+            "every blob matches its name"
+        );
+    }
+}
+
+#[test]
+fn concurrent_builds_and_a_killed_build_corrupt_nothing() {
+    let p = node_project();
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_berth"))
+                .arg("-C")
+                .arg(p.path())
+                .env("BERTH_STORE", p.store())
+                .args(["build", "--tag", &format!("shop:c{i}")])
+                .output()
+        })
+        .collect();
+    for c in children {
+        assert!(c.unwrap().status.success());
+    }
+    // A build of a larger context, killed midway.
+    let big: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    p.file("app/big.bin", "");
+    std::fs::write(p.path().join("app/big.bin"), &big).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("-C")
+        .arg(p.path())
+        .env("BERTH_STORE", p.store())
+        .args(["build", "--no-cache"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let _ = child.kill();
+    let _ = child.wait();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.store().join("index.json")).unwrap()).unwrap();
+    assert!(
+        index["manifests"].as_array().unwrap().len() >= 4,
+        "no tag was lost: {index}"
+    );
+    for blob in std::fs::read_dir(p.store().join("blobs/sha256")).unwrap() {
+        let blob = blob.unwrap();
+        use sha2::Digest as _;
+        let bytes = std::fs::read(blob.path()).unwrap();
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            blob.file_name().to_str().unwrap(),
+            "no half blob under a final name"
+        );
+    }
+    p.berth().args(["build"]).run().ok();
+}
