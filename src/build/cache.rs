@@ -139,6 +139,9 @@ pub struct ExplainRecord {
     pub args: BTreeMap<String, String>,
     /// The key this step had.
     pub key: String,
+    /// The layer it produced (whose compressed chunks the next build may reuse).
+    #[serde(default)]
+    pub layer: Option<Digest>,
 }
 
 /// The last record at a step position.

@@ -625,11 +625,12 @@ pub fn write_plan(
     store: &Store,
     plan: &Plan,
     compression: LayerCompression,
+    reuse_from: &[Digest],
     ctx_root: Option<&Path>,
     stat: &mut StatCache,
     inputs: &mut Inputs,
 ) -> Result<(Layer, Vec<(String, FsNode)>), BuildError> {
-    let mut w = LayerWriter::new(store, compression)?;
+    let mut w = LayerWriter::new(store, compression, reuse_from)?;
     let mut nodes = Vec::with_capacity(plan.len());
     let werr = |path: &str, e: io::Error| BuildError::Context {
         path: PathBuf::from(format!("/{path}")),
@@ -658,21 +659,33 @@ pub fn write_plan(
                     path: src.clone(),
                     source: e,
                 })?;
-                let mut reader = HashingReader::new(io::BufReader::with_capacity(128 << 10, f));
-                w.file(path, &p.meta, *size, &mut reader)
-                    .map_err(|e| BuildError::Context {
-                        path: src.clone(),
-                        source: e,
-                    })?;
-                if let (Some(stamp), Some(root)) = (stamp, ctx_root) {
-                    let (hash, _) = reader.finish();
-                    stat.put(src, *size, *stamp, &hash);
-                    if let Ok(rel) = src.strip_prefix(root) {
-                        let key = rel.to_str().unwrap_or_default().to_string();
-                        if let Some(slot) = inputs.files.get_mut(&key) {
-                            slot.0 = hash.to_string();
-                        }
+                let reader = io::BufReader::with_capacity(128 << 10, f);
+                // The input slot of a context file: hash it while it streams only when the
+                // stat cache did not know it (a first build); otherwise it is known already.
+                let slot = match (stamp, ctx_root) {
+                    (Some(stamp), Some(root)) => src
+                        .strip_prefix(root)
+                        .ok()
+                        .and_then(|rel| rel.to_str())
+                        .and_then(|rel| inputs.files.get_mut(rel))
+                        .filter(|slot| slot.0.is_empty())
+                        .map(|slot| (slot, *stamp)),
+                    _ => None,
+                };
+                let ctx_err = |e| BuildError::Context {
+                    path: src.clone(),
+                    source: e,
+                };
+                match slot {
+                    Some((slot, stamp)) => {
+                        let mut hashing = HashingReader::new(reader);
+                        w.file(path, &p.meta, *size, &mut hashing)
+                            .map_err(ctx_err)?;
+                        let (hash, _) = hashing.finish();
+                        stat.put(src, *size, stamp, &hash);
+                        slot.0 = hash.to_string();
                     }
+                    None => w.file(path, &p.meta, *size, reader).map_err(ctx_err)?,
                 }
                 (FsKind::File, *size)
             }

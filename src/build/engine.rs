@@ -515,6 +515,7 @@ impl Engine<'_> {
             inputs: BTreeMap::new(),
             args: st.args.clone(),
             key: String::new(),
+            layer: None,
         };
         let last = cache::last_explain(self.store, &slot);
         if !inputs.complete && last.is_some() && !self.opts.no_cache {
@@ -568,10 +569,16 @@ impl Engine<'_> {
                         &spool,
                     )?,
                 };
+                let reuse_from: Vec<Digest> = last
+                    .as_ref()
+                    .and_then(|l| l.layer.clone())
+                    .into_iter()
+                    .collect();
                 let (layer, nodes) = copy::write_plan(
                     store,
                     &plan,
                     self.opts.compression,
+                    &reuse_from,
                     Some(self.ctx.root()),
                     &mut self.stat,
                     &mut inputs,
@@ -592,6 +599,7 @@ impl Engine<'_> {
         record.inputs = inputs.files.clone();
         let key = key_of(&inputs);
         record.key = key.to_string();
+        record.layer = Some(layer.digest.clone());
         cache::save_explain(self.store, &slot, &record);
         st.chain = key;
         st.layers.push(layer.descriptor());

@@ -40,7 +40,7 @@ pub fn import(
 ) -> Result<Imported, BuildError> {
     let _guard = store.use_guard()?;
     let md = fs::metadata(path).map_err(ctx_err(path))?;
-    let mut w = LayerWriter::new(store, compression)?;
+    let mut w = LayerWriter::new(store, compression, &[])?;
     let skipped = if md.is_dir() {
         import_dir(&mut w, path, epoch)?
     } else {

@@ -11,9 +11,9 @@ use std::io::{self, Read, Write};
 
 use oci_spec::image::{Descriptor, MediaType};
 
-use super::pgzip::ParallelGzWriter;
+use super::pgzip::{ChunkIndex, ParallelGzWriter, ReusableChunks};
 use crate::manifest::schema::Compression;
-use crate::store::{BlobWriter, DiffId, Digest, HashingWriter, Store, StoreError};
+use crate::store::{BlobWriter, DiffId, Digest, Store, StoreError};
 
 /// Ownership, mode and time of a tar entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -64,8 +64,10 @@ pub struct LayerCompression {
 }
 
 impl LayerCompression {
-    /// berth's default gzip level: fast, with most of the ratio of level 6 on typical layers.
-    pub const DEFAULT_GZIP_LEVEL: u32 = 4;
+    /// berth's default gzip level: the fastest (go-containerregistry's default too). On
+    /// binaries it compresses about twice as fast as level 4 for layers about 14% larger;
+    /// `compression_level` trades the other way.
+    pub const DEFAULT_GZIP_LEVEL: u32 = 1;
 
     fn media_type(&self) -> &'static str {
         match self.algorithm {
@@ -94,17 +96,42 @@ impl Write for Compressor {
 }
 
 impl Compressor {
-    fn finish(self) -> io::Result<BlobWriter> {
+    /// The blob writer, the chunk index, and the uncompressed stream's digest and length.
+    fn finish(self) -> io::Result<(BlobWriter, ChunkIndex, Digest, u64)> {
         match self {
-            Compressor::Gzip(w) => w.finish(),
+            Compressor::Gzip(w) => w
+                .finish()
+                .map(|f| (f.inner, f.index, f.uncompressed_digest, f.uncompressed_len)),
         }
     }
 }
 
+fn chunk_index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
+    store
+        .state_dir()
+        .join("cache/chunks")
+        .join(format!("{}.json", digest.hex()))
+}
+
+/// Loads the chunk indexes of earlier layers whose compressed chunks a new layer may copy.
+fn reusable(store: &Store, from: &[Digest], level: u32) -> ReusableChunks {
+    let mut reuse = ReusableChunks::default();
+    for d in from {
+        let index = std::fs::read(chunk_index_path(store, d))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ChunkIndex>(&b).ok());
+        if let (Some(index), Ok(blob)) = (index, store.open_blob(d)) {
+            reuse.add(blob, &index, level);
+        }
+    }
+    reuse
+}
+
 /// Streams tar entries into a new layer blob.
 pub struct LayerWriter {
-    tar: tar::Builder<HashingWriter<Compressor>>,
+    tar: tar::Builder<Compressor>,
     media_type: &'static str,
+    store: Store,
 }
 
 fn io_err(e: io::Error) -> StoreError {
@@ -116,8 +143,13 @@ fn io_err(e: io::Error) -> StoreError {
 }
 
 impl LayerWriter {
-    /// Starts a layer in `store`.
-    pub fn new(store: &Store, compression: LayerCompression) -> Result<Self, StoreError> {
+    /// Starts a layer in `store`. Compressed chunks of the layers in `reuse_from` that recur
+    /// in the new layer are copied rather than compressed again.
+    pub fn new(
+        store: &Store,
+        compression: LayerCompression,
+        reuse_from: &[Digest],
+    ) -> Result<Self, StoreError> {
         let blob = store.blob_writer()?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let compressor = match compression.algorithm {
@@ -127,7 +159,10 @@ impl LayerWriter {
                     .map_or(LayerCompression::DEFAULT_GZIP_LEVEL, |l| {
                         l.clamp(0, 9) as u32
                     });
-                Compressor::Gzip(ParallelGzWriter::new(blob, level, threads).map_err(io_err)?)
+                let reuse = reusable(store, reuse_from, level);
+                Compressor::Gzip(
+                    ParallelGzWriter::new(blob, level, threads, reuse).map_err(io_err)?,
+                )
             }
             Compression::Zstd => {
                 return Err(StoreError::Io {
@@ -140,11 +175,12 @@ impl LayerWriter {
                 });
             }
         };
-        let mut tar = tar::Builder::new(HashingWriter::new(compressor));
+        let mut tar = tar::Builder::new(compressor);
         tar.follow_symlinks(false);
         Ok(LayerWriter {
             tar,
             media_type: compression.media_type(),
+            store: store.clone(),
         })
     }
 
@@ -204,10 +240,15 @@ impl LayerWriter {
 
     /// Finishes the tar, the compression and the blob.
     pub fn finish(self) -> Result<Layer, StoreError> {
-        let hashing = self.tar.into_inner().map_err(io_err)?;
-        let (compressor, diff_id, tar_size) = hashing.finish();
-        let blob = compressor.finish().map_err(io_err)?;
+        let compressor = self.tar.into_inner().map_err(io_err)?;
+        let (blob, index, diff_id, tar_size) = compressor.finish().map_err(io_err)?;
         let (digest, size) = blob.commit(None)?;
+        // The index only speeds up later builds; failing to save it loses nothing.
+        let path = chunk_index_path(&self.store, &digest);
+        if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&index)) {
+            let _ = std::fs::create_dir_all(dir);
+            let _ = self.store.write_atomic(&path, &bytes);
+        }
         Ok(Layer {
             digest,
             diff_id: DiffId(diff_id),
@@ -254,6 +295,7 @@ mod tests {
                 algorithm: Compression::Gzip,
                 level: None,
             },
+            &[],
         )
         .unwrap();
         w.dir("www", &meta).unwrap();
@@ -319,6 +361,7 @@ mod tests {
                 algorithm: Compression::Gzip,
                 level: None,
             },
+            &[],
         )
         .unwrap();
         assert!(w.file("f", &meta, 10, &b"short"[..]).is_err());

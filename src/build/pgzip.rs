@@ -1,125 +1,305 @@
-//! Parallel gzip with output that does not depend on the number of threads.
+//! Parallel gzip whose output depends only on the input, with reuse of compressed chunks.
 //!
-//! As pigz does: the input is cut into fixed-size blocks, each block is raw-deflated on its
-//! own (ending with a sync flush, so it ends on a byte boundary), and the compressed blocks
-//! are concatenated, in order, inside one standard gzip member whose CRC-32 is the
-//! combination of the blocks' CRCs. Block boundaries depend only on the input, so 1 thread
-//! or 64 produce the same bytes. Memory is bounded: at most `2 × threads` blocks in flight.
+//! As pigz does, the input is cut into chunks that are raw-deflated independently, each
+//! ending with a sync flush (so it ends on a byte boundary), and concatenated inside one
+//! standard gzip member (an empty final block and a combined CRC-32 close it). Chunk
+//! boundaries are *content-defined* (a gear rolling hash, as in FastCDC): they depend only
+//! on the bytes, so 1 thread or 64 give the same output, and after an edit the boundaries
+//! fall back into step, so the chunks that did not change are byte-for-byte the chunks of
+//! the previous build.
+//!
+//! That is what makes a one-file rebuild cheap: every layer gets a chunk index (chunk
+//! sha256 → where its compressed bytes sit in the blob), and a new layer copies a chunk's
+//! compressed bytes from an older blob instead of compressing it again. Memory stays
+//! bounded: at most `2 × threads` chunks of at most [`MAX_CHUNK`] bytes are in flight.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
-/// Uncompressed bytes per block.
-pub const BLOCK: usize = 1 << 20;
+/// No cut before this many bytes of a chunk.
+pub const MIN_CHUNK: usize = 512 << 10;
+/// A cut is forced at this size.
+pub const MAX_CHUNK: usize = 4 << 20;
+/// After the minimum, a cut where the gear hash's top 20 bits are zero: 1 MiB on average.
+const CUT_MASK: u64 = 0xFFFF_F000_0000_0000;
 
 /// gzip header: magic, deflate, no flags, mtime 0, no extra flags, OS unknown (as Go writes).
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+/// An empty final deflate block (fixed Huffman, BFINAL set).
+const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
+
+/// The gear table: 256 pseudo-random words from splitmix64 (fixed forever: changing it
+/// changes every layer digest).
+static GEAR: [u64; 256] = {
+    let mut g = [0u64; 256];
+    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut i = 0;
+    while i < 256 {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        g[i] = z ^ (z >> 31);
+        i += 1;
+    }
+    g
+};
+
+/// Where one chunk's compressed bytes sit in a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    /// sha256 of the uncompressed chunk, hex.
+    pub hash: String,
+    /// Uncompressed length.
+    pub len: u64,
+    /// Offset of the compressed bytes in the blob.
+    pub offset: u64,
+    /// Length of the compressed bytes.
+    pub compressed_len: u64,
+}
+
+/// The chunks of one compressed blob, and the level they were compressed at.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChunkIndex {
+    /// Compression level.
+    pub level: u32,
+    /// Chunks in order.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+/// Compressed chunks that may be copied instead of compressed: chunk hash → (blob, offset,
+/// length).
+#[derive(Default, Clone)]
+pub struct ReusableChunks {
+    map: HashMap<[u8; 32], (Arc<File>, u64, u64)>,
+}
+
+impl ReusableChunks {
+    /// Adds the chunks of a blob compressed at `level` (others are ignored).
+    pub fn add(&mut self, blob: File, index: &ChunkIndex, level: u32) {
+        if index.level != level {
+            return;
+        }
+        let blob = Arc::new(blob);
+        for c in &index.chunks {
+            let mut key = [0u8; 32];
+            if hex::decode_to_slice(&c.hash, &mut key).is_ok() {
+                self.map
+                    .entry(key)
+                    .or_insert_with(|| (Arc::clone(&blob), c.offset, c.compressed_len));
+            }
+        }
+    }
+
+    /// Number of chunks offered.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when nothing is offered.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
 
 struct Done {
     index: u64,
+    data: Vec<u8>,
     compressed: Vec<u8>,
     crc: crc32fast::Hasher,
+    hash: [u8; 32],
+    reused: bool,
 }
 
-type Job = (u64, Vec<u8>, bool);
+/// What the output thread hands back.
+struct Output<W> {
+    inner: W,
+    index: ChunkIndex,
+    crc: crc32fast::Hasher,
+    uncompressed: Sha256,
+    stats: GzStats,
+}
+
+/// The output thread: receives finished chunks in order, hashes the uncompressed bytes
+/// (the layer's diff_id), writes the compressed bytes and records where each chunk went.
+fn output_thread<W: Write>(mut inner: W, level: u32, rx: Receiver<Done>) -> io::Result<Output<W>> {
+    let mut out = Output {
+        index: ChunkIndex {
+            level,
+            chunks: Vec::new(),
+        },
+        crc: crc32fast::Hasher::new(),
+        uncompressed: Sha256::new(),
+        stats: GzStats::default(),
+        inner: {
+            inner.write_all(&HEADER)?;
+            inner
+        },
+    };
+    let mut written = HEADER.len() as u64;
+    for done in rx {
+        out.uncompressed.update(&done.data);
+        out.inner.write_all(&done.compressed)?;
+        out.crc.combine(&done.crc);
+        out.index.chunks.push(ChunkEntry {
+            hash: hex::encode(done.hash),
+            len: done.data.len() as u64,
+            offset: written,
+            compressed_len: done.compressed.len() as u64,
+        });
+        written += done.compressed.len() as u64;
+        out.stats.chunks += 1;
+        out.stats.reused += usize::from(done.reused);
+    }
+    Ok(out)
+}
 
 struct Pool {
-    jobs: Option<SyncSender<Job>>,
+    jobs: Option<SyncSender<(u64, Vec<u8>)>>,
     done: Receiver<io::Result<Done>>,
     workers: Vec<JoinHandle<()>>,
 }
 
-/// A gzip writer that compresses blocks on several threads.
-pub struct ParallelGzWriter<W: Write> {
-    /// `None` only after `finish` has handed it back.
-    inner: Option<W>,
+/// Statistics of a finished stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GzStats {
+    /// Chunks written.
+    pub chunks: usize,
+    /// Chunks copied from an earlier blob.
+    pub reused: usize,
+}
+
+/// A gzip writer that compresses content-defined chunks on several threads.
+pub struct ParallelGzWriter<W: Write + Send + 'static> {
     level: u32,
     threads: usize,
+    reuse: Arc<ReusableChunks>,
     buf: Vec<u8>,
+    gear: u64,
     next_index: u64,
     next_to_write: u64,
     pending: BTreeMap<u64, Done>,
-    crc: crc32fast::Hasher,
     pool: Option<Pool>,
+    /// Chunks in order go here; `None` once `finish` has closed it.
+    output: Option<SyncSender<Done>>,
+    output_thread: Option<JoinHandle<io::Result<Output<W>>>>,
 }
 
-/// Compresses one block: raw deflate, sync-flushed, or finished when it is the last.
-fn compress_block(data: &[u8], level: u32, last: bool) -> io::Result<Vec<u8>> {
+/// What [`ParallelGzWriter::finish`] returns.
+pub struct Finished<W> {
+    /// The inner writer, with the whole gzip stream written.
+    pub inner: W,
+    /// Where each chunk's compressed bytes are.
+    pub index: ChunkIndex,
+    /// sha256 of the uncompressed stream.
+    pub uncompressed_digest: crate::store::Digest,
+    /// Length of the uncompressed stream.
+    pub uncompressed_len: u64,
+    /// Chunk counts.
+    pub stats: GzStats,
+}
+
+/// Compresses one chunk: raw deflate ending in a sync flush.
+fn compress_chunk(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
     let mut c = Compress::new(Compression::new(level), false);
-    let mut out = Vec::with_capacity(data.len() + data.len() / 16 + 64);
-    let flush = if last {
-        FlushCompress::Finish
-    } else {
-        FlushCompress::Sync
-    };
+    let mut out = Vec::with_capacity(data.len() / 2 + 1024);
     loop {
-        let consumed = c.total_in() as usize;
-        if out.capacity() - out.len() < 64 {
-            out.reserve(out.capacity().max(4096));
+        if out.capacity() - out.len() < 1024 {
+            out.reserve(out.capacity().max(64 << 10));
         }
+        let consumed = c.total_in() as usize;
         let status = c
-            .compress_vec(&data[consumed..], &mut out, flush)
+            .compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
             .map_err(io::Error::other)?;
-        let all_in = c.total_in() as usize == data.len();
-        let room_left = out.capacity() > out.len();
+        let done = c.total_in() as usize == data.len() && out.len() < out.capacity();
         match status {
-            Status::StreamEnd => return Ok(out),
-            Status::Ok | Status::BufError if all_in && room_left && !last => return Ok(out),
+            Status::Ok | Status::BufError if done => return Ok(out),
             Status::Ok | Status::BufError => continue,
+            Status::StreamEnd => return Ok(out),
         }
     }
 }
 
-impl<W: Write> ParallelGzWriter<W> {
-    /// A writer at compression `level` (0-9) using up to `threads` threads.
-    pub fn new(mut inner: W, level: u32, threads: usize) -> io::Result<Self> {
-        inner.write_all(&HEADER)?;
+/// Hashes a chunk and either copies its compressed bytes from an earlier blob or compresses it.
+fn process(index: u64, data: Vec<u8>, level: u32, reuse: &ReusableChunks) -> io::Result<Done> {
+    let hash: [u8; 32] = Sha256::digest(&data).into();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&data);
+    let (compressed, reused) = match reuse.map.get(&hash) {
+        Some((file, offset, len)) => {
+            let mut buf = vec![0u8; *len as usize];
+            file.read_exact_at(&mut buf, *offset)?;
+            (buf, true)
+        }
+        None => (compress_chunk(&data, level)?, false),
+    };
+    Ok(Done {
+        index,
+        data,
+        compressed,
+        crc,
+        hash,
+        reused,
+    })
+}
+
+impl<W: Write + Send + 'static> ParallelGzWriter<W> {
+    /// A writer at compression `level` (0-9) using up to `threads` threads, copying chunks
+    /// found in `reuse`.
+    pub fn new(inner: W, level: u32, threads: usize, reuse: ReusableChunks) -> io::Result<Self> {
+        let level = level.min(9);
+        let (tx, rx) = sync_channel(2);
+        let output_thread = std::thread::spawn(move || output_thread(inner, level, rx));
         Ok(ParallelGzWriter {
-            inner: Some(inner),
-            level: level.min(9),
+            level,
             threads: threads.max(1),
-            buf: Vec::with_capacity(BLOCK),
+            reuse: Arc::new(reuse),
+            buf: Vec::with_capacity(MIN_CHUNK * 2),
+            gear: 0,
             next_index: 0,
             next_to_write: 0,
             pending: BTreeMap::new(),
-            crc: crc32fast::Hasher::new(),
             pool: None,
+            output: Some(tx),
+            output_thread: Some(output_thread),
         })
     }
 
-    fn out(&mut self) -> &mut W {
-        self.inner.as_mut().expect("not finished")
+    /// The output thread's error, once it has stopped.
+    fn output_error(&mut self) -> io::Error {
+        drop(self.output.take());
+        match self.output_thread.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            _ => io::Error::other("the layer output thread stopped"),
+        }
     }
 
     fn pool(&mut self) -> &mut Pool {
         let (threads, level) = (self.threads, self.level);
+        let reuse = Arc::clone(&self.reuse);
         self.pool.get_or_insert_with(|| {
-            let (jobs_tx, jobs_rx) = sync_channel::<Job>(threads);
+            let (jobs_tx, jobs_rx) = sync_channel::<(u64, Vec<u8>)>(threads);
             let (done_tx, done_rx) = sync_channel(threads * 2);
             let jobs_rx = Arc::new(Mutex::new(jobs_rx));
             let workers = (0..threads)
                 .map(|_| {
                     let rx = Arc::clone(&jobs_rx);
                     let tx = done_tx.clone();
+                    let reuse = Arc::clone(&reuse);
                     std::thread::spawn(move || {
                         loop {
                             let job = rx.lock().expect("job queue").recv();
-                            let Ok((index, data, last)) = job else { return };
-                            let result = compress_block(&data, level, last).map(|compressed| {
-                                let mut crc = crc32fast::Hasher::new();
-                                crc.update(&data);
-                                Done {
-                                    index,
-                                    compressed,
-                                    crc,
-                                }
-                            });
-                            if tx.send(result).is_err() {
+                            let Ok((index, data)) = job else { return };
+                            if tx.send(process(index, data, level, &reuse)).is_err() {
                                 return;
                             }
                         }
@@ -134,11 +314,13 @@ impl<W: Write> ParallelGzWriter<W> {
         })
     }
 
-    /// Writes finished blocks that are next in order.
+    /// Hands finished chunks that are next in order to the output thread.
     fn drain_ready(&mut self) -> io::Result<()> {
         while let Some(done) = self.pending.remove(&self.next_to_write) {
-            self.out().write_all(&done.compressed)?;
-            self.crc.combine(&done.crc);
+            let sent = self.output.as_ref().expect("open until finish").send(done);
+            if sent.is_err() {
+                return Err(self.output_error());
+            }
             self.next_to_write += 1;
         }
         Ok(())
@@ -154,75 +336,113 @@ impl<W: Write> ParallelGzWriter<W> {
         self.drain_ready()
     }
 
-    fn submit(&mut self, last: bool) -> io::Result<()> {
-        let data = std::mem::replace(
-            &mut self.buf,
-            if last {
-                Vec::new()
-            } else {
-                Vec::with_capacity(BLOCK)
-            },
-        );
+    fn submit(&mut self) -> io::Result<()> {
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(MIN_CHUNK * 2));
+        self.gear = 0;
         let index = self.next_index;
         self.next_index += 1;
-        if self.threads == 1 || (last && index == 0) {
-            // One thread, or a small stream that fits one block: no pool needed.
-            let compressed = compress_block(&data, self.level, last)?;
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&data);
-            self.pending.insert(
-                index,
-                Done {
-                    index,
-                    compressed,
-                    crc,
-                },
-            );
+        if self.threads == 1 {
+            let done = process(index, data, self.level, &self.reuse)?;
+            self.pending.insert(index, done);
             return self.drain_ready();
         }
-        let in_flight_max = (self.threads * 2) as u64;
-        while self.next_index - 1 - self.next_to_write >= in_flight_max {
+        while self.next_index - 1 - self.next_to_write >= (self.threads * 2) as u64 {
             self.receive_one()?;
         }
         let jobs = self.pool().jobs.as_ref().expect("pool open").clone();
-        jobs.send((index, data, last))
+        jobs.send((index, data))
             .map_err(|_| io::Error::other("the compression pool stopped"))
     }
 
-    /// Compresses what is left, writes the gzip trailer and returns the inner writer.
-    pub fn finish(mut self) -> io::Result<W> {
-        self.submit(true)?;
+    /// Compresses what is left, writes the final block and trailer, and returns the inner
+    /// writer with the blob's chunk index and the uncompressed stream's digest.
+    pub fn finish(mut self) -> io::Result<Finished<W>> {
+        if !self.buf.is_empty() {
+            if self.threads > 1 && self.next_index == 0 {
+                // A stream of one chunk: no pool needed.
+                let data = std::mem::take(&mut self.buf);
+                let done = process(0, data, self.level, &self.reuse)?;
+                self.next_index = 1;
+                self.pending.insert(0, done);
+                self.drain_ready()?;
+            } else {
+                self.submit()?;
+            }
+        }
         while self.next_to_write < self.next_index {
             self.receive_one()?;
         }
-        let total = self.crc.total_len();
-        let crc = std::mem::take(&mut self.crc).finalize();
-        self.out().write_all(&crc.to_le_bytes())?;
-        self.out().write_all(&(total as u32).to_le_bytes())?;
         if let Some(mut pool) = self.pool.take() {
             drop(pool.jobs.take());
             for w in pool.workers.drain(..) {
                 let _ = w.join();
             }
         }
-        let mut inner = self.inner.take().expect("finish runs once");
-        inner.flush()?;
-        Ok(inner)
+        drop(self.output.take());
+        let joined = self.output_thread.take().expect("finish runs once").join();
+        let mut out =
+            joined.map_err(|_| io::Error::other("the layer output thread panicked"))??;
+        let total = out.crc.total_len();
+        out.inner.write_all(&FINAL_BLOCK)?;
+        out.inner.write_all(&out.crc.finalize().to_le_bytes())?;
+        out.inner.write_all(&(total as u32).to_le_bytes())?;
+        out.inner.flush()?;
+        Ok(Finished {
+            inner: out.inner,
+            index: out.index,
+            uncompressed_digest: crate::store::Digest::from_hasher(out.uncompressed),
+            uncompressed_len: total,
+            stats: out.stats,
+        })
     }
 }
 
-impl<W: Write> Write for ParallelGzWriter<W> {
-    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
-        let n = data.len();
-        while !data.is_empty() {
-            let take = (BLOCK - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.buf.len() == BLOCK {
-                self.submit(false)?;
+impl<W: Write + Send + 'static> Write for ParallelGzWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            // Below the minimum no cut can happen: copy without hashing, except the last 64
+            // bytes before it, which fill the gear hash's window.
+            let have = self.buf.len();
+            if have + 64 < MIN_CHUNK {
+                let take = (MIN_CHUNK - 64 - have).min(rest.len());
+                self.buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                continue;
+            }
+            let mut h = self.gear;
+            let mut cut = None;
+            let limit = (MAX_CHUNK - have).min(rest.len());
+            let window = &rest[..limit];
+            // The bytes before the minimum only fill the hash's window: no cut test there.
+            let warm = MIN_CHUNK.saturating_sub(have).min(limit);
+            for &b in &window[..warm] {
+                h = (h << 1).wrapping_add(GEAR[b as usize]);
+            }
+            for (i, &b) in window[warm..].iter().enumerate() {
+                h = (h << 1).wrapping_add(GEAR[b as usize]);
+                if h & CUT_MASK == 0 {
+                    cut = Some(warm + i + 1);
+                    break;
+                }
+            }
+            self.gear = h;
+            match cut {
+                Some(n) => {
+                    self.buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    self.submit()?;
+                }
+                None => {
+                    self.buf.extend_from_slice(&rest[..limit]);
+                    rest = &rest[limit..];
+                    if self.buf.len() == MAX_CHUNK {
+                        self.submit()?;
+                    }
+                }
             }
         }
-        Ok(n)
+        Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -230,15 +450,20 @@ impl<W: Write> Write for ParallelGzWriter<W> {
     }
 }
 
-impl<W: Write> Drop for ParallelGzWriter<W> {
+impl<W: Write + Send + 'static> Drop for ParallelGzWriter<W> {
     fn drop(&mut self) {
-        // Closing the job queue ends the workers; the result queue holds every block that
-        // can be in flight, so none of them blocks on the way out.
+        // Closing the job queue ends the workers; the result queue holds every chunk that
+        // can be in flight, so none of them blocks on the way out. Closing the output queue
+        // ends the output thread.
         if let Some(mut pool) = self.pool.take() {
             drop(pool.jobs.take());
             for w in pool.workers.drain(..) {
                 let _ = w.join();
             }
+        }
+        drop(self.output.take());
+        if let Some(t) = self.output_thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -249,9 +474,8 @@ mod tests {
 
     use super::*;
 
-    fn sample(len: usize) -> Vec<u8> {
-        // Compressible but not trivial: a counter rendered as text with a pseudo-random mix.
-        let mut x: u64 = 0x9e3779b97f4a7c15;
+    fn sample(len: usize, seed: u64) -> Vec<u8> {
+        let mut x: u64 = 0x9e3779b97f4a7c15 ^ seed;
         (0..len)
             .map(|i| {
                 x ^= x << 13;
@@ -266,34 +490,64 @@ mod tests {
             .collect()
     }
 
-    fn gz(data: &[u8], threads: usize) -> Vec<u8> {
-        let mut w = ParallelGzWriter::new(Vec::new(), 6, threads).unwrap();
-        // Uneven writes, to cross block boundaries mid-write.
+    fn gz(data: &[u8], threads: usize, reuse: ReusableChunks) -> (Vec<u8>, ChunkIndex, GzStats) {
+        let mut w = ParallelGzWriter::new(Vec::new(), 1, threads, reuse).unwrap();
         for chunk in data.chunks(77_777) {
             w.write_all(chunk).unwrap();
         }
-        w.finish().unwrap()
+        let f = w.finish().unwrap();
+        assert_eq!(f.uncompressed_digest, crate::store::Digest::of(data));
+        assert_eq!(f.uncompressed_len, data.len() as u64);
+        (f.inner, f.index, f.stats)
+    }
+
+    fn gunzip(bytes: &[u8]) -> Vec<u8> {
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut back)
+            .unwrap();
+        back
     }
 
     #[test]
     fn output_is_valid_gzip_and_independent_of_threads() {
-        for len in [0, 1, 1000, BLOCK, BLOCK + 1, 3 * BLOCK + 12345] {
-            let data = sample(len);
-            let one = gz(&data, 1);
-            assert_eq!(one, gz(&data, 2), "len {len}");
-            assert_eq!(one, gz(&data, 7), "len {len}");
-            let mut back = Vec::new();
-            flate2::read::GzDecoder::new(&one[..])
-                .read_to_end(&mut back)
-                .unwrap();
-            assert_eq!(back, data, "len {len}");
+        for len in [0, 1, 1000, MIN_CHUNK, MAX_CHUNK + 1, 9 * MIN_CHUNK + 12345] {
+            let data = sample(len, 1);
+            let (one, idx, _) = gz(&data, 1, ReusableChunks::default());
+            assert_eq!(one, gz(&data, 2, ReusableChunks::default()).0, "len {len}");
+            assert_eq!(one, gz(&data, 7, ReusableChunks::default()).0, "len {len}");
+            assert_eq!(gunzip(&one), data, "len {len}");
+            assert_eq!(idx.chunks.iter().map(|c| c.len).sum::<u64>(), len as u64);
+            assert!(idx.chunks.iter().all(|c| c.len as usize <= MAX_CHUNK));
         }
     }
 
     #[test]
+    fn an_edit_reuses_the_unchanged_chunks_and_gives_the_same_bytes_as_a_cold_run() {
+        let old = sample(12 << 20, 2);
+        let (old_gz, old_idx, _) = gz(&old, 2, ReusableChunks::default());
+        assert!(old_idx.chunks.len() >= 6, "{} chunks", old_idx.chunks.len());
+        // Insert a few bytes in the middle: boundaries after the edit fall back into step.
+        let mut new = old.clone();
+        new.splice(6 << 20..6 << 20, b"an edit".iter().copied());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.gz"), &old_gz).unwrap();
+        let mut reuse = ReusableChunks::default();
+        reuse.add(File::open(dir.path().join("old.gz")).unwrap(), &old_idx, 1);
+        let (warm, _, stats) = gz(&new, 2, reuse);
+        let (cold, _, _) = gz(&new, 2, ReusableChunks::default());
+        assert_eq!(warm, cold, "reuse never changes the output");
+        assert_eq!(gunzip(&warm), new);
+        assert!(
+            stats.reused + 2 >= stats.chunks,
+            "all but the edited chunks are reused: {stats:?}"
+        );
+    }
+
+    #[test]
     fn dropping_an_unfinished_writer_stops_its_threads() {
-        let mut w = ParallelGzWriter::new(Vec::new(), 1, 4).unwrap();
-        w.write_all(&sample(5 * BLOCK)).unwrap();
+        let mut w = ParallelGzWriter::new(Vec::new(), 1, 4, ReusableChunks::default()).unwrap();
+        w.write_all(&sample(5 * MIN_CHUNK, 3)).unwrap();
         drop(w);
     }
 }
