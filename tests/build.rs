@@ -401,3 +401,26 @@ fn concurrent_builds_and_a_killed_build_corrupt_nothing() {
     }
     p.berth().args(["build"]).run().ok();
 }
+
+#[test]
+fn zstd_layers_are_reproducible_and_readable() {
+    require("skopeo", "skopeo");
+    let digests: Vec<String> = (0..2)
+        .map(|_| {
+            let p = TempProject::new();
+            p.with_busybox_base();
+            p.file("berth.toml", "[app]\nname = \"z\"\n[image]\nfrom = \"base:1\"\ncompression = \"zstd\"\n[[image.steps]]\ncopy = [\"www/\", \"/www/\"]\n")
+                .file("www/index.html", &"zstd layer\n".repeat(10_000));
+            let digest = p.berth().args(["build"]).run().ok().last_line();
+            let inspect = run_ok(Command::new("skopeo").args(["inspect", "--raw"]).arg(format!("oci:{}:z:latest", p.store().display())));
+            assert!(inspect.contains("application/vnd.oci.image.layer.v1.tar+zstd"), "{inspect}");
+            // A Docker archive holds the layer decompressed: the zstd stream decodes.
+            let archive = p.path().join("z.tar");
+            p.berth().args(["export", "z", "--format", "docker", "-o"]).args([&archive]).run().ok();
+            let listing = run_ok(Command::new("tar").arg("-tf").arg(&archive));
+            assert!(listing.contains("layer.tar"), "{listing}");
+            digest
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+}

@@ -67,6 +67,23 @@ pub struct StepReport {
     pub layer: Option<Layer>,
 }
 
+/// Progress of a build, as it happens.
+pub enum BuildEvent<'a> {
+    /// A step is about to run.
+    Started {
+        /// The stage's name or number.
+        stage: &'a str,
+        /// The step's number in its stage (from 1).
+        number: usize,
+        /// Steps in the stage.
+        of: usize,
+        /// The instruction as written.
+        text: String,
+    },
+    /// A step is done.
+    Finished(&'a StepReport),
+}
+
 /// A finished build.
 pub struct BuildOutput {
     /// The image.
@@ -112,7 +129,7 @@ struct Engine<'a> {
     built: BTreeMap<usize, StoredImage>,
     reports: Vec<StepReport>,
     spool: tempfile::TempDir,
-    on_step: &'a mut dyn FnMut(&StepReport),
+    on_event: &'a mut dyn FnMut(BuildEvent<'_>),
 }
 
 /// Builds the target stage of `plan` with `context_dir` as the build context.
@@ -121,7 +138,7 @@ pub fn build(
     plan: &BuildPlan,
     context_dir: &Path,
     opts: &BuildOptions,
-    on_step: &mut dyn FnMut(&StepReport),
+    on_event: &mut dyn FnMut(BuildEvent<'_>),
 ) -> Result<BuildOutput, BuildError> {
     let _guard = store.use_guard()?;
     let target = plan
@@ -148,7 +165,7 @@ pub fn build(
         built: BTreeMap::new(),
         reports: Vec::new(),
         spool,
-        on_step,
+        on_event,
     };
     let result = engine.stage(target, true);
     engine.stat.save(store);
@@ -263,6 +280,12 @@ impl Engine<'_> {
         let stage_name = stage.name.clone().unwrap_or_else(|| index.to_string());
         let mut parent_missed = false;
         for (i, step) in stage.steps.iter().enumerate() {
+            (self.on_event)(BuildEvent::Started {
+                stage: &stage_name,
+                number: i + 1,
+                of: stage.steps.len(),
+                text: describe_step(&step.spec),
+            });
             let report = self
                 .step(&mut st, index, i, step, &global, parent_missed)
                 .map_err(|e| BuildError::Step {
@@ -277,7 +300,7 @@ impl Engine<'_> {
                 of: stage.steps.len(),
                 ..report
             };
-            (self.on_step)(&report);
+            (self.on_event)(BuildEvent::Finished(&report));
             self.reports.push(report);
         }
         if is_target {

@@ -71,19 +71,7 @@ pub fn open_layer(
     digest: &Digest,
     media_type: &str,
 ) -> Result<Box<dyn Read>, BuildError> {
-    let file = io::BufReader::with_capacity(256 << 10, store.open_blob(digest)?);
-    // OCI `…tar+gzip` and Docker's `…tar.gzip`; OCI and Docker plain `…tar`.
-    if media_type.ends_with("gzip") {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(file)))
-    } else if media_type.ends_with("tar") {
-        Ok(Box::new(file))
-    } else {
-        Err(BuildError::Store(StoreError::BadDocument {
-            what: "layer",
-            digest: digest.to_string(),
-            message: format!("unsupported layer media type {media_type}"),
-        }))
-    }
+    Ok(store.open_layer(digest, media_type)?)
 }
 
 fn layer_error(digest: &Digest, e: io::Error) -> BuildError {

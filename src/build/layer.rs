@@ -7,11 +7,11 @@
 //! given mtime (from `SOURCE_DATE_EPOCH` or zero), no user or group names, no device
 //! numbers, ownership and mode as given.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use oci_spec::image::{Descriptor, MediaType};
 
-use super::pgzip::{ChunkIndex, ParallelGzWriter, ReusableChunks};
+use super::chunked::{ChunkIndex, ChunkedWriter, Codec, ReusableChunks};
 use crate::manifest::schema::Compression;
 use crate::store::{BlobWriter, DiffId, Digest, Store, StoreError};
 
@@ -64,6 +64,9 @@ pub struct LayerCompression {
 }
 
 impl LayerCompression {
+    /// berth's default zstd level (zstd's own default).
+    pub const DEFAULT_ZSTD_LEVEL: u32 = 3;
+
     /// berth's default gzip level: the fastest (go-containerregistry's default too). On
     /// binaries it compresses about twice as fast as level 4 for layers about 14% larger;
     /// `compression_level` trades the other way.
@@ -77,35 +80,6 @@ impl LayerCompression {
     }
 }
 
-enum Compressor {
-    Gzip(ParallelGzWriter<BlobWriter>),
-}
-
-impl Write for Compressor {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::Gzip(w) => w.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::Gzip(w) => w.flush(),
-        }
-    }
-}
-
-impl Compressor {
-    /// The blob writer, the chunk index, and the uncompressed stream's digest and length.
-    fn finish(self) -> io::Result<(BlobWriter, ChunkIndex, Digest, u64)> {
-        match self {
-            Compressor::Gzip(w) => w
-                .finish()
-                .map(|f| (f.inner, f.index, f.uncompressed_digest, f.uncompressed_len)),
-        }
-    }
-}
-
 fn chunk_index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
     store
         .state_dir()
@@ -114,14 +88,14 @@ fn chunk_index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
 }
 
 /// Loads the chunk indexes of earlier layers whose compressed chunks a new layer may copy.
-fn reusable(store: &Store, from: &[Digest], level: u32) -> ReusableChunks {
+fn reusable(store: &Store, from: &[Digest], codec: Codec, level: u32) -> ReusableChunks {
     let mut reuse = ReusableChunks::default();
     for d in from {
         let index = std::fs::read(chunk_index_path(store, d))
             .ok()
             .and_then(|b| serde_json::from_slice::<ChunkIndex>(&b).ok());
         if let (Some(index), Ok(blob)) = (index, store.open_blob(d)) {
-            reuse.add(blob, &index, level);
+            reuse.add(blob, &index, codec, level);
         }
     }
     reuse
@@ -129,7 +103,7 @@ fn reusable(store: &Store, from: &[Digest], level: u32) -> ReusableChunks {
 
 /// Streams tar entries into a new layer blob.
 pub struct LayerWriter {
-    tar: tar::Builder<Compressor>,
+    tar: tar::Builder<ChunkedWriter<BlobWriter>>,
     media_type: &'static str,
     store: Store,
 }
@@ -152,29 +126,26 @@ impl LayerWriter {
     ) -> Result<Self, StoreError> {
         let blob = store.blob_writer()?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let compressor = match compression.algorithm {
-            Compression::Gzip => {
-                let level = compression
+        let (codec, level) = match compression.algorithm {
+            Compression::Gzip => (
+                Codec::Gzip,
+                compression
                     .level
                     .map_or(LayerCompression::DEFAULT_GZIP_LEVEL, |l| {
                         l.clamp(0, 9) as u32
-                    });
-                let reuse = reusable(store, reuse_from, level);
-                Compressor::Gzip(
-                    ParallelGzWriter::new(blob, level, threads, reuse).map_err(io_err)?,
-                )
-            }
-            Compression::Zstd => {
-                return Err(StoreError::Io {
-                    what: "zstd layers are not available in this build of",
-                    path: "berth".into(),
-                    source: io::Error::new(
-                        io::ErrorKind::Unsupported,
-                        "use compression = \"gzip\"",
-                    ),
-                });
-            }
+                    }),
+            ),
+            Compression::Zstd => (
+                Codec::Zstd,
+                compression
+                    .level
+                    .map_or(LayerCompression::DEFAULT_ZSTD_LEVEL, |l| {
+                        l.clamp(1, 19) as u32
+                    }),
+            ),
         };
+        let reuse = reusable(store, reuse_from, codec, level);
+        let compressor = ChunkedWriter::new(blob, codec, level, threads, reuse).map_err(io_err)?;
         let mut tar = tar::Builder::new(compressor);
         tar.follow_symlinks(false);
         Ok(LayerWriter {
@@ -240,8 +211,18 @@ impl LayerWriter {
 
     /// Finishes the tar, the compression and the blob.
     pub fn finish(self) -> Result<Layer, StoreError> {
-        let compressor = self.tar.into_inner().map_err(io_err)?;
-        let (blob, index, diff_id, tar_size) = compressor.finish().map_err(io_err)?;
+        let finished = self
+            .tar
+            .into_inner()
+            .map_err(io_err)?
+            .finish()
+            .map_err(io_err)?;
+        let (blob, index, diff_id, tar_size) = (
+            finished.inner,
+            finished.index,
+            finished.uncompressed_digest,
+            finished.uncompressed_len,
+        );
         let (digest, size) = blob.commit(None)?;
         // The index only speeds up later builds; failing to save it loses nothing.
         let path = chunk_index_path(&self.store, &digest);

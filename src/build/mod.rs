@@ -2,6 +2,7 @@
 //! ([`plan::BuildPlan`]), which runs against the store to produce a reproducible OCI image.
 
 pub mod cache;
+pub mod chunked;
 pub mod context;
 pub mod copy;
 pub mod dockerfile;
@@ -11,12 +12,11 @@ pub mod imagefs;
 pub mod import;
 pub mod layer;
 pub mod meta;
-pub mod pgzip;
 pub mod plan;
 pub mod provenance;
 pub mod shell_words;
 
-pub use engine::{BuildOptions, BuildOutput, StepReport, StepStatus, build};
+pub use engine::{BuildEvent, BuildOptions, BuildOutput, StepReport, StepStatus, build};
 
 use std::path::PathBuf;
 

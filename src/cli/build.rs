@@ -9,7 +9,9 @@ use serde_json::json;
 use super::{CliError, GlobalOpts, Output};
 use crate::build::layer::LayerCompression;
 use crate::build::plan::BuildPlan;
-use crate::build::{self, BuildError, BuildOptions, StepReport, StepStatus, provenance};
+use crate::build::{
+    self, BuildError, BuildEvent, BuildOptions, StepReport, StepStatus, provenance,
+};
 use crate::manifest::{InvalidConfig, Project, SourceFile};
 use crate::store::Store;
 
@@ -87,13 +89,30 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
     };
     let store = Store::open(&g.store_dir())?;
     let (json, quiet, explain) = (out.json, out.quiet, args.explain);
-    let mut printer = |r: &StepReport| {
-        if json || quiet {
-            return;
+    let spinner = super::progress::Spinner::new(!json && !quiet);
+    let mut printer = |event: BuildEvent<'_>| match event {
+        BuildEvent::Started {
+            stage,
+            number,
+            of,
+            text,
+        } => {
+            let stage = if stage.parse::<usize>().is_ok() {
+                String::new()
+            } else {
+                format!("{stage} ")
+            };
+            spinner.show(format!("[{stage}{number}/{of}] {text}"));
         }
-        let _ = out.line(step_line(r, explain));
+        BuildEvent::Finished(r) => {
+            if !json && !quiet {
+                let _ = spinner.suspend(|| out.line(step_line(r, explain)));
+            }
+        }
     };
-    let result = build::build(&store, &plan, &context, &opts, &mut printer).map_err(build_error)?;
+    let result = build::build(&store, &plan, &context, &opts, &mut printer);
+    spinner.finish();
+    let result = result.map_err(build_error)?;
     let tags = if args.tag.is_empty() {
         vec![format!("{}:latest", config.app.name)]
     } else {

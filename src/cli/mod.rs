@@ -9,6 +9,7 @@ mod error;
 mod images;
 mod init;
 mod output;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,7 +3,7 @@
 //! `manifest.json`, the config, and uncompressed `layer.tar`s). Blobs are streamed from the
 //! store; entries have fixed times, so the same image exports to the same bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 use serde_json::json;
 
@@ -116,20 +116,7 @@ impl Store {
             // entry, so each layer is decompressed to a temporary file first.
             let mut tmp = tempfile::tempfile_in(&tmp_dir)
                 .map_err(StoreError::io("cannot create a temp file in", &tmp_dir))?;
-            let media = desc.media_type().to_string();
-            let mut src: Box<dyn Read> = if media.ends_with("gzip") {
-                Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(
-                    self.open_blob(&digest)?,
-                )))
-            } else if media.ends_with("tar") {
-                Box::new(self.open_blob(&digest)?)
-            } else {
-                return Err(StoreError::BadDocument {
-                    what: "layer",
-                    digest: digest.to_string(),
-                    message: format!("cannot export media type {media}"),
-                });
-            };
+            let mut src = self.open_layer(&digest, desc.media_type().as_ref())?;
             let size = io::copy(&mut src, &mut tmp).map_err(io_err)?;
             io::Seek::rewind(&mut tmp).map_err(io_err)?;
             tar.append_data(&mut dir_header(), format!("{dir}/"), io::empty())

@@ -170,6 +170,31 @@ impl Store {
         })
     }
 
+    /// Opens a layer blob as its uncompressed tar stream, by media type: OCI and Docker
+    /// gzip (`…tar+gzip`, `…tar.gzip`), zstd (`…tar+zstd`), and plain tar.
+    pub fn open_layer(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+    ) -> Result<Box<dyn io::Read + Send>> {
+        let file = io::BufReader::with_capacity(256 << 10, self.open_blob(digest)?);
+        if media_type.ends_with("gzip") {
+            Ok(Box::new(flate2::read::MultiGzDecoder::new(file)))
+        } else if media_type.ends_with("zstd") {
+            let d = zstd::stream::read::Decoder::with_buffer(file)
+                .map_err(StoreError::io("cannot decompress", self.blob_path(digest)))?;
+            Ok(Box::new(d))
+        } else if media_type.ends_with("tar") {
+            Ok(Box::new(file))
+        } else {
+            Err(StoreError::BadDocument {
+                what: "layer",
+                digest: digest.to_string(),
+                message: format!("unsupported layer media type {media_type}"),
+            })
+        }
+    }
+
     /// Reads a small blob (a manifest or config) whole.
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
         let p = self.blob_path(digest);

@@ -1,8 +1,11 @@
-//! Parallel gzip whose output depends only on the input, with reuse of compressed chunks.
+//! Parallel layer compression whose output depends only on the input, with reuse of
+//! compressed chunks.
 //!
-//! As pigz does, the input is cut into chunks that are raw-deflated independently, each
-//! ending with a sync flush (so it ends on a byte boundary), and concatenated inside one
-//! standard gzip member (an empty final block and a combined CRC-32 close it). Chunk
+//! The input is cut into chunks that are compressed independently on several threads and
+//! concatenated in order. For gzip, as pigz does, each chunk is raw deflate ending with a
+//! sync flush (so it ends on a byte boundary), all inside one standard gzip member (an
+//! empty final block and a combined CRC-32 close it). For zstd each chunk is a frame of its
+//! own; a sequence of frames is a valid zstd stream. Chunk
 //! boundaries are *content-defined* (a gear rolling hash, as in FastCDC): they depend only
 //! on the bytes, so 1 thread or 64 give the same output, and after an edit the boundaries
 //! fall back into step, so the chunks that did not change are byte-for-byte the chunks of
@@ -67,9 +70,23 @@ pub struct ChunkEntry {
     pub compressed_len: u64,
 }
 
-/// The chunks of one compressed blob, and the level they were compressed at.
+/// A chunk compression format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// Raw deflate chunks in one gzip member.
+    #[default]
+    Gzip,
+    /// One zstd frame per chunk.
+    Zstd,
+}
+
+/// The chunks of one compressed blob, and how they were compressed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChunkIndex {
+    /// Format.
+    #[serde(default)]
+    pub codec: Codec,
     /// Compression level.
     pub level: u32,
     /// Chunks in order.
@@ -84,9 +101,9 @@ pub struct ReusableChunks {
 }
 
 impl ReusableChunks {
-    /// Adds the chunks of a blob compressed at `level` (others are ignored).
-    pub fn add(&mut self, blob: File, index: &ChunkIndex, level: u32) {
-        if index.level != level {
+    /// Adds the chunks of a blob compressed with `codec` at `level` (others are ignored).
+    pub fn add(&mut self, blob: File, index: &ChunkIndex, codec: Codec, level: u32) {
+        if index.level != level || index.codec != codec {
             return;
         }
         let blob = Arc::new(blob);
@@ -131,21 +148,26 @@ struct Output<W> {
 
 /// The output thread: receives finished chunks in order, hashes the uncompressed bytes
 /// (the layer's diff_id), writes the compressed bytes and records where each chunk went.
-fn output_thread<W: Write>(mut inner: W, level: u32, rx: Receiver<Done>) -> io::Result<Output<W>> {
+fn output_thread<W: Write>(
+    mut inner: W,
+    codec: Codec,
+    level: u32,
+    rx: Receiver<Done>,
+) -> io::Result<Output<W>> {
+    let header: &[u8] = if codec == Codec::Gzip { &HEADER } else { &[] };
+    inner.write_all(header)?;
     let mut out = Output {
         index: ChunkIndex {
+            codec,
             level,
             chunks: Vec::new(),
         },
         crc: crc32fast::Hasher::new(),
         uncompressed: Sha256::new(),
         stats: GzStats::default(),
-        inner: {
-            inner.write_all(&HEADER)?;
-            inner
-        },
+        inner,
     };
-    let mut written = HEADER.len() as u64;
+    let mut written = header.len() as u64;
     for done in rx {
         out.uncompressed.update(&done.data);
         out.inner.write_all(&done.compressed)?;
@@ -178,8 +200,9 @@ pub struct GzStats {
     pub reused: usize,
 }
 
-/// A gzip writer that compresses content-defined chunks on several threads.
-pub struct ParallelGzWriter<W: Write + Send + 'static> {
+/// A writer that compresses content-defined chunks on several threads.
+pub struct ChunkedWriter<W: Write + Send + 'static> {
+    codec: Codec,
     level: u32,
     threads: usize,
     reuse: Arc<ReusableChunks>,
@@ -194,7 +217,7 @@ pub struct ParallelGzWriter<W: Write + Send + 'static> {
     output_thread: Option<JoinHandle<io::Result<Output<W>>>>,
 }
 
-/// What [`ParallelGzWriter::finish`] returns.
+/// What [`ChunkedWriter::finish`] returns.
 pub struct Finished<W> {
     /// The inner writer, with the whole gzip stream written.
     pub inner: W,
@@ -208,8 +231,11 @@ pub struct Finished<W> {
     pub stats: GzStats,
 }
 
-/// Compresses one chunk: raw deflate ending in a sync flush.
-fn compress_chunk(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
+/// Compresses one chunk: a zstd frame, or raw deflate ending in a sync flush.
+fn compress_chunk(data: &[u8], codec: Codec, level: u32) -> io::Result<Vec<u8>> {
+    if codec == Codec::Zstd {
+        return zstd::bulk::compress(data, level as i32);
+    }
     let mut c = Compress::new(Compression::new(level), false);
     let mut out = Vec::with_capacity(data.len() / 2 + 1024);
     loop {
@@ -230,7 +256,13 @@ fn compress_chunk(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
 }
 
 /// Hashes a chunk and either copies its compressed bytes from an earlier blob or compresses it.
-fn process(index: u64, data: Vec<u8>, level: u32, reuse: &ReusableChunks) -> io::Result<Done> {
+fn process(
+    index: u64,
+    data: Vec<u8>,
+    codec: Codec,
+    level: u32,
+    reuse: &ReusableChunks,
+) -> io::Result<Done> {
     let hash: [u8; 32] = Sha256::digest(&data).into();
     let mut crc = crc32fast::Hasher::new();
     crc.update(&data);
@@ -240,7 +272,7 @@ fn process(index: u64, data: Vec<u8>, level: u32, reuse: &ReusableChunks) -> io:
             file.read_exact_at(&mut buf, *offset)?;
             (buf, true)
         }
-        None => (compress_chunk(&data, level)?, false),
+        None => (compress_chunk(&data, codec, level)?, false),
     };
     Ok(Done {
         index,
@@ -252,14 +284,24 @@ fn process(index: u64, data: Vec<u8>, level: u32, reuse: &ReusableChunks) -> io:
     })
 }
 
-impl<W: Write + Send + 'static> ParallelGzWriter<W> {
-    /// A writer at compression `level` (0-9) using up to `threads` threads, copying chunks
-    /// found in `reuse`.
-    pub fn new(inner: W, level: u32, threads: usize, reuse: ReusableChunks) -> io::Result<Self> {
-        let level = level.min(9);
+impl<W: Write + Send + 'static> ChunkedWriter<W> {
+    /// A writer for `codec` at compression `level` (gzip 0-9, zstd 1-19) using up to
+    /// `threads` threads, copying chunks found in `reuse`.
+    pub fn new(
+        inner: W,
+        codec: Codec,
+        level: u32,
+        threads: usize,
+        reuse: ReusableChunks,
+    ) -> io::Result<Self> {
+        let level = match codec {
+            Codec::Gzip => level.min(9),
+            Codec::Zstd => level.clamp(1, 19),
+        };
         let (tx, rx) = sync_channel(2);
-        let output_thread = std::thread::spawn(move || output_thread(inner, level, rx));
-        Ok(ParallelGzWriter {
+        let output_thread = std::thread::spawn(move || output_thread(inner, codec, level, rx));
+        Ok(ChunkedWriter {
+            codec,
             level,
             threads: threads.max(1),
             reuse: Arc::new(reuse),
@@ -284,7 +326,7 @@ impl<W: Write + Send + 'static> ParallelGzWriter<W> {
     }
 
     fn pool(&mut self) -> &mut Pool {
-        let (threads, level) = (self.threads, self.level);
+        let (threads, codec, level) = (self.threads, self.codec, self.level);
         let reuse = Arc::clone(&self.reuse);
         self.pool.get_or_insert_with(|| {
             let (jobs_tx, jobs_rx) = sync_channel::<(u64, Vec<u8>)>(threads);
@@ -299,7 +341,7 @@ impl<W: Write + Send + 'static> ParallelGzWriter<W> {
                         loop {
                             let job = rx.lock().expect("job queue").recv();
                             let Ok((index, data)) = job else { return };
-                            if tx.send(process(index, data, level, &reuse)).is_err() {
+                            if tx.send(process(index, data, codec, level, &reuse)).is_err() {
                                 return;
                             }
                         }
@@ -342,7 +384,7 @@ impl<W: Write + Send + 'static> ParallelGzWriter<W> {
         let index = self.next_index;
         self.next_index += 1;
         if self.threads == 1 {
-            let done = process(index, data, self.level, &self.reuse)?;
+            let done = process(index, data, self.codec, self.level, &self.reuse)?;
             self.pending.insert(index, done);
             return self.drain_ready();
         }
@@ -361,7 +403,7 @@ impl<W: Write + Send + 'static> ParallelGzWriter<W> {
             if self.threads > 1 && self.next_index == 0 {
                 // A stream of one chunk: no pool needed.
                 let data = std::mem::take(&mut self.buf);
-                let done = process(0, data, self.level, &self.reuse)?;
+                let done = process(0, data, self.codec, self.level, &self.reuse)?;
                 self.next_index = 1;
                 self.pending.insert(0, done);
                 self.drain_ready()?;
@@ -383,9 +425,19 @@ impl<W: Write + Send + 'static> ParallelGzWriter<W> {
         let mut out =
             joined.map_err(|_| io::Error::other("the layer output thread panicked"))??;
         let total = out.crc.total_len();
-        out.inner.write_all(&FINAL_BLOCK)?;
-        out.inner.write_all(&out.crc.finalize().to_le_bytes())?;
-        out.inner.write_all(&(total as u32).to_le_bytes())?;
+        match self.codec {
+            Codec::Gzip => {
+                out.inner.write_all(&FINAL_BLOCK)?;
+                out.inner.write_all(&out.crc.finalize().to_le_bytes())?;
+                out.inner.write_all(&(total as u32).to_le_bytes())?;
+            }
+            Codec::Zstd if total == 0 => {
+                // An empty stream is still one (empty) frame.
+                out.inner
+                    .write_all(&zstd::bulk::compress(&[], self.level as i32)?)?;
+            }
+            Codec::Zstd => {}
+        }
         out.inner.flush()?;
         Ok(Finished {
             inner: out.inner,
@@ -397,7 +449,7 @@ impl<W: Write + Send + 'static> ParallelGzWriter<W> {
     }
 }
 
-impl<W: Write + Send + 'static> Write for ParallelGzWriter<W> {
+impl<W: Write + Send + 'static> Write for ChunkedWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut rest = data;
         while !rest.is_empty() {
@@ -450,7 +502,7 @@ impl<W: Write + Send + 'static> Write for ParallelGzWriter<W> {
     }
 }
 
-impl<W: Write + Send + 'static> Drop for ParallelGzWriter<W> {
+impl<W: Write + Send + 'static> Drop for ChunkedWriter<W> {
     fn drop(&mut self) {
         // Closing the job queue ends the workers; the result queue holds every chunk that
         // can be in flight, so none of them blocks on the way out. Closing the output queue
@@ -491,7 +543,16 @@ mod tests {
     }
 
     fn gz(data: &[u8], threads: usize, reuse: ReusableChunks) -> (Vec<u8>, ChunkIndex, GzStats) {
-        let mut w = ParallelGzWriter::new(Vec::new(), 1, threads, reuse).unwrap();
+        compress(Codec::Gzip, data, threads, reuse)
+    }
+
+    fn compress(
+        codec: Codec,
+        data: &[u8],
+        threads: usize,
+        reuse: ReusableChunks,
+    ) -> (Vec<u8>, ChunkIndex, GzStats) {
+        let mut w = ChunkedWriter::new(Vec::new(), codec, 1, threads, reuse).unwrap();
         for chunk in data.chunks(77_777) {
             w.write_all(chunk).unwrap();
         }
@@ -533,7 +594,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("old.gz"), &old_gz).unwrap();
         let mut reuse = ReusableChunks::default();
-        reuse.add(File::open(dir.path().join("old.gz")).unwrap(), &old_idx, 1);
+        reuse.add(
+            File::open(dir.path().join("old.gz")).unwrap(),
+            &old_idx,
+            Codec::Gzip,
+            1,
+        );
         let (warm, _, stats) = gz(&new, 2, reuse);
         let (cold, _, _) = gz(&new, 2, ReusableChunks::default());
         assert_eq!(warm, cold, "reuse never changes the output");
@@ -545,8 +611,28 @@ mod tests {
     }
 
     #[test]
+    fn zstd_output_is_a_valid_stream_of_frames_and_independent_of_threads() {
+        for len in [0, 1000, 5 * MIN_CHUNK + 77] {
+            let data = sample(len, 4);
+            let (one, _, _) = compress(Codec::Zstd, &data, 1, ReusableChunks::default());
+            assert_eq!(
+                one,
+                compress(Codec::Zstd, &data, 3, ReusableChunks::default()).0,
+                "len {len}"
+            );
+            let mut back = Vec::new();
+            zstd::stream::read::Decoder::new(&one[..])
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, data, "len {len}");
+        }
+    }
+
+    #[test]
     fn dropping_an_unfinished_writer_stops_its_threads() {
-        let mut w = ParallelGzWriter::new(Vec::new(), 1, 4, ReusableChunks::default()).unwrap();
+        let mut w =
+            ChunkedWriter::new(Vec::new(), Codec::Gzip, 1, 4, ReusableChunks::default()).unwrap();
         w.write_all(&sample(5 * MIN_CHUNK, 3)).unwrap();
         drop(w);
     }
