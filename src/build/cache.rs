@@ -1,7 +1,8 @@
 //! The build cache, under the store's `berth/cache/`:
 //!
 //! - the **stat cache** maps a context file's identity (path, size, device, inode, mtime,
-//!   ctime) to its content hash, so a no-op rebuild of a large context re-hashes nothing;
+//!   ctime) to its content hash (BLAKE3: an internal identity, fast, never an OCI digest),
+//!   so a no-op rebuild of a large context re-hashes nothing;
 //! - **step records** map a step's cache key to the layer it produced;
 //! - **explain records** keep, per project and step position, what the last build's step
 //!   saw, so `--explain` can say why a step missed (which file, which build arg, which base).
@@ -47,17 +48,19 @@ impl StatCache {
         }
     }
 
-    /// The cached hash of a file, if its identity is unchanged.
-    pub fn get(&self, abs: &Path, size: u64, stamp: (u64, u64, i128, i128)) -> Option<Digest> {
+    /// The cached content hash of a file, if its identity is unchanged.
+    pub fn get(&self, abs: &Path, size: u64, stamp: (u64, u64, i128, i128)) -> Option<&str> {
         let e = self.entries.get(abs.to_str()?)?;
-        let same = e.size == size && (e.dev, e.ino, e.mtime, e.ctime) == stamp;
-        same.then(|| e.hash.parse().ok()).flatten()
+        let same = e.size == size
+            && (e.dev, e.ino, e.mtime, e.ctime) == stamp
+            && e.hash.starts_with(CONTENT_HASH_PREFIX);
+        same.then_some(e.hash.as_str())
     }
 
     /// Records a file's hash. Files changed in the last two seconds are not recorded: a
     /// write within the same timestamp tick could otherwise go unnoticed (git's "racy"
     /// files).
-    pub fn put(&mut self, abs: &Path, size: u64, stamp: (u64, u64, i128, i128), hash: &Digest) {
+    pub fn put(&mut self, abs: &Path, size: u64, stamp: (u64, u64, i128, i128), hash: &str) {
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
@@ -91,6 +94,38 @@ impl StatCache {
             // Losing the stat cache only costs re-hashing; a failure here is not an error.
             let _ = store.write_atomic(&self.path, &bytes);
         }
+    }
+}
+
+/// Prefix of content hashes in the stat cache and explain records.
+pub const CONTENT_HASH_PREFIX: &str = "b3:";
+
+/// A reader that computes the content hash (BLAKE3) of what passes through it.
+pub struct ContentHashReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: std::io::Read> ContentHashReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        ContentHashReader {
+            inner,
+            hasher: blake3::Hasher::new(),
+        }
+    }
+
+    /// `b3:<hex>` of everything read.
+    pub fn finish(self) -> String {
+        format!("{CONTENT_HASH_PREFIX}{}", self.hasher.finalize().to_hex())
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for ContentHashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 

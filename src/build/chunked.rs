@@ -60,7 +60,8 @@ static GEAR: [u64; 256] = {
 /// Where one chunk's compressed bytes sit in a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkEntry {
-    /// sha256 of the uncompressed chunk, hex.
+    /// BLAKE3 of the uncompressed chunk, hex. (An internal identity: only ever compared with
+    /// other chunk hashes. OCI digests stay sha256.)
     pub hash: String,
     /// Uncompressed length.
     pub len: u64,
@@ -93,8 +94,8 @@ pub struct ChunkIndex {
     pub chunks: Vec<ChunkEntry>,
 }
 
-/// Compressed chunks that may be copied instead of compressed: chunk hash → (blob, offset,
-/// length).
+/// Compressed chunks that may be copied instead of compressed: chunk BLAKE3 → (blob,
+/// offset, length).
 #[derive(Default, Clone)]
 pub struct ReusableChunks {
     map: HashMap<[u8; 32], (Arc<File>, u64, u64)>,
@@ -263,7 +264,7 @@ fn process(
     level: u32,
     reuse: &ReusableChunks,
 ) -> io::Result<Done> {
-    let hash: [u8; 32] = Sha256::digest(&data).into();
+    let hash: [u8; 32] = blake3::hash(&data).into();
     let mut crc = crc32fast::Hasher::new();
     crc.update(&data);
     let (compressed, reused) = match reuse.map.get(&hash) {

@@ -8,11 +8,11 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use super::BuildError;
-use super::cache::StatCache;
+use super::cache::{ContentHashReader, StatCache};
 use super::context::{Context, ContextEntry, EntryKind};
 use super::imagefs::{FsKind, FsNode, ImageFs, normalize, open_layer};
 use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
-use crate::store::{Digest, HashingReader, Store, StoreError};
+use crate::store::{Digest, Store, StoreError};
 
 /// What a planned entry holds.
 #[derive(Debug, Clone)]
@@ -128,14 +128,14 @@ pub fn hash_missing(
                 path: abs.clone(),
                 source: err,
             })?;
-            let mut r = HashingReader::new(f);
+            let mut r = ContentHashReader::new(f);
             io::copy(&mut r, &mut io::sink()).map_err(|err| BuildError::Context {
                 path: abs.clone(),
                 source: err,
             })?;
-            let (hash, _) = r.finish();
+            let hash = r.finish();
             stat.put(&abs, e.size, e.stamp, &hash);
-            slot.0 = hash.to_string();
+            slot.0 = hash;
         }
     }
     inputs.complete = true;
@@ -678,12 +678,12 @@ pub fn write_plan(
                 };
                 match slot {
                     Some((slot, stamp)) => {
-                        let mut hashing = HashingReader::new(reader);
+                        let mut hashing = ContentHashReader::new(reader);
                         w.file(path, &p.meta, *size, &mut hashing)
                             .map_err(ctx_err)?;
-                        let (hash, _) = hashing.finish();
+                        let hash = hashing.finish();
                         stat.put(src, *size, stamp, &hash);
-                        slot.0 = hash.to_string();
+                        slot.0 = hash;
                     }
                     None => w.file(path, &p.meta, *size, reader).map_err(ctx_err)?,
                 }

@@ -83,7 +83,7 @@ impl LayerCompression {
 fn chunk_index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
     store
         .state_dir()
-        .join("cache/chunks")
+        .join("cache/chunks-b3")
         .join(format!("{}.json", digest.hex()))
 }
 
