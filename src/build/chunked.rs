@@ -232,11 +232,41 @@ pub struct Finished<W> {
     pub stats: GzStats,
 }
 
-/// Compresses one chunk: a zstd frame, or raw deflate ending in a sync flush.
+/// True when a chunk looks incompressible: its order-0 entropy is above 7.9 bits per byte,
+/// as for data that is already compressed (jars, archives, images). Such a chunk is stored
+/// rather than deflated: deflate would spend its full cost to save almost nothing. A pure
+/// function of the bytes, so the output stays deterministic.
+fn incompressible(data: &[u8]) -> bool {
+    if data.len() < 64 << 10 {
+        return false;
+    }
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    entropy > 7.9
+}
+
+/// Compresses one chunk: a zstd frame, or raw deflate ending in a sync flush (stored
+/// blocks for chunks that look incompressible).
 fn compress_chunk(data: &[u8], codec: Codec, level: u32) -> io::Result<Vec<u8>> {
     if codec == Codec::Zstd {
         return zstd::bulk::compress(data, level as i32);
     }
+    let level = if level > 0 && incompressible(data) {
+        0
+    } else {
+        level
+    };
     let mut c = Compress::new(Compression::new(level), false);
     let mut out = Vec::with_capacity(data.len() / 2 + 1024);
     loop {
