@@ -6,4 +6,5 @@
 pub mod build;
 pub mod cli;
 pub mod manifest;
+pub mod runtime;
 pub mod store;
