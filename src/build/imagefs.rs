@@ -283,22 +283,7 @@ impl ImageFs {
     }
 }
 
-/// Looks up a user (name or number) in `/etc/passwd` text: `(uid, primary gid)`.
-pub fn lookup_user(passwd: &str, user: &str) -> Option<(u64, u64)> {
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && (f[0] == user || f[2] == user))
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-    })
-}
-
-/// Looks up a group (name or number) in `/etc/group` text.
-pub fn lookup_group(group: &str, name: &str) -> Option<u64> {
-    group.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 3 && (f[0] == name || f[2] == name)).then(|| f[2].parse().ok())?
-    })
-}
+pub use crate::runtime::users::{lookup_group, lookup_user};
 
 #[cfg(test)]
 mod tests {
@@ -336,18 +321,6 @@ mod tests {
             "`..` stops at the image root"
         );
         assert_eq!(fs.resolve("loop", true), None);
-    }
-
-    #[test]
-    fn passwd_and_group_lookups() {
-        let passwd = "root:x:0:0:root:/root:/bin/sh\nwww:x:33:34::/var/www:/bin/false\n";
-        assert_eq!(lookup_user(passwd, "www"), Some((33, 34)));
-        assert_eq!(lookup_user(passwd, "33"), Some((33, 34)));
-        assert_eq!(lookup_user(passwd, "nobody"), None);
-        assert_eq!(
-            lookup_group("root:x:0:\nstaff:x:50:a,b\n", "staff"),
-            Some(50)
-        );
     }
 
     #[test]

@@ -301,3 +301,29 @@ pub fn export(g: &GlobalOpts, args: &ExportArgs, out: &mut Output) -> Result<(),
     out.note(format!("wrote {} ({})", args.output.display(), img.digest))?;
     Ok(())
 }
+
+/// Arguments of `berth bundle`.
+#[derive(Debug, clap::Args)]
+pub struct BundleArgs {
+    /// The image.
+    pub image: String,
+    /// The bundle directory to write (created; must be empty if it exists).
+    pub dir: PathBuf,
+    /// The container's host name.
+    #[arg(long, default_value = "berth")]
+    pub hostname: String,
+}
+
+/// `berth bundle IMG DIR`: an OCI runtime bundle runc accepts.
+pub fn bundle(g: &GlobalOpts, args: &BundleArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let img = store.load_image(&args.image)?;
+    crate::runtime::bundle::write_bundle(&store, &img, &args.dir, &args.hostname)
+        .map_err(|e| CliError::failed(miette::Report::from_err(e)))?;
+    out.note(format!(
+        "wrote {} (runc run --bundle {} ID)",
+        args.dir.display(),
+        args.dir.display()
+    ))?;
+    Ok(())
+}

@@ -109,6 +109,8 @@ pub enum Command {
     Import(images::ImportArgs),
     /// Write an image as an OCI or Docker archive.
     Export(images::ExportArgs),
+    /// Write an image as an OCI runtime bundle (config.json + rootfs) for runc.
+    Bundle(images::BundleArgs),
     /// Print an environment's fully resolved configuration, or diff two.
     Config(config::ConfigArgs),
     /// Print a shell completion script.
@@ -150,6 +152,7 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Gc => images::gc(g, out),
         Command::Import(args) => images::import(g, args, out),
         Command::Export(args) => images::export(g, args, out),
+        Command::Bundle(args) => images::bundle(g, args, out),
         Command::Config(args) => config::run(g, args, out),
         Command::Completions(args) => completions::run_completions(args, out),
         Command::Man(args) => completions::run_man(args, out),

@@ -1,4 +1,9 @@
-//! The container runtime. So far: hostile-input-safe layer extraction ([`unpack`]), the
-//! foundation of root filesystems; namespaces, cgroups and `berth run` are still to come.
+//! The container runtime. So far: hostile-input-safe layer extraction ([`unpack`]), layer
+//! snapshots verified by diff_id and flattened root filesystems ([`snapshot`]), image users
+//! resolved inside the root ([`users`]) and OCI runtime bundles for runc ([`bundle`]).
+//! Namespaces, cgroups and `berth run` are still to come.
 
+pub mod bundle;
+pub mod snapshot;
 pub mod unpack;
+pub mod users;

@@ -122,11 +122,47 @@ pub struct UnpackStats {
     pub bytes: u64,
 }
 
+/// What to do with whiteout entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Keep them as overlayfs whiteouts: the directory is one layer of an overlay mount.
+    Overlay,
+    /// Apply them: layers are extracted one over another into a single directory, and a
+    /// whiteout deletes what lower layers put there.
+    Apply,
+}
+
 struct Unpacker<'a> {
     root: OwnedFd,
     layer: &'a str,
     chown: bool,
     max_bytes: u64,
+    whiteouts: Whiteouts,
+    /// Paths this layer created (for opaque directories when applying whiteouts).
+    created: std::cell::RefCell<std::collections::HashSet<Vec<u8>>>,
+}
+
+/// `/proc/self/fd/N/name`: a path to `name` in the directory open as `dir` (resolved by the
+/// kernel from the descriptor, so no symlink on the way can redirect it).
+fn fd_path(dir: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    let mut p = std::path::PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    if !name.is_empty() {
+        p.push(OsStr::from_bytes(name));
+    }
+    p
+}
+
+/// Removes `name` in `dir` whatever it is (a directory with everything under it; a symlink
+/// itself, never its target).
+fn remove_any(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    let path = fd_path(dir, name);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path),
+        Ok(_) => std::fs::remove_file(&path),
+    }
 }
 
 /// Splits an entry name into components, refusing `..` and absolute paths. Empty and `.`
@@ -245,6 +281,30 @@ impl Unpacker<'_> {
         }
     }
 
+    /// Applies an opaque marker to a flattened tree: removes every child of the directory
+    /// that this layer did not create.
+    fn clear_lower(&self, dir: &OwnedFd, parts: &[&[u8]], entry: &[u8]) -> Result<(), UnpackError> {
+        let err = |source| UnpackError::Sys {
+            layer: self.layer.to_string(),
+            entry: String::from_utf8_lossy(entry).into_owned(),
+            what: "apply the opaque marker",
+            source,
+        };
+        let prefix = join(parts);
+        for child in std::fs::read_dir(fd_path(dir, b"")).map_err(err)? {
+            let name = child.map_err(err)?.file_name();
+            let full = if prefix.is_empty() {
+                name.as_bytes().to_vec()
+            } else {
+                [&prefix[..], b"/", name.as_bytes()].concat()
+            };
+            if !self.created.borrow().contains(&full) {
+                remove_any(dir, name.as_bytes()).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Marks a directory opaque for overlayfs (`trusted.overlay.opaque=y`): lower layers'
     /// entries under it are hidden.
     fn mark_opaque(&self, parts: &[&[u8]], entry: &[u8]) -> Result<(), UnpackError> {
@@ -329,11 +389,22 @@ impl Unpacker<'_> {
         // Whiteouts.
         if let Some(hidden) = name.strip_prefix(b".wh.") {
             if hidden == b".wh..opq" {
-                return self.mark_opaque(parent_parts, &raw);
+                return match self.whiteouts {
+                    Whiteouts::Overlay => self.mark_opaque(parent_parts, &raw),
+                    Whiteouts::Apply => self.clear_lower(&parent, parent_parts, &raw),
+                };
             }
             if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.starts_with(b".wh.")
             {
                 return Err(self.refuse(&raw, "invalid whiteout"));
+            }
+            if self.whiteouts == Whiteouts::Apply {
+                return remove_any(&parent, hidden).map_err(|source| UnpackError::Sys {
+                    layer: self.layer.to_string(),
+                    entry: String::from_utf8_lossy(&raw).into_owned(),
+                    what: "apply the whiteout",
+                    source,
+                });
             }
             let target = OsStr::from_bytes(hidden);
             self.clear(&parent, target, false, &raw)?;
@@ -342,6 +413,7 @@ impl Unpacker<'_> {
             return Ok(());
         }
 
+        self.created.borrow_mut().insert(join(&parts));
         let name = OsStr::from_bytes(name);
         match h.entry_type() {
             tar::EntryType::Directory => {
@@ -459,13 +531,15 @@ impl Unpacker<'_> {
     }
 }
 
-/// Unpacks the uncompressed tar stream `tar` into `dest` (an existing, empty directory).
-/// `layer` names the layer in errors.
+/// Unpacks the uncompressed tar stream `tar` into `dest` (an existing directory: empty for an
+/// overlay layer, or holding the layers below when whiteouts are applied). `layer` names
+/// the layer in errors.
 pub fn unpack(
     tar: impl Read,
     dest: &Path,
     layer: &str,
     limits: Limits,
+    whiteouts: Whiteouts,
 ) -> Result<UnpackStats, UnpackError> {
     let root = nix::fcntl::open(
         dest,
@@ -483,6 +557,8 @@ pub fn unpack(
         layer,
         chown: nix::unistd::geteuid().is_root(),
         max_bytes: limits.max_bytes,
+        whiteouts,
+        created: Default::default(),
     };
     let mut archive = tar::Archive::new(Capped {
         inner: tar,
@@ -561,7 +637,13 @@ mod tests {
     }
 
     fn unpack_bytes(t: Vec<u8>, dest: &Path) -> Result<UnpackStats, UnpackError> {
-        unpack(&finish(t)[..], dest, "test-layer", Limits::default())
+        unpack(
+            &finish(t)[..],
+            dest,
+            "test-layer",
+            Limits::default(),
+            Whiteouts::Overlay,
+        )
     }
 
     fn refused(r: Result<UnpackStats, UnpackError>, needle: &str) {
@@ -785,6 +867,86 @@ mod tests {
     }
 
     #[test]
+    fn applied_whiteouts_delete_lower_entries() {
+        let (sb, d) = dest();
+        let mut lower = Vec::new();
+        raw(&mut lower, b"etc/", tar::EntryType::Directory, b"", b"");
+        raw(
+            &mut lower,
+            b"etc/shadow",
+            tar::EntryType::Regular,
+            b"",
+            b"secret",
+        );
+        raw(&mut lower, b"etc/keep", tar::EntryType::Regular, b"", b"k");
+        raw(
+            &mut lower,
+            b"var/cache/a/b",
+            tar::EntryType::Regular,
+            b"",
+            b"x",
+        );
+        raw(&mut lower, b"link", tar::EntryType::Symlink, b"/etc", b"");
+        unpack(
+            &finish(lower)[..],
+            &d,
+            "lower",
+            Limits::default(),
+            Whiteouts::Apply,
+        )
+        .unwrap();
+        let mut upper = Vec::new();
+        raw(
+            &mut upper,
+            b"etc/.wh.shadow",
+            tar::EntryType::Regular,
+            b"",
+            b"",
+        );
+        raw(
+            &mut upper,
+            b"var/cache/",
+            tar::EntryType::Directory,
+            b"",
+            b"",
+        );
+        raw(
+            &mut upper,
+            b"var/cache/new",
+            tar::EntryType::Regular,
+            b"",
+            b"n",
+        );
+        raw(
+            &mut upper,
+            b"var/cache/.wh..wh..opq",
+            tar::EntryType::Regular,
+            b"",
+            b"",
+        );
+        raw(&mut upper, b".wh.link", tar::EntryType::Regular, b"", b"");
+        unpack(
+            &finish(upper)[..],
+            &d,
+            "upper",
+            Limits::default(),
+            Whiteouts::Apply,
+        )
+        .unwrap();
+        assert!(!d.join("etc/shadow").exists() && d.join("etc/keep").exists());
+        assert!(
+            !d.join("var/cache/a").exists(),
+            "the opaque directory drops lower entries"
+        );
+        assert!(d.join("var/cache/new").exists(), "but keeps this layer's");
+        assert!(
+            std::fs::symlink_metadata(d.join("link")).is_err(),
+            "the symlink itself is removed"
+        );
+        assert!(outside(sb.path()).is_empty());
+    }
+
+    #[test]
     fn the_root_entry_must_not_be_replaced() {
         let (sb, d) = dest();
         let mut t = Vec::new();
@@ -820,6 +982,7 @@ mod tests {
                 max_entries: 10,
                 max_bytes: 1 << 30,
             },
+            Whiteouts::Overlay,
         );
         assert!(
             matches!(r, Err(UnpackError::TooManyEntries { .. })),
@@ -841,6 +1004,7 @@ mod tests {
                 max_entries: 10,
                 max_bytes: 64 << 10,
             },
+            Whiteouts::Overlay,
         );
         assert!(matches!(r, Err(UnpackError::TooLarge { .. })), "{r:?}");
     }
