@@ -1,0 +1,414 @@
+//! Container records and their state machine, kept in the store (`berth/containers/<id>/`).
+//!
+//! As in youki's `container/state.rs`: a status with `can_*` predicates; every verb refreshes
+//! the status (a recorded process that is gone means the container stopped), checks the
+//! predicate, acts, and saves. Ids are random hex looked up by unique prefix; names are
+//! unique, as in Docker.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// Where a container is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Its root filesystem exists; no process has started.
+    Created,
+    /// Its process runs.
+    Running,
+    /// Its process has exited.
+    Stopped,
+}
+
+/// A container's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    /// 64 hex characters.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// The image as the user named it.
+    pub image: String,
+    /// The image's manifest digest.
+    pub image_digest: String,
+    /// The command line.
+    pub command: Vec<String>,
+    /// When it was created (RFC 3339).
+    pub created: String,
+    /// Status.
+    pub status: Status,
+    /// Host pid of its process, while running.
+    pub pid: Option<i32>,
+    /// Start time of that process (clock ticks since boot), to tell it from a reused pid.
+    pub pid_start: Option<u64>,
+    /// When its process started.
+    pub started: Option<String>,
+    /// When its process exited.
+    pub finished: Option<String>,
+    /// Exit code (128+n for signal n).
+    pub exit_code: Option<i32>,
+}
+
+impl ContainerState {
+    /// A process can be started.
+    pub fn can_start(&self) -> bool {
+        self.status == Status::Created
+    }
+
+    /// Signals can be sent.
+    pub fn can_kill(&self) -> bool {
+        self.status == Status::Running
+    }
+
+    /// It can be removed without force.
+    pub fn can_delete(&self) -> bool {
+        matches!(self.status, Status::Created | Status::Stopped)
+    }
+
+    /// The first 12 characters of the id.
+    pub fn short_id(&self) -> &str {
+        &self.id[..12]
+    }
+
+    /// Marks it stopped when its recorded process is gone (a crash of whatever waited for
+    /// it); returns whether anything changed.
+    pub fn refresh(&mut self) -> bool {
+        if self.status != Status::Running {
+            return false;
+        }
+        let alive = match (self.pid, self.pid_start) {
+            (Some(pid), Some(start)) => process_start_time(pid) == Some(start),
+            _ => false,
+        };
+        if alive {
+            return false;
+        }
+        self.status = Status::Stopped;
+        self.pid = None;
+        self.finished.get_or_insert_with(now);
+        true
+    }
+}
+
+/// The start time (field 22 of `/proc/PID/stat`) of a live process.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: fields start after ") ".
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let state = rest.split(' ').next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Now, RFC 3339.
+pub fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// Errors about containers.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// No container matches.
+    #[error("no container `{0}`")]
+    NotFound(String),
+    /// An id prefix matches several.
+    #[error("`{reference}` matches several containers: {}", candidates.join(", "))]
+    Ambiguous {
+        /// The prefix.
+        reference: String,
+        /// Short ids of the matches.
+        candidates: Vec<String>,
+    },
+    /// The name is taken.
+    #[error("the name `{0}` is already used by container {1}")]
+    NameInUse(String, String),
+    /// The name is not valid.
+    #[error("`{0}` is not a valid container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)")]
+    BadName(String),
+    /// The state forbids the action.
+    #[error("container {name} is {status:?}: cannot {action}")]
+    Forbidden {
+        /// The container.
+        name: String,
+        /// Its status.
+        status: Status,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record could not be read or written.
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+const ADJECTIVES: [&str; 16] = [
+    "brave", "calm", "eager", "fond", "gentle", "happy", "keen", "lucid", "merry", "nimble",
+    "proud", "quiet", "sharp", "swift", "tender", "witty",
+];
+const NAMES: [&str; 16] = [
+    "babbage", "curie", "dijkstra", "euler", "franklin", "goldberg", "hopper", "knuth", "lamport",
+    "liskov", "lovelace", "noether", "ritchie", "thompson", "turing", "wirth",
+];
+
+/// The containers of a store.
+pub struct Containers {
+    store: Store,
+    dir: PathBuf,
+}
+
+impl Containers {
+    /// The containers of `store`.
+    pub fn new(store: &Store) -> Result<Containers, ContainerError> {
+        let dir = store.state_dir().join("containers");
+        std::fs::create_dir_all(&dir).map_err(|source| ContainerError::Io {
+            what: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Containers {
+            store: store.clone(),
+            dir,
+        })
+    }
+
+    /// A container's directory (its record, root filesystem and files).
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Every container, refreshed, oldest first.
+    pub fn list(&self) -> Result<Vec<ContainerState>, ContainerError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| ContainerError::Io {
+            what: "list",
+            path: self.dir.clone(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let path = e.path().join("state.json");
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(mut st) = serde_json::from_slice::<ContainerState>(&bytes) else {
+                continue;
+            };
+            if st.refresh() {
+                self.save(&st)?;
+            }
+            out.push(st);
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Finds a container by name, full id or unique id prefix.
+    pub fn get(&self, reference: &str) -> Result<ContainerState, ContainerError> {
+        let all = self.list()?;
+        if let Some(c) = all
+            .iter()
+            .find(|c| c.name == reference || c.id == reference)
+        {
+            return Ok(c.clone());
+        }
+        let hits: Vec<&ContainerState> = all
+            .iter()
+            .filter(|c| !reference.is_empty() && c.id.starts_with(reference))
+            .collect();
+        match hits.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(ContainerError::NotFound(reference.to_string())),
+            many => Err(ContainerError::Ambiguous {
+                reference: reference.to_string(),
+                candidates: many.iter().map(|c| c.short_id().to_string()).collect(),
+            }),
+        }
+    }
+
+    /// Records a new container (status created). The name, if given, must be free.
+    pub fn create(
+        &self,
+        name: Option<&str>,
+        image: &str,
+        image_digest: &str,
+        command: Vec<String>,
+    ) -> Result<ContainerState, ContainerError> {
+        let _lock = self.store.lock()?;
+        let existing = self.list()?;
+        let id = random_id();
+        let name = match name {
+            Some(n) if !crate::manifest::values::valid_object_name(n) => {
+                return Err(ContainerError::BadName(n.to_string()));
+            }
+            Some(n) => {
+                if let Some(c) = existing.iter().find(|c| c.name == n) {
+                    return Err(ContainerError::NameInUse(
+                        n.to_string(),
+                        c.short_id().to_string(),
+                    ));
+                }
+                n.to_string()
+            }
+            None => {
+                let bytes = hex::decode(&id[..4]).expect("hex");
+                let base = format!(
+                    "{}_{}",
+                    ADJECTIVES[bytes[0] as usize % 16],
+                    NAMES[bytes[1] as usize % 16]
+                );
+                let mut name = base.clone();
+                let mut n = 1;
+                while existing.iter().any(|c| c.name == name) {
+                    n += 1;
+                    name = format!("{base}{n}");
+                }
+                name
+            }
+        };
+        let st = ContainerState {
+            id,
+            name,
+            image: image.to_string(),
+            image_digest: image_digest.to_string(),
+            command,
+            created: now(),
+            status: Status::Created,
+            pid: None,
+            pid_start: None,
+            started: None,
+            finished: None,
+            exit_code: None,
+        };
+        std::fs::create_dir_all(self.dir(&st.id)).map_err(|source| ContainerError::Io {
+            what: "create",
+            path: self.dir(&st.id),
+            source,
+        })?;
+        self.save(&st)?;
+        Ok(st)
+    }
+
+    /// Writes a record atomically.
+    pub fn save(&self, st: &ContainerState) -> Result<(), ContainerError> {
+        let path = self.dir(&st.id).join("state.json");
+        let bytes = serde_json::to_vec_pretty(st).expect("state serialises");
+        Ok(self.store.write_atomic(&path, &bytes)?)
+    }
+
+    /// Deletes a container's record and directory (its root filesystem must be torn down).
+    pub fn remove(&self, st: &ContainerState) -> Result<(), ContainerError> {
+        let dir = self.dir(&st.id);
+        std::fs::remove_dir_all(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|source| ContainerError::Io {
+                what: "remove",
+                path: dir,
+                source,
+            })
+    }
+}
+
+/// 64 random hex characters from the kernel's generator.
+fn random_id() -> String {
+    let mut bytes = [0u8; 32];
+    // getrandom(2) with no flags blocks only before the pool is initialised at boot.
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: the pointer and length describe the unfilled part of `bytes`.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+    hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn containers() -> (tempfile::TempDir, Containers) {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let c = Containers::new(&store).unwrap();
+        (d, c)
+    }
+
+    #[test]
+    fn names_are_unique_and_ids_resolve_by_prefix() {
+        let (_d, c) = containers();
+        let a = c
+            .create(Some("web"), "base:1", "sha256:x", vec!["sh".into()])
+            .unwrap();
+        assert!(matches!(
+            c.create(Some("web"), "base:1", "sha256:x", vec![]),
+            Err(ContainerError::NameInUse(..))
+        ));
+        assert!(matches!(
+            c.create(Some("-bad"), "base:1", "sha256:x", vec![]),
+            Err(ContainerError::BadName(_))
+        ));
+        let b = c.create(None, "base:1", "sha256:x", vec![]).unwrap();
+        assert!(b.name.contains('_'), "a generated name: {}", b.name);
+        assert_eq!(a.id.len(), 64);
+        assert_eq!(c.get("web").unwrap().id, a.id);
+        assert_eq!(c.get(&a.id[..12]).unwrap().id, a.id);
+        assert!(matches!(c.get("nope"), Err(ContainerError::NotFound(_))));
+        assert_eq!(c.list().unwrap().len(), 2);
+        c.remove(&a).unwrap();
+        assert_eq!(c.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_running_container_whose_process_is_gone_is_stopped() {
+        let (_d, c) = containers();
+        let mut st = c
+            .create(Some("gone"), "base:1", "sha256:x", vec![])
+            .unwrap();
+        assert!(st.can_start() && st.can_delete() && !st.can_kill());
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let mut child = child;
+        child.wait().unwrap();
+        st.status = Status::Running;
+        st.pid = Some(pid);
+        st.pid_start = Some(1);
+        c.save(&st).unwrap();
+        let listed = c.get("gone").unwrap();
+        assert_eq!(listed.status, Status::Stopped, "refreshed on read");
+        assert!(listed.can_delete());
+        let me = std::process::id() as i32;
+        let mut alive = listed.clone();
+        alive.status = Status::Running;
+        alive.pid = Some(me);
+        alive.pid_start = process_start_time(me);
+        assert!(!alive.refresh(), "a live process keeps it running");
+        alive.pid_start = Some(alive.pid_start.unwrap() + 1);
+        assert!(
+            alive.refresh(),
+            "a reused pid is not the container's process"
+        );
+    }
+}
