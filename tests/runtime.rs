@@ -71,3 +71,205 @@ fn runc_runs_the_bundle_berth_writes() {
         .code(1);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
 }
+
+/// A project with the busybox base imported, for `berth run`.
+fn runner() -> TempProject {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p
+}
+
+fn run_in(p: &TempProject, args: &[&str]) -> util::Run {
+    p.berth().args(["run", "--rm"]).args(args).run()
+}
+
+#[test]
+fn a_container_is_isolated() {
+    let p = runner();
+    let out = run_in(
+        &p,
+        &[
+            "--hostname",
+            "box",
+            "base:1",
+            "/bin/sh",
+            "-c",
+            "echo pid=$$; hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ls -d /proc/[0-9]*",
+        ],
+    )
+    .ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines[0], "pid=2",
+        "the command runs under the container's init: {}",
+        out.stdout
+    );
+    assert_eq!(lines[1], "box");
+    assert!(lines[2].starts_with("berth-init __init"), "{}", out.stdout);
+    let pids: Vec<u32> = lines[3..]
+        .iter()
+        .map(|l| l.trim_start_matches("/proc/").parse().unwrap())
+        .collect();
+    assert!(
+        pids.len() <= 4 && pids.iter().all(|&p| p < 10),
+        "only the container's own processes: {pids:?}"
+    );
+
+    let ro = run_in(&p, &["base:1", "touch", "/sys/x"]).code(1);
+    assert!(ro.stderr.contains("Read-only file system"), "{}", ro.stderr);
+    let mount = run_in(&p, &["base:1", "mount", "-t", "tmpfs", "none", "/tmp"]);
+    assert_ne!(mount.code, 0, "no CAP_SYS_ADMIN: {}", mount.stdout);
+    // Docker's masked files read as empty (whichever of them this kernel has).
+    let masked = [
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/kcore",
+    ]
+    .into_iter()
+    .find(|f| std::path::Path::new(f).exists())
+    .expect("the host has at least one of Docker's masked /proc files");
+    let out = run_in(
+        &p,
+        &["base:1", "/bin/sh", "-c", &format!("wc -c < {masked}")],
+    )
+    .ok();
+    assert_eq!(out.stdout.trim(), "0", "{masked} is masked");
+    run_in(&p, &["--read-only", "base:1", "touch", "/x"]).code(1);
+}
+
+#[test]
+fn capabilities_no_new_privs_and_users() {
+    let p = runner();
+    let root = run_in(
+        &p,
+        &[
+            "base:1",
+            "grep",
+            "-E",
+            "^(CapEff|CapBnd|NoNewPrivs)",
+            "/proc/self/status",
+        ],
+    )
+    .ok();
+    assert!(
+        root.stdout.contains("CapEff:\t00000000a80425fb"),
+        "Docker's default set: {}",
+        root.stdout
+    );
+    assert!(
+        root.stdout.contains("CapBnd:\t00000000a80425fb"),
+        "{}",
+        root.stdout
+    );
+    assert!(root.stdout.contains("NoNewPrivs:\t1"), "{}", root.stdout);
+    let www = run_in(
+        &p,
+        &[
+            "-u",
+            "www",
+            "base:1",
+            "/bin/sh",
+            "-c",
+            "id -u; id -g; grep CapEff /proc/self/status",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        www.stdout, "33\n33\nCapEff:\t0000000000000000\n",
+        "a user name resolved in the image, no capabilities"
+    );
+}
+
+#[test]
+fn exit_codes_follow_the_container() {
+    let p = runner();
+    run_in(&p, &["base:1", "/bin/sh", "-c", "exit 3"]).code(3);
+    run_in(&p, &["base:1", "/bin/sh", "-c", "kill -9 $$"]).code(137);
+    let missing = run_in(&p, &["base:1", "no-such-command"]).code(127);
+    assert!(
+        missing
+            .stderr
+            .contains("executable file not found in $PATH"),
+        "{}",
+        missing.stderr
+    );
+    let env = run_in(
+        &p,
+        &[
+            "-e",
+            "GREETING=hi there",
+            "-w",
+            "/work/dir",
+            "base:1",
+            "/bin/sh",
+            "-c",
+            "echo $GREETING; pwd",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        env.stdout, "hi there\n/work/dir\n",
+        "env and a created working directory"
+    );
+}
+
+#[test]
+fn no_descriptor_leaks_and_the_host_binary_is_out_of_reach() {
+    let p = runner();
+    // A descriptor berth inherits without close-on-exec must not reach the container.
+    let leak = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 7</etc/passwd; exec {} run --rm base:1 ls /proc/self/fd",
+            env!("CARGO_BIN_EXE_berth")
+        ))
+        .env("BERTH_STORE", p.store())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&leak.stdout),
+        "0\n1\n2\n3\n",
+        "only stdio (and ls's own directory handle)"
+    );
+
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_berth")).unwrap();
+    let attempt = run_in(&p, &["base:1", "/bin/sh", "-c", "cat /proc/1/exe > /dev/null && echo read; echo x > /proc/1/exe && echo wrote; readlink /proc/1/exe || echo no-link"]).ok();
+    assert!(
+        !attempt.stdout.contains("read\n") && !attempt.stdout.contains("wrote"),
+        "{}",
+        attempt.stdout
+    );
+    assert_eq!(
+        std::fs::read(env!("CARGO_BIN_EXE_berth")).unwrap(),
+        binary,
+        "the host's berth binary is unchanged"
+    );
+}
+
+#[test]
+fn containers_are_listed_and_removed() {
+    let p = runner();
+    p.berth()
+        .args(["run", "--name", "once", "base:1", "true"])
+        .run()
+        .ok();
+    let ps = p.berth().args(["--json", "ps", "-a"]).run().ok();
+    let v: serde_json::Value = serde_json::from_str(&ps.stdout).unwrap();
+    assert_eq!(v[0]["name"], "once");
+    assert_eq!(v[0]["status"], "stopped");
+    assert_eq!(v[0]["exit_code"], 0);
+    let running = p.berth().args(["--json", "ps"]).run().ok();
+    assert_eq!(running.stdout.trim(), "[]");
+    p.berth()
+        .args(["run", "--name", "once", "base:1", "true"])
+        .run()
+        .code(2);
+    p.berth().args(["rm", "once"]).run().ok();
+    p.berth().args(["rm", "once"]).run().code(2);
+    run_in(&p, &["base:1", "true"]).ok();
+    let left: Vec<_> = std::fs::read_dir(p.store().join("berth/containers"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "--rm and rm leave nothing behind");
+}

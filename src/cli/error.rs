@@ -16,6 +16,8 @@ pub enum ExitKind {
     Invalid,
     /// Nothing went wrong that the user needs to hear about (a closed stdout pipe).
     Success,
+    /// A specific code: the exit code of a container `berth run` ran.
+    Code(u8),
 }
 
 /// A command's failure.
@@ -56,6 +58,7 @@ impl CliError {
         }
         ExitCode::from(match self.kind {
             ExitKind::Success => 0,
+            ExitKind::Code(c) => c,
             ExitKind::Failed => 1,
             ExitKind::Invalid => 2,
         })

@@ -10,6 +10,7 @@ mod images;
 mod init;
 mod output;
 mod progress;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,6 +112,20 @@ pub enum Command {
     Export(images::ExportArgs),
     /// Write an image as an OCI runtime bundle (config.json + rootfs) for runc.
     Bundle(images::BundleArgs),
+    /// Run a command in a new container, attached; exits with the container's code.
+    Run(run::RunArgs),
+    /// List running containers (all with -a).
+    Ps(run::PsArgs),
+    /// Remove containers.
+    Rm(run::RmArgs),
+    /// The container's init (internal).
+    #[command(name = "__init", hide = true)]
+    ContainerInit {
+        /// The command's pid.
+        pid: i32,
+        /// Descriptor to signal readiness on.
+        ready: i32,
+    },
     /// Print an environment's fully resolved configuration, or diff two.
     Config(config::ConfigArgs),
     /// Print a shell completion script.
@@ -153,6 +168,10 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Import(args) => images::import(g, args, out),
         Command::Export(args) => images::export(g, args, out),
         Command::Bundle(args) => images::bundle(g, args, out),
+        Command::Run(args) => run::run(g, args, out),
+        Command::Ps(args) => run::ps(g, args, out),
+        Command::Rm(args) => run::rm(g, args, out),
+        Command::ContainerInit { pid, ready } => crate::runtime::init::run(*pid, *ready),
         Command::Config(args) => config::run(g, args, out),
         Command::Completions(args) => completions::run_completions(args, out),
         Command::Man(args) => completions::run_man(args, out),

@@ -5,8 +5,11 @@
 //! bundles for runc ([`bundle`]). Namespaces, cgroups and `berth run` are still to come.
 
 pub mod bundle;
+pub mod caps;
 pub mod container;
+pub mod init;
 pub mod mount;
+pub mod process;
 pub mod rootfs;
 pub mod snapshot;
 pub mod unpack;

@@ -57,8 +57,8 @@ fn mkdir(path: &Path) -> Result<(), RootfsError> {
     })
 }
 
-/// Prepares the root filesystem of `image` in `dir` (which should be empty). With
-/// `allow_overlay` false, or without kernel support, layers are copied instead.
+/// Prepares the root filesystem of `image` in `dir` (which should be empty) and mounts it.
+/// With `allow_overlay` false, or without kernel support, layers are copied instead.
 pub fn prepare(
     store: &Store,
     image: &StoredImage,
@@ -66,6 +66,25 @@ pub fn prepare(
     sys: &dyn Syscall,
     allow_overlay: bool,
 ) -> Result<Rootfs, RootfsError> {
+    let (rootfs, plan) = plan(store, image, dir, allow_overlay)?;
+    if let Some(m) = plan {
+        mount::apply(sys, &[m]).map_err(|source| RootfsError::Io {
+            what: "mount the root filesystem on",
+            path: rootfs.path.clone(),
+            source,
+        })?;
+    }
+    Ok(rootfs)
+}
+
+/// Like [`prepare`], but returns the overlay mount instead of making it: a container mounts
+/// it in its own mount namespace, so it disappears with the container.
+pub fn plan(
+    store: &Store,
+    image: &StoredImage,
+    dir: &Path,
+    allow_overlay: bool,
+) -> Result<(Rootfs, Option<mount::Mount>), RootfsError> {
     let path = dir.join("rootfs");
     mkdir(&path)?;
     if allow_overlay && mount::overlay_supported() {
@@ -79,23 +98,24 @@ pub fn prepare(
         mkdir(&upper)?;
         mkdir(&work)?;
         let plan = mount::overlay_rootfs(&lowers, &upper, &work, &path)?;
-        mount::apply(sys, &[plan]).map_err(|source| RootfsError::Io {
-            what: "mount the root filesystem on",
-            path: path.clone(),
-            source,
-        })?;
-        return Ok(Rootfs {
-            dir: dir.to_path_buf(),
-            path,
-            kind: RootfsKind::Overlay,
-        });
+        return Ok((
+            Rootfs {
+                dir: dir.to_path_buf(),
+                path,
+                kind: RootfsKind::Overlay,
+            },
+            Some(plan),
+        ));
     }
     snapshot::flatten(store, image, &path)?;
-    Ok(Rootfs {
-        dir: dir.to_path_buf(),
-        path,
-        kind: RootfsKind::Copy,
-    })
+    Ok((
+        Rootfs {
+            dir: dir.to_path_buf(),
+            path,
+            kind: RootfsKind::Copy,
+        },
+        None,
+    ))
 }
 
 /// Unmounts (if mounted) and removes a root filesystem and its directory.

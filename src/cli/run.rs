@@ -1,0 +1,315 @@
+//! `berth run`, `berth ps`, `berth rm`, and the hidden `__init` the container's PID 1 runs.
+
+use miette::miette;
+use serde_json::json;
+
+use super::{CliError, ExitKind, GlobalOpts, Output};
+use crate::runtime::container::{ContainerState, Containers, Status, now, process_start_time};
+use crate::runtime::process::{self, Launch, LaunchError, Network};
+use crate::runtime::{bundle, caps, rootfs};
+use crate::store::Store;
+
+/// Networks `berth run` offers.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum NetworkArg {
+    /// Only loopback, in the container's own network namespace.
+    None,
+    /// The host's network.
+    Host,
+}
+
+/// Arguments of `berth run`.
+#[derive(Debug, clap::Args)]
+#[command(trailing_var_arg = true)]
+pub struct RunArgs {
+    /// Remove the container when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// The container's name [default: generated].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Set an environment variable.
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// User (name, uid, name:group or uid:gid).
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Host name [default: the container's short id].
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Mount the root filesystem read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Network.
+    #[arg(long, value_enum, default_value = "none")]
+    pub network: NetworkArg,
+    /// The image.
+    pub image: String,
+    /// Command and arguments (over the image's CMD).
+    #[arg(allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// Arguments of `berth ps`.
+#[derive(Debug, clap::Args)]
+pub struct PsArgs {
+    /// Show stopped containers too.
+    #[arg(short, long)]
+    pub all: bool,
+}
+
+/// Arguments of `berth rm`.
+#[derive(Debug, clap::Args)]
+pub struct RmArgs {
+    /// Kill a running container first.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Containers (names, ids or id prefixes).
+    #[arg(required = true)]
+    pub containers: Vec<String>,
+}
+
+fn failed(e: impl std::error::Error + Send + Sync + 'static) -> CliError {
+    CliError::failed(miette::Report::from_err(e))
+}
+
+/// Writes `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` for the container.
+fn etc_files(
+    dir: &std::path::Path,
+    hostname: &str,
+    network: Network,
+) -> std::io::Result<Vec<(std::path::PathBuf, &'static str)>> {
+    let hosts = match network {
+        Network::None => format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+        ),
+        Network::Host => {
+            std::fs::read_to_string("/etc/hosts").unwrap_or_default()
+                + &format!("127.0.1.1\t{hostname}\n")
+        }
+    };
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let files = [
+        ("hostname", format!("{hostname}\n"), "/etc/hostname"),
+        ("hosts", hosts, "/etc/hosts"),
+        ("resolv.conf", resolv, "/etc/resolv.conf"),
+    ];
+    let mut out = Vec::new();
+    for (name, text, dest) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        out.push((p, dest));
+    }
+    Ok(out)
+}
+
+/// Runs `berth run`: attached, exits with the container's code.
+pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = Store::open(&g.store_dir())?;
+    let image = store.load_image(&args.image)?;
+    let containers = Containers::new(&store).map_err(failed)?;
+    let cfg = image.config.oci.config().clone().unwrap_or_default();
+    let mut argv = cfg.entrypoint().clone().unwrap_or_default();
+    if args.command.is_empty() {
+        argv.extend(cfg.cmd().clone().unwrap_or_default());
+    } else {
+        argv.extend(args.command.iter().cloned());
+    }
+    if argv.is_empty() {
+        return Err(CliError::invalid(miette!(
+            help = "give a command after the image",
+            "the image has no command (neither ENTRYPOINT nor CMD)"
+        )));
+    }
+    let mut env = cfg.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, bundle::DEFAULT_PATH.to_string());
+    }
+    for kv in &args.env {
+        let Some((k, _)) = kv.split_once('=') else {
+            return Err(CliError::invalid(miette!("`{kv}` is not K=V")));
+        };
+        env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k));
+        env.push(kv.clone());
+    }
+    let network = match args.network {
+        NetworkArg::None => Network::None,
+        NetworkArg::Host => Network::Host,
+    };
+    let mut st = containers
+        .create(
+            args.name.as_deref(),
+            &args.image,
+            image.digest.as_str(),
+            argv.clone(),
+        )
+        .map_err(|e| CliError::invalid(miette::Report::from_err(e)))?;
+    let dir = containers.dir(&st.id);
+    let hostname = args
+        .hostname
+        .clone()
+        .unwrap_or_else(|| st.short_id().to_string());
+    let (fs, overlay) = rootfs::plan(&store, &image, &dir, true).map_err(failed)?;
+    let launch = Launch {
+        overlay,
+        rootfs: fs.path.clone(),
+        etc_files: etc_files(&dir, &hostname, network).map_err(|e| {
+            CliError::failed(miette!("cannot write the container's /etc files: {e}"))
+        })?,
+        hostname,
+        network,
+        read_only: args.read_only,
+        args: argv,
+        env,
+        cwd: args
+            .workdir
+            .clone()
+            .or_else(|| cfg.working_dir().clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
+        user: args
+            .user
+            .clone()
+            .or_else(|| cfg.user().clone())
+            .unwrap_or_default(),
+        capabilities: caps::DOCKER_DEFAULT.to_vec(),
+    };
+    let finish = |st: &mut ContainerState, code: Option<i32>| {
+        st.status = Status::Stopped;
+        st.pid = None;
+        st.exit_code = code;
+        st.finished = Some(now());
+    };
+    let started = match process::start(&launch, &mut |_| Ok(())) {
+        Ok(s) => s,
+        Err(e) => {
+            finish(&mut st, None);
+            let _ = containers.save(&st);
+            cleanup(&containers, &st, &fs, args.rm);
+            return Err(match e {
+                LaunchError::Container { message, code } => {
+                    let _ = out.note("");
+                    eprintln!("berth: {message}");
+                    CliError {
+                        kind: ExitKind::Code(code as u8),
+                        report: None,
+                    }
+                }
+                other => failed(other),
+            });
+        }
+    };
+    st.status = Status::Running;
+    st.pid = Some(started.pid.as_raw());
+    st.pid_start = process_start_time(started.pid.as_raw());
+    st.started = Some(now());
+    containers.save(&st).map_err(failed)?;
+    let code = started
+        .wait()
+        .map_err(|e| CliError::failed(miette!("waiting for the container failed: {e}")))?;
+    finish(&mut st, Some(code));
+    containers.save(&st).map_err(failed)?;
+    cleanup(&containers, &st, &fs, args.rm);
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(CliError {
+            kind: ExitKind::Code(code as u8),
+            report: None,
+        })
+    }
+}
+
+/// Removes the container's root filesystem and record when `--rm` was given.
+fn cleanup(containers: &Containers, st: &ContainerState, fs: &rootfs::Rootfs, remove: bool) {
+    if remove {
+        // The overlay lived in the container's mount namespace, which is gone.
+        let _ = std::fs::remove_dir_all(&fs.dir);
+        let _ = containers.remove(st);
+    }
+}
+
+fn status_text(st: &ContainerState) -> String {
+    match st.status {
+        Status::Created => "Created".into(),
+        Status::Running => format!("Up since {}", st.started.as_deref().unwrap_or("?")),
+        Status::Stopped => match st.exit_code {
+            Some(c) => format!("Exited ({c}) at {}", st.finished.as_deref().unwrap_or("?")),
+            None => format!("Exited at {}", st.finished.as_deref().unwrap_or("?")),
+        },
+    }
+}
+
+/// `berth ps [-a]`.
+pub fn ps(g: &GlobalOpts, args: &PsArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = Store::open(&g.store_dir())?;
+    let list: Vec<ContainerState> = Containers::new(&store)
+        .map_err(failed)?
+        .list()
+        .map_err(failed)?
+        .into_iter()
+        .filter(|c| args.all || c.status == Status::Running)
+        .collect();
+    if out.json {
+        return Ok(out.json_value(&list)?);
+    }
+    out.line(format!(
+        "{:<14} {:<20} {:<24} {:<40} {}",
+        "ID", "NAME", "IMAGE", "STATUS", "COMMAND"
+    ))?;
+    for c in &list {
+        out.line(format!(
+            "{:<14} {:<20} {:<24} {:<40} {}",
+            c.short_id(),
+            c.name,
+            c.image,
+            status_text(c),
+            c.command.join(" ")
+        ))?;
+    }
+    Ok(())
+}
+
+/// `berth rm [-f] NAME...`.
+pub fn rm(g: &GlobalOpts, args: &RmArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = Store::open(&g.store_dir())?;
+    let containers = Containers::new(&store).map_err(failed)?;
+    for reference in &args.containers {
+        let mut st = containers
+            .get(reference)
+            .map_err(|e| CliError::invalid(miette::Report::from_err(e)))?;
+        if !st.can_delete() {
+            if !args.force {
+                return Err(CliError::failed(miette!(
+                    help = "stop it first, or use rm -f",
+                    "container {} is running",
+                    st.name
+                )));
+            }
+            if let Some(pid) = st.pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                for _ in 0..200 {
+                    if !st.refresh() {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(containers.dir(&st.id));
+        containers.remove(&st).map_err(failed)?;
+        if out.json {
+            out.json_value(&json!({ "removed": st.id }))?;
+        } else {
+            out.line(&st.name)?;
+        }
+    }
+    Ok(())
+}

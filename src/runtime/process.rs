@@ -1,0 +1,635 @@
+//! Starting a container: new namespaces, the root filesystem, `pivot_root`, `/proc`, `/dev`,
+//! `/sys`, the `/etc` files, then the command, with Docker's capabilities, `no_new_privs`
+//! and no inherited descriptors.
+//!
+//! Process layout: the berth process that starts the container stays on the host and waits.
+//! It clones PID 1 of the container, which sets everything up, forks the command, and then
+//! re-executes berth *from a sealed in-memory copy* as the container's init (it forwards
+//! signals and reaps zombies, as tini does). So no process in the container ever runs the
+//! host's berth binary: `/proc/1/exe` is the sealed copy, which cannot be written
+//! (CVE-2019-5736).
+//!
+//! Only the overlay is mounted before `pivot_root` (on a path in berth's own store); every
+//! other mount is made after it, relative to the container's root, so a symlink in the
+//! image can never point a mount at the host.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::stat::{Mode, SFlag};
+use nix::unistd::{Gid, Pid, Uid};
+
+use super::caps;
+use super::mount::{LinuxSyscall, Mount, Syscall};
+
+/// The container's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// A network namespace with only loopback.
+    None,
+    /// The host's network namespace.
+    Host,
+}
+
+/// Everything needed to start a container's process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The overlay to mount as the root (or `None` when `rootfs` is a prepared copy).
+    pub overlay: Option<Mount>,
+    /// The root filesystem directory.
+    pub rootfs: PathBuf,
+    /// Files bind-mounted over `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`.
+    pub etc_files: Vec<(PathBuf, &'static str)>,
+    /// Host name.
+    pub hostname: String,
+    /// Network.
+    pub network: Network,
+    /// Mount the root read-only.
+    pub read_only: bool,
+    /// argv.
+    pub args: Vec<String>,
+    /// Environment, `K=V`.
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    pub cwd: String,
+    /// The image's or `--user`'s user (`name`, `uid`, `name:group`, `uid:gid`), resolved
+    /// inside the container's root.
+    pub user: String,
+    /// Capabilities of a root process (numbers).
+    pub capabilities: Vec<u32>,
+}
+
+/// Why a container could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A system call on the host side failed.
+    #[error("cannot {what}")]
+    Host {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The container's setup or exec failed; the message comes from inside.
+    #[error("{message}")]
+    Container {
+        /// What failed, e.g. `exec "nope": executable file not found in $PATH`.
+        message: String,
+        /// Docker's exit code for it: 127 not found, 126 not executable, 125 otherwise.
+        code: i32,
+    },
+}
+
+fn host(what: &'static str) -> impl FnOnce(io::Error) -> LaunchError {
+    move |source| LaunchError::Host { what, source }
+}
+
+/// A started container.
+pub struct Started {
+    /// Host pid of the container's init.
+    pub pid: Pid,
+    pidfd: OwnedFd,
+}
+
+/// Docker's masked paths: made unreadable inside the container.
+const MASKED: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+/// Docker's read-only paths.
+const READ_ONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// A sealed in-memory copy of the running berth binary, for the container's init.
+fn sealed_self() -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"berth-init".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    let mut mem = unsafe { File::from_raw_fd(fd) };
+    io::copy(&mut File::open("/proc/self/exe")?, &mut mem)?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(mem))
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Starts the container described by `launch`. `before_start` runs on the host once the
+/// container's init exists but before it sets anything up (to place it in a cgroup).
+pub fn start(
+    launch: &Launch,
+    before_start: &mut dyn FnMut(Pid) -> io::Result<()>,
+) -> Result<Started, LaunchError> {
+    let init_binary =
+        sealed_self().map_err(host("make a sealed copy of berth for the container's init"))?;
+    let etc: Vec<(Vec<u8>, &'static str)> = launch
+        .etc_files
+        .iter()
+        .map(|(p, dest)| std::fs::read(p).map(|c| (c, *dest)))
+        .collect::<io::Result<_>>()
+        .map_err(host("read the container's /etc files"))?;
+    let (go_r, go_w) = pipe().map_err(host("create a pipe"))?;
+    let (err_r, err_w) = pipe().map_err(host("create a pipe"))?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
+    if Path::new("/proc/self/ns/cgroup").exists() {
+        flags |= CloneFlags::CLONE_NEWCGROUP;
+    }
+    if launch.network == Network::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    let mut stack = vec![0u8; 1 << 20];
+    let child = Box::new(|| -> isize {
+        let mut report = File::from(err_w.try_clone().expect("dup the error pipe"));
+        match container_init(launch, &go_r, &init_binary, &etc, &err_w) {
+            Ok(never) => match never {},
+            Err((code, message)) => {
+                let _ = report.write_all(format!("{code} {message}").as_bytes());
+                code as isize
+            }
+        }
+    });
+    // SAFETY: the child runs `container_init` on its own stack in a copy of this address
+    // space (no CLONE_VM); this process is single-threaded here, so the copy is consistent.
+    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+        .map_err(|e| host("create the container's namespaces")(e.into()))?;
+    drop(err_w);
+    drop(go_r);
+    // SAFETY: pidfd_open(2) with a pid we just created and no flags.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if pidfd < 0 {
+        return Err(host("open a pidfd")(io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let started = Started { pid, pidfd };
+    if let Err(e) = before_start(pid) {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        let _ = started.wait();
+        return Err(host("prepare the container's cgroup")(e));
+    }
+    File::from(go_w)
+        .write_all(b"1")
+        .map_err(host("start the container"))?;
+    // The error pipe closes (EOF) when the command and the init have both exec'd.
+    let mut msg = String::new();
+    File::from(err_r)
+        .read_to_string(&mut msg)
+        .map_err(host("read the container's start-up status"))?;
+    if !msg.is_empty() {
+        let _ = started.wait();
+        let (code, message) = msg.split_once(' ').unwrap_or(("125", &msg));
+        return Err(LaunchError::Container {
+            message: message.to_string(),
+            code: code.parse().unwrap_or(125),
+        });
+    }
+    Ok(started)
+}
+
+impl Started {
+    /// Waits for the container to exit, forwarding SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1
+    /// and SIGUSR2 received meanwhile to it. Returns the exit code (128+n for signal n).
+    pub fn wait(&self) -> io::Result<i32> {
+        use nix::sys::signalfd::SignalFd;
+        let mut forward = SigSet::empty();
+        for s in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+            Signal::SIGUSR1,
+            Signal::SIGUSR2,
+        ] {
+            forward.add(s);
+        }
+        let old = forward
+            .thread_swap_mask(SigmaskHow::SIG_BLOCK)
+            .map_err(io::Error::from)?;
+        let sfd = SignalFd::new(&forward).map_err(io::Error::from)?;
+        let result = loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: std::os::fd::AsFd::as_fd(&sfd).as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll on two valid descriptors in a local array.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break Err(e);
+            }
+            if fds[1].revents != 0
+                && let Ok(Some(info)) = sfd.read_signal()
+                && let Ok(sig) = Signal::try_from(info.ssi_signo as i32)
+            {
+                let _ = nix::sys::signal::kill(self.pid, sig);
+            }
+            if fds[0].revents != 0 {
+                break match nix::sys::wait::waitpid(self.pid, None) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Ok(code),
+                    Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
+                    Ok(other) => Err(io::Error::other(format!(
+                        "unexpected wait status {other:?}"
+                    ))),
+                    Err(e) => Err(e.into()),
+                };
+            }
+        };
+        let _ = old.thread_set_mask();
+        result
+    }
+}
+
+type Fail = (i32, String);
+
+fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Fail + '_ {
+    move |e| (125, format!("{what}: {e}"))
+}
+
+/// Makes sure a mount target inside the new root is a real directory (or file), never a
+/// symlink, creating it when missing.
+fn target(path: &str, dir: bool) -> Result<(), Fail> {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_symlink() => Err((
+            125,
+            format!("mount target {path} is a symlink in the image"),
+        )),
+        Ok(_) => Ok(()),
+        Err(_) if dir => std::fs::create_dir_all(path).map_err(fail(path)),
+        Err(_) => {
+            if let Some(parent) = Path::new(path).parent() {
+                std::fs::create_dir_all(parent).map_err(fail(path))?;
+            }
+            File::create(path).map(drop).map_err(fail(path))
+        }
+    }
+}
+
+fn mount(
+    fstype: Option<&str>,
+    source: Option<&str>,
+    dest: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), Fail> {
+    let m = Mount {
+        fstype: fstype.map(String::from),
+        source: source.map(PathBuf::from),
+        target: dest.into(),
+        flags,
+        data: data.map(String::from),
+    };
+    LinuxSyscall.mount(&m).map_err(|e| (125, e.to_string()))
+}
+
+/// The container's PID 1 before it becomes the init. It forks the command's process, then
+/// re-executes berth from the sealed copy as the init *while the host's root is still its
+/// root* (berth is dynamically linked; the container has no loader for it). The command's
+/// process waits for that exec, then sets everything up, pivots into the container's root
+/// (which moves the init's root too: they share the mount namespace) and execs the command.
+/// Returns only on failure.
+fn container_init(
+    l: &Launch,
+    go: &OwnedFd,
+    init_binary: &OwnedFd,
+    etc: &[(Vec<u8>, &'static str)],
+    err_w: &OwnedFd,
+) -> Result<std::convert::Infallible, Fail> {
+    // Wait until the host has placed us in our cgroup.
+    let mut byte = [0u8; 1];
+    File::from(go.try_clone().map_err(fail("dup"))?)
+        .read_exact(&mut byte)
+        .map_err(fail("wait for the host"))?;
+    // Every signal blocked from here: the init inherits the mask and reads them from a
+    // signalfd; the command restores the original mask before exec.
+    let old_mask = SigSet::all()
+        .thread_swap_mask(SigmaskHow::SIG_SETMASK)
+        .map_err(fail("block signals"))?;
+    let (exec_r, exec_w) = pipe().map_err(fail("create a pipe"))?;
+    // SAFETY: single-threaded process; the child only calls functions that are fine after
+    // fork (no locks held by other threads exist).
+    match unsafe { nix::unistd::fork() }.map_err(fail("fork the command"))? {
+        nix::unistd::ForkResult::Child => {
+            drop(exec_w);
+            // The init writes a byte once it runs (its libraries loaded from the host's root);
+            // EOF means it failed.
+            if File::from(exec_r).read(&mut byte).unwrap_or(0) != 1 {
+                std::process::exit(125);
+            }
+            let (code, msg) = match setup(l, etc).and_then(|()| exec_command(l, &old_mask)) {
+                Ok(never) => match never {},
+                Err(failure) => failure,
+            };
+            if let Ok(fd) = err_w.try_clone() {
+                let _ = File::from(fd).write_all(format!("{code} {msg}").as_bytes());
+            }
+            std::process::exit(code);
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(exec_r);
+            caps::drop_bounding(&l.capabilities).map_err(fail("drop capabilities"))?;
+            caps::set_capabilities(&l.capabilities).map_err(fail("set capabilities"))?;
+            caps::set_no_new_privs().map_err(fail("set no_new_privs"))?;
+            // The ready pipe must survive the exec: the init writes to it once it runs.
+            nix::fcntl::fcntl(
+                &exec_w,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(fail("pass the ready pipe"))?;
+            let argv = [
+                CString::new("berth-init").expect("static"),
+                CString::new("__init").expect("static"),
+                CString::new(child.as_raw().to_string()).expect("digits"),
+                CString::new(exec_w.as_raw_fd().to_string()).expect("digits"),
+            ];
+            let env: [CString; 0] = [];
+            let e = nix::unistd::fexecve(init_binary, &argv, &env).unwrap_err();
+            drop(exec_w);
+            Err((125, format!("start the container's init: {e}")))
+        }
+    }
+}
+
+/// In the command's process: the root filesystem, `pivot_root`, `/proc`, `/dev`, `/sys`,
+/// the `/etc` files, masked paths, host name, working directory, read-only root.
+fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
+    mount(
+        None,
+        Some("none"),
+        "/",
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    match &l.overlay {
+        Some(m) => LinuxSyscall.mount(m).map_err(|e| (125, e.to_string()))?,
+        None => {
+            let root = l
+                .rootfs
+                .to_str()
+                .ok_or((125, "the root path is not UTF-8".to_string()))?;
+            mount(
+                None,
+                Some(root),
+                root,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )?;
+        }
+    }
+    nix::unistd::chdir(&l.rootfs).map_err(fail("enter the root filesystem"))?;
+    nix::unistd::pivot_root(".", ".").map_err(fail("pivot_root"))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(fail("detach the host's root"))?;
+    nix::unistd::chdir("/").map_err(fail("chdir /"))?;
+
+    // /proc, /dev, /sys, inside the new root.
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    target("/proc", true)?;
+    mount(Some("proc"), Some("proc"), "/proc", nosuid, None)?;
+    target("/dev", true)?;
+    mount(
+        Some("tmpfs"),
+        Some("tmpfs"),
+        "/dev",
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let path = format!("/dev/{name}");
+        nix::sys::stat::mknod(
+            path.as_str(),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .map_err(fail("create a device node"))?;
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path.as_str(),
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(fail("chmod a device node"))?;
+    }
+    for d in ["/dev/pts", "/dev/shm", "/dev/mqueue"] {
+        std::fs::create_dir(d).map_err(fail(d))?;
+    }
+    mount(
+        Some("devpts"),
+        Some("devpts"),
+        "/dev/pts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mount(
+        Some("tmpfs"),
+        Some("shm"),
+        "/dev/shm",
+        nosuid,
+        Some("mode=1777,size=65536k"),
+    )?;
+    mount(Some("mqueue"), Some("mqueue"), "/dev/mqueue", nosuid, None)?;
+    for (link, to) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(to, link).map_err(fail(link))?;
+    }
+    target("/sys", true)?;
+    let sys_flags = nosuid | MsFlags::MS_RDONLY;
+    if l.network == Network::None {
+        mount(Some("sysfs"), Some("sysfs"), "/sys", sys_flags, None)?;
+    } else {
+        // Without its own network namespace a container may not mount sysfs: a read-only
+        // tmpfs keeps the host's /sys out of sight.
+        mount(
+            Some("tmpfs"),
+            Some("sysfs"),
+            "/sys",
+            sys_flags,
+            Some("size=0"),
+        )?;
+    }
+    // /etc files: their contents were read on the host side; the container gets its own
+    // copies (a symlink in the image's place is replaced, never followed).
+    for (content, dest) in etc {
+        if std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(dest).map_err(fail(dest))?;
+        }
+        target(dest, false)?;
+        std::fs::write(dest, content).map_err(fail(dest))?;
+    }
+    // Docker's masked and read-only paths.
+    for p in MASKED {
+        match std::fs::symlink_metadata(p) {
+            Ok(md) if md.is_dir() => mount(
+                Some("tmpfs"),
+                Some("tmpfs"),
+                p,
+                MsFlags::MS_RDONLY,
+                Some("size=0"),
+            )?,
+            Ok(_) => mount(None, Some("/dev/null"), p, MsFlags::MS_BIND, None)?,
+            Err(_) => {}
+        }
+    }
+    for p in READ_ONLY {
+        if std::fs::symlink_metadata(p).is_ok() {
+            mount(None, Some(p), p, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+            mount(
+                None,
+                None,
+                p,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+                None,
+            )?;
+        }
+    }
+    nix::unistd::sethostname(&l.hostname).map_err(fail("set the host name"))?;
+    // The working directory, created if missing (Docker does), before privileges drop.
+    if std::fs::symlink_metadata(&l.cwd).is_err() {
+        std::fs::create_dir_all(&l.cwd).map_err(fail("create the working directory"))?;
+    }
+    if l.read_only {
+        mount(
+            None,
+            None,
+            "/",
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// In the command's process: user, capabilities, no_new_privs, descriptors, working
+/// directory, signals, then exec.
+fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallible, Fail> {
+    nix::unistd::setsid().map_err(fail("setsid"))?;
+    caps::drop_bounding(&l.capabilities).map_err(fail("drop capabilities"))?;
+    // After pivot_root, "/" is the container's root: its passwd and group are read there.
+    let (uid, gid) = super::users::resolve_user(Path::new("/"), &l.user).map_err(|e| (125, e))?;
+    nix::unistd::setgroups(&[Gid::from_raw(gid)]).map_err(fail("setgroups"))?;
+    nix::unistd::setgid(Gid::from_raw(gid)).map_err(fail("setgid"))?;
+    nix::unistd::setuid(Uid::from_raw(uid)).map_err(fail("setuid"))?;
+    if uid == 0 {
+        caps::set_capabilities(&l.capabilities).map_err(fail("set capabilities"))?;
+    }
+    caps::set_no_new_privs().map_err(fail("set no_new_privs"))?;
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    caps::cloexec_from_3().map_err(fail("close inherited descriptors"))?;
+    nix::unistd::chdir(l.cwd.as_str()).map_err(|e| (125, format!("chdir {}: {e}", l.cwd)))?;
+    // Default dispositions and the original mask for the program.
+    for sig in Signal::iterator() {
+        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+            // SAFETY: resetting a disposition to the default handler.
+            let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+        }
+    }
+    old_mask
+        .thread_set_mask()
+        .map_err(fail("restore the signal mask"))?;
+
+    let program = l.args.first().ok_or((125, "no command".to_string()))?;
+    let path = resolve_program(program, &l.env)?;
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(fail("command"))?;
+    let argv: Vec<CString> = l
+        .args
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(fail("argument"))?;
+    let envp: Vec<CString> = l
+        .env
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(fail("environment"))?;
+    let e = nix::unistd::execve(&cpath, &argv, &envp).unwrap_err();
+    let code = if e == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    };
+    Err((code, format!("exec {program:?}: {e}")))
+}
+
+/// Finds a program: as given when it has a `/`, else in the container's `PATH`.
+fn resolve_program(program: &str, env: &[String]) -> Result<PathBuf, Fail> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(OsStr::new(program));
+        if nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok()
+            && candidate.is_file()
+        {
+            return Ok(candidate);
+        }
+    }
+    Err((
+        127,
+        format!("exec {program:?}: executable file not found in $PATH"),
+    ))
+}
