@@ -273,3 +273,65 @@ fn containers_are_listed_and_removed() {
         .collect();
     assert!(left.is_empty(), "--rm and rm leave nothing behind");
 }
+
+#[test]
+fn cgroup_limits_stop_allocators_and_fork_bombs() {
+    let p = runner();
+    // dd allocates its 64 MiB block size at once: beyond the 16 MiB limit.
+    let oom = p
+        .berth()
+        .args([
+            "run",
+            "--name",
+            "hog",
+            "--memory",
+            "16M",
+            "base:1",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+        ])
+        .run()
+        .code(137);
+    assert!(oom.stderr.contains("OOMKilled"), "{}", oom.stderr);
+    let ps = p.berth().args(["--json", "ps", "-a"]).run().ok();
+    let v: serde_json::Value = serde_json::from_str(&ps.stdout).unwrap();
+    assert_eq!(
+        (v[0]["exit_code"].as_i64(), v[0]["oom_killed"].as_bool()),
+        (Some(137), Some(true))
+    );
+    let id = v[0]["id"].as_str().unwrap().to_string();
+    for root in [
+        "/sys/fs/cgroup/memory/berth",
+        "/sys/fs/cgroup/pids/berth",
+        "/sys/fs/cgroup/cpu/berth",
+        "/sys/fs/cgroup/berth",
+    ] {
+        assert!(
+            !std::path::Path::new(root).join(&id).exists(),
+            "the cgroup is removed with the container ({root})"
+        );
+    }
+    p.berth().args(["rm", "hog"]).run().ok();
+
+    let bomb = run_in(
+        &p,
+        &[
+            "--pids-limit",
+            "8",
+            "base:1",
+            "/bin/sh",
+            "-c",
+            "for i in $(seq 30); do sleep 2 & done; wait",
+        ],
+    );
+    assert!(
+        bomb.stderr.contains("can't fork"),
+        "the pids limit stops the loop: {}",
+        bomb.stderr
+    );
+    let quota = run_in(&p, &["--cpus", "0.5", "base:1", "true"]);
+    assert_eq!(quota.code, 0);
+}

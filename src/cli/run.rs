@@ -4,6 +4,7 @@ use miette::miette;
 use serde_json::json;
 
 use super::{CliError, ExitKind, GlobalOpts, Output};
+use crate::runtime::cgroup::{self, Cgroup};
 use crate::runtime::container::{ContainerState, Containers, Status, now, process_start_time};
 use crate::runtime::process::{self, Launch, LaunchError, Network};
 use crate::runtime::{bundle, caps, rootfs};
@@ -46,6 +47,15 @@ pub struct RunArgs {
     /// Network.
     #[arg(long, value_enum, default_value = "none")]
     pub network: NetworkArg,
+    /// Memory limit (e.g. 256M); the kernel's OOM killer ends the container beyond it.
+    #[arg(short, long, value_name = "SIZE")]
+    pub memory: Option<crate::manifest::values::ByteSize>,
+    /// CPU quota (e.g. 0.5).
+    #[arg(long, value_name = "CPUS")]
+    pub cpus: Option<crate::manifest::values::Cpus>,
+    /// Most processes and threads.
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u32>,
     /// The image.
     pub image: String,
     /// Command and arguments (over the image's CMD).
@@ -183,11 +193,19 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
         st.exit_code = code;
         st.finished = Some(now());
     };
-    let started = match process::start(&launch, &mut |_| Ok(())) {
+    let limits = cgroup::Limits {
+        memory: args.memory.map(|m| m.0),
+        cpu_millis: args.cpus.map(|c| c.millis),
+        pids: args.pids_limit,
+    };
+    let cg = Cgroup::create(&st.id, &limits)
+        .map_err(|e| CliError::failed(miette!("cannot create the container's cgroup: {e}")))?;
+    let started = match process::start(&launch, &mut |pid| cg.add(pid.as_raw())) {
         Ok(s) => s,
         Err(e) => {
             finish(&mut st, None);
             let _ = containers.save(&st);
+            let _ = cg.remove();
             cleanup(&containers, &st, &fs, args.rm);
             return Err(match e {
                 LaunchError::Container { message, code } => {
@@ -211,7 +229,17 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
         .wait()
         .map_err(|e| CliError::failed(miette!("waiting for the container failed: {e}")))?;
     finish(&mut st, Some(code));
+    st.oom_killed = cg.oom_killed();
     containers.save(&st).map_err(failed)?;
+    if let Err(e) = cg.remove() {
+        eprintln!("berth: cannot remove the container's cgroup: {e}");
+    }
+    if st.oom_killed {
+        eprintln!(
+            "berth: container {} was killed by the kernel: out of memory (OOMKilled)",
+            st.name
+        );
+    }
     cleanup(&containers, &st, &fs, args.rm);
     if code == 0 {
         Ok(())
@@ -237,6 +265,10 @@ fn status_text(st: &ContainerState) -> String {
         Status::Created => "Created".into(),
         Status::Running => format!("Up since {}", st.started.as_deref().unwrap_or("?")),
         Status::Stopped => match st.exit_code {
+            Some(c) if st.oom_killed => format!(
+                "Exited ({c}, OOMKilled) at {}",
+                st.finished.as_deref().unwrap_or("?")
+            ),
             Some(c) => format!("Exited ({c}) at {}", st.finished.as_deref().unwrap_or("?")),
             None => format!("Exited at {}", st.finished.as_deref().unwrap_or("?")),
         },

@@ -50,6 +50,9 @@ pub struct ContainerState {
     pub finished: Option<String>,
     /// Exit code (128+n for signal n).
     pub exit_code: Option<i32>,
+    /// The kernel's OOM killer ended it.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 impl ContainerState {
@@ -292,6 +295,7 @@ impl Containers {
             started: None,
             finished: None,
             exit_code: None,
+            oom_killed: false,
         };
         std::fs::create_dir_all(self.dir(&st.id)).map_err(|source| ContainerError::Io {
             what: "create",

@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod caps;
+pub mod cgroup;
 pub mod container;
 pub mod init;
 pub mod mount;

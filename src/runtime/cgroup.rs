@@ -1,0 +1,164 @@
+//! cgroups v1 and v2: memory limit (with OOM detection), CPU quota, pids limit. The layout is
+//! detected: a unified hierarchy with controllers (v2, what servers mostly run) or the
+//! per-controller v1 hierarchies (including the hybrid layout, whose unified part has no
+//! controllers). Each container gets `berth/<id>`; it is removed with the container.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Resource limits of one container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory limit in bytes (swap is not allowed beyond it).
+    pub memory: Option<u64>,
+    /// CPU quota in thousandths of a CPU.
+    pub cpu_millis: Option<u32>,
+    /// Most processes and threads.
+    pub pids: Option<u32>,
+}
+
+/// A container's cgroup.
+#[derive(Debug, Clone)]
+pub enum Cgroup {
+    /// One directory in the unified hierarchy.
+    V2(PathBuf),
+    /// One directory per v1 controller.
+    V1(Vec<PathBuf>),
+}
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CPU_PERIOD: u64 = 100_000;
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    std::fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("write {value:?} to {}: {e}", path.display()),
+        )
+    })
+}
+
+/// True when the unified hierarchy has controllers (cgroup v2).
+pub fn is_v2() -> bool {
+    std::fs::read_to_string(Path::new(ROOT).join("cgroup.controllers"))
+        .is_ok_and(|c| !c.trim().is_empty())
+}
+
+impl Cgroup {
+    /// Creates the cgroup `berth/<id>` with `limits`.
+    pub fn create(id: &str, limits: &Limits) -> io::Result<Cgroup> {
+        if is_v2() {
+            let parent = Path::new(ROOT).join("berth");
+            std::fs::create_dir_all(&parent)?;
+            // Let the controllers reach our level and the container's.
+            for dir in [Path::new(ROOT), parent.as_path()] {
+                let _ = write(&dir.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            }
+            let dir = parent.join(id);
+            std::fs::create_dir_all(&dir)?;
+            if let Some(m) = limits.memory {
+                write(&dir.join("memory.max"), &m.to_string())?;
+                let _ = write(&dir.join("memory.swap.max"), "0");
+            }
+            if let Some(c) = limits.cpu_millis {
+                write(
+                    &dir.join("cpu.max"),
+                    &format!("{} {CPU_PERIOD}", u64::from(c) * CPU_PERIOD / 1000),
+                )?;
+            }
+            if let Some(p) = limits.pids {
+                write(&dir.join("pids.max"), &p.to_string())?;
+            }
+            return Ok(Cgroup::V2(dir));
+        }
+        let mut dirs = Vec::new();
+        for controller in ["memory", "cpu", "pids"] {
+            let base = Path::new(ROOT).join(controller);
+            if !base.is_dir() {
+                continue;
+            }
+            let dir = base.join("berth").join(id);
+            std::fs::create_dir_all(&dir)?;
+            dirs.push(dir);
+        }
+        let cg = Cgroup::V1(dirs);
+        let file = |controller: &str, name: &str| {
+            Path::new(ROOT)
+                .join(controller)
+                .join("berth")
+                .join(id)
+                .join(name)
+        };
+        if let Some(m) = limits.memory {
+            write(&file("memory", "memory.limit_in_bytes"), &m.to_string())?;
+            let memsw = file("memory", "memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                write(&memsw, &m.to_string())?;
+            }
+        }
+        if let Some(c) = limits.cpu_millis {
+            write(&file("cpu", "cpu.cfs_period_us"), &CPU_PERIOD.to_string())?;
+            write(
+                &file("cpu", "cpu.cfs_quota_us"),
+                &(u64::from(c) * CPU_PERIOD / 1000).to_string(),
+            )?;
+        }
+        if let Some(p) = limits.pids {
+            write(&file("pids", "pids.max"), &p.to_string())?;
+        }
+        Ok(cg)
+    }
+
+    /// Moves a process into the cgroup.
+    pub fn add(&self, pid: i32) -> io::Result<()> {
+        match self {
+            Cgroup::V2(dir) => write(&dir.join("cgroup.procs"), &pid.to_string()),
+            Cgroup::V1(dirs) => dirs
+                .iter()
+                .try_for_each(|d| write(&d.join("cgroup.procs"), &pid.to_string())),
+        }
+    }
+
+    /// True when the kernel's OOM killer killed a process of the cgroup.
+    pub fn oom_killed(&self) -> bool {
+        let count = |text: &str, key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match self {
+            Cgroup::V2(dir) => std::fs::read_to_string(dir.join("memory.events"))
+                .is_ok_and(|t| count(&t, "oom_kill ") > 0),
+            Cgroup::V1(dirs) => dirs.iter().any(|d| {
+                std::fs::read_to_string(d.join("memory.oom_control"))
+                    .is_ok_and(|t| count(&t, "oom_kill ") > 0)
+            }),
+        }
+    }
+
+    /// Removes the cgroup (its processes must have exited; retried briefly while the kernel
+    /// finishes tearing them down).
+    pub fn remove(&self) -> io::Result<()> {
+        let dirs: Vec<&PathBuf> = match self {
+            Cgroup::V2(d) => vec![d],
+            Cgroup::V1(ds) => ds.iter().collect(),
+        };
+        for d in dirs {
+            let mut last = Ok(());
+            for _ in 0..50 {
+                last = match std::fs::remove_dir(d) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if last.is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            last?;
+        }
+        Ok(())
+    }
+}
