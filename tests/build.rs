@@ -424,3 +424,89 @@ fn zstd_layers_are_reproducible_and_readable() {
         .collect();
     assert_eq!(digests[0], digests[1]);
 }
+
+#[test]
+fn run_steps_build_the_classic_dockerfile_pattern() {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file("berth.toml", NODE_APP)
+        .file(
+            "app/Dockerfile",
+            "FROM base:1\nARG FLAVOUR=plain\nWORKDIR /app\nCOPY package.json ./\nRUN mkdir -p node_modules && echo \"$FLAVOUR deps\" > node_modules/dep.txt && rm /etc/group\nCOPY . .\nCMD [\"/bin/sh\", \"server.sh\"]\n",
+        )
+        .file("app/package.json", "{\"name\": \"shop\"}\n")
+        .file("app/server.sh", "cat node_modules/dep.txt; test -e /etc/group || echo group-gone\n");
+    let first = p.berth().args(["build"]).run().ok();
+    assert!(
+        first.stdout.contains("RUN mkdir -p node_modules"),
+        "{}",
+        first.stdout
+    );
+    let run = p.berth().args(["run", "--rm", "shop"]).run().ok();
+    assert_eq!(
+        run.stdout, "plain deps\ngroup-gone\n",
+        "the RUN layer's file, and its whiteout"
+    );
+
+    let before = layers(&p, "shop");
+    p.file("app/server.sh", "echo v2\n");
+    let second = p.berth().args(["build", "--explain"]).run().ok();
+    assert!(
+        second
+            .stdout
+            .lines()
+            .any(|l| l.contains("RUN mkdir") && l.contains("HIT")),
+        "{}",
+        second.stdout
+    );
+    let after = layers(&p, "shop");
+    assert_eq!(
+        before[..3],
+        after[..3],
+        "base, package.json and RUN layers are reused"
+    );
+    assert_ne!(before[3], after[3]);
+
+    let third = p
+        .berth()
+        .args(["build", "--explain", "--build-arg", "FLAVOUR=spicy"])
+        .run()
+        .ok();
+    assert!(
+        third
+            .stdout
+            .lines()
+            .any(|l| l.contains("RUN mkdir") && l.contains("MISS")),
+        "a build arg the command sees: {}",
+        third.stdout
+    );
+    assert_eq!(
+        p.berth()
+            .args(["run", "--rm", "shop", "cat", "/app/node_modules/dep.txt"])
+            .run()
+            .ok()
+            .stdout,
+        "spicy deps\n"
+    );
+
+    p.file("app/Dockerfile", "FROM base:1\nRUN echo failing; exit 4\n");
+    let failed = p.berth().args(["build"]).run().code(1);
+    assert!(
+        failed.stderr.contains("RUN failed") && failed.stderr.contains("exited with 4"),
+        "{}",
+        failed.stderr
+    );
+}
+
+#[test]
+fn run_layers_are_reproducible() {
+    let digests: Vec<String> = (0..2)
+        .map(|_| {
+            let p = TempProject::new();
+            p.with_busybox_base();
+            p.file("berth.toml", "[app]\nname = \"r\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\nrun = \"mkdir -p /opt/x && echo same > /opt/x/f && ln -s f /opt/x/l\"\n");
+            p.berth().args(["build"]).run().ok().last_line()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+}

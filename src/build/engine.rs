@@ -35,6 +35,8 @@ pub struct BuildOptions {
     pub labels: Vec<(String, String)>,
     /// Identifies the project, so `--explain` compares with this project's last build.
     pub project_id: String,
+    /// RUN steps get the host's network (`berth build --network host`); default none.
+    pub network_host: bool,
 }
 
 /// How a step went.
@@ -413,7 +415,14 @@ impl Engine<'_> {
                 origin,
                 parent_missed,
             ),
-            StepSpec::Run { .. } => Err(BuildError::RunUnsupported),
+            StepSpec::Run { command, network } => {
+                let host = match network {
+                    Some(crate::manifest::steps::RunNetwork::Host) => true,
+                    Some(crate::manifest::steps::RunNetwork::None) => false,
+                    None => self.opts.network_host,
+                };
+                self.run_step(st, stage, index, command, host, text, origin, parent_missed)
+            }
             other => {
                 meta::apply(&mut st.config, other);
                 st.chain = Digest::of(format!("{}\n{text}", st.chain).as_bytes());
@@ -435,6 +444,135 @@ impl Engine<'_> {
         let mut h = st.config.oci.history().clone().unwrap_or_default();
         h.push(entry);
         st.config.oci.set_history(Some(h));
+    }
+
+    /// A RUN step: cached by the parent chain, the instruction and everything the command
+    /// sees (environment with build args, user, working directory, network); on a miss it
+    /// runs in a container over the image so far and its changes become the layer.
+    #[allow(clippy::too_many_arguments)]
+    fn run_step(
+        &mut self,
+        st: &mut StageState,
+        stage: usize,
+        index: usize,
+        command: &crate::manifest::schema::CommandLine,
+        host: bool,
+        text: String,
+        origin: String,
+        parent_missed: bool,
+    ) -> Result<StepReport, BuildError> {
+        let argv = meta::argv(&st.config, command);
+        let mut env: Vec<String> = meta::env_pairs(&st.config)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        // Build args are variables for RUN (an ENV of the same name wins), as in Docker.
+        for (k, v) in &st.args {
+            if !env
+                .iter()
+                .any(|e| e.split_once('=').map(|(n, _)| n) == Some(k.as_str()))
+            {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, crate::runtime::bundle::DEFAULT_PATH.to_string());
+        }
+        let user = st
+            .config
+            .oci
+            .config()
+            .as_ref()
+            .and_then(|c| c.user().clone())
+            .unwrap_or_default();
+        let cwd = meta::workdir(&st.config);
+        let compression = format!(
+            "{:?}/{:?}",
+            self.opts.compression.algorithm, self.opts.compression.level
+        );
+        let key = Digest::of(
+            format!(
+                "{}\n{text}\n{argv:?}\n{env:?}\n{user}\n{cwd}\n{host}\n{compression}",
+                st.chain
+            )
+            .as_bytes(),
+        );
+        let slot = Digest::of(format!("{}\n{stage}\n{index}", self.opts.project_id).as_bytes());
+        let mut record = ExplainRecord {
+            parent: st.chain.to_string(),
+            base: if index == 0 { st.base.clone() } else { None },
+            instruction: format!("{text} (env {env:?}, user {user:?}, workdir {cwd})"),
+            inputs: BTreeMap::new(),
+            args: st.args.clone(),
+            key: key.to_string(),
+            layer: None,
+        };
+        let last = cache::last_explain(self.store, &slot);
+        let hit = (!self.opts.no_cache)
+            .then(|| cache::lookup_step(self.store, &key))
+            .flatten();
+        let (layer, status) = match hit {
+            Some(layer) => (layer, StepStatus::Hit),
+            None => {
+                let diff_ids = st.config.diff_ids()?;
+                let layers: Vec<crate::runtime::snapshot::LayerRef> = st
+                    .fs_layers
+                    .iter()
+                    .cloned()
+                    .zip(diff_ids)
+                    .map(|((d, m), id)| (d, m, id))
+                    .collect();
+                let reuse_from: Vec<Digest> = last
+                    .as_ref()
+                    .and_then(|l| l.layer.clone())
+                    .into_iter()
+                    .collect();
+                let cmd = super::run::RunCommand {
+                    argv,
+                    env,
+                    user: &user,
+                    cwd: &cwd,
+                    host_network: host,
+                };
+                let layer = super::run::run(
+                    self.store,
+                    &layers,
+                    &cmd,
+                    self.opts.compression,
+                    &reuse_from,
+                    self.opts.epoch,
+                )?;
+                cache::record_step(self.store, &key, &layer);
+                let reason = if self.opts.no_cache {
+                    "--no-cache".to_string()
+                } else {
+                    cache::miss_reason(&record, last.as_ref(), parent_missed)
+                };
+                (layer, StepStatus::Miss(reason))
+            }
+        };
+        record.layer = Some(layer.digest.clone());
+        cache::save_explain(self.store, &slot, &record);
+        st.chain = key;
+        st.fs = None; // What the command changed is known only from its layer: reload lazily.
+        st.layers.push(layer.descriptor());
+        st.fs_layers
+            .push((layer.digest.clone(), layer.media_type.clone()));
+        st.config
+            .oci
+            .rootfs_mut()
+            .diff_ids_mut()
+            .push(layer.diff_id.to_string());
+        self.push_history(st, &text, false);
+        Ok(StepReport {
+            stage: String::new(),
+            number: 0,
+            of: 0,
+            text,
+            origin,
+            status,
+            layer: Some(layer),
+        })
     }
 
     /// Resolves `--chown=user[:group]` against the image's passwd and group files.

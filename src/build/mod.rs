@@ -14,6 +14,7 @@ pub mod layer;
 pub mod meta;
 pub mod plan;
 pub mod provenance;
+pub mod run;
 pub mod shell_words;
 
 pub use engine::{BuildEvent, BuildOptions, BuildOutput, StepReport, StepStatus, build};
@@ -71,9 +72,17 @@ pub enum BuildError {
     /// `--target` names no stage.
     #[error("no build stage named `{0}`")]
     UnknownStage(String),
-    /// RUN needs the container runtime.
-    #[error("RUN steps need berth's container runtime, which this version does not have yet")]
-    RunUnsupported,
+    /// A RUN step's command failed.
+    #[error("RUN failed: {message}")]
+    RunFailed {
+        /// The command's exit code.
+        code: i32,
+        /// What happened.
+        message: String,
+    },
+    /// The runtime could not run a RUN step.
+    #[error("cannot run a RUN step: {0}")]
+    Runtime(String),
     /// A step failed.
     #[error("{origin}: {text}")]
     Step {

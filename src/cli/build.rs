@@ -36,6 +36,9 @@ pub struct BuildArgs {
     /// Build this Dockerfile stage instead of the last.
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,
+    /// Network for RUN steps: none (default) or host.
+    #[arg(long, value_name = "none|host", default_value = "none", value_parser = ["none", "host"])]
+    pub network: String,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -86,6 +89,7 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
         epoch,
         labels: provenance::labels(&dir),
         project_id: format!("{}\n{:?}", abs_context.display(), image.dockerfile),
+        network_host: args.network == "host",
     };
     let store = Store::open(&g.store_dir())?;
     let (json, quiet, explain) = (out.json, out.quiet, args.explain);
@@ -179,9 +183,13 @@ fn truncate(s: &str, n: usize) -> String {
 /// bad Dockerfile word, an unknown base, stage or user; anything else is a failure (exit 1).
 fn build_error(e: BuildError) -> CliError {
     let input = match &e {
-        BuildError::Step { source, .. } => {
-            !matches!(**source, BuildError::Store(_) | BuildError::Context { .. })
-        }
+        BuildError::Step { source, .. } => !matches!(
+            **source,
+            BuildError::Store(_)
+                | BuildError::Context { .. }
+                | BuildError::RunFailed { .. }
+                | BuildError::Runtime(_)
+        ),
         BuildError::UnknownStage(_)
         | BuildError::OutsideContext(_)
         | BuildError::MissingSource(_) => true,

@@ -186,6 +186,7 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             .or_else(|| cfg.user().clone())
             .unwrap_or_default(),
         capabilities: caps::DOCKER_DEFAULT.to_vec(),
+        stdout_to_stderr: false,
     };
     let finish = |st: &mut ContainerState, code: Option<i32>| {
         st.status = Status::Stopped;

@@ -64,6 +64,9 @@ pub struct Launch {
     pub user: String,
     /// Capabilities of a root process (numbers).
     pub capabilities: Vec<u32>,
+    /// Send the command's standard output to standard error (builds keep stdout for
+    /// results).
+    pub stdout_to_stderr: bool,
 }
 
 /// Why a container could not start.
@@ -575,6 +578,15 @@ fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallibl
     caps::set_no_new_privs().map_err(fail("set no_new_privs"))?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     caps::cloexec_from_3().map_err(fail("close inherited descriptors"))?;
+    if l.stdout_to_stderr {
+        // SAFETY: dup2 on the standard descriptors.
+        if unsafe { libc::dup2(2, 1) } < 0 {
+            return Err((
+                125,
+                format!("redirect stdout: {}", io::Error::last_os_error()),
+            ));
+        }
+    }
     nix::unistd::chdir(l.cwd.as_str()).map_err(|e| (125, format!("chdir {}: {e}", l.cwd)))?;
     // Default dispositions and the original mask for the program.
     for sig in Signal::iterator() {

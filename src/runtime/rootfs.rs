@@ -85,28 +85,12 @@ pub fn plan(
     dir: &Path,
     allow_overlay: bool,
 ) -> Result<(Rootfs, Option<mount::Mount>), RootfsError> {
+    if allow_overlay && mount::overlay_supported() {
+        let (rootfs, m) = overlay_for_layers(store, &snapshot::layers_of(image)?, dir)?;
+        return Ok((rootfs, Some(m)));
+    }
     let path = dir.join("rootfs");
     mkdir(&path)?;
-    if allow_overlay && mount::overlay_supported() {
-        let mut lowers = snapshot::snapshots(store, image)?;
-        if lowers.is_empty() {
-            let empty = dir.join("empty");
-            mkdir(&empty)?;
-            lowers.push(empty);
-        }
-        let (upper, work) = (dir.join("upper"), dir.join("work"));
-        mkdir(&upper)?;
-        mkdir(&work)?;
-        let plan = mount::overlay_rootfs(&lowers, &upper, &work, &path)?;
-        return Ok((
-            Rootfs {
-                dir: dir.to_path_buf(),
-                path,
-                kind: RootfsKind::Overlay,
-            },
-            Some(plan),
-        ));
-    }
     snapshot::flatten(store, image, &path)?;
     Ok((
         Rootfs {
@@ -115,6 +99,36 @@ pub fn plan(
             kind: RootfsKind::Copy,
         },
         None,
+    ))
+}
+
+/// The overlay mount over a stack of layers (bottom first) with a fresh upper and work
+/// directory in `dir`; what a build's RUN step runs in, its upper directory becoming the
+/// step's layer.
+pub fn overlay_for_layers(
+    store: &Store,
+    layers: &[snapshot::LayerRef],
+    dir: &Path,
+) -> Result<(Rootfs, mount::Mount), RootfsError> {
+    let path = dir.join("rootfs");
+    mkdir(&path)?;
+    let mut lowers = snapshot::snapshots_of(store, layers)?;
+    if lowers.is_empty() {
+        let empty = dir.join("empty");
+        mkdir(&empty)?;
+        lowers.push(empty);
+    }
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    mkdir(&upper)?;
+    mkdir(&work)?;
+    let plan = mount::overlay_rootfs(&lowers, &upper, &work, &path)?;
+    Ok((
+        Rootfs {
+            dir: dir.to_path_buf(),
+            path,
+            kind: RootfsKind::Overlay,
+        },
+        plan,
     ))
 }
 

@@ -119,16 +119,30 @@ pub fn snapshot(
     Ok(fs)
 }
 
-/// The snapshots of every layer of an image, bottom first.
-pub fn snapshots(store: &Store, image: &StoredImage) -> Result<Vec<PathBuf>, SnapshotError> {
+/// A layer to stack: blob digest, media type, diff_id.
+pub type LayerRef = (Digest, String, DiffId);
+
+/// The layers of an image, bottom first.
+pub fn layers_of(image: &StoredImage) -> Result<Vec<LayerRef>, SnapshotError> {
     let diff_ids = image.config.diff_ids()?;
-    image
+    Ok(image
         .layers()
         .into_iter()
-        .zip(&diff_ids)
-        .map(|((digest, desc), diff_id)| {
-            snapshot(store, &digest, desc.media_type().as_ref(), diff_id)
-        })
+        .zip(diff_ids)
+        .map(|((d, desc), id)| (d, desc.media_type().to_string(), id))
+        .collect())
+}
+
+/// The snapshots of every layer of an image, bottom first.
+pub fn snapshots(store: &Store, image: &StoredImage) -> Result<Vec<PathBuf>, SnapshotError> {
+    snapshots_of(store, &layers_of(image)?)
+}
+
+/// The snapshots of the given layers, bottom first.
+pub fn snapshots_of(store: &Store, layers: &[LayerRef]) -> Result<Vec<PathBuf>, SnapshotError> {
+    layers
+        .iter()
+        .map(|(digest, media_type, diff_id)| snapshot(store, digest, media_type, diff_id))
         .collect()
 }
 

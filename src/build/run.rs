@@ -1,0 +1,272 @@
+//! RUN steps: the command runs in a container over the image built so far (an overlay of its
+//! layers' snapshots, network off unless asked for); the overlay's upper directory is then
+//! written as the step's layer. Deletions there are overlay whiteouts (0:0 character
+//! devices) and opaque directories (`trusted.overlay.opaque`); they become OCI whiteouts
+//! (`.wh.NAME`, `.wh..wh..opq`). Times are normalised like every other layer.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::BuildError;
+use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
+use crate::runtime::process::{self, Launch, LaunchError, Network};
+use crate::runtime::snapshot::LayerRef;
+use crate::runtime::{caps, rootfs};
+use crate::store::{Digest, Store};
+
+/// What a RUN step runs.
+pub struct RunCommand<'a> {
+    /// argv (shell form already wrapped in the image's shell).
+    pub argv: Vec<String>,
+    /// Environment, `K=V`.
+    pub env: Vec<String>,
+    /// User.
+    pub user: &'a str,
+    /// Working directory.
+    pub cwd: &'a str,
+    /// Use the host's network.
+    pub host_network: bool,
+}
+
+/// Directories the runtime mounts over; empty ones in the upper directory are not layer content.
+const MOUNT_POINTS: [&str; 3] = ["dev", "proc", "sys"];
+
+/// Paths berth writes into a RUN container for networking; never part of the layer.
+const NETWORK_FILES: [&str; 3] = ["etc/hostname", "etc/hosts", "etc/resolv.conf"];
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Context {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs `cmd` over `layers` and returns the layer of what it changed.
+pub fn run(
+    store: &Store,
+    layers: &[LayerRef],
+    cmd: &RunCommand<'_>,
+    compression: LayerCompression,
+    reuse_from: &[Digest],
+    epoch: u64,
+) -> Result<Layer, BuildError> {
+    if !crate::runtime::mount::overlay_supported() {
+        return Err(BuildError::Runtime(
+            "RUN steps need overlayfs, which this kernel does not offer".into(),
+        ));
+    }
+    let tmp_base = store.state_dir().join("tmp");
+    std::fs::create_dir_all(&tmp_base).map_err(io(&tmp_base))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&tmp_base)
+        .map_err(io(&tmp_base))?;
+    let (fs, overlay) = rootfs::overlay_for_layers(store, layers, tmp.path())
+        .map_err(|e| BuildError::Runtime(e.to_string()))?;
+    let mut etc_files = Vec::new();
+    if cmd.host_network {
+        for (name, src, dest) in [
+            ("hosts", "/etc/hosts", "/etc/hosts"),
+            ("resolv.conf", "/etc/resolv.conf", "/etc/resolv.conf"),
+        ] {
+            let p = tmp.path().join(name);
+            std::fs::write(&p, std::fs::read(src).unwrap_or_default()).map_err(io(&p))?;
+            etc_files.push((p, dest));
+        }
+    }
+    let launch = Launch {
+        overlay: Some(overlay),
+        rootfs: fs.path.clone(),
+        etc_files,
+        hostname: "berth-build".into(),
+        network: if cmd.host_network {
+            Network::Host
+        } else {
+            Network::None
+        },
+        read_only: false,
+        args: cmd.argv.clone(),
+        env: cmd.env.clone(),
+        cwd: cmd.cwd.to_string(),
+        user: cmd.user.to_string(),
+        capabilities: caps::DOCKER_DEFAULT.to_vec(),
+        stdout_to_stderr: true,
+    };
+    let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| match e {
+        LaunchError::Container { message, code } => BuildError::RunFailed { code, message },
+        other => BuildError::Runtime(other.to_string()),
+    })?;
+    let code = started
+        .wait()
+        .map_err(|e| BuildError::Runtime(format!("waiting for the RUN container: {e}")))?;
+    if code != 0 {
+        return Err(BuildError::RunFailed {
+            code,
+            message: format!("the command exited with {code}"),
+        });
+    }
+    let exclude: &[&str] = if cmd.host_network {
+        &NETWORK_FILES
+    } else {
+        &[]
+    };
+    upper_to_layer(
+        store,
+        &tmp.path().join("upper"),
+        exclude,
+        compression,
+        reuse_from,
+        epoch,
+    )
+}
+
+/// True for an overlay whiteout: a character device 0:0.
+fn is_whiteout(md: &std::fs::Metadata) -> bool {
+    md.file_type().is_char_device() && md.rdev() == 0
+}
+
+/// True for a directory overlayfs marked opaque.
+fn is_opaque(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut buf = [0u8; 2];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given size.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n == 1 && buf[0] == b'y'
+}
+
+/// Writes an overlay upper directory as a layer, whiteouts converted.
+pub fn upper_to_layer(
+    store: &Store,
+    upper: &Path,
+    exclude: &[&str],
+    compression: LayerCompression,
+    reuse_from: &[Digest],
+    epoch: u64,
+) -> Result<Layer, BuildError> {
+    let mut w = LayerWriter::new(store, compression, reuse_from)?;
+    let mut links: HashMap<(u64, u64), String> = HashMap::new();
+    walk(&mut w, upper, String::new(), exclude, &mut links, epoch)?;
+    Ok(w.finish()?)
+}
+
+fn walk(
+    w: &mut LayerWriter,
+    upper: &Path,
+    rel: String,
+    exclude: &[&str],
+    links: &mut HashMap<(u64, u64), String>,
+    epoch: u64,
+) -> Result<(), BuildError> {
+    let dir: PathBuf = if rel.is_empty() {
+        upper.to_path_buf()
+    } else {
+        upper.join(&rel)
+    };
+    let mut names: Vec<String> = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+        let e = e.map_err(io(&dir))?;
+        names.push(
+            e.file_name()
+                .into_string()
+                .map_err(|n| BuildError::NonUtf8Path(dir.join(n)))?,
+        );
+    }
+    names.sort();
+    for name in names {
+        let child = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
+        if exclude.contains(&child.as_str()) {
+            continue;
+        }
+        // Mount points the runtime made for /proc, /dev and /sys: what is written under them
+        // goes to the mounted filesystems, so an empty one is only an artefact of running.
+        if rel.is_empty()
+            && MOUNT_POINTS.contains(&name.as_str())
+            && std::fs::read_dir(upper.join(&name)).is_ok_and(|mut d| d.next().is_none())
+        {
+            continue;
+        }
+        let abs = upper.join(&child);
+        let md = std::fs::symlink_metadata(&abs).map_err(io(&abs))?;
+        let meta = EntryMeta {
+            mode: md.mode() & 0o7777,
+            uid: u64::from(md.uid()),
+            gid: u64::from(md.gid()),
+            mtime: epoch,
+        };
+        let werr = io(&abs);
+        let ft = md.file_type();
+        if is_whiteout(&md) {
+            let wh = if rel.is_empty() {
+                format!(".wh.{name}")
+            } else {
+                format!("{rel}/.wh.{name}")
+            };
+            w.file(
+                &wh,
+                &EntryMeta {
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    mtime: epoch,
+                },
+                0,
+                std::io::empty(),
+            )
+            .map_err(&werr)?;
+        } else if ft.is_dir() {
+            w.dir(&child, &meta).map_err(&werr)?;
+            if is_opaque(&abs) {
+                w.file(
+                    &format!("{child}/.wh..wh..opq"),
+                    &EntryMeta {
+                        mode: 0o644,
+                        uid: 0,
+                        gid: 0,
+                        mtime: epoch,
+                    },
+                    0,
+                    std::io::empty(),
+                )
+                .map_err(&werr)?;
+            }
+            walk(w, upper, child, exclude, links, epoch)?;
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&abs).map_err(&werr)?;
+            w.symlink(&child, &target.to_string_lossy(), &meta)
+                .map_err(&werr)?;
+        } else if ft.is_file() {
+            if md.nlink() > 1 {
+                if let Some(first) = links.get(&(md.dev(), md.ino())) {
+                    w.hardlink(&child, first, &meta).map_err(&werr)?;
+                    continue;
+                }
+                links.insert((md.dev(), md.ino()), child.clone());
+            }
+            let f = File::open(&abs).map_err(&werr)?;
+            w.file(&child, &meta, md.len(), std::io::BufReader::new(f))
+                .map_err(&werr)?;
+        } else {
+            return Err(BuildError::SpecialFile(format!(
+                "/{child} (made by a RUN step)"
+            )));
+        }
+    }
+    Ok(())
+}
