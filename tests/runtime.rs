@@ -335,3 +335,80 @@ fn cgroup_limits_stop_allocators_and_fork_bombs() {
     let quota = run_in(&p, &["--cpus", "0.5", "base:1", "true"]);
     assert_eq!(quota.code, 0);
 }
+
+#[test]
+fn berth_and_runc_agree_on_the_same_image() {
+    require("runc", "runc");
+    let p = runner();
+    let probe = "id; hostname; grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status; grep NoNewPrivs /proc/self/status; \
+                 for m in /proc /dev /dev/pts /dev/shm /dev/mqueue /sys; do grep -q \" $m \" /proc/mounts && echo mounted $m; done";
+    p.file("berth.toml", &format!("[app]\nname = \"cmp\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncmd = [\"/bin/sh\", \"-c\", \"{}\"]\n", probe.replace('\\', "\\\\").replace('"', "\\\"")));
+    p.berth().args(["build"]).run().ok();
+    let ours = p
+        .berth()
+        .args(["run", "--rm", "--hostname", "same", "cmp"])
+        .run()
+        .ok()
+        .stdout;
+    let bundle = p.path().join("bundle");
+    p.berth()
+        .args(["bundle", "cmp"])
+        .args([&bundle])
+        .args(["--hostname", "same"])
+        .run()
+        .ok();
+    let id = format!("berth-cmp-{}", std::process::id());
+    let _cleanup = RuncContainer(id.clone());
+    let theirs = Command::new("runc")
+        .args(["run", "--bundle"])
+        .arg(&bundle)
+        .arg(&id)
+        .output()
+        .unwrap();
+    assert!(
+        theirs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+    assert_eq!(
+        ours,
+        String::from_utf8_lossy(&theirs.stdout),
+        "berth and runc see the same process"
+    );
+    assert!(
+        ours.contains("mounted /dev/pts") && ours.contains("CapBnd:\t00000000a80425fb"),
+        "{ours}"
+    );
+}
+
+#[test]
+fn containers_cannot_load_modules_or_see_host_mounts() {
+    let p = runner();
+    let out = run_in(
+        &p,
+        &[
+            "base:1",
+            "/bin/sh",
+            "-c",
+            "insmod /nonexistent.ko 2>&1; cat /proc/mounts",
+        ],
+    )
+    .stdout;
+    assert!(
+        !out.contains(env!("CARGO_MANIFEST_DIR")),
+        "the host's mounts are out of sight: {out}"
+    );
+    assert!(
+        !out.contains("/var/lib/containers") && !out.contains(" /boot "),
+        "{out}"
+    );
+    let modules = run_in(
+        &p,
+        &["base:1", "/bin/sh", "-c", "grep CapEff /proc/self/status"],
+    )
+    .ok()
+    .stdout;
+    // CAP_SYS_MODULE is bit 16: not in the effective set.
+    let eff = u64::from_str_radix(modules.trim().trim_start_matches("CapEff:").trim(), 16).unwrap();
+    assert_eq!(eff & (1 << 16), 0, "no CAP_SYS_MODULE");
+}

@@ -90,13 +90,15 @@ pub fn write_bundle(
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(0, DEFAULT_PATH.to_string());
     }
-    let (uid, gid) =
+    let user =
         resolve_user(&rootfs, cfg.user().as_deref().unwrap_or("")).map_err(BundleError::User)?;
     let caps: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
         .permitted(caps)
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
         .build()
         .expect("capability sets are given");
 
@@ -118,8 +120,9 @@ pub fn write_bundle(
     );
     process.set_user(
         UserBuilder::default()
-            .uid(uid)
-            .gid(gid)
+            .uid(user.uid)
+            .gid(user.gid)
+            .additional_gids(user.groups)
             .build()
             .expect("uid and gid are given"),
     );

@@ -46,14 +46,14 @@ struct CapData {
     inheritable: u32,
 }
 
-/// Sets the effective, permitted and inheritable sets to exactly `caps`.
+/// Sets the effective and permitted sets to exactly `caps`, and the inheritable and ambient
+/// sets to nothing (as Docker does since CVE-2022-24769).
 pub fn set_capabilities(caps: &[u32]) -> io::Result<()> {
     let mut data = [CapData::default(); 2];
     for &c in caps {
         let (word, bit) = ((c / 32) as usize, 1u32 << (c % 32));
         data[word].effective |= bit;
         data[word].permitted |= bit;
-        data[word].inheritable |= bit;
     }
     let mut header = CapHeader {
         version: 0x2008_0522,

@@ -568,8 +568,10 @@ fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallibl
     nix::unistd::setsid().map_err(fail("setsid"))?;
     caps::drop_bounding(&l.capabilities).map_err(fail("drop capabilities"))?;
     // After pivot_root, "/" is the container's root: its passwd and group are read there.
-    let (uid, gid) = super::users::resolve_user(Path::new("/"), &l.user).map_err(|e| (125, e))?;
-    nix::unistd::setgroups(&[Gid::from_raw(gid)]).map_err(fail("setgroups"))?;
+    let user = super::users::resolve_user(Path::new("/"), &l.user).map_err(|e| (125, e))?;
+    let (uid, gid) = (user.uid, user.gid);
+    let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    nix::unistd::setgroups(&groups).map_err(fail("setgroups"))?;
     nix::unistd::setgid(Gid::from_raw(gid)).map_err(fail("setgid"))?;
     nix::unistd::setuid(Uid::from_raw(uid)).map_err(fail("setuid"))?;
     if uid == 0 {

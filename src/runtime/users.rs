@@ -51,12 +51,33 @@ pub fn read_in_root(root: &Path, rel: &str, limit: u64) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// A user resolved in an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups: the primary group and every group of `/etc/group` that lists
+    /// the user as a member, as Docker gives them.
+    pub groups: Vec<u32>,
+}
+
+/// Groups of `/etc/group` text that list `name` as a member.
+fn memberships(group: &str, name: &str) -> Vec<u32> {
+    group
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[3].split(',').any(|m| m == name)).then(|| f[2].parse().ok())?
+        })
+        .collect()
+}
+
 /// Resolves an image's `USER` (`name`, `uid`, `name:group`, `uid:gid`; empty is root)
-/// against the passwd and group files of `root`. Returns (uid, gid).
-pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
-    if user.is_empty() {
-        return Ok((0, 0));
-    }
+/// against the passwd and group files of `root`.
+pub fn resolve_user(root: &Path, user: &str) -> Result<ResolvedUser, String> {
+    let user = if user.is_empty() { "0" } else { user };
     let (u, g) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
@@ -66,20 +87,34 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     };
-    let (uid, primary) = match (u.parse::<u32>(), lookup_user(&text("etc/passwd"), u)) {
+    let passwd = text("etc/passwd");
+    let group_file = text("etc/group");
+    let (uid, primary) = match (u.parse::<u32>(), lookup_user(&passwd, u)) {
         (_, Some((uid, gid))) => (uid as u32, gid as u32),
         (Ok(uid), None) => (uid, 0),
         (Err(_), None) => return Err(format!("no user `{u}` in the image's /etc/passwd")),
     };
     let gid = match g {
         None => primary,
-        Some(g) => match (g.parse::<u32>(), lookup_group(&text("etc/group"), g)) {
+        Some(g) => match (g.parse::<u32>(), lookup_group(&group_file, g)) {
             (Ok(gid), _) => gid,
             (Err(_), Some(gid)) => gid as u32,
             (Err(_), None) => return Err(format!("no group `{g}` in the image's /etc/group")),
         },
     };
-    Ok((uid, gid))
+    let name = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && f[2] == uid.to_string()).then(|| f[0].to_string())
+    });
+    let mut groups = vec![gid];
+    if let Some(name) = name {
+        for extra in memberships(&group_file, &name) {
+            if !groups.contains(&extra) {
+                groups.push(extra);
+            }
+        }
+    }
+    Ok(ResolvedUser { uid, gid, groups })
 }
 
 #[cfg(test)]
@@ -111,8 +146,20 @@ mod tests {
             "app:x:1000:1000::/home/app:/bin/sh\n",
         )
         .unwrap();
-        assert_eq!(resolve_user(root.path(), "app").unwrap(), (1000, 1000));
-        assert_eq!(resolve_user(root.path(), "1000:5").unwrap(), (1000, 5));
-        assert_eq!(resolve_user(root.path(), "").unwrap(), (0, 0));
+        std::fs::write(
+            root.path().join("etc/group"),
+            "app:x:1000:\nstaff:x:50:app,bob\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("shadow", root.path().join("etc/passwd2")).unwrap();
+        let app = resolve_user(root.path(), "app").unwrap();
+        assert_eq!(
+            (app.uid, app.gid, app.groups),
+            (1000, 1000, vec![1000, 50]),
+            "memberships from /etc/group"
+        );
+        let numeric = resolve_user(root.path(), "1000:5").unwrap();
+        assert_eq!((numeric.uid, numeric.gid), (1000, 5));
+        assert_eq!(resolve_user(root.path(), "").unwrap().uid, 0);
     }
 }
