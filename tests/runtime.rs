@@ -412,3 +412,30 @@ fn containers_cannot_load_modules_or_see_host_mounts() {
     let eff = u64::from_str_radix(modules.trim().trim_start_matches("CapEff:").trim(), 16).unwrap();
     assert_eq!(eff & (1 << 16), 0, "no CAP_SYS_MODULE");
 }
+
+#[test]
+fn the_seccomp_filter_blocks_what_capabilities_allow() {
+    let p = runner();
+    // A user namespace needs no capability: only the seccomp filter stops it.
+    let out = run_in(
+        &p,
+        &[
+            "base:1",
+            "/bin/sh",
+            "-c",
+            "grep -E '^Seccomp:' /proc/self/status; unshare -U true; echo unshare=$?",
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout.contains("Seccomp:\t2"),
+        "a filter is installed: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("unshare=1") && out.stderr.contains("Operation not permitted"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+}

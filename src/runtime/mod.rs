@@ -12,6 +12,7 @@ pub mod init;
 pub mod mount;
 pub mod process;
 pub mod rootfs;
+pub mod seccomp;
 pub mod snapshot;
 pub mod unpack;
 pub mod users;

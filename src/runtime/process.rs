@@ -616,6 +616,8 @@ fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallibl
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .map_err(fail("environment"))?;
+    // Last: from here on the filter applies.
+    super::seccomp::install().map_err(fail("install the seccomp filter"))?;
     let e = nix::unistd::execve(&cpath, &argv, &envp).unwrap_err();
     let code = if e == nix::errno::Errno::ENOENT {
         127
