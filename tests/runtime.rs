@@ -439,3 +439,36 @@ fn the_seccomp_filter_blocks_what_capabilities_allow() {
         out.stderr
     );
 }
+
+#[test]
+fn stdin_is_attached_only_with_i_and_limits_are_set() {
+    use std::io::Write;
+    let p = runner();
+    let run_with_input = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["run", "--rm"])
+            .args(args)
+            .env("BERTH_STORE", p.store())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"typed\n").unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    assert_eq!(run_with_input(&["-i", "base:1", "cat"]), "typed\n");
+    assert_eq!(
+        run_with_input(&["base:1", "cat"]),
+        "",
+        "without -i the container reads /dev/null"
+    );
+    let limits = run_in(&p, &["base:1", "/bin/sh", "-c", "ulimit -n; ulimit -Hn"])
+        .ok()
+        .stdout;
+    let values: Vec<u64> = limits.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(
+        values[0], values[1],
+        "soft and hard open-file limits agree: {limits}"
+    );
+    assert!(values[0] >= 1024);
+}

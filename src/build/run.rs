@@ -95,6 +95,7 @@ pub fn run(
         user: cmd.user.to_string(),
         capabilities: caps::DOCKER_DEFAULT.to_vec(),
         stdout_to_stderr: true,
+        stdin: false,
     };
     let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| match e {
         LaunchError::Container { message, code } => BuildError::RunFailed { code, message },

@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Remove the container when it exits.
     #[arg(long)]
     pub rm: bool,
+    /// Keep standard input open (otherwise the container reads /dev/null).
+    #[arg(short, long)]
+    pub interactive: bool,
     /// The container's name [default: generated].
     #[arg(long)]
     pub name: Option<String>,
@@ -187,6 +190,7 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             .unwrap_or_default(),
         capabilities: caps::DOCKER_DEFAULT.to_vec(),
         stdout_to_stderr: false,
+        stdin: args.interactive,
     };
     let finish = |st: &mut ContainerState, code: Option<i32>| {
         st.status = Status::Stopped;

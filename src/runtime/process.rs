@@ -67,7 +67,12 @@ pub struct Launch {
     /// Send the command's standard output to standard error (builds keep stdout for
     /// results).
     pub stdout_to_stderr: bool,
+    /// Keep standard input attached (`-i`); otherwise the command reads `/dev/null`.
+    pub stdin: bool,
 }
+
+/// Open-file limit given to containers (soft = hard), capped by the host's hard limit.
+pub const NOFILE: u64 = 1 << 20;
 
 /// Why a container could not start.
 #[derive(Debug, thiserror::Error)]
@@ -580,6 +585,18 @@ fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallibl
     caps::set_no_new_privs().map_err(fail("set no_new_privs"))?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     caps::cloexec_from_3().map_err(fail("close inherited descriptors"))?;
+    if !l.stdin {
+        let null = File::open("/dev/null").map_err(fail("open /dev/null"))?;
+        // SAFETY: dup2 onto standard input.
+        if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
+            return Err((125, format!("detach stdin: {}", io::Error::last_os_error())));
+        }
+    }
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(fail("read limits"))?;
+    let nofile = NOFILE.min(hard);
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, nofile, nofile)
+        .map_err(fail("set the open-file limit"))?;
     if l.stdout_to_stderr {
         // SAFETY: dup2 on the standard descriptors.
         if unsafe { libc::dup2(2, 1) } < 0 {
