@@ -310,7 +310,7 @@ impl Containers {
     pub fn save(&self, st: &ContainerState) -> Result<(), ContainerError> {
         let path = self.dir(&st.id).join("state.json");
         let bytes = serde_json::to_vec_pretty(st).expect("state serialises");
-        Ok(self.store.write_atomic(&path, &bytes)?)
+        Ok(self.store.replace_file(&path, &bytes)?)
     }
 
     /// Deletes a container's record and directory (its root filesystem must be torn down).

@@ -250,6 +250,22 @@ impl Store {
         sync_dir(dir)
     }
 
+    /// Replaces `path` with `bytes` atomically (temp file, rename) without waiting for the
+    /// disk: for state rewritten on every transition (container records), where a crash may
+    /// lose the last transition but never leaves a torn file.
+    pub fn replace_file(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let dir = path.parent().expect("store paths have a parent");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(dir)
+            .map_err(StoreError::io("cannot create a temp file in", dir))?;
+        tmp.write_all(bytes)
+            .map_err(StoreError::io("cannot write", tmp.path()))?;
+        tmp.persist(path)
+            .map_err(|e| StoreError::io("cannot replace", path)(e.error))?;
+        Ok(())
+    }
+
     /// Takes the store's exclusive lock (held until the guard drops). Index updates and GC
     /// run under it, so concurrent berth processes never lose each other's tags.
     pub fn lock(&self) -> Result<StoreLock> {
