@@ -472,3 +472,46 @@ fn stdin_is_attached_only_with_i_and_limits_are_set() {
     );
     assert!(values[0] >= 1024);
 }
+
+#[test]
+fn capabilities_can_be_added_and_dropped_and_zombies_are_reaped() {
+    let p = runner();
+    let caps = run_in(
+        &p,
+        &[
+            "--cap-add",
+            "SYS_PTRACE",
+            "--cap-drop",
+            "NET_RAW",
+            "base:1",
+            "grep",
+            "CapEff",
+            "/proc/self/status",
+        ],
+    )
+    .ok()
+    .stdout;
+    let eff = u64::from_str_radix(caps.trim().trim_start_matches("CapEff:").trim(), 16).unwrap();
+    assert_eq!(
+        (eff >> 19 & 1, eff >> 13 & 1),
+        (1, 0),
+        "SYS_PTRACE added, NET_RAW dropped: {caps}"
+    );
+    run_in(&p, &["--cap-add", "FLY", "base:1", "true"]).code(2);
+    // An orphan that exits is reparented to PID 1 and must be reaped, not left a zombie.
+    let ps = run_in(
+        &p,
+        &[
+            "base:1",
+            "/bin/sh",
+            "-c",
+            "(sleep 0.2 &); sleep 0.6; ps -o stat,comm",
+        ],
+    )
+    .ok()
+    .stdout;
+    assert!(
+        !ps.lines().any(|l| l.trim_start().starts_with('Z')),
+        "no zombies: {ps}"
+    );
+}

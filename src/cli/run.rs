@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// Most processes and threads.
     #[arg(long, value_name = "N")]
     pub pids_limit: Option<u32>,
+    /// Add a capability to Docker's default set (e.g. NET_ADMIN; ALL).
+    #[arg(long, value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Remove a capability from the set (e.g. NET_RAW; ALL).
+    #[arg(long, value_name = "CAP")]
+    pub cap_drop: Vec<String>,
     /// The image.
     pub image: String,
     /// Command and arguments (over the image's CMD).
@@ -188,7 +194,8 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             .clone()
             .or_else(|| cfg.user().clone())
             .unwrap_or_default(),
-        capabilities: caps::DOCKER_DEFAULT.to_vec(),
+        capabilities: caps::effective_set(&args.cap_add, &args.cap_drop)
+            .map_err(|e| CliError::invalid(miette!("{e}")))?,
         stdout_to_stderr: false,
         stdin: args.interactive,
     };

@@ -121,3 +121,100 @@ pub fn cloexec_from_3() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Capability names by number (`capability.h`).
+const NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// A capability by name, as Docker's `--cap-add` takes it: `NET_ADMIN`, `CAP_NET_ADMIN`,
+/// `net_admin`; `ALL` stands for every capability.
+pub fn parse(name: &str) -> Result<Vec<u32>, String> {
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    if bare == "ALL" {
+        return Ok((0..=last_cap().min(NAMES.len() as u32 - 1)).collect());
+    }
+    NAMES
+        .iter()
+        .position(|n| *n == bare)
+        .map(|i| vec![i as u32])
+        .ok_or_else(|| format!("`{name}` is not a capability (e.g. NET_ADMIN, SYS_PTRACE)"))
+}
+
+/// Docker's default set with `add` added and `drop` removed (drops win, as in Docker).
+pub fn effective_set(add: &[String], drop: &[String]) -> Result<Vec<u32>, String> {
+    let mut set: Vec<u32> = DOCKER_DEFAULT.to_vec();
+    for a in add {
+        for c in parse(a)? {
+            if !set.contains(&c) {
+                set.push(c);
+            }
+        }
+    }
+    for d in drop {
+        let gone = parse(d)?;
+        set.retain(|c| !gone.contains(c));
+    }
+    set.sort_unstable();
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_sets() {
+        assert_eq!(parse("NET_ADMIN").unwrap(), [12]);
+        assert_eq!(parse("cap_sys_ptrace").unwrap(), [19]);
+        assert!(parse("FLY").is_err());
+        let set = effective_set(
+            &["SYS_PTRACE".into()],
+            &["NET_RAW".into(), "cap_mknod".into()],
+        )
+        .unwrap();
+        assert!(set.contains(&19) && !set.contains(&13) && !set.contains(&27) && set.contains(&0));
+        assert!(effective_set(&[], &["ALL".into()]).unwrap().is_empty());
+    }
+}
