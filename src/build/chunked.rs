@@ -157,6 +157,16 @@ fn output_thread<W: Write>(
 ) -> io::Result<Output<W>> {
     let header: &[u8] = if codec == Codec::Gzip { &HEADER } else { &[] };
     inner.write_all(header)?;
+    // The diff_id is hashed on a thread of its own: with the blob's digest and the writes
+    // on this one, neither SHA-256 pass waits for the other.
+    let (to_hasher, hasher_rx) = sync_channel::<Vec<u8>>(4);
+    let hasher = std::thread::spawn(move || {
+        let mut h = Sha256::new();
+        for data in hasher_rx {
+            h.update(&data);
+        }
+        h
+    });
     let mut out = Output {
         index: ChunkIndex {
             codec,
@@ -169,9 +179,12 @@ fn output_thread<W: Write>(
         inner,
     };
     let mut written = header.len() as u64;
+    let mut result = Ok(());
     for done in rx {
-        out.uncompressed.update(&done.data);
-        out.inner.write_all(&done.compressed)?;
+        if let Err(e) = out.inner.write_all(&done.compressed) {
+            result = Err(e);
+            break;
+        }
         out.crc.combine(&done.crc);
         out.index.chunks.push(ChunkEntry {
             hash: hex::encode(done.hash),
@@ -182,8 +195,16 @@ fn output_thread<W: Write>(
         written += done.compressed.len() as u64;
         out.stats.chunks += 1;
         out.stats.reused += usize::from(done.reused);
+        if to_hasher.send(done.data).is_err() {
+            result = Err(io::Error::other("the diff_id thread stopped"));
+            break;
+        }
     }
-    Ok(out)
+    drop(to_hasher);
+    out.uncompressed = hasher
+        .join()
+        .map_err(|_| io::Error::other("the diff_id thread panicked"))?;
+    result.map(|()| out)
 }
 
 struct Pool {
