@@ -126,7 +126,7 @@ fn etc_files(
 }
 
 /// Runs `berth run`: attached, exits with the container's code.
-pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliError> {
+pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliError> {
     let store = Store::open(&g.store_dir())?;
     let image = store.load_image(&args.image)?;
     let containers = Containers::new(&store).map_err(failed)?;
@@ -218,10 +218,9 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             finish(&mut st, None);
             let _ = containers.save(&st);
             let _ = cg.remove();
-            cleanup(&containers, &st, &fs, args.rm);
+            cleanup(&containers, &st, args.rm);
             return Err(match e {
                 LaunchError::Container { message, code } => {
-                    let _ = out.note("");
                     eprintln!("berth: {message}");
                     CliError {
                         kind: ExitKind::Code(code as u8),
@@ -252,7 +251,7 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             st.name
         );
     }
-    cleanup(&containers, &st, &fs, args.rm);
+    cleanup(&containers, &st, args.rm);
     if code == 0 {
         Ok(())
     } else {
@@ -263,11 +262,10 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
     }
 }
 
-/// Removes the container's root filesystem and record when `--rm` was given.
-fn cleanup(containers: &Containers, st: &ContainerState, fs: &rootfs::Rootfs, remove: bool) {
+/// Removes the container (record and directory, root filesystem included) when `--rm` was
+/// given. Its overlay lived in the container's mount namespace, which is gone.
+fn cleanup(containers: &Containers, st: &ContainerState, remove: bool) {
     if remove {
-        // The overlay lived in the container's mount namespace, which is gone.
-        let _ = std::fs::remove_dir_all(&fs.dir);
         let _ = containers.remove(st);
     }
 }
@@ -347,7 +345,6 @@ pub fn rm(g: &GlobalOpts, args: &RmArgs, out: &mut Output) -> Result<(), CliErro
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(containers.dir(&st.id));
         containers.remove(&st).map_err(failed)?;
         if out.json {
             out.json_value(&json!({ "removed": st.id }))?;

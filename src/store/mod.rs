@@ -345,11 +345,6 @@ impl Write for BlobWriter {
 }
 
 impl BlobWriter {
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.inner.count()
-    }
-
     /// Flushes, fsyncs, checks digest and size against `expected` (when given) and renames
     /// the ingest file to the blob's final name. Returns the digest and size.
     pub fn commit(self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
