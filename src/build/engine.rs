@@ -553,26 +553,8 @@ impl Engine<'_> {
         };
         record.layer = Some(layer.digest.clone());
         cache::save_explain(self.store, &slot, &record);
-        st.chain = key;
         st.fs = None; // What the command changed is known only from its layer: reload lazily.
-        st.layers.push(layer.descriptor());
-        st.fs_layers
-            .push((layer.digest.clone(), layer.media_type.clone()));
-        st.config
-            .oci
-            .rootfs_mut()
-            .diff_ids_mut()
-            .push(layer.diff_id.to_string());
-        self.push_history(st, &text, false);
-        Ok(StepReport {
-            stage: String::new(),
-            number: 0,
-            of: 0,
-            text,
-            origin,
-            status,
-            layer: Some(layer),
-        })
+        Ok(self.add_layer(st, key, layer, text, origin, status))
     }
 
     /// Resolves `--chown=user[:group]` against the image's passwd and group files.
@@ -762,14 +744,30 @@ impl Engine<'_> {
         record.key = key.to_string();
         record.layer = Some(layer.digest.clone());
         cache::save_explain(self.store, &slot, &record);
+        Ok(self.add_layer(st, key, layer, text, origin, status))
+    }
+
+    /// Stacks a step's layer on the stage: chain key, manifest layer, diff_id, history.
+    fn add_layer(
+        &self,
+        st: &mut StageState,
+        key: Digest,
+        layer: Layer,
+        text: String,
+        origin: String,
+        status: StepStatus,
+    ) -> StepReport {
         st.chain = key;
         st.layers.push(layer.descriptor());
         st.fs_layers
             .push((layer.digest.clone(), layer.media_type.clone()));
-        let diff_ids = st.config.oci.rootfs_mut().diff_ids_mut();
-        diff_ids.push(layer.diff_id.to_string());
+        st.config
+            .oci
+            .rootfs_mut()
+            .diff_ids_mut()
+            .push(layer.diff_id.to_string());
         self.push_history(st, &text, false);
-        Ok(StepReport {
+        StepReport {
             stage: String::new(),
             number: 0,
             of: 0,
@@ -777,6 +775,6 @@ impl Engine<'_> {
             origin,
             status,
             layer: Some(layer),
-        })
+        }
     }
 }

@@ -47,6 +47,17 @@ impl Store {
         Ok(UseGuard { _file: file })
     }
 
+    /// Takes the use lock exclusively (no build or pull is writing untagged blobs) and the
+    /// index lock (no tag changes): what deleting blobs needs.
+    fn exclusive(&self) -> Result<(File, super::StoreLock)> {
+        let lock = self.use_lock_file()?;
+        lock.lock().map_err(StoreError::io(
+            "cannot lock",
+            self.state_dir().join("use.lock"),
+        ))?;
+        Ok((lock, self.lock()?))
+    }
+
     /// Every blob a tag reaches: manifests (and the manifests of indexes), configs, layers.
     pub fn reachable(&self) -> Result<HashSet<Digest>> {
         let mut seen = HashSet::new();
@@ -82,12 +93,7 @@ impl Store {
 
     /// Removes the blobs of `images` that no remaining tag reaches (what `rmi` frees).
     pub fn remove_unreferenced(&self, images: &[super::StoredImage]) -> Result<GcReport> {
-        let lock = self.use_lock_file()?;
-        lock.lock().map_err(StoreError::io(
-            "cannot lock",
-            self.state_dir().join("use.lock"),
-        ))?;
-        let _index = self.lock()?;
+        let _locks = self.exclusive()?;
         let keep = self.reachable()?;
         let mut report = GcReport::default();
         let mut candidates: Vec<Digest> = Vec::new();
@@ -111,12 +117,7 @@ impl Store {
 
     /// Removes unreachable blobs, and ingest files abandoned for over a day.
     pub fn gc(&self) -> Result<GcReport> {
-        let lock = self.use_lock_file()?;
-        lock.lock().map_err(StoreError::io(
-            "cannot lock",
-            self.state_dir().join("use.lock"),
-        ))?;
-        let _index = self.lock()?;
+        let _locks = self.exclusive()?;
         let keep = self.reachable()?;
         let mut report = GcReport::default();
         let dir = self.root().join("blobs/sha256");
