@@ -515,3 +515,52 @@ fn capabilities_can_be_added_and_dropped_and_zombies_are_reaped() {
         "no zombies: {ps}"
     );
 }
+
+#[test]
+fn t_gives_the_container_a_terminal() {
+    require("script", "bsdutils");
+    let p = runner();
+    let berth = env!("CARGO_BIN_EXE_berth");
+    // `script` gives berth a terminal of its own, as a user's shell would.
+    let run = |cmd: String, input: &str| {
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("BERTH_STORE", p.store())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).replace('\r', ""),
+        )
+    };
+    let (code, out) = run(
+        format!(
+            "stty cols 91 rows 33; {berth} run --rm -t base:1 /bin/sh -c 'test -t 0 && echo terminal; stty size < /proc/self/fd/0'"
+        ),
+        "",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("terminal\n33 91\n"),
+        "a terminal with the caller's window size: {out:?}"
+    );
+    let (code, out) = run(
+        format!("{berth} run --rm -it base:1 /bin/sh"),
+        "echo typed-$((40+2))\nexit 7\n",
+    );
+    assert_eq!(code, Some(7), "the shell's exit code: {out}");
+    assert!(
+        out.contains("typed-42"),
+        "input reaches the shell through the terminal: {out:?}"
+    );
+}

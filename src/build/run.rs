@@ -96,6 +96,7 @@ pub fn run(
         capabilities: caps::DOCKER_DEFAULT.to_vec(),
         stdout_to_stderr: true,
         stdin: false,
+        tty: None,
     };
     let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| match e {
         LaunchError::Container { message, code } => BuildError::RunFailed { code, message },

@@ -11,6 +11,7 @@ mod init;
 mod output;
 mod progress;
 mod run;
+mod tty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -29,6 +29,9 @@ pub struct RunArgs {
     /// Keep standard input open (otherwise the container reads /dev/null).
     #[arg(short, long)]
     pub interactive: bool,
+    /// Give the container a terminal (with -i: an interactive shell).
+    #[arg(short, long)]
+    pub tty: bool,
     /// The container's name [default: generated].
     #[arg(long)]
     pub name: Option<String>,
@@ -198,7 +201,19 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
             .map_err(|e| CliError::invalid(miette!("{e}")))?,
         stdout_to_stderr: false,
         stdin: args.interactive,
+        tty: None,
     };
+    let pty = if args.tty {
+        Some(super::tty::Pty::open().map_err(|e| {
+            CliError::failed(miette!("cannot open a terminal for the container: {e}"))
+        })?)
+    } else {
+        None
+    };
+    let mut launch = launch;
+    launch.tty = pty
+        .as_ref()
+        .map(|p| std::os::fd::AsRawFd::as_raw_fd(&p.slave));
     let finish = |st: &mut ContainerState, code: Option<i32>| {
         st.status = Status::Stopped;
         st.pid = None;
@@ -231,14 +246,32 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
             });
         }
     };
+    // The container holds the pty's slave now; ours must close so the output reaches EOF.
+    let (master, output) = match pty {
+        Some(p) => {
+            drop(p.slave);
+            let output = super::tty::pump(&p.master, args.interactive)
+                .map_err(|e| CliError::failed(miette!("cannot attach the terminal: {e}")))?;
+            (Some(p.master), Some(output))
+        }
+        None => (None, None),
+    };
+    let raw = master
+        .as_ref()
+        .filter(|_| args.interactive)
+        .map(|_| super::tty::RawMode::enter());
     st.status = Status::Running;
     st.pid = Some(started.pid.as_raw());
     st.pid_start = process_start_time(started.pid.as_raw());
     st.started = Some(now());
     containers.save(&st).map_err(failed)?;
     let code = started
-        .wait()
+        .wait_with_tty(master.as_ref())
         .map_err(|e| CliError::failed(miette!("waiting for the container failed: {e}")))?;
+    if let Some(output) = output {
+        let _ = output.join();
+    }
+    drop(raw);
     finish(&mut st, Some(code));
     st.oom_killed = cg.oom_killed();
     containers.save(&st).map_err(failed)?;

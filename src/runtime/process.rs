@@ -69,6 +69,8 @@ pub struct Launch {
     pub stdout_to_stderr: bool,
     /// Keep standard input attached (`-i`); otherwise the command reads `/dev/null`.
     pub stdin: bool,
+    /// A pty slave to make the command's controlling terminal and stdio (`-t`).
+    pub tty: Option<std::os::fd::RawFd>,
 }
 
 /// Open-file limit given to containers (soft = hard), capped by the host's hard limit.
@@ -236,6 +238,12 @@ impl Started {
     /// Waits for the container to exit, forwarding SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1
     /// and SIGUSR2 received meanwhile to it. Returns the exit code (128+n for signal n).
     pub fn wait(&self) -> io::Result<i32> {
+        self.wait_with_tty(None)
+    }
+
+    /// [`Started::wait`], also passing window-size changes of berth's terminal on to the
+    /// container's pty (`master`).
+    pub fn wait_with_tty(&self, master: Option<&OwnedFd>) -> io::Result<i32> {
         use nix::sys::signalfd::SignalFd;
         let mut forward = SigSet::empty();
         for s in [
@@ -245,6 +253,7 @@ impl Started {
             Signal::SIGQUIT,
             Signal::SIGUSR1,
             Signal::SIGUSR2,
+            Signal::SIGWINCH,
         ] {
             forward.add(s);
         }
@@ -278,7 +287,13 @@ impl Started {
                 && let Ok(Some(info)) = sfd.read_signal()
                 && let Ok(sig) = Signal::try_from(info.ssi_signo as i32)
             {
-                let _ = nix::sys::signal::kill(self.pid, sig);
+                match (sig, master) {
+                    (Signal::SIGWINCH, Some(m)) => copy_window_size(m),
+                    (Signal::SIGWINCH, None) => {}
+                    _ => {
+                        let _ = nix::sys::signal::kill(self.pid, sig);
+                    }
+                }
             }
             if fds[0].revents != 0 {
                 break match nix::sys::wait::waitpid(self.pid, None) {
@@ -293,6 +308,22 @@ impl Started {
         };
         let _ = old.thread_set_mask();
         result
+    }
+}
+
+/// Sets the pty's window size to berth's terminal's.
+fn copy_window_size(master: &OwnedFd) {
+    let mut ws = nix::pty::Winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ/TIOCSWINSZ with a winsize struct we own.
+    unsafe {
+        if libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) == 0 {
+            libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws);
+        }
     }
 }
 
@@ -585,7 +616,28 @@ fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallibl
     caps::set_no_new_privs().map_err(fail("set no_new_privs"))?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     caps::cloexec_from_3().map_err(fail("close inherited descriptors"))?;
-    if !l.stdin {
+    if let Some(tty) = l.tty {
+        // SAFETY: TIOCSCTTY and dup2 on a descriptor inherited from the host side.
+        unsafe {
+            if libc::ioctl(tty, libc::TIOCSCTTY, 0) != 0 {
+                return Err((
+                    125,
+                    format!(
+                        "set the controlling terminal: {}",
+                        io::Error::last_os_error()
+                    ),
+                ));
+            }
+            for std_fd in 0..3 {
+                if libc::dup2(tty, std_fd) < 0 {
+                    return Err((
+                        125,
+                        format!("attach the terminal: {}", io::Error::last_os_error()),
+                    ));
+                }
+            }
+        }
+    } else if !l.stdin {
         let null = File::open("/dev/null").map_err(fail("open /dev/null"))?;
         // SAFETY: dup2 onto standard input.
         if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
