@@ -180,6 +180,12 @@ fn a_one_file_change_rebuilds_only_the_last_layer() {
         "--explain names the file: {}",
         run.stdout
     );
+    let verbose = p.berth().args(["-v", "build"]).run().ok();
+    assert!(
+        verbose.stdout.contains("(app/Dockerfile:3)"),
+        "-v shows where each step was written: {}",
+        verbose.stdout
+    );
     let v: serde_json::Value =
         serde_json::from_str(&p.berth().args(["--json", "build"]).run().ok().stdout).unwrap();
     let statuses: Vec<&str> = v["steps"]

@@ -185,6 +185,16 @@ fn capabilities_no_new_privs_and_users() {
 fn exit_codes_follow_the_container() {
     let p = runner();
     run_in(&p, &["base:1", "/bin/sh", "-c", "exit 3"]).code(3);
+    let verbose = p
+        .berth()
+        .args(["-v", "run", "--rm", "base:1", "true"])
+        .run()
+        .ok();
+    assert!(
+        verbose.stderr.contains("root filesystem: "),
+        "-v shows the mount plan: {}",
+        verbose.stderr
+    );
     run_in(&p, &["base:1", "/bin/sh", "-c", "kill -9 $$"]).code(137);
     let missing = run_in(&p, &["base:1", "no-such-command"]).code(127);
     assert!(

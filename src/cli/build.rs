@@ -92,7 +92,7 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
         network_host: args.network == "host",
     };
     let store = Store::open(&g.store_dir())?;
-    let (json, quiet, explain) = (out.json, out.quiet, args.explain);
+    let (json, quiet, explain, verbose) = (out.json, out.quiet, args.explain, g.verbose > 0);
     let spinner = super::progress::Spinner::new(!json && !quiet);
     let mut printer = |event: BuildEvent<'_>| match event {
         BuildEvent::Started {
@@ -110,7 +110,7 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
         }
         BuildEvent::Finished(r) => {
             if !json && !quiet {
-                let _ = spinner.suspend(|| out.line(step_line(r, explain)));
+                let _ = spinner.suspend(|| out.line(step_line(r, explain, verbose)));
             }
         }
     };
@@ -146,7 +146,8 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
     Ok(())
 }
 
-fn step_line(r: &StepReport, explain: bool) -> String {
+/// One step's line; with `-v` also where the step was written.
+fn step_line(r: &StepReport, explain: bool, verbose: bool) -> String {
     let status = match (&r.status, explain) {
         (StepStatus::Hit, _) => "HIT ".to_string(),
         (StepStatus::Miss(_), false) => "BUILT".to_string(),
@@ -163,12 +164,17 @@ fn step_line(r: &StepReport, explain: bool) -> String {
     } else {
         format!("{} ", r.stage)
     };
-    format!(
+    let line = format!(
         "[{stage}{}/{}] {:<48} {status}{layer}",
         r.number,
         r.of,
         truncate(&r.text, 48)
-    )
+    );
+    if verbose {
+        format!("{line}  ({})", r.origin)
+    } else {
+        line
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {

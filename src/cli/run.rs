@@ -220,6 +220,13 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
         st.exit_code = code;
         st.finished = Some(now());
     };
+    if g.verbose > 0 {
+        eprintln!("container {} ({}) in {}", st.name, st.id, dir.display());
+        match &launch.overlay {
+            Some(m) => eprintln!("root filesystem: {m}"),
+            None => eprintln!("root filesystem: a copy in {}", launch.rootfs.display()),
+        }
+    }
     let limits = cgroup::Limits {
         memory: args.memory.map(|m| m.0),
         cpu_millis: args.cpus.map(|c| c.millis),
