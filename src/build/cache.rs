@@ -92,7 +92,7 @@ impl StatCache {
         }
         if let Ok(bytes) = serde_json::to_vec(&self.entries) {
             // Losing the stat cache only costs re-hashing; a failure here is not an error.
-            let _ = store.write_atomic(&self.path, &bytes);
+            let _ = store.replace_file(&self.path, &bytes);
         }
     }
 }
@@ -143,7 +143,7 @@ fn write_record<T: Serialize>(store: &Store, kind: &str, key: &Digest, value: &T
         let _ = std::fs::create_dir_all(dir);
     }
     if let Ok(bytes) = serde_json::to_vec(value) {
-        let _ = store.write_atomic(&path, &bytes);
+        let _ = store.replace_file(&path, &bytes);
     }
 }
 

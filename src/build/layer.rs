@@ -228,7 +228,7 @@ impl LayerWriter {
         let path = chunk_index_path(&self.store, &digest);
         if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&index)) {
             let _ = std::fs::create_dir_all(dir);
-            let _ = self.store.write_atomic(&path, &bytes);
+            let _ = self.store.replace_file(&path, &bytes);
         }
         Ok(Layer {
             digest,

@@ -232,28 +232,21 @@ impl Store {
         w.commit(Some((&digest, bytes.len() as u64)))
     }
 
-    /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
-    /// fsync of the directory.
+    /// Writes `bytes` to `path` atomically and durably: temp file in the same directory,
+    /// fsync, rename, fsync of the directory. For what must survive a crash (the layout,
+    /// `index.json`).
     pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let dir = path.parent().expect("store paths have a parent");
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(dir)
-            .map_err(StoreError::io("cannot create a temp file in", dir))?;
-        tmp.write_all(bytes)
-            .map_err(StoreError::io("cannot write", tmp.path()))?;
-        tmp.as_file()
-            .sync_all()
-            .map_err(StoreError::io("cannot sync", tmp.path()))?;
-        tmp.persist(path)
-            .map_err(|e| StoreError::io("cannot replace", path)(e.error))?;
-        sync_dir(dir)
+        self.replace(path, bytes, true)
     }
 
     /// Replaces `path` with `bytes` atomically (temp file, rename) without waiting for the
-    /// disk: for state rewritten on every transition (container records), where a crash may
-    /// lose the last transition but never leaves a torn file.
+    /// disk: for state rewritten often whose loss costs only re-work or the last transition
+    /// (caches, container records). A crash never leaves a torn file.
     pub fn replace_file(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        self.replace(path, bytes, false)
+    }
+
+    fn replace(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         let dir = path.parent().expect("store paths have a parent");
         let mut tmp = tempfile::Builder::new()
             .prefix(".tmp-")
@@ -261,9 +254,14 @@ impl Store {
             .map_err(StoreError::io("cannot create a temp file in", dir))?;
         tmp.write_all(bytes)
             .map_err(StoreError::io("cannot write", tmp.path()))?;
+        if durable {
+            tmp.as_file()
+                .sync_all()
+                .map_err(StoreError::io("cannot sync", tmp.path()))?;
+        }
         tmp.persist(path)
             .map_err(|e| StoreError::io("cannot replace", path)(e.error))?;
-        Ok(())
+        if durable { sync_dir(dir) } else { Ok(()) }
     }
 
     /// Takes the store's exclusive lock (held until the guard drops). Index updates and GC
