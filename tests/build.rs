@@ -516,3 +516,81 @@ fn run_layers_are_reproducible() {
         .collect();
     assert_eq!(digests[0], digests[1]);
 }
+
+#[test]
+fn add_extracts_local_archives_and_import_reads_tars() {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    std::fs::create_dir_all(p.path().join("tree/lib")).unwrap();
+    std::fs::write(p.path().join("tree/lib/a.txt"), "from the archive\n").unwrap();
+    std::os::unix::fs::symlink("a.txt", p.path().join("tree/lib/link")).unwrap();
+    std::fs::create_dir_all(p.path().join("ctx")).unwrap();
+    run_ok(
+        Command::new("tar")
+            .args(["--owner=0", "--group=0", "-C"])
+            .arg(p.path().join("tree"))
+            .arg("-czf")
+            .arg(p.path().join("ctx/bundle.tgz"))
+            .arg("."),
+    );
+    p.file("berth.toml", "[app]\nname = \"addr\"\n[image]\nfrom = \"base:1\"\ncontext = \"ctx\"\n[[image.steps]]\nadd = [\"bundle.tgz\", \"/opt/\"]\n");
+    p.berth().args(["build"]).run().ok();
+    let out = p
+        .berth()
+        .args([
+            "run",
+            "--rm",
+            "addr",
+            "/bin/sh",
+            "-c",
+            "cat /opt/lib/a.txt; readlink /opt/lib/link",
+        ])
+        .run()
+        .ok();
+    assert_eq!(
+        out.stdout, "from the archive\na.txt\n",
+        "ADD extracted the archive"
+    );
+
+    // A hostile archive: an entry that climbs out with `..` is refused, naming it.
+    let mut hostile = tar::Header::new_gnu();
+    hostile.as_gnu_mut().unwrap().name[..10].copy_from_slice(b"../escaped");
+    hostile.set_size(0);
+    hostile.set_entry_type(tar::EntryType::Regular);
+    hostile.set_cksum();
+    let mut bytes = hostile.as_bytes().to_vec();
+    bytes.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(p.path().join("ctx/evil.tar"), &bytes).unwrap();
+    p.file("berth.toml", "[app]\nname = \"addr\"\n[image]\nfrom = \"base:1\"\ncontext = \"ctx\"\n[[image.steps]]\nadd = [\"evil.tar\", \"/opt/\"]\n");
+    let run = p.berth().args(["build"]).run();
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("climbs out with `..`"),
+        "{}",
+        run.stderr
+    );
+
+    // berth import reads a gzipped tar of a root filesystem as well as a directory.
+    let root = p.path().join("rootfs");
+    util::busybox_rootfs(&root);
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["-czf"])
+            .arg(p.path().join("rootfs.tgz"))
+            .arg("."),
+    );
+    p.berth()
+        .args(["import"])
+        .args([p.path().join("rootfs.tgz")])
+        .args(["--tag", "fromtar:1"])
+        .run()
+        .ok();
+    let out = p
+        .berth()
+        .args(["run", "--rm", "fromtar:1", "/bin/echo", "imported"])
+        .run()
+        .ok();
+    assert_eq!(out.stdout, "imported\n");
+}

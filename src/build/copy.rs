@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::BuildError;
+use super::archive;
 use super::cache::{ContentHashReader, StatCache};
 use super::context::{Context, ContextEntry, EntryKind};
 use super::imagefs::{FsKind, FsNode, ImageFs, normalize, open_layer};
@@ -251,7 +252,7 @@ pub fn plan_from_context(
     for (root, children) in selected {
         if add
             && root.kind == EntryKind::File
-            && let Some(kind) = archive_kind(&ctx.root().join(&root.rel))?
+            && let Some(kind) = archive::sniff(&ctx.root().join(&root.rel))?
         {
             // A local archive is extracted into the destination, which is then a directory;
             // entries keep their archive ownership unless --chown says otherwise.
@@ -313,48 +314,11 @@ pub fn plan_from_context(
     Ok(plan)
 }
 
-/// Archive formats ADD extracts.
-#[derive(Debug, Clone, Copy)]
-enum ArchiveKind {
-    Tar,
-    Gzip,
-}
-
-fn archive_kind(path: &Path) -> Result<Option<ArchiveKind>, BuildError> {
-    let mut head = [0u8; 262];
-    let mut f = File::open(path).map_err(|e| BuildError::Context {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let n = read_up_to(&mut f, &mut head).map_err(|e| BuildError::Context {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    Ok(if n >= 2 && head[..2] == [0x1f, 0x8b] {
-        Some(ArchiveKind::Gzip)
-    } else if n >= 262 && &head[257..262] == b"ustar" {
-        Some(ArchiveKind::Tar)
-    } else {
-        None
-    })
-}
-
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
-}
-
 /// Extracts a local archive (ADD) into the plan under `dir`, spooling file contents.
 #[allow(clippy::too_many_arguments)]
 fn extract_archive(
     path: &Path,
-    kind: ArchiveKind,
+    kind: archive::Kind,
     dir: &str,
     chmod: Option<u32>,
     owner: Option<Owner>,
@@ -362,78 +326,49 @@ fn extract_archive(
     spool: &Path,
     plan: &mut Plan,
 ) -> Result<(), BuildError> {
-    let file = File::open(path).map_err(|e| BuildError::Context {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let reader: Box<dyn Read> = match kind {
-        ArchiveKind::Tar => Box::new(io::BufReader::new(file)),
-        ArchiveKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file))),
-    };
-    let bad = |e: io::Error| BuildError::Archive {
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    };
-    let mut archive = tar::Archive::new(reader);
-    for (i, entry) in archive.entries().map_err(bad)?.enumerate() {
-        let mut entry = entry.map_err(bad)?;
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw).into_owned();
-        let rel = normalize(&name).ok_or_else(|| BuildError::Archive {
-            path: path.to_path_buf(),
-            why: format!("entry `{name}` climbs out with `..`"),
-        })?;
-        if rel.is_empty() {
-            continue;
-        }
-        let h = entry.header().clone();
+    let mut n = 0;
+    archive::for_each(path, kind, |e, content| {
+        let h = &e.header;
         let meta = EntryMeta {
             mode: chmod.unwrap_or(h.mode().unwrap_or(0o644) & 0o7777),
             uid: owner.map_or(h.uid().unwrap_or(0), |o| o.uid),
             gid: owner.map_or(h.gid().unwrap_or(0), |o| o.gid),
             mtime: epoch,
         };
-        let link = || {
-            entry
-                .link_name_bytes()
-                .map(|l| String::from_utf8_lossy(&l).into_owned())
-                .unwrap_or_default()
-        };
-        let content = match h.entry_type() {
-            tar::EntryType::Directory => Content::Dir,
-            tar::EntryType::Symlink => Content::Symlink(link()),
-            tar::EntryType::Link => {
-                let target = normalize(&link())
-                    .filter(|t| !t.is_empty())
-                    .ok_or_else(|| BuildError::Archive {
-                        path: path.to_path_buf(),
-                        why: format!("hardlink `{name}` points outside the archive"),
-                    })?;
-                Content::Hardlink(join(dir, &target))
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let spooled = spool.join(format!("add-{i}"));
-                let mut out = File::create(&spooled).map_err(|e| BuildError::Context {
+        let content = match (h.entry_type(), e.link) {
+            (tar::EntryType::Directory, _) => Content::Dir,
+            (tar::EntryType::Symlink, Some(target)) => Content::Symlink(target),
+            (tar::EntryType::Link, Some(target)) => Content::Hardlink(join(dir, &target)),
+            (tar::EntryType::Regular | tar::EntryType::Continuous, _) => {
+                n += 1;
+                let spooled = spool.join(format!("add-{n}"));
+                let mut out = File::create(&spooled).map_err(|source| BuildError::Context {
                     path: spooled.clone(),
-                    source: e,
+                    source,
                 })?;
-                let size = io::copy(&mut entry, &mut out).map_err(bad)?;
+                let size = io::copy(content, &mut out).map_err(|err| BuildError::Archive {
+                    path: path.to_path_buf(),
+                    why: err.to_string(),
+                })?;
                 Content::File {
                     path: spooled,
                     size,
                     stamp: None,
                 }
             }
-            other => {
+            (other, _) => {
                 return Err(BuildError::Archive {
                     path: path.to_path_buf(),
-                    why: format!("entry `{name}` is a {other:?}, which ADD does not create"),
+                    why: format!(
+                        "entry `{}` is a {other:?}, which ADD does not create",
+                        e.rel
+                    ),
                 });
             }
         };
-        plan.insert(join(dir, &rel), Planned { content, meta });
-    }
-    Ok(())
+        plan.insert(join(dir, &e.rel), Planned { content, meta });
+        Ok(())
+    })
 }
 
 /// Plans a `COPY --from`: entries of another image, contents spooled from its layers.

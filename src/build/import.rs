@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use oci_spec::image::{HistoryBuilder, ImageConfiguration, Os};
 
 use super::BuildError;
-use super::imagefs::normalize;
+use super::archive;
 use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
 use crate::store::{ImageConfig, Store, StoredImage};
 
@@ -125,63 +125,36 @@ fn import_dir(w: &mut LayerWriter, root: &Path, epoch: u64) -> Result<usize, Bui
 }
 
 fn import_tar(w: &mut LayerWriter, path: &Path, epoch: u64) -> Result<usize, BuildError> {
-    let mut f = File::open(path).map_err(ctx_err(path))?;
-    let mut magic = [0u8; 2];
-    let gz = f.read(&mut magic).map_err(ctx_err(path))? == 2 && magic == [0x1f, 0x8b];
-    let f = File::open(path).map_err(ctx_err(path))?;
-    let reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(f)))
-    } else {
-        Box::new(io::BufReader::new(f))
-    };
+    // Anything that is not gzip is read as a plain tar (old archives lack the ustar magic).
+    let kind = archive::sniff(path)?.unwrap_or(archive::Kind::Tar);
     let bad = |e: io::Error| BuildError::Archive {
         path: path.to_path_buf(),
         why: e.to_string(),
     };
-    let mut archive = tar::Archive::new(reader);
     let mut skipped = 0;
-    for entry in archive.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
-        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let rel = normalize(&raw).ok_or_else(|| BuildError::Archive {
-            path: path.to_path_buf(),
-            why: format!("entry `{raw}` climbs out with `..`"),
-        })?;
-        if rel.is_empty() {
-            continue;
-        }
-        let h = entry.header().clone();
+    archive::for_each(path, kind, |e, content| {
+        let h = &e.header;
         let meta = EntryMeta {
             mode: h.mode().unwrap_or(0o644) & 0o7777,
             uid: h.uid().unwrap_or(0),
             gid: h.gid().unwrap_or(0),
             mtime: epoch,
         };
-        let link = || {
-            entry
-                .link_name_bytes()
-                .map(|l| String::from_utf8_lossy(&l).into_owned())
-                .unwrap_or_default()
-        };
-        match h.entry_type() {
-            tar::EntryType::Directory => w.dir(&rel, &meta).map_err(bad)?,
-            tar::EntryType::Symlink => w.symlink(&rel, &link(), &meta).map_err(bad)?,
-            tar::EntryType::Link => {
-                let target = normalize(&link())
-                    .filter(|t| !t.is_empty())
-                    .ok_or_else(|| BuildError::Archive {
-                        path: path.to_path_buf(),
-                        why: format!("hardlink `{raw}` points outside the archive"),
-                    })?;
-                w.hardlink(&rel, &target, &meta).map_err(bad)?
+        match (h.entry_type(), e.link) {
+            (tar::EntryType::Directory, _) => w.dir(&e.rel, &meta).map_err(bad),
+            (tar::EntryType::Symlink, Some(target)) => {
+                w.symlink(&e.rel, &target, &meta).map_err(bad)
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = h.size().unwrap_or(0);
-                w.file(&rel, &meta, size, &mut entry).map_err(bad)?
+            (tar::EntryType::Link, Some(target)) => w.hardlink(&e.rel, &target, &meta).map_err(bad),
+            (tar::EntryType::Regular | tar::EntryType::Continuous, _) => w
+                .file(&e.rel, &meta, h.size().unwrap_or(0), content)
+                .map_err(bad),
+            _ => {
+                skipped += 1;
+                Ok(())
             }
-            _ => skipped += 1,
         }
-    }
+    })?;
     Ok(skipped)
 }
 
@@ -225,6 +198,8 @@ fn write_config(
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
     use crate::manifest::schema::Compression;
 

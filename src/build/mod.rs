@@ -1,6 +1,7 @@
 //! The build engine: TOML steps and Dockerfiles compile to one step list
 //! ([`plan::BuildPlan`]), which runs against the store to produce a reproducible OCI image.
 
+pub mod archive;
 pub mod cache;
 pub mod chunked;
 pub mod context;
