@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::BuildError;
 use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
-use crate::runtime::process::{self, Launch, LaunchError, Network};
+use crate::runtime::process::{self, Launch, LaunchError, Network, Process};
 use crate::runtime::snapshot::LayerRef;
 use crate::runtime::{caps, rootfs};
 use crate::store::{Digest, Store};
@@ -89,14 +89,17 @@ pub fn run(
             Network::None
         },
         read_only: false,
-        args: cmd.argv.clone(),
-        env: cmd.env.clone(),
-        cwd: cmd.cwd.to_string(),
-        user: cmd.user.to_string(),
-        capabilities: caps::DOCKER_DEFAULT.to_vec(),
-        stdout_to_stderr: true,
-        stdin: false,
-        tty: None,
+        mounts: Vec::new(),
+        interface: None,
+        process: Process {
+            args: cmd.argv.clone(),
+            env: cmd.env.clone(),
+            cwd: cmd.cwd.to_string(),
+            user: cmd.user.to_string(),
+            capabilities: caps::DOCKER_DEFAULT.to_vec(),
+            stdout_to_stderr: true,
+            ..Process::default()
+        },
     };
     let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| match e {
         LaunchError::Container { message, code } => BuildError::RunFailed { code, message },

@@ -5,9 +5,11 @@ mod build;
 mod check;
 mod completions;
 mod config;
+mod containers;
 mod error;
 mod images;
 mod init;
+mod network;
 mod output;
 mod progress;
 mod run;
@@ -53,10 +55,11 @@ pub struct GlobalOpts {
     #[arg(long, global = true)]
     pub json: bool,
     /// Print only results and errors.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true)]
     pub quiet: bool,
-    /// Print more about what is happening (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// Print more about what is happening (repeat for more). Goes before the command
+    /// (`berth -v build`): after `run`, `-v` mounts a volume, as in Docker.
+    #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
@@ -99,7 +102,7 @@ pub enum Command {
     Images,
     /// Show an image's layers and the steps that made them.
     History(images::ImageArg),
-    /// Print an image's digest, tags, manifest and config as JSON.
+    /// Print a container's or an image's details as JSON.
     Inspect(images::ImageArg),
     /// Give an image another name.
     Tag(images::TagArgs),
@@ -113,12 +116,36 @@ pub enum Command {
     Export(images::ExportArgs),
     /// Write an image as an OCI runtime bundle (config.json + rootfs) for runc.
     Bundle(images::BundleArgs),
-    /// Run a command in a new container, attached; exits with the container's code.
-    Run(run::RunArgs),
+    /// Run a command in a new container: attached (exits with its code) or detached (-d).
+    Run(Box<run::RunArgs>),
     /// List running containers (all with -a).
-    Ps(run::PsArgs),
+    Ps(containers::PsArgs),
+    /// Print a container's output (-f to follow it).
+    Logs(containers::LogsArgs),
+    /// Start stopped containers again, detached.
+    Start(containers::StartArgs),
+    /// Stop containers: their stop signal, then SIGKILL after a grace time.
+    Stop(containers::StopArgs),
+    /// Send a signal to containers.
+    Kill(containers::KillArgs),
+    /// Run a command in a running container.
+    Exec(containers::ExecArgs),
     /// Remove containers.
-    Rm(run::RmArgs),
+    Rm(containers::RmArgs),
+    /// Manage bridge networks.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
+    /// Manage named volumes.
+    #[command(subcommand)]
+    Volume(network::VolumeCommand),
+    /// A detached container's supervisor (internal).
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        /// The container's id.
+        id: String,
+        /// Descriptor to report the start on.
+        ready: i32,
+    },
     /// The container's init (internal).
     #[command(name = "__init", hide = true)]
     ContainerInit {
@@ -162,7 +189,10 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Build(args) => build::run(g, args, out),
         Command::Images => images::images(g, out),
         Command::History(args) => images::history(g, args, out),
-        Command::Inspect(args) => images::inspect(g, args, out),
+        Command::Inspect(args) => match containers::inspect_container(g, &args.image)? {
+            Some(v) => Ok(out.json_value(&v)?),
+            None => images::inspect(g, args, out),
+        },
         Command::Tag(args) => images::tag(g, args, out),
         Command::Rmi(args) => images::rmi(g, args, out),
         Command::Gc => images::gc(g, out),
@@ -170,8 +200,18 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Export(args) => images::export(g, args, out),
         Command::Bundle(args) => images::bundle(g, args, out),
         Command::Run(args) => run::run(g, args, out),
-        Command::Ps(args) => run::ps(g, args, out),
-        Command::Rm(args) => run::rm(g, args, out),
+        Command::Ps(args) => containers::ps(g, args, out),
+        Command::Logs(args) => containers::logs(g, args, out),
+        Command::Start(args) => containers::start(g, args, out),
+        Command::Stop(args) => containers::stop(g, args, out),
+        Command::Kill(args) => containers::kill(g, args, out),
+        Command::Exec(args) => containers::exec_cmd(g, args, out),
+        Command::Rm(args) => containers::rm(g, args, out),
+        Command::Network(cmd) => network::network(g, cmd, out),
+        Command::Volume(cmd) => network::volume(g, cmd, out),
+        Command::Supervise { id, ready } => {
+            std::process::exit(crate::runtime::supervisor::run(&g.store_dir(), id, *ready))
+        }
         Command::ContainerInit { pid, ready } => crate::runtime::init::run(*pid, *ready),
         Command::Config(args) => config::run(g, args, out),
         Command::Completions(args) => completions::run_completions(args, out),
@@ -192,5 +232,16 @@ pub fn human_size(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks (unique short flags, existing conflicts) over every
+    /// subcommand, which otherwise fire only when a command is run.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

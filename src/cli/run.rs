@@ -1,23 +1,21 @@
-//! `berth run`, `berth ps`, `berth rm`, and the hidden `__init` the container's PID 1 runs.
+//! `berth run`: a container from an image, attached or detached (`-d`, supervised).
+
+use std::net::{IpAddr, Ipv4Addr};
 
 use miette::miette;
 use serde_json::json;
 
 use super::{CliError, ExitKind, GlobalOpts, Output};
-use crate::runtime::cgroup::{self, Cgroup};
+use crate::manifest::values::{PortMapping, Protocol, RestartPolicy, VolumeMount, VolumeSource};
 use crate::runtime::container::{ContainerState, Containers, Status, now, process_start_time};
-use crate::runtime::process::{self, Launch, LaunchError, Network};
-use crate::runtime::{bundle, caps, rootfs};
+use crate::runtime::instance::{self, StartError, Stdio};
+use crate::runtime::process::LaunchError;
+use crate::runtime::proxy::ProxyProcess;
+use crate::runtime::spec::{
+    ContainerSpec, MountSpec, NetworkMode, PortSpec, Proto, Resources, Restart,
+};
+use crate::runtime::{bundle, caps, cgroup, supervisor};
 use crate::store::Store;
-
-/// Networks `berth run` offers.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum NetworkArg {
-    /// Only loopback, in the container's own network namespace.
-    None,
-    /// The host's network.
-    Host,
-}
 
 /// Arguments of `berth run`.
 #[derive(Debug, clap::Args)]
@@ -50,9 +48,28 @@ pub struct RunArgs {
     /// Mount the root filesystem read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Network.
-    #[arg(long, value_enum, default_value = "none")]
-    pub network: NetworkArg,
+    /// Network: none (loopback only), host, bridge (berth's default network) or a
+    /// network's name [default: bridge with -p, else none].
+    #[arg(long, value_name = "NETWORK")]
+    pub network: Option<String>,
+    /// Another name the container has on its network.
+    #[arg(long, value_name = "NAME")]
+    pub network_alias: Vec<String>,
+    /// Publish a port: [IP:]HOST:CONTAINER[/udp].
+    #[arg(short, long, value_name = "PORTS")]
+    pub publish: Vec<String>,
+    /// Mount a named volume (NAME:/path) or a host path (/host:/path), [:ro].
+    #[arg(short, long, value_name = "SRC:DST[:ro]")]
+    pub volume: Vec<String>,
+    /// Mount a fresh tmpfs at a path.
+    #[arg(long, value_name = "PATH")]
+    pub tmpfs: Vec<String>,
+    /// Run in the background, supervised; prints the container's id.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Restart policy of a detached container: no, on-failure[:N], always, unless-stopped.
+    #[arg(long, default_value = "no", value_name = "POLICY")]
+    pub restart: RestartPolicy,
     /// Memory limit (e.g. 256M); the kernel's OOM killer ends the container beyond it.
     #[arg(short, long, value_name = "SIZE")]
     pub memory: Option<crate::manifest::values::ByteSize>,
@@ -75,65 +92,17 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// Arguments of `berth ps`.
-#[derive(Debug, clap::Args)]
-pub struct PsArgs {
-    /// Show stopped containers too.
-    #[arg(short, long)]
-    pub all: bool,
-}
-
-/// Arguments of `berth rm`.
-#[derive(Debug, clap::Args)]
-pub struct RmArgs {
-    /// Kill a running container first.
-    #[arg(short, long)]
-    pub force: bool,
-    /// Containers (names, ids or id prefixes).
-    #[arg(required = true)]
-    pub containers: Vec<String>,
-}
-
-fn failed(e: impl std::error::Error + Send + Sync + 'static) -> CliError {
+pub(crate) fn failed(e: impl std::error::Error + Send + Sync + 'static) -> CliError {
     CliError::failed(miette::Report::from_err(e))
 }
 
-/// Writes `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` for the container.
-fn etc_files(
-    dir: &std::path::Path,
-    hostname: &str,
-    network: Network,
-) -> std::io::Result<Vec<(std::path::PathBuf, &'static str)>> {
-    let hosts = match network {
-        Network::None => format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
-        ),
-        Network::Host => {
-            std::fs::read_to_string("/etc/hosts").unwrap_or_default()
-                + &format!("127.0.1.1\t{hostname}\n")
-        }
-    };
-    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let files = [
-        ("hostname", format!("{hostname}\n"), "/etc/hostname"),
-        ("hosts", hosts, "/etc/hosts"),
-        ("resolv.conf", resolv, "/etc/resolv.conf"),
-    ];
-    let mut out = Vec::new();
-    for (name, text, dest) in files {
-        let p = dir.join(name);
-        std::fs::write(&p, text)?;
-        out.push((p, dest));
-    }
-    Ok(out)
-}
-
-/// Runs `berth run`: attached, exits with the container's code.
-pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliError> {
-    let store = Store::open(&g.store_dir())?;
-    let image = store.load_image(&args.image)?;
-    let containers = Containers::new(&store).map_err(failed)?;
-    let cfg = image.config.oci.config().clone().unwrap_or_default();
+/// The container's spec from the image's config and the command line.
+fn build_spec(
+    args: &RunArgs,
+    cfg: &oci_spec::image::Config,
+    short_id: &str,
+) -> Result<ContainerSpec, CliError> {
+    let invalid = |m: String| CliError::invalid(miette!("{m}"));
     let mut argv = cfg.entrypoint().clone().unwrap_or_default();
     if args.command.is_empty() {
         argv.extend(cfg.cmd().clone().unwrap_or_default());
@@ -152,38 +121,114 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
     }
     for kv in &args.env {
         let Some((k, _)) = kv.split_once('=') else {
-            return Err(CliError::invalid(miette!("`{kv}` is not K=V")));
+            return Err(invalid(format!("`{kv}` is not K=V")));
         };
         env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k));
         env.push(kv.clone());
     }
-    let network = match args.network {
-        NetworkArg::None => Network::None,
-        NetworkArg::Host => Network::Host,
+    let default = if args.publish.is_empty() {
+        "none"
+    } else {
+        "bridge"
     };
-    let mut st = containers
-        .create(
-            args.name.as_deref(),
-            &args.image,
-            image.digest.as_str(),
-            argv.clone(),
-        )
-        .map_err(|e| CliError::invalid(miette::Report::from_err(e)))?;
-    let dir = containers.dir(&st.id);
-    let hostname = args
-        .hostname
-        .clone()
-        .unwrap_or_else(|| st.short_id().to_string());
-    let (fs, overlay) = rootfs::plan(&store, &image, &dir, true).map_err(failed)?;
-    let launch = Launch {
-        overlay,
-        rootfs: fs.path.clone(),
-        etc_files: etc_files(&dir, &hostname, network).map_err(|e| {
-            CliError::failed(miette!("cannot write the container's /etc files: {e}"))
-        })?,
-        hostname,
-        network,
-        read_only: args.read_only,
+    let network = match args.network.as_deref().unwrap_or(default) {
+        "none" => NetworkMode::None,
+        "host" => NetworkMode::Host,
+        name => NetworkMode::Bridge {
+            network: name.to_string(),
+            aliases: args.network_alias.clone(),
+        },
+    };
+    if !args.network_alias.is_empty() && !matches!(network, NetworkMode::Bridge { .. }) {
+        return Err(invalid(
+            "--network-alias needs a bridge network (--network bridge or a network's name)".into(),
+        ));
+    }
+    let mut ports = Vec::new();
+    for p in &args.publish {
+        let m: PortMapping = p
+            .parse()
+            .map_err(|e: String| invalid(format!("-p {p}: {e}")))?;
+        ports.push(PortSpec {
+            host_ip: m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            host_port: m.published,
+            container_port: m.container,
+            proto: match m.protocol {
+                Protocol::Tcp => Proto::Tcp,
+                Protocol::Udp => Proto::Udp,
+            },
+        });
+    }
+    match (&network, ports.is_empty()) {
+        (_, true) | (NetworkMode::Bridge { .. }, false) => {}
+        (NetworkMode::Host, false) => {
+            return Err(invalid(
+                "-p has no effect with --network host: the container uses the host's ports".into(),
+            ));
+        }
+        (NetworkMode::None, false) => {
+            return Err(CliError::invalid(miette!(
+                help = "add --network bridge (or a network's name)",
+                "-p needs a network: --network none has only loopback"
+            )));
+        }
+    }
+    let mut mounts = Vec::new();
+    for v in &args.volume {
+        let m: VolumeMount = v
+            .parse()
+            .map_err(|e: String| invalid(format!("-v {v}: {e}")))?;
+        mounts.push(match m.source {
+            VolumeSource::Named(name) => MountSpec::Volume {
+                name,
+                target: m.target,
+                read_only: m.read_only,
+            },
+            VolumeSource::Bind(path) => {
+                if !std::path::Path::new(&path).exists() {
+                    return Err(invalid(format!(
+                        "-v {v}: the host path {path} does not exist"
+                    )));
+                }
+                MountSpec::Bind {
+                    source: path.into(),
+                    target: m.target,
+                    read_only: m.read_only,
+                }
+            }
+        });
+    }
+    for t in &args.tmpfs {
+        if !t.starts_with('/') || t.split('/').any(|c| c == "..") {
+            return Err(invalid(format!(
+                "--tmpfs {t}: the path must be absolute, without `..`"
+            )));
+        }
+        mounts.push(MountSpec::Tmpfs { target: t.clone() });
+    }
+    let restart = match args.restart {
+        RestartPolicy::No => Restart::No,
+        RestartPolicy::OnFailure { max_retries } => Restart::OnFailure { max_retries },
+        RestartPolicy::Always => Restart::Always,
+        RestartPolicy::UnlessStopped => Restart::UnlessStopped,
+    };
+    if restart != Restart::No && !args.detach {
+        return Err(invalid(
+            "--restart needs -d (a supervisor restarts containers)".into(),
+        ));
+    }
+    if restart != Restart::No && args.rm {
+        return Err(invalid("--restart and --rm exclude each other".into()));
+    }
+    let stop_signal = match cfg.stop_signal() {
+        Some(s) => {
+            s.parse::<crate::manifest::values::Signal>()
+                .map_err(|e| invalid(format!("the image's STOPSIGNAL: {e}")))?
+                .0
+        }
+        None => libc::SIGTERM,
+    };
+    Ok(ContainerSpec {
         args: argv,
         env,
         cwd: args
@@ -197,52 +242,142 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
             .clone()
             .or_else(|| cfg.user().clone())
             .unwrap_or_default(),
+        hostname: args
+            .hostname
+            .clone()
+            .unwrap_or_else(|| short_id.to_string()),
+        network,
+        ports,
+        mounts,
         capabilities: caps::effective_set(&args.cap_add, &args.cap_drop)
             .map_err(|e| CliError::invalid(miette!("{e}")))?,
-        stdout_to_stderr: false,
-        stdin: args.interactive,
-        tty: None,
+        read_only: args.read_only,
+        resources: Resources {
+            memory: args.memory.map(|m| m.0),
+            cpu_millis: args.cpus.map(|c| c.millis),
+            pids: args.pids_limit,
+        },
+        restart,
+        stop_signal,
+        tty: args.tty,
+        interactive: args.interactive,
+        auto_remove: args.rm,
+    })
+}
+
+/// Runs `berth run`: attached (exits with the container's code) or detached (`-d`: prints
+/// the id and leaves the container to its supervisor).
+pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = Store::open(&g.store_dir())?;
+    let image = store.load_image(&args.image)?;
+    let containers = Containers::new(&store).map_err(failed)?;
+    let cfg = image.config.oci.config().clone().unwrap_or_default();
+    if args.detach && args.interactive {
+        return Err(CliError::invalid(miette!(
+            "-d and -i exclude each other: a detached container's stdin is closed"
+        )));
+    }
+    let st = containers
+        .create(
+            args.name.as_deref(),
+            &args.image,
+            image.digest.as_str(),
+            Vec::new(),
+        )
+        .map_err(|e| CliError::invalid(miette::Report::from_err(e)))?;
+    let spec = match build_spec(args, &cfg, st.short_id()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = containers.remove(&st);
+            return Err(e);
+        }
     };
-    let pty = if args.tty {
+    let st = containers
+        .update(&st.id, |s| s.command = spec.args.clone())
+        .map_err(failed)?;
+    containers.save_spec(&st.id, &spec).map_err(failed)?;
+    let dir = containers.dir(&st.id);
+    if g.verbose > 0 {
+        eprintln!("container {} ({}) in {}", st.name, st.id, dir.display());
+    }
+    if args.detach {
+        let exe = std::env::current_exe()
+            .map_err(|e| CliError::failed(miette!("cannot find berth's own binary: {e}")))?;
+        return match supervisor::spawn(&exe, &g.store_dir(), &dir, &st.id) {
+            Ok(()) => {
+                if out.json {
+                    out.json_value(&json!({ "id": st.id, "name": st.name }))?;
+                } else {
+                    out.line(&st.id)?;
+                }
+                Ok(())
+            }
+            Err((code, message)) => {
+                eprintln!("berth: {message}");
+                if spec.auto_remove {
+                    let _ = remove_container(&store, &containers, &st);
+                }
+                Err(CliError {
+                    kind: ExitKind::Code(code as u8),
+                    report: None,
+                })
+            }
+        };
+    }
+    run_attached(g, &store, &containers, st, &spec)
+}
+
+fn run_attached(
+    g: &GlobalOpts,
+    store: &Store,
+    containers: &Containers,
+    st: ContainerState,
+    spec: &ContainerSpec,
+) -> Result<(), CliError> {
+    let mut proxy = if spec.ports.is_empty() {
+        None
+    } else {
+        match ProxyProcess::spawn(&spec.ports) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let _ = remove_container(store, containers, &st);
+                return Err(CliError::failed(miette!("{e}")));
+            }
+        }
+    };
+    let pty = if spec.tty {
         Some(super::tty::Pty::open().map_err(|e| {
             CliError::failed(miette!("cannot open a terminal for the container: {e}"))
         })?)
     } else {
         None
     };
-    let mut launch = launch;
-    launch.tty = pty
-        .as_ref()
-        .map(|p| std::os::fd::AsRawFd::as_raw_fd(&p.slave));
-    let finish = |st: &mut ContainerState, code: Option<i32>| {
-        st.status = Status::Stopped;
-        st.pid = None;
-        st.exit_code = code;
-        st.finished = Some(now());
+    let stdio = match &pty {
+        Some(p) => Stdio::Tty(std::os::fd::AsRawFd::as_raw_fd(&p.slave)),
+        None => Stdio::Inherit {
+            stdin: spec.interactive,
+        },
     };
-    if g.verbose > 0 {
-        eprintln!("container {} ({}) in {}", st.name, st.id, dir.display());
-        match &launch.overlay {
-            Some(m) => eprintln!("root filesystem: {m}"),
-            None => eprintln!("root filesystem: a copy in {}", launch.rootfs.display()),
+    let finish = |code: Option<i32>, oom: bool| {
+        let st = containers.update(&st.id, |s| {
+            s.status = Status::Stopped;
+            s.pid = None;
+            s.exit_code = code;
+            s.oom_killed = oom;
+            s.finished = Some(now());
+        });
+        if spec.auto_remove
+            && let Ok(st) = st
+        {
+            let _ = remove_container(store, containers, &st);
         }
-    }
-    let limits = cgroup::Limits {
-        memory: args.memory.map(|m| m.0),
-        cpu_millis: args.cpus.map(|c| c.millis),
-        pids: args.pids_limit,
     };
-    let cg = Cgroup::create(&st.id, &limits)
-        .map_err(|e| CliError::failed(miette!("cannot create the container's cgroup: {e}")))?;
-    let started = match process::start(&launch, &mut |pid| cg.add(pid.as_raw())) {
-        Ok(s) => s,
+    let inst = match instance::start(store, containers, &st, spec, stdio) {
+        Ok(i) => i,
         Err(e) => {
-            finish(&mut st, None);
-            let _ = containers.save(&st);
-            let _ = cg.remove();
-            cleanup(&containers, &st, args.rm);
+            finish(None, false);
             return Err(match e {
-                LaunchError::Container { message, code } => {
+                StartError::Launch(LaunchError::Container { message, code }) => {
                     eprintln!("berth: {message}");
                     CliError {
                         kind: ExitKind::Code(code as u8),
@@ -253,11 +388,17 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
             });
         }
     };
+    if g.verbose > 0 {
+        eprintln!("root filesystem: {}", inst.rootfs_plan);
+    }
+    if let Some(p) = proxy.as_mut() {
+        let _ = p.set_hosts(&instance::backend(inst.ip));
+    }
     // The container holds the pty's slave now; ours must close so the output reaches EOF.
     let (master, output) = match pty {
         Some(p) => {
             drop(p.slave);
-            let output = super::tty::pump(&p.master, args.interactive)
+            let output = super::tty::pump(&p.master, spec.interactive)
                 .map_err(|e| CliError::failed(miette!("cannot attach the terminal: {e}")))?;
             (Some(p.master), Some(output))
         }
@@ -265,33 +406,33 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
     };
     let raw = master
         .as_ref()
-        .filter(|_| args.interactive)
+        .filter(|_| spec.interactive)
         .map(|_| super::tty::RawMode::enter());
-    st.status = Status::Running;
-    st.pid = Some(started.pid.as_raw());
-    st.pid_start = process_start_time(started.pid.as_raw());
-    st.started = Some(now());
-    containers.save(&st).map_err(failed)?;
-    let code = started
-        .wait_with_tty(master.as_ref())
-        .map_err(|e| CliError::failed(miette!("waiting for the container failed: {e}")))?;
+    let pid = inst.started.pid.as_raw();
+    containers
+        .update(&st.id, |s| {
+            s.status = Status::Running;
+            s.pid = Some(pid);
+            s.pid_start = process_start_time(pid);
+            s.started = Some(now());
+            s.ip = inst.ip.map(Into::into);
+        })
+        .map_err(failed)?;
+    let waited = inst.wait(master.as_ref());
     if let Some(output) = output {
         let _ = output.join();
     }
     drop(raw);
-    finish(&mut st, Some(code));
-    st.oom_killed = cg.oom_killed();
-    containers.save(&st).map_err(failed)?;
-    if let Err(e) = cg.remove() {
-        eprintln!("berth: cannot remove the container's cgroup: {e}");
-    }
-    if st.oom_killed {
+    drop(proxy);
+    let (code, oom) =
+        waited.map_err(|e| CliError::failed(miette!("waiting for the container failed: {e}")))?;
+    finish(Some(code), oom);
+    if oom {
         eprintln!(
             "berth: container {} was killed by the kernel: out of memory (OOMKilled)",
             st.name
         );
     }
-    cleanup(&containers, &st, args.rm);
     if code == 0 {
         Ok(())
     } else {
@@ -302,95 +443,17 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, _out: &mut Output) -> Result<(), CliE
     }
 }
 
-/// Removes the container (record and directory, root filesystem included) when `--rm` was
-/// given. Its overlay lived in the container's mount namespace, which is gone.
-fn cleanup(containers: &Containers, st: &ContainerState, remove: bool) {
-    if remove {
-        let _ = containers.remove(st);
+/// Removes a stopped container: its cgroup (if a crash left it), network leases and veth,
+/// then its record and directory (root filesystem included: its overlay lived in the
+/// container's mount namespace, which is gone).
+pub(crate) fn remove_container(
+    store: &Store,
+    containers: &Containers,
+    st: &ContainerState,
+) -> Result<(), CliError> {
+    let _ = cgroup::Cgroup::of(&st.id).remove();
+    if let Err(e) = instance::release_network(store, containers, &st.id) {
+        eprintln!("berth: {e}");
     }
-}
-
-fn status_text(st: &ContainerState) -> String {
-    match st.status {
-        Status::Created => "Created".into(),
-        Status::Running => format!("Up since {}", st.started.as_deref().unwrap_or("?")),
-        Status::Stopped => match st.exit_code {
-            Some(c) if st.oom_killed => format!(
-                "Exited ({c}, OOMKilled) at {}",
-                st.finished.as_deref().unwrap_or("?")
-            ),
-            Some(c) => format!("Exited ({c}) at {}", st.finished.as_deref().unwrap_or("?")),
-            None => format!("Exited at {}", st.finished.as_deref().unwrap_or("?")),
-        },
-    }
-}
-
-/// `berth ps [-a]`.
-pub fn ps(g: &GlobalOpts, args: &PsArgs, out: &mut Output) -> Result<(), CliError> {
-    let store = Store::open(&g.store_dir())?;
-    let list: Vec<ContainerState> = Containers::new(&store)
-        .map_err(failed)?
-        .list()
-        .map_err(failed)?
-        .into_iter()
-        .filter(|c| args.all || c.status == Status::Running)
-        .collect();
-    if out.json {
-        return Ok(out.json_value(&list)?);
-    }
-    out.line(format!(
-        "{:<14} {:<20} {:<24} {:<40} {}",
-        "ID", "NAME", "IMAGE", "STATUS", "COMMAND"
-    ))?;
-    for c in &list {
-        out.line(format!(
-            "{:<14} {:<20} {:<24} {:<40} {}",
-            c.short_id(),
-            c.name,
-            c.image,
-            status_text(c),
-            c.command.join(" ")
-        ))?;
-    }
-    Ok(())
-}
-
-/// `berth rm [-f] NAME...`.
-pub fn rm(g: &GlobalOpts, args: &RmArgs, out: &mut Output) -> Result<(), CliError> {
-    let store = Store::open(&g.store_dir())?;
-    let containers = Containers::new(&store).map_err(failed)?;
-    for reference in &args.containers {
-        let mut st = containers
-            .get(reference)
-            .map_err(|e| CliError::invalid(miette::Report::from_err(e)))?;
-        if !st.can_delete() {
-            if !args.force {
-                return Err(CliError::failed(miette!(
-                    help = "stop it first, or use rm -f",
-                    "container {} is running",
-                    st.name
-                )));
-            }
-            if let Some(pid) = st.pid {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                for _ in 0..200 {
-                    if !st.refresh() {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                        continue;
-                    }
-                    break;
-                }
-            }
-        }
-        containers.remove(&st).map_err(failed)?;
-        if out.json {
-            out.json_value(&json!({ "removed": st.id }))?;
-        } else {
-            out.line(&st.name)?;
-        }
-    }
-    Ok(())
+    containers.remove(st).map_err(failed)
 }

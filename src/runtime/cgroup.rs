@@ -109,6 +109,21 @@ impl Cgroup {
         Ok(cg)
     }
 
+    /// The cgroup `berth/<id>` as [`Cgroup::create`] made it, without touching anything: to
+    /// join it (`exec`) or remove it after its supervisor is gone.
+    pub fn of(id: &str) -> Cgroup {
+        if is_v2() {
+            return Cgroup::V2(Path::new(ROOT).join("berth").join(id));
+        }
+        Cgroup::V1(
+            ["memory", "cpu", "pids"]
+                .iter()
+                .map(|c| Path::new(ROOT).join(c).join("berth").join(id))
+                .filter(|d| d.is_dir())
+                .collect(),
+        )
+    }
+
     /// Moves a process into the cgroup.
     pub fn add(&self, pid: i32) -> io::Result<()> {
         match self {

@@ -19,6 +19,8 @@ pub enum Status {
     Created,
     /// Its process runs.
     Running,
+    /// It exited and its supervisor will start it again (restart policy, after a backoff).
+    Restarting,
     /// Its process has exited.
     Stopped,
 }
@@ -53,6 +55,43 @@ pub struct ContainerState {
     /// The kernel's OOM killer ended it.
     #[serde(default)]
     pub oom_killed: bool,
+    /// The supervisor process of a detached container, while it runs.
+    #[serde(default)]
+    pub supervisor: Option<ProcRef>,
+    /// The supervisor died while the container was running (killed, crashed): nobody
+    /// records its exit or restarts it; `rm -f` cleans it up.
+    #[serde(default)]
+    pub supervisor_lost: bool,
+    /// How many times the restart policy started it again.
+    #[serde(default)]
+    pub restarts: u32,
+    /// `stop`, `kill` or `rm -f` asked it to end: the restart policy does not apply.
+    #[serde(default)]
+    pub stop_requested: bool,
+    /// Its address on its bridge network.
+    #[serde(default)]
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// A process identified beyond its pid (pids are reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRef {
+    /// Host pid.
+    pub pid: i32,
+    /// Start time in clock ticks since boot (field 22 of `/proc/PID/stat`).
+    pub start: u64,
+}
+
+impl ProcRef {
+    /// The live process `pid`, if it exists.
+    pub fn of(pid: i32) -> Option<ProcRef> {
+        process_start_time(pid).map(|start| ProcRef { pid, start })
+    }
+
+    /// Whether it is still the same live process.
+    pub fn alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start)
+    }
 }
 
 impl ContainerState {
@@ -71,28 +110,67 @@ impl ContainerState {
         matches!(self.status, Status::Created | Status::Stopped)
     }
 
+    /// Its container process, while running.
+    pub fn process(&self) -> Option<ProcRef> {
+        match (self.status, self.pid, self.pid_start) {
+            (Status::Running, Some(pid), Some(start)) => Some(ProcRef { pid, start }),
+            _ => None,
+        }
+    }
+
+    /// Whether its supervisor still runs.
+    pub fn supervised(&self) -> bool {
+        self.supervisor.is_some_and(|s| s.alive())
+    }
+
     /// The first 12 characters of the id.
     pub fn short_id(&self) -> &str {
         &self.id[..12]
     }
 
-    /// Marks it stopped when its recorded process is gone (a crash of whatever waited for
-    /// it); returns whether anything changed.
+    /// Brings the record in line with the processes that really exist (after a crash of
+    /// whatever waited for the container); returns whether anything changed.
+    ///
+    /// A running container whose process is gone has stopped — unless its supervisor lives
+    /// and is about to record the exit itself. A container whose supervisor died keeps
+    /// running, marked `supervisor_lost`; one that was restarting stops.
     pub fn refresh(&mut self) -> bool {
-        if self.status != Status::Running {
-            return false;
+        let supervised = self.supervised();
+        match self.status {
+            Status::Created | Status::Stopped => {
+                if self.supervisor.is_some() && !supervised {
+                    self.supervisor = None;
+                    return true;
+                }
+                false
+            }
+            Status::Restarting => {
+                if supervised {
+                    return false;
+                }
+                self.status = Status::Stopped;
+                self.supervisor = None;
+                true
+            }
+            Status::Running => {
+                let alive = self.process().is_some_and(|p| p.alive());
+                if alive {
+                    if self.supervisor.is_some() && !supervised && !self.supervisor_lost {
+                        self.supervisor_lost = true;
+                        return true;
+                    }
+                    return false;
+                }
+                if supervised {
+                    return false;
+                }
+                self.status = Status::Stopped;
+                self.pid = None;
+                self.supervisor = None;
+                self.finished.get_or_insert_with(now);
+                true
+            }
         }
-        let alive = match (self.pid, self.pid_start) {
-            (Some(pid), Some(start)) => process_start_time(pid) == Some(start),
-            _ => false,
-        };
-        if alive {
-            return false;
-        }
-        self.status = Status::Stopped;
-        self.pid = None;
-        self.finished.get_or_insert_with(now);
-        true
     }
 }
 
@@ -210,8 +288,16 @@ impl Containers {
             let Ok(mut st) = serde_json::from_slice::<ContainerState>(&bytes) else {
                 continue;
             };
-            if st.refresh() {
-                self.save(&st)?;
+            if st.clone().refresh() {
+                // Re-read under the lock: the supervisor may have written meanwhile.
+                let before = st.status;
+                st = self.update(&st.id, |s| {
+                    s.refresh();
+                })?;
+                if before != Status::Stopped && st.status == Status::Stopped {
+                    // Nobody else will: the cgroup of a container whose supervisor died.
+                    let _ = super::cgroup::Cgroup::of(&st.id).remove();
+                }
             }
             out.push(st);
         }
@@ -296,6 +382,11 @@ impl Containers {
             finished: None,
             exit_code: None,
             oom_killed: false,
+            supervisor: None,
+            supervisor_lost: false,
+            restarts: 0,
+            stop_requested: false,
+            ip: None,
         };
         std::fs::create_dir_all(self.dir(&st.id)).map_err(|source| ContainerError::Io {
             what: "create",
@@ -304,6 +395,79 @@ impl Containers {
         })?;
         self.save(&st)?;
         Ok(st)
+    }
+
+    /// Reads, changes and writes a container's record under its lock, so a supervisor and a
+    /// command never overwrite each other's changes. Returns the record as written.
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut ContainerState),
+    ) -> Result<ContainerState, ContainerError> {
+        let _lock = self.lock(id)?;
+        let path = self.dir(id).join("state.json");
+        let bytes = std::fs::read(&path).map_err(|source| ContainerError::Io {
+            what: "read",
+            path: path.clone(),
+            source,
+        })?;
+        let mut st: ContainerState =
+            serde_json::from_slice(&bytes).map_err(|e| ContainerError::Io {
+                what: "parse",
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        change(&mut st);
+        self.save(&st)?;
+        Ok(st)
+    }
+
+    /// An exclusive lock on one container's record (released when dropped).
+    pub fn lock(&self, id: &str) -> Result<std::fs::File, ContainerError> {
+        let path = self.dir(id).join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| ContainerError::Io {
+                what: "open",
+                path: path.clone(),
+                source,
+            })?;
+        file.lock().map_err(|source| ContainerError::Io {
+            what: "lock",
+            path,
+            source,
+        })?;
+        Ok(file)
+    }
+
+    /// The container's spec (what `run` asked for).
+    pub fn spec(&self, id: &str) -> Result<super::spec::ContainerSpec, ContainerError> {
+        let path = self.dir(id).join("config.json");
+        let bytes = std::fs::read(&path).map_err(|source| ContainerError::Io {
+            what: "read",
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ContainerError::Io {
+            what: "parse",
+            path,
+            source: std::io::Error::other(e),
+        })
+    }
+
+    /// Saves the container's spec.
+    pub fn save_spec(
+        &self,
+        id: &str,
+        spec: &super::spec::ContainerSpec,
+    ) -> Result<(), ContainerError> {
+        let bytes = serde_json::to_vec_pretty(spec).expect("spec serialises");
+        Ok(self
+            .store
+            .replace_file(&self.dir(id).join("config.json"), &bytes)?)
     }
 
     /// Writes a record atomically.
@@ -333,7 +497,7 @@ impl Containers {
 }
 
 /// 64 random hex characters from the kernel's generator.
-fn random_id() -> String {
+pub fn random_id() -> String {
     let mut bytes = [0u8; 32];
     // getrandom(2) with no flags blocks only before the pool is initialised at boot.
     let mut filled = 0;

@@ -36,23 +36,28 @@ pub enum Network {
     None,
     /// The host's network namespace.
     Host,
+    /// A network namespace joined to a bridge by a veth pair (see
+    /// [`Launch::interface`]).
+    Bridge,
 }
 
-/// Everything needed to start a container's process.
+/// A mount besides the root filesystem, made by the container's process.
 #[derive(Debug, Clone)]
-pub struct Launch {
-    /// The overlay to mount as the root (or `None` when `rootfs` is a prepared copy).
-    pub overlay: Option<Mount>,
-    /// The root filesystem directory.
-    pub rootfs: PathBuf,
-    /// Files bind-mounted over `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`.
-    pub etc_files: Vec<(PathBuf, &'static str)>,
-    /// Host name.
-    pub hostname: String,
-    /// Network.
-    pub network: Network,
-    /// Mount the root read-only.
+pub struct ExtraMount {
+    /// Host path (directory or file) to bind-mount; `None` mounts a fresh tmpfs.
+    pub source: Option<PathBuf>,
+    /// Absolute path inside the container.
+    pub target: String,
+    /// Read-only.
     pub read_only: bool,
+    /// Copy what the image has at `target` into `source` first, if `source` is empty (a
+    /// named volume's first use, as Docker does).
+    pub seed: bool,
+}
+
+/// The program a container (or `exec`) runs, and how.
+#[derive(Debug, Clone, Default)]
+pub struct Process {
     /// argv.
     pub args: Vec<String>,
     /// Environment, `K=V`.
@@ -71,6 +76,31 @@ pub struct Launch {
     pub stdin: bool,
     /// A pty slave to make the command's controlling terminal and stdio (`-t`).
     pub tty: Option<std::os::fd::RawFd>,
+    /// Descriptors to become the command's stdin, stdout and stderr (a supervisor's pipes).
+    pub stdio: Option<[std::os::fd::RawFd; 3]>,
+}
+
+/// Everything needed to start a container's process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The overlay to mount as the root (or `None` when `rootfs` is a prepared copy).
+    pub overlay: Option<Mount>,
+    /// The root filesystem directory.
+    pub rootfs: PathBuf,
+    /// Files bind-mounted over `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`.
+    pub etc_files: Vec<(PathBuf, &'static str)>,
+    /// Host name.
+    pub hostname: String,
+    /// Network.
+    pub network: Network,
+    /// Mount the root read-only.
+    pub read_only: bool,
+    /// Bind mounts, volumes, tmpfs.
+    pub mounts: Vec<ExtraMount>,
+    /// The bridge network's interface, configured from inside the namespace.
+    pub interface: Option<super::network::Interface>,
+    /// The command.
+    pub process: Process,
 }
 
 /// Open-file limit given to containers (soft = hard), capped by the host's hard limit.
@@ -182,7 +212,7 @@ pub fn start(
     if Path::new("/proc/self/ns/cgroup").exists() {
         flags |= CloneFlags::CLONE_NEWCGROUP;
     }
-    if launch.network == Network::None {
+    if launch.network != Network::Host {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     let mut stack = vec![0u8; 1 << 20];
@@ -235,6 +265,35 @@ pub fn start(
 }
 
 impl Started {
+    /// A child of this process, started some other way (`exec`).
+    pub fn adopt(pid: Pid) -> io::Result<Started> {
+        // SAFETY: pidfd_open(2) with a pid of our own child and no flags.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        Ok(Started { pid, pidfd })
+    }
+
+    /// A pidfd of the container's init: readable once it has exited.
+    pub fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+
+    /// Collects the exit status of an init that has exited (128+n for signal n).
+    pub fn reap(&self) -> io::Result<i32> {
+        match nix::sys::wait::waitpid(self.pid, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Ok(code),
+            Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
+            Ok(other) => Err(io::Error::other(format!(
+                "unexpected wait status {other:?}"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Waits for the container to exit, forwarding SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1
     /// and SIGUSR2 received meanwhile to it. Returns the exit code (128+n for signal n).
     pub fn wait(&self) -> io::Result<i32> {
@@ -296,14 +355,7 @@ impl Started {
                 }
             }
             if fds[0].revents != 0 {
-                break match nix::sys::wait::waitpid(self.pid, None) {
-                    Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Ok(code),
-                    Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
-                    Ok(other) => Err(io::Error::other(format!(
-                        "unexpected wait status {other:?}"
-                    ))),
-                    Err(e) => Err(e.into()),
-                };
+                break self.reap();
             }
         };
         let _ = old.thread_set_mask();
@@ -403,7 +455,8 @@ fn container_init(
             if File::from(exec_r).read(&mut byte).unwrap_or(0) != 1 {
                 std::process::exit(125);
             }
-            let (code, msg) = match setup(l, etc).and_then(|()| exec_command(l, &old_mask)) {
+            let (code, msg) = match setup(l, etc).and_then(|()| exec_command(&l.process, &old_mask))
+            {
                 Ok(never) => match never {},
                 Err(failure) => failure,
             };
@@ -414,8 +467,9 @@ fn container_init(
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(exec_r);
-            caps::drop_bounding(&l.capabilities).map_err(fail("drop capabilities"))?;
-            caps::set_capabilities(&l.capabilities).map_err(fail("set capabilities"))?;
+            let c = &l.process.capabilities;
+            caps::drop_bounding(c).map_err(fail("drop capabilities"))?;
+            caps::set_capabilities(c).map_err(fail("set capabilities"))?;
             caps::set_no_new_privs().map_err(fail("set no_new_privs"))?;
             // The ready pipe must survive the exec: the init writes to it once it runs.
             nix::fcntl::fcntl(
@@ -440,6 +494,24 @@ fn container_init(
 /// In the command's process: the root filesystem, `pivot_root`, `/proc`, `/dev`, `/sys`,
 /// the `/etc` files, masked paths, host name, working directory, read-only root.
 fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
+    // Sources of bind mounts are host paths: each is cloned as a detached mount
+    // (open_tree) while the host's root is still ours, and attached after pivot_root
+    // (move_mount), so no mount is ever made on a path resolved outside the container.
+    let sources = l
+        .mounts
+        .iter()
+        .map(|m| m.source.as_ref().map(|s| detached_bind(s)).transpose())
+        .collect::<Result<Vec<Option<OwnedFd>>, Fail>>()?;
+    if l.network != Network::Host {
+        match &l.interface {
+            Some(i) => i
+                .configure()
+                .map_err(fail("configure the container's network"))?,
+            None => super::netlink::Netlink::open()
+                .and_then(|mut nl| nl.up("lo"))
+                .map_err(fail("bring up loopback"))?,
+        }
+    }
     mount(
         None,
         Some("none"),
@@ -533,7 +605,7 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
     }
     target("/sys", true)?;
     let sys_flags = nosuid | MsFlags::MS_RDONLY;
-    if l.network == Network::None {
+    if l.network != Network::Host {
         mount(Some("sysfs"), Some("sysfs"), "/sys", sys_flags, None)?;
     } else {
         // Without its own network namespace a container may not mount sysfs: a read-only
@@ -581,10 +653,14 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
             )?;
         }
     }
+    for (m, source) in l.mounts.iter().zip(&sources) {
+        extra_mount(m, source.as_ref())?;
+    }
     nix::unistd::sethostname(&l.hostname).map_err(fail("set the host name"))?;
     // The working directory, created if missing (Docker does), before privileges drop.
-    if std::fs::symlink_metadata(&l.cwd).is_err() {
-        std::fs::create_dir_all(&l.cwd).map_err(fail("create the working directory"))?;
+    let cwd = &l.process.cwd;
+    if std::fs::symlink_metadata(cwd).is_err() {
+        std::fs::create_dir_all(cwd).map_err(fail("create the working directory"))?;
     }
     if l.read_only {
         mount(
@@ -598,9 +674,149 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Mounts a bind source (opened before `pivot_root`) or a tmpfs at its target inside the
+/// container. The target is created when missing and is never a symlink; after
+/// `pivot_root` every path resolves inside the container anyway.
+fn extra_mount(m: &ExtraMount, source: Option<&OwnedFd>) -> Result<(), Fail> {
+    let Some(fd) = source else {
+        target(&m.target, true)?;
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        return mount(
+            Some("tmpfs"),
+            Some("tmpfs"),
+            &m.target,
+            flags,
+            Some("mode=1777"),
+        );
+    };
+    let is_dir = nix::sys::stat::fstat(fd)
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        .map_err(fail("stat a bind mount source"))?;
+    if m.seed && is_dir {
+        // The detached mount's root, reachable through the descriptor.
+        let via = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        seed(Path::new(&m.target), Path::new(&via))
+            .map_err(|e| (125, format!("copy {} into its volume: {e}", m.target)))?;
+    }
+    target(&m.target, is_dir)?;
+    let dest = CString::new(m.target.as_bytes()).map_err(fail("mount target"))?;
+    // SAFETY: move_mount(2) of a detached mount we own onto a path; arguments are valid.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            dest.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err((
+            125,
+            format!("mount on {}: {}", m.target, io::Error::last_os_error()),
+        ));
+    }
+    if m.read_only {
+        mount(
+            None,
+            None,
+            &m.target,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// A detached copy of the mount tree at host path `source` (open_tree(2) with
+/// `OPEN_TREE_CLONE`), to be attached inside the container later.
+fn detached_bind(source: &Path) -> Result<OwnedFd, Fail> {
+    let path = CString::new(source.as_os_str().as_bytes()).map_err(fail("bind source"))?;
+    // SAFETY: open_tree(2) with a NUL-terminated path; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err((
+            125,
+            format!(
+                "bind mount source {}: {}",
+                source.display(),
+                io::Error::last_os_error()
+            ),
+        ));
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Copies the image's content at `from` (a path in the container) into an empty volume
+/// directory `to`: directories, regular files and symlinks (as links, never followed), with
+/// modes and owners.
+fn seed(from: &Path, to: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(from) {
+        Ok(md) if md.is_dir() => {}
+        _ => return Ok(()),
+    }
+    if std::fs::read_dir(to)?.next().is_some() {
+        return Ok(());
+    }
+    copy_tree(from, to)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let md = std::fs::symlink_metadata(&src)?;
+        let ft = md.file_type();
+        if ft.is_dir() {
+            std::fs::create_dir(&dst)?;
+            copy_tree(&src, &dst)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if ft.is_file() {
+            io::copy(
+                &mut File::open(&src)?,
+                &mut std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&dst)?,
+            )?;
+        } else {
+            continue;
+        }
+        std::os::unix::fs::lchown(&dst, Some(md.uid()), Some(md.gid()))?;
+        if !ft.is_symlink() {
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(md.mode() & 0o7777))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `process` from inside a container's namespaces (`exec`); returns only on failure,
+/// with Docker's exit code and a message.
+pub fn exec_in_container(
+    process: &Process,
+    old_mask: &SigSet,
+) -> Result<std::convert::Infallible, (i32, String)> {
+    exec_command(process, old_mask)
+}
+
 /// In the command's process: user, capabilities, no_new_privs, descriptors, working
 /// directory, signals, then exec.
-fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallible, Fail> {
+fn exec_command(l: &Process, old_mask: &SigSet) -> Result<std::convert::Infallible, Fail> {
     nix::unistd::setsid().map_err(fail("setsid"))?;
     caps::drop_bounding(&l.capabilities).map_err(fail("drop capabilities"))?;
     // After pivot_root, "/" is the container's root: its passwd and group are read there.
@@ -635,6 +851,13 @@ fn exec_command(l: &Launch, old_mask: &SigSet) -> Result<std::convert::Infallibl
                         format!("attach the terminal: {}", io::Error::last_os_error()),
                     ));
                 }
+            }
+        }
+    } else if let Some(fds) = l.stdio {
+        for (std_fd, fd) in fds.into_iter().enumerate() {
+            // SAFETY: dup2 of a descriptor inherited from the host side onto stdio.
+            if unsafe { libc::dup2(fd, std_fd as i32) } < 0 {
+                return Err((125, format!("attach stdio: {}", io::Error::last_os_error())));
             }
         }
     } else if !l.stdin {
