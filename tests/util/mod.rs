@@ -180,3 +180,79 @@ impl TempProject {
         self.path().join(".store")
     }
 }
+
+/// Removes every container and network of a store when dropped (also when a test fails):
+/// processes, veths, bridges and cgroups must not outlive the test. Declare it after the
+/// `TempProject` so it drops first.
+pub struct Cleanup {
+    store: PathBuf,
+}
+
+impl TempProject {
+    /// A guard that cleans this project's containers and networks up.
+    pub fn cleanup(&self) -> Cleanup {
+        Cleanup {
+            store: self.store(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let berth = |args: &[&str]| {
+            Berth::new()
+                .env("BERTH_STORE", self.store.to_str().unwrap())
+                .args(args)
+                .run()
+        };
+        let listed = berth(&["--json", "ps", "-a"]);
+        if let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(&listed.stdout) {
+            for c in list {
+                if let Some(id) = c["id"].as_str() {
+                    berth(&["rm", "-f", id]);
+                }
+            }
+        }
+        let nets = berth(&["--json", "network", "ls"]);
+        if let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(&nets.stdout) {
+            for n in list {
+                if let Some(name) = n["name"].as_str() {
+                    berth(&["network", "rm", name]);
+                }
+            }
+        }
+    }
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.0, retried until a response arrives or `secs` pass; returns the
+/// whole response (status line, headers, body).
+pub fn http_get(port: u16, path: &str, secs: u64) -> Option<String> {
+    use std::io::{Read, Write};
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut out = String::new();
+            if s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .is_ok()
+                && s.read_to_string(&mut out).is_ok()
+                && !out.is_empty()
+            {
+                return Some(out);
+            }
+        }
+        if std::time::Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
