@@ -162,8 +162,12 @@ const READ_ONLY: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
-/// A sealed in-memory copy of the running berth binary, for the container's init.
-fn sealed_self() -> io::Result<OwnedFd> {
+/// The tiny static init `build.rs` compiles (empty where it has no port).
+const TINY_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/berth-init"));
+
+/// A sealed in-memory copy of the container's init: the tiny static init, or the running
+/// berth binary where there is none.
+fn sealed_init() -> io::Result<OwnedFd> {
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
     let fd = unsafe {
         libc::memfd_create(
@@ -176,7 +180,11 @@ fn sealed_self() -> io::Result<OwnedFd> {
     }
     // SAFETY: a new descriptor we own.
     let mut mem = unsafe { File::from_raw_fd(fd) };
-    io::copy(&mut File::open("/proc/self/exe")?, &mut mem)?;
+    if TINY_INIT.is_empty() {
+        io::copy(&mut File::open("/proc/self/exe")?, &mut mem)?;
+    } else {
+        mem.write_all(TINY_INIT)?;
+    }
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: fcntl on a descriptor we own.
     if unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
@@ -195,8 +203,7 @@ pub fn start(
     launch: &Launch,
     before_start: &mut dyn FnMut(Pid) -> io::Result<()>,
 ) -> Result<Started, LaunchError> {
-    let init_binary =
-        sealed_self().map_err(host("make a sealed copy of berth for the container's init"))?;
+    let init_binary = sealed_init().map_err(host("make a sealed copy of the container's init"))?;
     let etc: Vec<(Vec<u8>, &'static str)> = launch
         .etc_files
         .iter()
