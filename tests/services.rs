@@ -315,6 +315,18 @@ fn the_supervisor_restarts_a_crashing_container_per_policy() {
     let logs = p.berth().args(["logs", "crash"]).run().ok();
     assert_eq!(logs.stdout.matches("attempt").count(), 3, "{}", logs.stdout);
 
+    // A detached container with -t writes through its pty into the log.
+    p.berth()
+        .args(["run", "-d", "-t", "--name", "tty", "base:1"])
+        .args(["sh", "-c", "test -t 1 && echo pty-ok"])
+        .run()
+        .ok();
+    wait_for("the tty container to exit", 10, || {
+        state(&p, "tty")["status"] == "stopped"
+    });
+    let logs = p.berth().args(["logs", "tty"]).run().ok();
+    assert!(logs.stdout.contains("pty-ok"), "{}", logs.stdout);
+
     // `always` restarts until stopped; a stop is not undone by the policy.
     p.berth()
         .args(["run", "-d", "--name", "loop", "--restart", "always"])
@@ -467,6 +479,22 @@ fn exec_sees_the_containers_processes_and_files() {
     let v: serde_json::Value = serde_json::from_str(&fs.stdout).unwrap();
     assert_eq!(v["Name"], "box");
     assert_eq!(v["Config"]["args"][0], "sh");
+
+    // -t: a terminal for the process (`script` gives berth one, as a shell would).
+    util::require("script", "bsdutils");
+    let berth = env!("CARGO_BIN_EXE_berth");
+    let out = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!("{berth} exec -t box sh -c 'test -t 1 && echo on-a-tty'"),
+            "/dev/null",
+        ])
+        .env("BERTH_STORE", p.store())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("on-a-tty"), "{text}");
 
     p.berth().args(["kill", "box"]).run().ok();
     wait_for("the kill", 5, || state(&p, "box")["status"] == "stopped");
