@@ -6,5 +6,6 @@
 pub mod build;
 pub mod cli;
 pub mod manifest;
+pub mod registry_client;
 pub mod runtime;
 pub mod store;

@@ -47,6 +47,44 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not K=V"))
 }
 
+/// Pulls the stages' base images that name a registry (`127.0.0.1:5000/base:1`,
+/// `ghcr.io/org/base:2`) and are not in the store yet. Bare names (`base:1`) stay local.
+fn pull_missing_bases(store: &Store, plan: &BuildPlan, out: &mut Output) -> Result<(), CliError> {
+    use crate::build::plan::Base;
+    use crate::registry_client::{Client, ClientOptions, Reference, pull};
+    let stage_names: Vec<&str> = plan
+        .stages
+        .iter()
+        .filter_map(|s| s.name.as_deref())
+        .collect();
+    for stage in &plan.stages {
+        let Base::Image(raw) = &stage.base else {
+            continue;
+        };
+        let first = raw.split('/').next().unwrap_or_default();
+        let names_registry = raw.contains('/')
+            && (first.contains('.') || first.contains(':') || first == "localhost");
+        if raw.contains('$') || stage_names.contains(&raw.as_str()) || !names_registry {
+            continue;
+        }
+        if store.resolve(raw).is_ok() {
+            continue;
+        }
+        let Ok(reference) = raw.parse::<Reference>() else {
+            continue;
+        };
+        out.note(format!("pulling the base image {reference}"))?;
+        let client = Client::new(&reference, &ClientOptions::default())
+            .map_err(super::registry::registry_error)?;
+        let runtime = crate::registry_client::runtime()
+            .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
+        runtime
+            .block_on(pull::pull(&client, store, &reference, &|_, _, _| {}))
+            .map_err(super::registry::registry_error)?;
+    }
+    Ok(())
+}
+
 /// Runs `berth build`.
 pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), CliError> {
     let dir = g.project_dir();
@@ -92,6 +130,7 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
         network_host: args.network == "host",
     };
     let store = Store::open(&g.store_dir())?;
+    pull_missing_bases(&store, &plan, out)?;
     let (json, quiet, explain, verbose) = (out.json, out.quiet, args.explain, g.verbose > 0);
     let spinner = super::progress::Spinner::new(!json && !quiet);
     let mut printer = |event: BuildEvent<'_>| match event {

@@ -12,6 +12,7 @@ mod init;
 mod network;
 mod output;
 mod progress;
+mod registry;
 mod run;
 mod tty;
 
@@ -132,6 +133,14 @@ pub enum Command {
     Exec(containers::ExecArgs),
     /// Remove containers.
     Rm(containers::RmArgs),
+    /// Push an image to a registry (only the blobs it lacks).
+    Push(registry::PushArgs),
+    /// Pull an image from a registry into the store.
+    Pull(registry::PullArgs),
+    /// Save credentials for a registry (in Docker's config.json).
+    Login(registry::LoginArgs),
+    /// Forget a registry's credentials.
+    Logout(registry::LogoutArgs),
     /// Manage bridge networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
@@ -207,6 +216,10 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Kill(args) => containers::kill(g, args, out),
         Command::Exec(args) => containers::exec_cmd(g, args, out),
         Command::Rm(args) => containers::rm(g, args, out),
+        Command::Push(args) => registry::push(g, args, out),
+        Command::Pull(args) => registry::pull(g, args, out),
+        Command::Login(args) => registry::login(g, args, out),
+        Command::Logout(args) => registry::logout(g, args, out),
         Command::Network(cmd) => network::network(g, cmd, out),
         Command::Volume(cmd) => network::volume(g, cmd, out),
         Command::Supervise { id, ready } => {

@@ -256,3 +256,80 @@ pub fn http_get(port: u16, path: &str, secs: u64) -> Option<String> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Debian's `docker-registry` (distribution 2.8) on 127.0.0.1 with a free port and its own
+/// storage, killed when dropped. Its access log goes to `log`.
+pub struct Registry {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Registry {
+    /// A plain-HTTP registry; with `htpasswd`, one that wants Basic auth for those users.
+    pub fn start(users: &[(&str, &str)]) -> Registry {
+        require("docker-registry", "docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if !users.is_empty() {
+            let lines: Vec<String> = users
+                .iter()
+                .map(|(u, p)| format!("{u}:{}", bcrypt::hash(p, 5).unwrap()))
+                .collect();
+            std::fs::write(dir.path().join("htpasswd"), lines.join("\n") + "\n").unwrap();
+            config += &format!(
+                "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+        }
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        let r = Registry { port, dir, child };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the registry did not start: {}",
+                r.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        r
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The registry's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// Access-log lines of requests with `method` whose path contains `path`.
+    pub fn requests(&self, method: &str, path: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&format!("\"{method} ")) && l.contains(path))
+            .count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

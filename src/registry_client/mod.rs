@@ -1,0 +1,530 @@
+//! The OCI distribution protocol on reqwest and tokio: references ([`reference`]),
+//! credentials and challenges ([`auth`]), a client that authenticates (anonymous, Basic,
+//! Bearer tokens cached per scope until they expire) and retries what is worth retrying
+//! (connection errors, 408, 429, 5xx, honouring `Retry-After`, with exponential backoff
+//! and jitter, bounded), and on it [`push`] and [`pull`].
+
+pub mod auth;
+pub mod pull;
+pub mod push;
+pub mod reference;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+
+use self::auth::{Challenge, Credential, CredentialError, Secret};
+pub use self::reference::Reference;
+use crate::store::StoreError;
+
+/// Media types a manifest request accepts.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// What went wrong talking to a registry. Messages never carry credentials or tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry could not be reached, or the connection broke and retries ran out.
+    #[error("cannot reach {registry}: {message}")]
+    Transport {
+        /// The registry.
+        registry: String,
+        /// What failed.
+        message: String,
+        /// A hint (insecure registry? CA?).
+        hint: Option<String>,
+    },
+    /// 401 after authenticating.
+    #[error("{registry} refused the credentials{}", if *.anonymous { " (none were given)" } else { "" })]
+    Unauthorized {
+        /// The registry.
+        registry: String,
+        /// Whether berth had no credentials.
+        anonymous: bool,
+    },
+    /// 403 or `DENIED`.
+    #[error("{registry} denied access to {repository}: {message}")]
+    Denied {
+        /// The registry.
+        registry: String,
+        /// The repository.
+        repository: String,
+        /// The registry's message.
+        message: String,
+    },
+    /// 404, `MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`, `NAME_UNKNOWN`.
+    #[error("{what} not found in {registry}")]
+    NotFound {
+        /// The registry.
+        registry: String,
+        /// What was asked for.
+        what: String,
+    },
+    /// Any other unexpected answer.
+    #[error("{registry} answered {status} to {what}{}", code.as_ref().map(|c| format!(": {c} {message}")).unwrap_or_default())]
+    Status {
+        /// The registry.
+        registry: String,
+        /// What was being done.
+        what: String,
+        /// HTTP status.
+        status: StatusCode,
+        /// The distribution error code, if any.
+        code: Option<String>,
+        /// Its message.
+        message: String,
+    },
+    /// Bytes did not match their digest.
+    #[error("{what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// What was checked.
+        what: String,
+        /// The digest asked for.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+    },
+    /// The registry sent something berth cannot use.
+    #[error("{0}")]
+    Protocol(String),
+    /// Credentials could not be read or written.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A local file failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RegistryError {
+    /// A hint for the user, when there is a likely cause.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            RegistryError::Transport { hint, .. } => hint.clone(),
+            RegistryError::Unauthorized { registry, .. } => Some(format!(
+                "log in with `berth login {registry}`, or set BERTH_REGISTRY_USER and BERTH_REGISTRY_PASSWORD"
+            )),
+            RegistryError::Denied { .. } => {
+                Some("check the repository name and that the account may push or pull it".into())
+            }
+            RegistryError::NotFound { .. } => {
+                Some("check the repository and tag (`skopeo list-tags` shows what exists)".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How a client connects.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// An extra CA certificate (PEM) to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Attempts per request (at least 1) [default: 6].
+    pub attempts: Option<u32>,
+}
+
+enum AuthState {
+    /// No challenge seen yet: requests go without credentials.
+    Unknown,
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        tokens: HashMap<String, (Secret, Instant)>,
+    },
+}
+
+/// A client for one registry.
+pub struct Client {
+    http: reqwest::Client,
+    registry: String,
+    base: String,
+    credential: Option<Credential>,
+    auth: tokio::sync::Mutex<AuthState>,
+    attempts: u32,
+}
+
+/// The answer to a request, with the registry's error body decoded when it failed.
+fn error_code(body: &str) -> (Option<String>, String) {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let e = &v["errors"][0];
+    (
+        e["code"].as_str().map(str::to_string),
+        e["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 1];
+    // SAFETY: getrandom into a one-byte buffer we own.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 1, libc::GRND_NONBLOCK) };
+    d + d * u32::from(b[0]) / 512
+}
+
+fn backoff(attempt: u32) -> Duration {
+    jitter(Duration::from_millis(200 * (1u64 << attempt.min(6))).min(Duration::from_secs(10)))
+}
+
+impl Client {
+    /// A client for `reference`'s registry, with the user's credentials for it.
+    pub fn new(reference: &Reference, options: &ClientOptions) -> Result<Client, RegistryError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(8);
+        if let Some(ca) = &options.ca_file {
+            let pem = std::fs::read(ca).map_err(|source| RegistryError::Io {
+                what: format!("read the CA file {}", ca.display()),
+                source,
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                RegistryError::Protocol(format!("{} is not a PEM certificate: {e}", ca.display()))
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| RegistryError::Transport {
+            registry: reference.registry.clone(),
+            message: e.to_string(),
+            hint: None,
+        })?;
+        Ok(Client {
+            http,
+            registry: reference.registry.clone(),
+            base: reference.api_base(),
+            credential: auth::credential_for(&reference.registry)?,
+            auth: tokio::sync::Mutex::new(AuthState::Unknown),
+            attempts: options.attempts.unwrap_or(6).max(1),
+        })
+    }
+
+    /// The same client with other credentials (to check them before saving, at login).
+    pub fn with_credential(mut self, credential: Credential) -> Client {
+        self.credential = Some(credential);
+        self
+    }
+
+    /// Checks that the registry speaks the protocol and accepts the credentials: `GET /v2/`.
+    pub async fn check(&self) -> Result<(), RegistryError> {
+        let url = self.url("");
+        let resp = self.send("", &|| Ok(self.http.get(&url))).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.fail(resp, "", "the API root").await)
+        }
+    }
+
+    /// The registry's name.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// `http(s)://host/v2/` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The HTTP client (for requests to absolute upload locations).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    fn transport(&self, e: &reqwest::Error) -> RegistryError {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message = format!("{message}: {s}");
+            source = s.source();
+        }
+        let hint = if message.contains("certificate") || message.contains("InvalidContentType") {
+            Some(format!(
+                "is {} a plain-HTTP registry? Write http://{}/… in the reference; or trust its CA with --ca-file",
+                self.registry, self.registry
+            ))
+        } else if e.is_connect() {
+            Some("is the registry running and the address right?".into())
+        } else {
+            None
+        };
+        RegistryError::Transport {
+            registry: self.registry.clone(),
+            message,
+            hint,
+        }
+    }
+
+    async fn authorization(&self, scope: &str) -> Result<Option<String>, RegistryError> {
+        let mut state = self.auth.lock().await;
+        match &mut *state {
+            AuthState::Unknown => Ok(None),
+            AuthState::Basic => Ok(match &self.credential {
+                Some(Credential::Basic { username, password }) => Some(format!(
+                    "Basic {}",
+                    base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        format!("{username}:{}", password.0)
+                    )
+                )),
+                _ => None,
+            }),
+            AuthState::Bearer {
+                realm,
+                service,
+                tokens,
+            } => {
+                if let Some((t, until)) = tokens.get(scope)
+                    && Instant::now() < *until
+                {
+                    return Ok(Some(format!("Bearer {}", t.0)));
+                }
+                let (token, ttl) = self.fetch_token(realm, service.as_deref(), scope).await?;
+                let header = format!("Bearer {}", token.0);
+                tokens.insert(scope.to_string(), (token, Instant::now() + ttl));
+                Ok(Some(header))
+            }
+        }
+    }
+
+    /// A token for `scope` (space-separated scopes) from the realm.
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(Secret, Duration), RegistryError> {
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        for s in scope.split(' ').filter(|s| !s.is_empty()) {
+            query.push(("scope", s));
+        }
+        let req = match &self.credential {
+            Some(Credential::IdentityToken(t)) => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", t.0.as_str()),
+                    ("client_id", "berth"),
+                ];
+                form.extend(query.iter().copied());
+                let body = form
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", urlencode(v)))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                self.http
+                    .post(realm)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body)
+            }
+            Some(Credential::Basic { username, password }) => self
+                .http
+                .get(with_query(realm, &query)?)
+                .basic_auth(username, Some(&password.0)),
+            None => self.http.get(with_query(realm, &query)?),
+        };
+        let resp = req.send().await.map_err(|e| self.transport(&e))?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(RegistryError::Unauthorized {
+                    registry: self.registry.clone(),
+                    anonymous: self.credential.is_none(),
+                });
+            }
+            status => {
+                return Err(RegistryError::Status {
+                    registry: self.registry.clone(),
+                    what: "a token request".into(),
+                    status,
+                    code: None,
+                    message: String::new(),
+                });
+            }
+        }
+        let body = resp.bytes().await.map_err(|e| self.transport(&e))?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| RegistryError::Protocol(format!("the token server's answer: {e}")))?;
+        let token = v["token"]
+            .as_str()
+            .or_else(|| v["access_token"].as_str())
+            .ok_or_else(|| RegistryError::Protocol("the token server sent no token".into()))?;
+        // Docker's default lifetime is 60 s; renew a little early.
+        let ttl = v["expires_in"].as_u64().unwrap_or(60).max(10);
+        Ok((
+            Secret(token.to_string()),
+            Duration::from_secs(ttl) - Duration::from_secs(5),
+        ))
+    }
+
+    /// Sends a request made by `make` (called again for each attempt, so bodies are fresh),
+    /// authenticating for `scope` and retrying what is worth retrying.
+    pub async fn send(
+        &self,
+        scope: &str,
+        make: &(dyn Fn() -> Result<reqwest::RequestBuilder, RegistryError> + Sync),
+    ) -> Result<reqwest::Response, RegistryError> {
+        let mut attempt = 0;
+        let mut challenged = false;
+        loop {
+            attempt += 1;
+            let mut req = make()?;
+            if let Some(h) = self.authorization(scope).await? {
+                req = req.header(AUTHORIZATION, h);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if attempt < self.attempts && !e.is_builder() => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                Err(e) => return Err(self.transport(&e)),
+            };
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED {
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(auth::parse_challenge);
+                let mut state = self.auth.lock().await;
+                match challenge {
+                    Some(Challenge::Basic) if !challenged && self.credential.is_some() => {
+                        *state = AuthState::Basic;
+                    }
+                    Some(Challenge::Bearer { realm, service }) if !challenged => {
+                        // A token we had for this scope expired early or was revoked: drop
+                        // it; otherwise start with the realm the registry names.
+                        if let AuthState::Bearer { tokens, .. } = &mut *state {
+                            tokens.remove(scope);
+                        } else {
+                            *state = AuthState::Bearer {
+                                realm,
+                                service,
+                                tokens: HashMap::new(),
+                            };
+                        }
+                    }
+                    _ => {
+                        return Err(RegistryError::Unauthorized {
+                            registry: self.registry.clone(),
+                            anonymous: self.credential.is_none(),
+                        });
+                    }
+                }
+                challenged = true;
+                attempt -= 1;
+                continue;
+            }
+            let retryable = status == StatusCode::REQUEST_TIMEOUT
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error();
+            if retryable && attempt < self.attempts {
+                let wait = resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s.min(60)))
+                    .unwrap_or_else(|| backoff(attempt));
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+
+    /// Turns an unsuccessful answer into an error about `what` in `repository`.
+    pub async fn fail(
+        &self,
+        resp: reqwest::Response,
+        repository: &str,
+        what: &str,
+    ) -> RegistryError {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let (code, message) = error_code(&body);
+        match (status, code.as_deref()) {
+            (StatusCode::FORBIDDEN, _) | (_, Some("DENIED")) => RegistryError::Denied {
+                registry: self.registry.clone(),
+                repository: repository.to_string(),
+                message,
+            },
+            (StatusCode::NOT_FOUND, _)
+            | (_, Some("MANIFEST_UNKNOWN" | "BLOB_UNKNOWN" | "NAME_UNKNOWN")) => {
+                RegistryError::NotFound {
+                    registry: self.registry.clone(),
+                    what: format!("{what} in {repository}"),
+                }
+            }
+            (StatusCode::UNAUTHORIZED, _) => RegistryError::Unauthorized {
+                registry: self.registry.clone(),
+                anonymous: self.credential.is_none(),
+            },
+            _ => RegistryError::Status {
+                registry: self.registry.clone(),
+                what: format!("{what} in {repository}"),
+                status,
+                code,
+                message,
+            },
+        }
+    }
+}
+
+fn with_query(url: &str, pairs: &[(&str, &str)]) -> Result<reqwest::Url, RegistryError> {
+    let mut u = reqwest::Url::parse(url)
+        .map_err(|e| RegistryError::Protocol(format!("bad token realm {url:?}: {e}")))?;
+    {
+        let mut q = u.query_pairs_mut();
+        for (k, v) in pairs {
+            q.append_pair(k, v);
+        }
+    }
+    Ok(u)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The pull scope of a repository.
+pub fn pull_scope(repository: &str) -> String {
+    format!("repository:{repository}:pull")
+}
+
+/// The push scope of a repository (pull too: pushes HEAD first).
+pub fn push_scope(repository: &str) -> String {
+    format!("repository:{repository}:pull,push")
+}
+
+/// A runtime for the synchronous command line.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

@@ -1,0 +1,296 @@
+//! Pulling an image into the store: the manifest (from an index, the one for linux and this
+//! machine's architecture), verified against its digest, then every blob the store lacks,
+//! streamed into the store's ingest and verified for size and digest before it gets its
+//! final name. A download that breaks resumes with `Range`. Layers come four at a time.
+
+use std::io::Write;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use oci_spec::image::{DescriptorBuilder, MediaType};
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, RANGE};
+use serde::Serialize;
+
+use super::push::{BlobLocations, PARALLEL, manifest_blobs, manifest_media_type};
+use super::{Client, MANIFEST_ACCEPT, Reference, RegistryError, pull_scope};
+use crate::store::{Digest, Store};
+
+/// The outcome of a pull.
+#[derive(Debug, Clone, Serialize)]
+pub struct PullReport {
+    /// What was pulled.
+    pub reference: String,
+    /// The image manifest's digest.
+    pub digest: Digest,
+    /// The local tag, if the reference had one.
+    pub tag: Option<String>,
+    /// Blobs downloaded (the others were in the store).
+    pub blobs_fetched: usize,
+    /// Blobs already present.
+    pub blobs_present: usize,
+    /// Bytes downloaded.
+    pub bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// The architecture name OCI uses for this machine.
+pub fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        other => other,
+    }
+}
+
+fn is_index(media: &str) -> bool {
+    media.contains("image.index") || media.contains("manifest.list")
+}
+
+/// Fetches a manifest by tag or digest; returns its raw bytes, media type and digest,
+/// verified against `expect` when given.
+pub async fn fetch_manifest(
+    client: &Client,
+    repository: &str,
+    reference: &str,
+    expect: Option<&Digest>,
+) -> Result<(Vec<u8>, String, Digest), RegistryError> {
+    let url = client.url(&format!("{repository}/manifests/{reference}"));
+    let resp = client
+        .send(&pull_scope(repository), &|| {
+            Ok(client.http().get(&url).header(ACCEPT, MANIFEST_ACCEPT))
+        })
+        .await?;
+    if !resp.status().is_success() {
+        return Err(client
+            .fail(resp, repository, &format!("manifest {reference}"))
+            .await);
+    }
+    let header_type = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|h| h.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+    let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
+        registry: client.registry().to_string(),
+        message: e.to_string(),
+        hint: None,
+    })?;
+    let digest = Digest::of(&bytes);
+    if let Some(want) = expect
+        && *want != digest
+    {
+        return Err(RegistryError::DigestMismatch {
+            what: format!("manifest {repository}@{want}"),
+            expected: want.to_string(),
+            actual: digest.to_string(),
+        });
+    }
+    let media = match header_type {
+        Some(t) if t.contains("manifest") || t.contains("index") => t,
+        _ => manifest_media_type(&bytes),
+    };
+    Ok((bytes.to_vec(), media, digest))
+}
+
+/// From an index, the manifest for linux and this machine's architecture.
+fn pick_platform(index: &[u8]) -> Result<Digest, RegistryError> {
+    let v: serde_json::Value = serde_json::from_slice(index)
+        .map_err(|e| RegistryError::Protocol(format!("an index that is not JSON: {e}")))?;
+    let arch = oci_arch();
+    let entries = v["manifests"].as_array().cloned().unwrap_or_default();
+    let found = entries
+        .iter()
+        .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch);
+    let m = found.ok_or_else(|| {
+        let have: Vec<String> = entries
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}/{}",
+                    m["platform"]["os"].as_str().unwrap_or("?"),
+                    m["platform"]["architecture"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        RegistryError::Protocol(format!(
+            "the image has no linux/{arch} variant (it has: {})",
+            have.join(", ")
+        ))
+    })?;
+    m["digest"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| RegistryError::Protocol("an index entry without a digest".into()))
+}
+
+/// Downloads one blob into the store, verified; resumes with Range when the stream breaks.
+/// Returns the bytes downloaded.
+async fn fetch_blob(
+    client: &Client,
+    store: &Store,
+    repository: &str,
+    digest: &Digest,
+    size: u64,
+) -> Result<u64, RegistryError> {
+    let url = client.url(&format!("{repository}/blobs/{digest}"));
+    let mut writer = store.blob_writer()?;
+    let mut have = 0u64;
+    let mut downloaded = 0u64;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let from = have;
+        let resp = client
+            .send(&pull_scope(repository), &|| {
+                let r = client.http().get(&url);
+                Ok(if from > 0 {
+                    r.header(RANGE, format!("bytes={from}-"))
+                } else {
+                    r
+                })
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT if from > 0 => {}
+            StatusCode::OK => {
+                if from > 0 {
+                    // No ranges here: start over.
+                    writer = store.blob_writer()?;
+                    have = 0;
+                }
+            }
+            _ => {
+                return Err(client
+                    .fail(resp, repository, &format!("blob {digest}"))
+                    .await);
+            }
+        }
+        let mut stream = resp.bytes_stream();
+        let mut broken = false;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    writer
+                        .write_all(&bytes)
+                        .map_err(|source| RegistryError::Io {
+                            what: format!("write blob {digest}"),
+                            source,
+                        })?;
+                    have += bytes.len() as u64;
+                    downloaded += bytes.len() as u64;
+                    if have > size && size > 0 {
+                        return Err(RegistryError::Protocol(format!(
+                            "blob {digest} is larger than its descriptor says ({size} bytes)"
+                        )));
+                    }
+                }
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        if !broken && (size == 0 || have == size) {
+            break;
+        }
+        if attempts >= 8 {
+            return Err(RegistryError::Transport {
+                registry: client.registry().to_string(),
+                message: format!(
+                    "the download of {digest} kept breaking at {have} of {size} bytes"
+                ),
+                hint: None,
+            });
+        }
+    }
+    writer.commit(Some((digest, size))).map_err(|e| match e {
+        crate::store::StoreError::DigestMismatch {
+            actual,
+            actual_size,
+            ..
+        } => RegistryError::DigestMismatch {
+            what: format!("blob from {repository} ({size} bytes expected)"),
+            expected: digest.to_string(),
+            actual: format!("{actual} ({actual_size} bytes)"),
+        },
+        e => e.into(),
+    })?;
+    Ok(downloaded)
+}
+
+/// Pulls `src` into the store and tags it as `registry/repository:tag`.
+pub async fn pull(
+    client: &Client,
+    store: &Store,
+    src: &Reference,
+    on_blob: &(dyn Fn(&Digest, u64, bool) + Sync),
+) -> Result<PullReport, RegistryError> {
+    let began = Instant::now();
+    let repo = src.repository.as_str();
+    let (mut bytes, mut media, mut digest) =
+        fetch_manifest(client, repo, &src.manifest_ref(), src.digest.as_ref()).await?;
+    if is_index(&media) {
+        let want = pick_platform(&bytes)?;
+        (bytes, media, digest) = fetch_manifest(client, repo, want.as_str(), Some(&want)).await?;
+        if is_index(&media) {
+            return Err(RegistryError::Protocol("an index inside an index".into()));
+        }
+    }
+    let blobs = manifest_blobs(&bytes)?;
+    let known = BlobLocations::new(store, client.registry());
+    let results: Vec<Result<(bool, u64), RegistryError>> = futures_util::stream::iter(blobs)
+        .map(|(d, size)| {
+            let known = &known;
+            async move {
+                if store.has_blob(&d) {
+                    on_blob(&d, size, false);
+                    return Ok((false, 0));
+                }
+                let n = fetch_blob(client, store, repo, &d, size).await?;
+                known.record(&d, repo);
+                on_blob(&d, size, true);
+                Ok((true, n))
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let (mut fetched, mut present, mut total) = (0, 0, 0);
+    for r in results {
+        let (got, n) = r?;
+        if got {
+            fetched += 1;
+        } else {
+            present += 1;
+        }
+        total += n;
+    }
+    // The manifest's exact bytes go into the store last, once everything it names is there.
+    let (stored, size) = store.put_blob(&bytes)?;
+    debug_assert_eq!(stored, digest);
+    let tag = src.store_tag();
+    if let Some(t) = &tag {
+        let desc = DescriptorBuilder::default()
+            .media_type(MediaType::from(media.as_str()))
+            .digest(digest.to_oci())
+            .size(size)
+            .build()
+            .map_err(|e| RegistryError::Protocol(format!("a descriptor: {e}")))?;
+        store.set_tag(t, &desc)?;
+    }
+    Ok(PullReport {
+        reference: src.to_string(),
+        digest,
+        tag,
+        blobs_fetched: fetched,
+        blobs_present: present,
+        bytes: total,
+        seconds: began.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,220 @@
+//! Docker-style image references: `[scheme://]host[:port]/path[:tag][@sha256:…]`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::store::Digest;
+
+/// Docker Hub, as references name it.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// A parsed reference to an image in a registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// `host[:port]` as written (`docker.io` for Docker Hub).
+    pub registry: String,
+    /// The repository path (`library/alpine`, `team/app`).
+    pub repository: String,
+    /// The tag, if any.
+    pub tag: Option<String>,
+    /// The manifest digest, if any.
+    pub digest: Option<Digest>,
+    /// Plain HTTP: given as `http://`, or a loopback registry not given as `https://`.
+    pub plain_http: bool,
+}
+
+fn valid_component(c: &str) -> bool {
+    // [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*
+    !c.is_empty()
+        && c.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+        && c.as_bytes()[0].is_ascii_alphanumeric()
+        && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+}
+
+fn valid_tag(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && (t.as_bytes()[0].is_ascii_alphanumeric() || t.as_bytes()[0] == b'_')
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn is_loopback(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name == "localhost" || name == "::1" || name.starts_with("127.")
+}
+
+impl FromStr for Reference {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Reference, String> {
+        let (scheme, rest) = match s.split_once("://") {
+            Some(("http", r)) => (Some(false), r),
+            Some(("https", r)) => (Some(true), r),
+            Some((other, _)) => return Err(format!("unknown scheme `{other}://` in `{s}`")),
+            None => (None, s),
+        };
+        let (name, digest) = match rest.split_once('@') {
+            Some((n, d)) => (
+                n,
+                Some(
+                    d.parse::<Digest>()
+                        .map_err(|_| format!("`{d}` is not a sha256 digest"))?,
+                ),
+            ),
+            None => (rest, None),
+        };
+        let (name, tag) = match name.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, Some(t.to_string())),
+            _ => (name, None),
+        };
+        if let Some(t) = &tag
+            && !valid_tag(t)
+        {
+            return Err(format!("`{t}` is not a valid tag"));
+        }
+        let (registry, repository) = match name.split_once('/') {
+            Some((first, path))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_string(), path.to_string())
+            }
+            _ if scheme.is_some() => {
+                return Err(format!("`{s}` names no registry host"));
+            }
+            Some(_) => (DOCKER_HUB.to_string(), name.to_string()),
+            None => (DOCKER_HUB.to_string(), format!("library/{name}")),
+        };
+        if !repository.split('/').all(valid_component) {
+            return Err(format!(
+                "`{repository}` is not a valid repository (lower-case letters, digits, . _ - and /)"
+            ));
+        }
+        let plain_http = match scheme {
+            Some(https) => !https,
+            None => is_loopback(&registry),
+        };
+        Ok(Reference {
+            registry,
+            repository,
+            tag,
+            digest,
+            plain_http,
+        })
+    }
+}
+
+impl Reference {
+    /// The host the API is served from (Docker Hub's differs from its name).
+    pub fn api_host(&self) -> &str {
+        if self.registry == DOCKER_HUB {
+            "registry-1.docker.io"
+        } else {
+            &self.registry
+        }
+    }
+
+    /// `http(s)://host/v2/`.
+    pub fn api_base(&self) -> String {
+        format!(
+            "{}://{}/v2/",
+            if self.plain_http { "http" } else { "https" },
+            self.api_host()
+        )
+    }
+
+    /// What a manifest request names: the digest if given, else the tag (`latest` if none).
+    pub fn manifest_ref(&self) -> String {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => "latest".to_string(),
+        }
+    }
+
+    /// The same repository with another tag or digest.
+    pub fn with_tag(&self, tag: &str) -> Reference {
+        Reference {
+            tag: Some(tag.to_string()),
+            digest: None,
+            ..self.clone()
+        }
+    }
+
+    /// `registry/repository:tag` as a local store tag (digest-only references get none).
+    pub fn store_tag(&self) -> Option<String> {
+        if self.tag.is_none() && self.digest.is_some() {
+            return None;
+        }
+        Some(format!(
+            "{}/{}:{}",
+            self.registry,
+            self.repository,
+            self.tag.as_deref().unwrap_or("latest")
+        ))
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_like_docker() {
+        let r: Reference = "127.0.0.1:5000/team/app:1.2".parse().unwrap();
+        assert_eq!(r.registry, "127.0.0.1:5000");
+        assert_eq!(r.repository, "team/app");
+        assert_eq!(r.tag.as_deref(), Some("1.2"));
+        assert!(r.plain_http, "loopback registries are plain HTTP");
+        assert_eq!(r.api_base(), "http://127.0.0.1:5000/v2/");
+
+        let r: Reference = "alpine".parse().unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("docker.io", "library/alpine")
+        );
+        assert_eq!(r.manifest_ref(), "latest");
+        assert_eq!(r.api_host(), "registry-1.docker.io");
+        assert!(!r.plain_http);
+
+        let d = "sha256:".to_string() + &"a".repeat(64);
+        let r: Reference = format!("ghcr.io/o/app@{d}").parse().unwrap();
+        assert_eq!(r.manifest_ref(), d);
+        assert_eq!(r.store_tag(), None);
+
+        let r: Reference = "http://registry.lan:5000/app".parse().unwrap();
+        assert!(r.plain_http);
+        let r: Reference = "https://localhost:5000/app:x".parse().unwrap();
+        assert!(!r.plain_http, "https:// overrides the loopback default");
+        assert_eq!(r.to_string(), "localhost:5000/app:x");
+        assert_eq!(r.store_tag().unwrap(), "localhost:5000/app:x");
+
+        for bad in [
+            "Upper/case",
+            "host:5000/a:b:c",
+            "ftp://x/y",
+            "a/b@sha256:zz",
+            "x/:t",
+        ] {
+            assert!(bad.parse::<Reference>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The registry client against Debian's real `docker-registry`: push only what is missing,
+//! pull with verification, Basic auth through Docker's config file, and peers (skopeo,
+//! podman) agreeing on what berth pushed.
+
+mod util;
+
+use std::process::Command;
+
+use util::{Registry, TempProject, require, run_ok};
+
+/// A project whose image is base:1 plus one file.
+fn app(content: &str) -> TempProject {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file(
+        "berth.toml",
+        "[app]\nname = \"app\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"msg.txt\", \"/msg.txt\"]\n[[image.steps]]\ncmd = [\"cat\", \"/msg.txt\"]\n",
+    )
+    .file("msg.txt", content);
+    p.berth().args(["build"]).run().ok();
+    p
+}
+
+fn push_json(p: &TempProject, dst: &str) -> serde_json::Value {
+    let out = p.berth().args(["--json", "push", "app", dst]).run().ok();
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+fn actions(report: &serde_json::Value) -> Vec<String> {
+    report["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn push_sends_only_what_is_missing_and_pull_verifies() {
+    let reg = Registry::start(&[]);
+    let p = app("version one\n");
+    let dst = format!("{}/team/app:1", reg.host());
+
+    let first = push_json(&p, &dst);
+    assert_eq!(actions(&first), ["upload", "upload", "upload"], "{first}");
+    let digest = first["digest"].as_str().unwrap().to_string();
+    let local = p.berth().args(["inspect", "app"]).run().ok();
+    let local: serde_json::Value = serde_json::from_str(&local.stdout).unwrap();
+    assert_eq!(
+        local["digest"], digest,
+        "the registry has berth's manifest bytes"
+    );
+
+    // skopeo sees the digest berth computed.
+    require("skopeo", "skopeo");
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{dst}"),
+    ]));
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(inspected["Digest"], digest);
+
+    // Unchanged: nothing but HEADs and the manifest.
+    let uploads_before = reg.requests("POST", "/blobs/uploads/");
+    let again = push_json(&p, &dst);
+    assert_eq!(actions(&again), ["present", "present", "present"]);
+    assert_eq!(again["bytes_sent"], 0);
+    assert_eq!(reg.requests("POST", "/blobs/uploads/"), uploads_before);
+
+    // One file changed: its layer and the config, nothing else.
+    p.file("msg.txt", "version two\n");
+    p.berth().args(["build"]).run().ok();
+    let dry = p
+        .berth()
+        .args(["push", "--dry-run", "app", &dst])
+        .run()
+        .ok();
+    assert!(dry.stderr.contains("upload"), "{}", dry.stderr);
+    assert_eq!(
+        reg.requests("POST", "/blobs/uploads/"),
+        uploads_before,
+        "a dry run sends no upload"
+    );
+    let second = push_json(&p, &format!("{}/team/app:2", reg.host()));
+    let mut acts = actions(&second);
+    acts.sort();
+    assert_eq!(acts, ["present", "upload", "upload"], "{second}");
+    assert_eq!(reg.requests("POST", "/blobs/uploads/"), uploads_before + 2);
+
+    // Another repository of the same registry: mounted, not uploaded.
+    let mounted = push_json(&p, &format!("{}/other/app:2", reg.host()));
+    let mut acts = actions(&mounted);
+    acts.sort();
+    assert_eq!(acts, ["mount", "mount", "mount"], "{mounted}");
+
+    // Pull into an empty store: verified, tagged, runnable.
+    let q = TempProject::new();
+    let pulled = q.berth().args(["pull", &dst]).run().ok();
+    assert_eq!(pulled.last_line(), digest);
+    let run = q.berth().args(["run", "--rm", &dst]).run().ok();
+    assert_eq!(run.stdout, "version one\n");
+    // Pulling again fetches nothing.
+    let again = q.berth().args(["--json", "pull", &dst]).run().ok();
+    let again: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(again["blobs_fetched"], 0);
+    // By digest: verified against the reference.
+    let by_digest = format!("{}/team/app@{digest}", reg.host());
+    q.berth().args(["pull", &by_digest]).run().ok();
+
+    // A build whose base names a registry pulls it.
+    let b = TempProject::new();
+    b.file(
+        "berth.toml",
+        &format!("[app]\nname = \"child\"\n[image]\nfrom = \"{dst}\"\n[[image.steps]]\ncmd = [\"cat\", \"/msg.txt\"]\n"),
+    );
+    b.berth().args(["build"]).run().ok();
+    let run = b.berth().args(["run", "--rm", "child"]).run().ok();
+    assert_eq!(run.stdout, "version one\n");
+
+    // Errors say what is wrong.
+    let missing = q
+        .berth()
+        .args(["pull", &format!("{}/team/app:nope", reg.host())])
+        .run()
+        .code(1);
+    assert!(missing.stderr.contains("not found"), "{}", missing.stderr);
+    let down = q.berth().args(["pull", "127.0.0.1:1/x:1"]).run().code(1);
+    assert!(down.stderr.contains("cannot reach"), "{}", down.stderr);
+}
+
+#[test]
+fn basic_auth_with_dockers_config_file() {
+    let reg = Registry::start(&[("ci", "s3cret-pass")]);
+    let p = app("secured\n");
+    let docker_config = p.path().join("docker-config");
+    let dst = format!("{}/app:1", reg.host());
+    let berth = |args: &[&str]| {
+        p.berth()
+            .env("DOCKER_CONFIG", docker_config.to_str().unwrap())
+            .args(args)
+    };
+    let refused = berth(&["push", "app", &dst]).run().code(1);
+    assert!(
+        refused.stderr.contains("berth login"),
+        "a hint: {}",
+        refused.stderr
+    );
+
+    let mut wrong = Command::new(env!("CARGO_BIN_EXE_berth"));
+    wrong
+        .args(["login", "-u", "ci", "--password-stdin", &reg.host()])
+        .env("DOCKER_CONFIG", &docker_config)
+        .env("BERTH_STORE", p.store());
+    let login = |cmd: &mut Command, password: &str| {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let bad = login(&mut wrong, "nope\n");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(!docker_config.join("config.json").exists(), "nothing saved");
+    let good = login(&mut wrong, "s3cret-pass\n");
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let config = std::fs::read_to_string(docker_config.join("config.json")).unwrap();
+    assert!(
+        config.contains(&reg.host()) && config.contains("\"auth\""),
+        "{config}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(docker_config.join("config.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let pushed = berth(&["push", "app", &dst]).run().ok();
+    assert!(!pushed.stderr.contains("s3cret") && !pushed.stdout.contains("s3cret"));
+    let q = TempProject::new();
+    q.berth()
+        .env("DOCKER_CONFIG", docker_config.to_str().unwrap())
+        .args(["pull", &dst])
+        .run()
+        .ok();
+    // CI: credentials from the environment, no config file.
+    q.berth()
+        .env("BERTH_REGISTRY_USER", "ci")
+        .env("BERTH_REGISTRY_PASSWORD", "s3cret-pass")
+        .env("DOCKER_CONFIG", q.path().join("none").to_str().unwrap())
+        .args(["pull", &dst])
+        .run()
+        .ok();
+
+    berth(&["logout", &reg.host()]).run().ok();
+    let refused = berth(&["push", "app", &dst]).run().code(1);
+    assert!(!refused.stderr.contains("s3cret"));
+}
+
+#[test]
+fn podman_runs_what_berth_pushed() {
+    require("podman", "podman");
+    let reg = Registry::start(&[]);
+    let p = app("hello podman\n");
+    let dst = format!("{}/app:1", reg.host());
+    p.berth().args(["push", "app", &dst]).run().ok();
+    let conf = p.path().join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = []\n[engine]\nruntime = \"runc\"\n",
+    )
+    .unwrap();
+    let root = p.path().join("podman-root");
+    let runroot = p.path().join("podman-runroot");
+    let podman = |args: &[&str]| {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", &conf)
+            .arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(args);
+        c
+    };
+    run_ok(&mut podman(&["pull", "-q", "--tls-verify=false", &dst]));
+    let out = run_ok(&mut podman(&["run", "--rm", &dst]));
+    assert_eq!(out, "hello podman\n");
+    let _ = podman(&["system", "reset", "-f"]).output();
+}
