@@ -130,6 +130,60 @@ fn push_sends_only_what_is_missing_and_pull_verifies() {
 }
 
 #[test]
+fn copy_preserves_the_digest_and_sends_only_what_is_missing() {
+    let a = Registry::start(&[]);
+    let b = Registry::start(&[]);
+    let p = app("copied\n");
+    let src = format!("{}/dev/app:1", a.host());
+    let pushed = push_json(&p, &src);
+    let digest = pushed["digest"].as_str().unwrap().to_string();
+    let copy = |from: &str, to: &str| {
+        let out = p.berth().args(["--json", "copy", from, to]).run().ok();
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // Same registry: mounts.
+    let same = copy(&src, &format!("{}/uat/app", a.host()));
+    assert_eq!(same["digest"], digest);
+    assert_eq!(actions(&same), ["mount", "mount", "mount"], "{same}");
+    assert_eq!(same["destination"], format!("{}/uat/app:1", a.host()));
+    // Another registry: streamed, then present.
+    let other = format!("{}/prod/app:1", b.host());
+    let dry = p
+        .berth()
+        .args(["--json", "copy", "--dry-run", &src, &other])
+        .run()
+        .ok();
+    let dry: serde_json::Value = serde_json::from_str(&dry.stdout).unwrap();
+    assert_eq!(actions(&dry), ["upload", "upload", "upload"]);
+    assert_eq!(
+        b.requests("POST", "/blobs/uploads/"),
+        0,
+        "a dry run uploads nothing"
+    );
+    let across = copy(&src, &other);
+    assert_eq!(across["digest"], digest);
+    assert_eq!(actions(&across), ["upload", "upload", "upload"]);
+    let again = copy(&src, &other);
+    assert_eq!(actions(&again), ["present", "present", "present"]);
+    require("skopeo", "skopeo");
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{other}"),
+    ]));
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(inspected["Digest"], digest);
+    // By digest, to a digest that does not match: refused.
+    let wrong = format!("{}/prod/app@sha256:{}", b.host(), "0".repeat(64));
+    let refused = p
+        .berth()
+        .args(["copy", &format!("{}/dev/app@{digest}", a.host()), &wrong])
+        .run()
+        .code(1);
+    assert!(refused.stderr.contains("expected"), "{}", refused.stderr);
+}
+
+#[test]
 fn basic_auth_with_dockers_config_file() {
     let reg = Registry::start(&[("ci", "s3cret-pass")]);
     let p = app("secured\n");

@@ -137,6 +137,8 @@ pub enum Command {
     Push(registry::PushArgs),
     /// Pull an image from a registry into the store.
     Pull(registry::PullArgs),
+    /// Copy an image between repositories or registries, digest-preserving.
+    Copy(registry::CopyArgs),
     /// Save credentials for a registry (in Docker's config.json).
     Login(registry::LoginArgs),
     /// Forget a registry's credentials.
@@ -218,6 +220,7 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Rm(args) => containers::rm(g, args, out),
         Command::Push(args) => registry::push(g, args, out),
         Command::Pull(args) => registry::pull(g, args, out),
+        Command::Copy(args) => registry::copy(g, args, out),
         Command::Login(args) => registry::login(g, args, out),
         Command::Logout(args) => registry::logout(g, args, out),
         Command::Network(cmd) => network::network(g, cmd, out),

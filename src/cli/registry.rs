@@ -36,6 +36,21 @@ pub struct PullArgs {
     pub reference: String,
 }
 
+/// Arguments of `berth copy`.
+#[derive(Debug, clap::Args)]
+pub struct CopyArgs {
+    /// Only find out what would be copied (HEAD requests only).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// A CA certificate (PEM) to trust for both registries.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// REGISTRY/REPOSITORY[:TAG][@DIGEST].
+    pub source: String,
+    /// REGISTRY/REPOSITORY[:TAG] (without a tag: the source's).
+    pub destination: String,
+}
+
 /// Arguments of `berth login`.
 #[derive(Debug, clap::Args)]
 pub struct LoginArgs {
@@ -174,6 +189,48 @@ pub fn pull(g: &GlobalOpts, args: &PullArgs, out: &mut Output) -> Result<(), Cli
         report.blobs_fetched,
         human_size(report.bytes),
         report.blobs_present,
+        report.seconds
+    ))?;
+    out.line(&report.digest)?;
+    Ok(())
+}
+
+/// `berth copy SRC DST`: digest-preserving, only what the destination lacks.
+pub fn copy(_g: &GlobalOpts, args: &CopyArgs, out: &mut Output) -> Result<(), CliError> {
+    let from = reference(&args.source)?;
+    let to = reference(&args.destination)?;
+    let options = ClientOptions {
+        ca_file: args.ca_file.clone(),
+        attempts: None,
+    };
+    let src = Client::new(&from, &options).map_err(registry_error)?;
+    let dst = Client::new(&to, &options).map_err(registry_error)?;
+    let report = runtime()?
+        .block_on(crate::registry_client::copy::copy(
+            &src,
+            &dst,
+            &from,
+            &to,
+            args.dry_run,
+        ))
+        .map_err(registry_error)?;
+    if out.json {
+        return Ok(out.json_value(&report)?);
+    }
+    for b in &report.blobs {
+        let what = match &b.action {
+            BlobAction::Present => "present".to_string(),
+            BlobAction::Mount { from } => format!("mount from {from}"),
+            BlobAction::Upload => format!("copy {}", human_size(b.size)),
+        };
+        out.note(format!("{} {what}", b.digest.short()))?;
+    }
+    out.note(format!(
+        "{} {} → {} ({} copied) in {:.2} s",
+        if args.dry_run { "would copy" } else { "copied" },
+        report.source,
+        report.destination,
+        human_size(report.bytes_copied),
         report.seconds
     ))?;
     out.line(&report.digest)?;

@@ -5,6 +5,7 @@
 //! and jitter, bounded), and on it [`push`] and [`pull`].
 
 pub mod auth;
+pub mod copy;
 pub mod pull;
 pub mod push;
 pub mod reference;
@@ -267,6 +268,17 @@ impl Client {
             message,
             hint,
         }
+    }
+
+    /// The `Authorization` header for `scope`, for a request sent outside [`Client::send`]
+    /// (a one-shot streamed body).
+    pub async fn authorization_for(&self, scope: &str) -> Result<Option<String>, RegistryError> {
+        self.authorization(scope).await
+    }
+
+    /// A transport error as a [`RegistryError`] about this registry.
+    pub fn transport_error(&self, e: &reqwest::Error) -> RegistryError {
+        self.transport(e)
     }
 
     async fn authorization(&self, scope: &str) -> Result<Option<String>, RegistryError> {

@@ -127,6 +127,13 @@ pub async fn blob_exists(
 }
 
 /// An absolute upload URL from a `Location` header (which may be relative).
+pub fn location_of(
+    client: &Client,
+    resp: &reqwest::Response,
+) -> Result<reqwest::Url, RegistryError> {
+    location(client, resp)
+}
+
 fn location(client: &Client, resp: &reqwest::Response) -> Result<reqwest::Url, RegistryError> {
     let loc = resp
         .headers()
@@ -166,6 +173,20 @@ async fn start_upload(
         StatusCode::ACCEPTED => Ok(Started::Session(location(client, &resp)?)),
         _ => Err(client.fail(resp, repository, "an upload").await),
     }
+}
+
+/// Mounts `digest` from `from` into `repository`; false when the registry would not (it
+/// opened an upload instead, which is left to expire).
+pub async fn mount(
+    client: &Client,
+    repository: &str,
+    digest: &Digest,
+    from: &str,
+) -> Result<bool, RegistryError> {
+    Ok(matches!(
+        start_upload(client, repository, digest, Some(from)).await?,
+        Started::Mounted
+    ))
 }
 
 fn with_digest(url: &reqwest::Url, digest: &Digest) -> reqwest::Url {
