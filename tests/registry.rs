@@ -295,3 +295,75 @@ fn podman_runs_what_berth_pushed() {
     assert_eq!(out, "hello podman\n");
     let _ = podman(&["system", "reset", "-f"]).output();
 }
+
+#[test]
+fn pushes_and_pulls_survive_throttling_errors_and_broken_connections() {
+    use std::sync::atomic::Ordering;
+    use util::fault::{FaultProxy, Faults};
+    let reg = Registry::start(&[]);
+    let p = TempProject::new();
+    p.with_busybox_base();
+    // 40 MiB that do not compress: a layer big enough for chunked upload.
+    let mut big = vec![0u8; 40 << 20];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for chunk in big.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(p.path().join("big.bin"), &big).unwrap();
+    p.file(
+        "berth.toml",
+        "[app]\nname = \"app\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"big.bin\", \"/big.bin\"]\n[[image.steps]]\ncmd = [\"sha256sum\", \"/big.bin\"]\n",
+    );
+    p.berth().args(["build"]).run().ok();
+
+    let proxy = FaultProxy::start(
+        reg.port,
+        Faults {
+            throttle_first: 2,
+            unavailable_every: Some(7),
+            reset_upload_after: Some(5 << 20),
+            cut_download_after: None,
+        },
+    );
+    let dst = format!("{}/app:big", proxy.host());
+    let pushed = p.berth().args(["--json", "push", "app", &dst]).run().ok();
+    let pushed: serde_json::Value = serde_json::from_str(&pushed.stdout).unwrap();
+    let c = &proxy.counters;
+    assert_eq!(c.throttled.load(Ordering::SeqCst), 2);
+    assert!(c.unavailable.load(Ordering::SeqCst) >= 1);
+    assert_eq!(
+        c.uploads_reset.load(Ordering::SeqCst),
+        1,
+        "one upload was broken"
+    );
+    // The registry (asked directly) has exactly berth's manifest.
+    require("skopeo", "skopeo");
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}/app:big", reg.host()),
+    ]));
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(inspected["Digest"], pushed["digest"]);
+
+    let proxy = FaultProxy::start(
+        reg.port,
+        Faults {
+            throttle_first: 1,
+            unavailable_every: Some(5),
+            reset_upload_after: None,
+            cut_download_after: Some(3 << 20),
+        },
+    );
+    let q = TempProject::new();
+    let src = format!("{}/app:big", proxy.host());
+    q.berth().args(["pull", &src]).run().ok();
+    assert_eq!(proxy.counters.downloads_cut.load(Ordering::SeqCst), 1);
+    let sum = q.berth().args(["run", "--rm", &src]).run().ok();
+    use sha2::Digest as _;
+    let want = hex::encode(sha2::Sha256::digest(&big));
+    assert!(sum.stdout.starts_with(&want), "{} vs {want}", sum.stdout);
+}

@@ -4,7 +4,8 @@
 //! Per blob: HEAD, and if present nothing more. Else a cross-repository mount when berth
 //! knows the registry has the blob in another repository. Else an upload: one PUT for
 //! blobs up to 32 MiB, PATCH chunks for larger ones; after a broken chunk berth asks the
-//! registry where the upload stands and continues from there. Blobs go in parallel (four
+//! registry where the upload stands and continues from there (or, when the registry has
+//! dropped the session, as distribution does, starts the blob again in a new one). Blobs go in parallel (four
 //! at a time), each digest once. The manifest goes last, only after every blob is
 //! confirmed, so a failed push never leaves a tag pointing at missing blobs.
 
@@ -321,9 +322,22 @@ async fn upload(
                         Err(e) => Err(e),
                     };
                 }
-                let (next, loc) = upload_offset(client, repository, &url).await?;
-                offset = next;
-                url = loc;
+                match upload_offset(client, repository, &url).await {
+                    Ok((next, loc)) => {
+                        offset = next;
+                        url = loc;
+                    }
+                    // The registry dropped the session (distribution does when a chunk
+                    // breaks): start over in a new one.
+                    Err(RegistryError::NotFound { .. }) => {
+                        match start_upload(client, repository, digest, None).await? {
+                            Started::Session(u) => url = u,
+                            Started::Mounted => return Ok(sent),
+                        }
+                        offset = 0;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
