@@ -367,3 +367,304 @@ fn pushes_and_pulls_survive_throttling_errors_and_broken_connections() {
     let want = hex::encode(sha2::Sha256::digest(&big));
     assert!(sum.stdout.starts_with(&want), "{} vs {want}", sum.stdout);
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    require("openssl", "openssl");
+    run_ok(Command::new("openssl").current_dir(dir).args(args));
+}
+
+/// A self-signed certificate and key in `dir` (`name.pem`, `name.key`), valid for
+/// 127.0.0.1.
+fn certificate(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 1 {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// A token server for distribution's `auth: token`: Basic-authenticated `GET /token`
+/// answered with an RS256 JWT (x5c header) granting the scopes asked for.
+fn token_server(
+    dir: std::path::PathBuf,
+    user: &'static str,
+    password: &'static str,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+    use base64::Engine;
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = count.clone();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-in",
+            "token.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "token.der",
+        ],
+    );
+    let der = std::fs::read(dir.join("token.der")).unwrap();
+    std::thread::spawn(move || {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut lines = Vec::new();
+            loop {
+                let mut l = String::new();
+                if reader.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+                    break;
+                }
+                lines.push(l.trim_end().to_string());
+            }
+            if lines.is_empty() {
+                continue;
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let authorized = lines.iter().any(|l| {
+                l.split_once(':').is_some_and(|(k, v)| {
+                    k.eq_ignore_ascii_case("authorization") && v.trim() == expected
+                })
+            });
+            if !authorized {
+                let _ = stream.write_all(
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
+            }
+            let path = lines[0].split(' ').nth(1).unwrap_or_default().to_string();
+            let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            let mut access = Vec::new();
+            for pair in query.split('&') {
+                if let Some(("scope", v)) = pair.split_once('=') {
+                    let v = percent_decode(v);
+                    let parts: Vec<&str> = v.splitn(3, ':').collect();
+                    if parts.len() == 3 {
+                        access.push(serde_json::json!({
+                            "type": parts[0], "name": parts[1],
+                            "actions": parts[2].split(',').collect::<Vec<_>>(),
+                        }));
+                    }
+                }
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let header = serde_json::json!({
+                "typ": "JWT", "alg": "RS256",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(&der)],
+            });
+            let claims = serde_json::json!({
+                "iss": "berth-test-issuer", "sub": user, "aud": "berth-test-registry",
+                "exp": now + 300, "nbf": now - 10, "iat": now,
+                "jti": format!("{now}-{}", counter.load(std::sync::atomic::Ordering::SeqCst)),
+                "access": access,
+            });
+            let signing_input = format!(
+                "{}.{}",
+                b64.encode(header.to_string()),
+                b64.encode(claims.to_string())
+            );
+            let input = dir.join(format!("in-{port}"));
+            std::fs::write(&input, &signing_input).unwrap();
+            let sig = Command::new("openssl")
+                .current_dir(&dir)
+                .args(["dgst", "-sha256", "-sign", "token.key"])
+                .arg(&input)
+                .output()
+                .unwrap()
+                .stdout;
+            let jwt = format!("{signing_input}.{}", b64.encode(sig));
+            let body = serde_json::json!({ "token": jwt, "expires_in": 300 }).to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn bearer_tokens_from_a_token_server_are_fetched_and_cached() {
+    let certs = tempfile::tempdir().unwrap();
+    certificate(certs.path(), "token");
+    let (token_port, token_requests) = token_server(certs.path().to_path_buf(), "ci", "tok-pass");
+    let extra = format!(
+        "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: berth-test-registry\n    issuer: berth-test-issuer\n    rootcertbundle: {}\n",
+        certs.path().join("token.pem").display()
+    );
+    let reg = Registry::start_with(&[], &extra);
+    let p = app("behind tokens\n");
+    let dst = format!("{}/team/app:1", reg.host());
+    let refused = p
+        .berth()
+        .env("DOCKER_CONFIG", p.path().join("none").to_str().unwrap())
+        .args(["push", "app", &dst])
+        .run()
+        .code(1);
+    assert!(refused.stderr.contains("refused"), "{}", refused.stderr);
+    let with = |args: &[&str]| {
+        p.berth()
+            .env("BERTH_REGISTRY_USER", "ci")
+            .env("BERTH_REGISTRY_PASSWORD", "tok-pass")
+            .args(args)
+            .run()
+    };
+    let before = token_requests.load(std::sync::atomic::Ordering::SeqCst);
+    let pushed = with(&["--json", "push", "app", &dst]).ok();
+    let pushed: serde_json::Value = serde_json::from_str(&pushed.stdout).unwrap();
+    assert_eq!(actions(&pushed), ["upload", "upload", "upload"]);
+    let used = token_requests.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // Three blobs (HEAD, POST, PUT each) and a manifest: one token for the push scope.
+    assert!(
+        used <= 2,
+        "tokens are cached per scope: {used} token requests"
+    );
+    let q = TempProject::new();
+    let pulled = q
+        .berth()
+        .env("BERTH_REGISTRY_USER", "ci")
+        .env("BERTH_REGISTRY_PASSWORD", "tok-pass")
+        .args(["pull", &dst])
+        .run()
+        .ok();
+    assert_eq!(pulled.last_line(), pushed["digest"].as_str().unwrap());
+}
+
+#[test]
+fn tls_registries_are_trusted_with_a_ca_file() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    // A CA, and the registry's certificate signed by it (webpki refuses a CA as a server).
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=berth-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "registry.key",
+            "-out",
+            "registry.csr",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "registry.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            "registry.pem",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let extra = format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        certs.path().join("registry.pem").display(),
+        certs.path().join("registry.key").display()
+    );
+    let reg = Registry::start_with(&[], &extra);
+    let p = app("over tls\n");
+    let dst = format!("https://{}/app:1", reg.host());
+    let untrusted = p.berth().args(["push", "app", &dst]).run().code(1);
+    assert!(
+        untrusted.stderr.contains("--ca-file"),
+        "{}",
+        untrusted.stderr
+    );
+    let ca = certs.path().join("ca.pem");
+    p.berth()
+        .args(["push", "--ca-file", ca.to_str().unwrap(), "app", &dst])
+        .run()
+        .ok();
+    let q = TempProject::new();
+    q.berth()
+        .args(["pull", "--ca-file", ca.to_str().unwrap(), &dst])
+        .run()
+        .ok();
+    let run = q
+        .berth()
+        .args(["run", "--rm", &format!("{}/app:1", reg.host())])
+        .run()
+        .ok();
+    assert_eq!(run.stdout, "over tls\n");
+}

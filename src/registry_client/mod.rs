@@ -169,6 +169,23 @@ fn error_code(body: &str) -> (Option<String>, String) {
     )
 }
 
+/// Whether a failed send is worth another attempt: not a certificate problem (it will not
+/// change), and a refused connection only briefly (a registry restarting).
+fn retryable_transport(e: &reqwest::Error, attempt: u32) -> bool {
+    if e.is_builder() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if text.contains("certificate") || text.contains("InvalidContentType") {
+            return false;
+        }
+        source = s.source();
+    }
+    !e.is_connect() || attempt < 3
+}
+
 fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 1];
     // SAFETY: getrandom into a one-byte buffer we own.
@@ -402,7 +419,7 @@ impl Client {
             }
             let resp = match req.send().await {
                 Ok(r) => r,
-                Err(e) if attempt < self.attempts && !e.is_builder() => {
+                Err(e) if attempt < self.attempts && retryable_transport(&e, attempt) => {
                     tokio::time::sleep(backoff(attempt)).await;
                     continue;
                 }

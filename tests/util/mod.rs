@@ -270,6 +270,12 @@ pub struct Registry {
 impl Registry {
     /// A plain-HTTP registry; with `htpasswd`, one that wants Basic auth for those users.
     pub fn start(users: &[(&str, &str)]) -> Registry {
+        Registry::start_with(users, "")
+    }
+
+    /// A registry with extra configuration (`auth:` or `http: tls:` YAML, indented for
+    /// the top level / the `http:` section as given).
+    pub fn start_with(users: &[(&str, &str)], extra: &str) -> Registry {
         require("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -277,6 +283,7 @@ impl Registry {
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
+        config += extra;
         if !users.is_empty() {
             let lines: Vec<String> = users
                 .iter()
