@@ -668,3 +668,51 @@ fn tls_registries_are_trusted_with_a_ca_file() {
         .ok();
     assert_eq!(run.stdout, "over tls\n");
 }
+
+#[test]
+fn berth_pulls_and_runs_what_buildah_built_and_skopeo_pushed() {
+    require("buildah", "buildah");
+    require("skopeo", "skopeo");
+    let reg = Registry::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("ctx");
+    util::busybox_rootfs(&ctx.join("rootfs"));
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nCMD [\"/bin/sh\", \"-c\", \"echo built by buildah\"]\n",
+    )
+    .unwrap();
+    let root = work.path().join("root");
+    let runroot = work.path().join("runroot");
+    let buildah = |args: &[&str]| {
+        let mut c = Command::new("buildah");
+        c.arg("--root").arg(&root).arg("--runroot").arg(&runroot).args(args);
+        c
+    };
+    run_ok(buildah(&["bud", "--runtime", "runc", "-q", "-t", "peer:1"]).arg(&ctx));
+    let archive = work.path().join("peer.tar");
+    run_ok(buildah(&["push", "-q", "peer:1"]).arg(format!("oci-archive:{}", archive.display())));
+    // Docker schema 2 on the wire: berth must read Docker media types too.
+    let dst = format!("{}/peer:1", reg.host());
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        "--format",
+        "v2s2",
+        "--dest-tls-verify=false",
+        &format!("oci-archive:{}", archive.display()),
+        &format!("docker://{dst}"),
+    ]));
+    let p = TempProject::new();
+    let pulled = p.berth().args(["pull", &dst]).run().ok();
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{dst}"),
+    ]));
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(pulled.last_line(), inspected["Digest"].as_str().unwrap());
+    let run = p.berth().args(["run", "--rm", &dst]).run().ok();
+    assert_eq!(run.stdout, "built by buildah\n");
+    let _ = buildah(&["rmi", "-a", "-f"]).output();
+}
