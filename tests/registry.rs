@@ -326,6 +326,7 @@ fn pushes_and_pulls_survive_throttling_errors_and_broken_connections() {
             unavailable_every: Some(7),
             reset_upload_after: Some(5 << 20),
             cut_download_after: None,
+            stall_uploads_after: None,
         },
     );
     let dst = format!("{}/app:big", proxy.host());
@@ -356,6 +357,7 @@ fn pushes_and_pulls_survive_throttling_errors_and_broken_connections() {
             unavailable_every: Some(5),
             reset_upload_after: None,
             cut_download_after: Some(3 << 20),
+            stall_uploads_after: None,
         },
     );
     let q = TempProject::new();
@@ -686,7 +688,11 @@ fn berth_pulls_and_runs_what_buildah_built_and_skopeo_pushed() {
     let runroot = work.path().join("runroot");
     let buildah = |args: &[&str]| {
         let mut c = Command::new("buildah");
-        c.arg("--root").arg(&root).arg("--runroot").arg(&runroot).args(args);
+        c.arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(args);
         c
     };
     run_ok(buildah(&["bud", "--runtime", "runc", "-q", "-t", "peer:1"]).arg(&ctx));
@@ -715,4 +721,56 @@ fn berth_pulls_and_runs_what_buildah_built_and_skopeo_pushed() {
     let run = p.berth().args(["run", "--rm", &dst]).run().ok();
     assert_eq!(run.stdout, "built by buildah\n");
     let _ = buildah(&["rmi", "-a", "-f"]).output();
+}
+
+#[test]
+fn a_push_killed_midway_resumes_without_uploading_a_finished_blob_twice() {
+    use util::fault::{FaultProxy, Faults};
+    let reg = Registry::start(&[]);
+    let p = app("killed midway\n");
+    // The first blob upload goes through; the others hang until berth is killed.
+    let proxy = FaultProxy::start(
+        reg.port,
+        Faults {
+            stall_uploads_after: Some(1),
+            ..Faults::default()
+        },
+    );
+    let dst = format!("{}/app:1", proxy.host());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["push", "app", &dst])
+        .env("BERTH_STORE", p.store())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // A finished blob: its PUT ?digest= answered 201.
+    let finished = || {
+        reg.log()
+            .lines()
+            .filter(|l| l.contains("\"PUT ") && l.contains("digest=") && l.contains("\" 201 "))
+            .count()
+    };
+    while finished() < 1 {
+        assert!(
+            std::time::Instant::now() < until,
+            "no blob finished: {}",
+            reg.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        reg.requests("PUT", "/manifests/"),
+        0,
+        "no manifest without its blobs"
+    );
+    // Again, straight to the registry: the finished blob is present, not sent again.
+    let again = push_json(&p, &format!("{}/app:1", reg.host()));
+    let mut acts = actions(&again);
+    acts.sort();
+    assert_eq!(acts, ["present", "upload", "upload"], "{again}");
+    assert_eq!(finished(), 3, "each blob finished exactly once");
 }

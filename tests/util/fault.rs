@@ -21,6 +21,8 @@ pub struct Faults {
     /// The first response whose body is larger than this is passed back only this far,
     /// then the connection is reset.
     pub cut_download_after: Option<usize>,
+    /// Requests with a body after the first N hang (a stalled upload), for a minute.
+    pub stall_uploads_after: Option<u32>,
 }
 
 /// What the proxy did.
@@ -31,6 +33,7 @@ pub struct Counters {
     pub unavailable: AtomicU32,
     pub uploads_reset: AtomicU32,
     pub downloads_cut: AtomicU32,
+    pub uploads: AtomicU32,
 }
 
 /// A running proxy; stops accepting when dropped.
@@ -177,6 +180,13 @@ fn handle(
     if f.unavailable_every.is_some_and(|k| n.is_multiple_of(k)) {
         c.unavailable.fetch_add(1, Ordering::SeqCst);
         return answer(&mut writer, "503 Service Unavailable", "");
+    }
+    if len > 0 {
+        let k = c.uploads.fetch_add(1, Ordering::SeqCst) + 1;
+        if f.stall_uploads_after.is_some_and(|n| k > n) {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            return;
+        }
     }
     let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
         return answer(&mut writer, "502 Bad Gateway", "");
