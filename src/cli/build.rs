@@ -79,7 +79,7 @@ fn pull_missing_bases(store: &Store, plan: &BuildPlan, out: &mut Output) -> Resu
         let runtime = crate::registry_client::runtime()
             .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
         runtime
-            .block_on(pull::pull(&client, store, &reference, &|_, _, _| {}))
+            .block_on(pull::pull(&client, store, &reference, &|_, _, _| {}, None))
             .map_err(super::registry::registry_error)?;
     }
     Ok(())

@@ -48,3 +48,70 @@ impl Spinner {
         }
     }
 }
+
+/// One bar per blob (bytes, total, rate) while blobs move to or from a registry; inert
+/// when stderr is not a terminal or output is `--json`/`-q`.
+pub struct Transfers {
+    multi: Option<indicatif::MultiProgress>,
+    bars: std::sync::Mutex<std::collections::HashMap<String, ProgressBar>>,
+}
+
+impl Transfers {
+    /// A display, drawn only when `enabled` and stderr is a terminal.
+    pub fn new(enabled: bool) -> std::sync::Arc<Transfers> {
+        let multi = (enabled && std::io::stderr().is_terminal())
+            .then(|| indicatif::MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        std::sync::Arc::new(Transfers {
+            multi,
+            bars: Default::default(),
+        })
+    }
+
+    /// Whether anything is drawn.
+    pub fn active(&self) -> bool {
+        self.multi.is_some()
+    }
+
+    /// `n` more bytes of blob `name` (of `total`).
+    pub fn advance(&self, name: &str, total: u64, n: u64) {
+        let Some(multi) = &self.multi else { return };
+        let mut bars = self.bars.lock().expect("not poisoned");
+        let bar = bars.entry(name.to_string()).or_insert_with(|| {
+            let bar = multi.add(ProgressBar::new(total));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(name.to_string());
+            bar
+        });
+        bar.inc(n);
+    }
+
+    /// Blob `name` is settled: its bar goes, `line` (if any) is printed in its place.
+    pub fn done(&self, name: &str, line: Option<String>) {
+        let bar = self.bars.lock().expect("not poisoned").remove(name);
+        match (&self.multi, bar) {
+            (Some(m), Some(bar)) => {
+                bar.finish_and_clear();
+                m.remove(&bar);
+                if let Some(l) = line {
+                    let _ = m.println(l);
+                }
+            }
+            (Some(m), None) => {
+                if let Some(l) = line {
+                    let _ = m.println(l);
+                }
+            }
+            (None, _) => {
+                if let Some(l) = line {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}

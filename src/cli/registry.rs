@@ -1,6 +1,6 @@
 //! `berth push`, `berth pull`, `berth login`, `berth logout`.
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::PathBuf;
 
 use miette::miette;
@@ -117,18 +117,23 @@ pub fn push(g: &GlobalOpts, args: &PushArgs, out: &mut Output) -> Result<(), Cli
     };
     let client = Client::new(&dst, &options).map_err(registry_error)?;
     let verbose = !out.json && !out.quiet;
-    let tty = std::io::stderr().is_terminal();
+    let transfers = super::progress::Transfers::new(verbose);
     let on_blob = |b: &BlobReport| {
-        if verbose && (tty || args.dry_run || g.verbose > 0) {
-            let what = match &b.action {
-                BlobAction::Present => "present".to_string(),
-                BlobAction::Mount { from } => format!("mount from {from}"),
-                BlobAction::Upload if args.dry_run => format!("upload {}", human_size(b.size)),
-                BlobAction::Upload => format!("uploaded {}", human_size(b.size)),
-            };
-            eprintln!("{} {what}", b.digest.short());
-        }
+        let what = match &b.action {
+            BlobAction::Present => "present".to_string(),
+            BlobAction::Mount { from } => format!("mounted from {from}"),
+            BlobAction::Upload if args.dry_run => format!("upload {}", human_size(b.size)),
+            BlobAction::Upload => format!("uploaded {}", human_size(b.size)),
+        };
+        let show = verbose && (transfers.active() || args.dry_run || g.verbose > 0);
+        transfers.done(
+            b.digest.short(),
+            show.then(|| format!("{} {what}", b.digest.short())),
+        );
     };
+    let bars = transfers.clone();
+    let progress: push::BytesProgress =
+        std::sync::Arc::new(move |d, total, n| bars.advance(d.short(), total, n));
     let report = runtime()?
         .block_on(push::push(
             &client,
@@ -137,6 +142,7 @@ pub fn push(g: &GlobalOpts, args: &PushArgs, out: &mut Output) -> Result<(), Cli
             &dst,
             args.dry_run,
             &on_blob,
+            transfers.active().then_some(progress),
         ))
         .map_err(registry_error)?;
     if out.json {
@@ -177,8 +183,29 @@ pub fn pull(g: &GlobalOpts, args: &PullArgs, out: &mut Output) -> Result<(), Cli
         attempts: None,
     };
     let client = Client::new(&src, &options).map_err(registry_error)?;
+    let transfers = super::progress::Transfers::new(!out.json && !out.quiet);
+    let on_blob = |d: &crate::store::Digest, size: u64, fetched: bool| {
+        let line = if fetched {
+            format!("{} fetched {}", d.short(), human_size(size))
+        } else {
+            format!("{} present", d.short())
+        };
+        transfers.done(
+            d.short(),
+            (transfers.active() || g.verbose > 0).then_some(line),
+        );
+    };
+    let bars = transfers.clone();
+    let progress: push::BytesProgress =
+        std::sync::Arc::new(move |d, total, n| bars.advance(d.short(), total, n));
     let report = runtime()?
-        .block_on(pull::pull(&client, &store, &src, &|_, _, _| {}))
+        .block_on(pull::pull(
+            &client,
+            &store,
+            &src,
+            &on_blob,
+            transfers.active().then_some(progress),
+        ))
         .map_err(registry_error)?;
     if out.json {
         return Ok(out.json_value(&report)?);

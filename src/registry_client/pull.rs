@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, RANGE};
 use serde::Serialize;
 
-use super::push::{BlobLocations, PARALLEL, manifest_blobs, manifest_media_type};
+use super::push::{BlobLocations, BytesProgress, PARALLEL, manifest_blobs, manifest_media_type};
 use super::{Client, MANIFEST_ACCEPT, Reference, RegistryError, pull_scope};
 use crate::store::{Digest, Store};
 
@@ -137,6 +137,7 @@ async fn fetch_blob(
     repository: &str,
     digest: &Digest,
     size: u64,
+    progress: Option<&BytesProgress>,
 ) -> Result<u64, RegistryError> {
     let url = client.url(&format!("{repository}/blobs/{digest}"));
     let mut writer = store.blob_writer()?;
@@ -184,6 +185,9 @@ async fn fetch_blob(
                         })?;
                     have += bytes.len() as u64;
                     downloaded += bytes.len() as u64;
+                    if let Some(p) = progress {
+                        p(digest, size, bytes.len() as u64);
+                    }
                     if have > size && size > 0 {
                         return Err(RegistryError::Protocol(format!(
                             "blob {digest} is larger than its descriptor says ({size} bytes)"
@@ -230,6 +234,7 @@ pub async fn pull(
     store: &Store,
     src: &Reference,
     on_blob: &(dyn Fn(&Digest, u64, bool) + Sync),
+    progress: Option<BytesProgress>,
 ) -> Result<PullReport, RegistryError> {
     let began = Instant::now();
     let repo = src.repository.as_str();
@@ -247,12 +252,13 @@ pub async fn pull(
     let results: Vec<Result<(bool, u64), RegistryError>> = futures_util::stream::iter(blobs)
         .map(|(d, size)| {
             let known = &known;
+            let progress = &progress;
             async move {
                 if store.has_blob(&d) {
                     on_blob(&d, size, false);
                     return Ok((false, 0));
                 }
-                let n = fetch_blob(client, store, repo, &d, size).await?;
+                let n = fetch_blob(client, store, repo, &d, size, progress.as_ref()).await?;
                 known.record(&d, repo);
                 on_blob(&d, size, true);
                 Ok((true, n))

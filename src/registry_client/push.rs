@@ -21,6 +21,9 @@ use serde::Serialize;
 use super::{Client, Reference, RegistryError, push_scope};
 use crate::store::{Digest, Store};
 
+/// Hears about bytes moved for a blob: its digest, its size, and how many more bytes went.
+pub type BytesProgress = std::sync::Arc<dyn Fn(&Digest, u64, u64) + Send + Sync>;
+
 /// Largest blob sent in one PUT.
 pub const MONOLITHIC_MAX: u64 = 32 << 20;
 /// Size of a PATCH chunk.
@@ -196,11 +199,13 @@ fn with_digest(url: &reqwest::Url, digest: &Digest) -> reqwest::Url {
     u
 }
 
-/// A body of `len` bytes of the blob from `offset`, read from the file as it is sent.
+/// A body of `len` bytes of the blob from `offset`, read from the file as it is sent,
+/// reporting what went to `progress`.
 fn file_body(
     path: &std::path::Path,
     offset: u64,
     len: u64,
+    progress: Option<(&BytesProgress, &Digest, u64)>,
 ) -> Result<reqwest::Body, RegistryError> {
     let mut f = std::fs::File::open(path).map_err(|source| RegistryError::Io {
         what: format!("open {}", path.display()),
@@ -216,7 +221,15 @@ fn file_body(
         tokio::io::AsyncReadExt::take(file, len),
         256 * 1024,
     );
-    Ok(reqwest::Body::wrap_stream(stream))
+    let Some((p, digest, size)) = progress else {
+        return Ok(reqwest::Body::wrap_stream(stream));
+    };
+    let (p, digest) = (p.clone(), digest.clone());
+    Ok(reqwest::Body::wrap_stream(stream.inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            p(&digest, size, bytes.len() as u64);
+        }
+    })))
 }
 
 /// Where the registry has an upload at: the next offset to send.
@@ -252,7 +265,9 @@ async fn upload(
     digest: &Digest,
     size: u64,
     session: reqwest::Url,
+    progress: Option<&BytesProgress>,
 ) -> Result<u64, RegistryError> {
+    let progress = progress.map(|p| (p, digest, size));
     let path = store.blob_path(digest);
     let scope = push_scope(repository);
     let mut sent = 0u64;
@@ -267,7 +282,7 @@ async fn upload(
                         .put(put.clone())
                         .header(CONTENT_TYPE, "application/octet-stream")
                         .header(CONTENT_LENGTH, size)
-                        .body(file_body(&path, 0, size)?))
+                        .body(file_body(&path, 0, size, progress)?))
                 })
                 .await;
             sent += size;
@@ -302,7 +317,7 @@ async fn upload(
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_RANGE, format!("{start}-{}", start + n - 1))
                     .header(CONTENT_LENGTH, n)
-                    .body(file_body(&path, start, n)?))
+                    .body(file_body(&path, start, n, progress)?))
             })
             .await;
         sent += n;
@@ -394,6 +409,7 @@ pub async fn push(
     dst: &Reference,
     dry_run: bool,
     on_blob: &(dyn Fn(&BlobReport) + Sync),
+    progress: Option<BytesProgress>,
 ) -> Result<PushReport, RegistryError> {
     let began = Instant::now();
     let manifest = store.read_blob(manifest_digest)?;
@@ -405,6 +421,7 @@ pub async fn push(
     )
     .map(|(digest, size)| {
         let known = &known;
+        let progress = &progress;
         async move {
             let report = |action| BlobReport {
                 digest: digest.clone(),
@@ -440,7 +457,7 @@ pub async fn push(
                 ),
                 Started::Session(url) => (
                     BlobAction::Upload,
-                    upload(client, store, repo, &digest, size, url).await?,
+                    upload(client, store, repo, &digest, size, url, progress.as_ref()).await?,
                 ),
             };
             known.record(&digest, repo);
