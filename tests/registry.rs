@@ -774,3 +774,42 @@ fn a_push_killed_midway_resumes_without_uploading_a_finished_blob_twice() {
     assert_eq!(acts, ["present", "upload", "upload"], "{again}");
     assert_eq!(finished(), 3, "each blob finished exactly once");
 }
+
+#[test]
+fn credential_helpers_supply_credentials_as_for_docker() {
+    let reg = Registry::start(&[("ci", "helper-pass")]);
+    let p = app("from a helper\n");
+    let bin = p.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-fake");
+    // Answers `get` for the registry it is asked about; logs what it was asked.
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\necho \"$1 $server\" >> {log}\n[ \"$1\" = get ] || exit 1\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"ci\",\"Secret\":\"helper-pass\"}}' \"$server\"\n",
+            log = p.path().join("helper.log").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let dst = format!("{}/app:1", reg.host());
+    for config in [
+        format!("{{\"credHelpers\": {{\"{}\": \"fake\"}}}}", reg.host()),
+        "{\"credsStore\": \"fake\"}".to_string(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), &config).unwrap();
+        let out = p
+            .berth()
+            .env("PATH", &path)
+            .env("DOCKER_CONFIG", dir.path().to_str().unwrap())
+            .args(["push", "app", &dst])
+            .run()
+            .ok();
+        assert!(!out.stderr.contains("helper-pass"));
+    }
+    let log = std::fs::read_to_string(p.path().join("helper.log")).unwrap();
+    assert!(log.contains(&format!("get {}", reg.host())), "{log}");
+}
