@@ -658,9 +658,14 @@ fn tls_registries_are_trusted_with_a_ca_file() {
         .args(["push", "--ca-file", ca.to_str().unwrap(), "app", &dst])
         .run()
         .ok();
+    // Or the CA in certs.d/<host:port>/, as Docker and podman keep them.
     let q = TempProject::new();
+    let certs_d = q.path().join("config/berth/certs.d").join(reg.host());
+    std::fs::create_dir_all(&certs_d).unwrap();
+    std::fs::copy(&ca, certs_d.join("ca.crt")).unwrap();
     q.berth()
-        .args(["pull", "--ca-file", ca.to_str().unwrap(), &dst])
+        .env("XDG_CONFIG_HOME", q.path().join("config").to_str().unwrap())
+        .args(["pull", &dst])
         .run()
         .ok();
     let run = q

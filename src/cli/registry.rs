@@ -17,7 +17,8 @@ pub struct PushArgs {
     /// Only find out what would be sent (HEAD requests only).
     #[arg(long)]
     pub dry_run: bool,
-    /// A CA certificate (PEM) to trust for this registry.
+    /// A CA certificate (PEM) to trust for this registry (also read: certs.d/HOST:PORT/*.crt
+    /// under ~/.config/berth, /etc/containers, /etc/docker).
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// The local image.
@@ -29,7 +30,8 @@ pub struct PushArgs {
 /// Arguments of `berth pull`.
 #[derive(Debug, clap::Args)]
 pub struct PullArgs {
-    /// A CA certificate (PEM) to trust for this registry.
+    /// A CA certificate (PEM) to trust for this registry (also read: certs.d/HOST:PORT/*.crt
+    /// under ~/.config/berth, /etc/containers, /etc/docker).
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// REGISTRY/REPOSITORY[:TAG][@DIGEST].
@@ -60,7 +62,8 @@ pub struct LoginArgs {
     /// Read the password from standard input.
     #[arg(long)]
     pub password_stdin: bool,
-    /// A CA certificate (PEM) to trust for this registry.
+    /// A CA certificate (PEM) to trust for this registry (also read: certs.d/HOST:PORT/*.crt
+    /// under ~/.config/berth, /etc/containers, /etc/docker).
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// The registry (host[:port]).

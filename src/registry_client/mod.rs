@@ -169,6 +169,35 @@ fn error_code(body: &str) -> (Option<String>, String) {
     )
 }
 
+/// The per-registry CA certificates of the user's and the system's configuration, as
+/// Docker and podman keep them: `*.crt` in `certs.d/<host:port>/` under
+/// `$XDG_CONFIG_HOME/berth` (else `~/.config/berth`), `/etc/containers` and `/etc/docker`.
+pub fn registry_cas(registry: &str) -> Vec<PathBuf> {
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|c| c.join("berth"));
+    let roots = user.into_iter().chain([
+        PathBuf::from("/etc/containers"),
+        PathBuf::from("/etc/docker"),
+    ]);
+    let mut out = Vec::new();
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root.join("certs.d").join(registry)) else {
+            continue;
+        };
+        let mut found: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+            .collect();
+        found.sort();
+        out.extend(found);
+    }
+    out
+}
+
 /// Whether a failed send is worth another attempt: not a certificate problem (it will not
 /// change), and a refused connection only briefly (a registry restarting).
 fn retryable_transport(e: &reqwest::Error, attempt: u32) -> bool {
@@ -206,7 +235,9 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(8);
-        if let Some(ca) = &options.ca_file {
+        let mut cas: Vec<PathBuf> = options.ca_file.iter().cloned().collect();
+        cas.extend(registry_cas(&reference.registry));
+        for ca in &cas {
             let pem = std::fs::read(ca).map_err(|source| RegistryError::Io {
                 what: format!("read the CA file {}", ca.display()),
                 source,
