@@ -166,6 +166,17 @@ impl Netlink {
             .map_err(|e| other(&format!("configure {name}"), e))
     }
 
+    /// Sets a link's hardware address.
+    pub fn set_mac(&mut self, name: &str, mac: [u8; 6]) -> io::Result<()> {
+        let index = self.index(name)?;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        self.request(RouteNetlinkMessage::SetLink(msg), 0)
+            .map(drop)
+            .map_err(|e| other(&format!("set the address of {name}"), e))
+    }
+
     /// Brings a link up.
     pub fn up(&mut self, name: &str) -> io::Result<()> {
         self.set_link(name, None, None, true)

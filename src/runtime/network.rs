@@ -191,6 +191,13 @@ impl Interface {
     }
 }
 
+/// A network's bridge address: locally administered, unicast, from its id (so a bridge
+/// made again after a reboot has the same).
+pub fn bridge_mac(network_id: &str) -> [u8; 6] {
+    let b = hex::decode(&network_id[..10]).unwrap_or_else(|_| vec![0; 5]);
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
 /// The host-side veth name of a container.
 pub fn host_veth(container_id: &str) -> String {
     format!("vb{}", &container_id[..10])
@@ -346,6 +353,11 @@ impl Networks {
                 r => r.map_err(io(&what))?,
             }
         }
+        // A fixed address: a bridge left to itself takes the lowest address of its ports,
+        // so it would change as containers come and go, and containers holding the old one
+        // for their gateway would stop getting answers until their ARP entry expired.
+        nl.set_mac(&rec.bridge, bridge_mac(&rec.id))
+            .map_err(io(&what))?;
         nl.add_address(&rec.bridge, rec.gateway, rec.subnet.prefix)
             .map_err(io(&what))?;
         nl.up(&rec.bridge).map_err(io(&what))
