@@ -5,6 +5,7 @@
 
 pub mod build;
 pub mod cli;
+pub mod deploy;
 pub mod manifest;
 pub mod registry_client;
 pub mod runtime;

@@ -225,7 +225,6 @@ pub fn ps(g: &GlobalOpts, args: &PsArgs, out: &mut Output) -> Result<(), CliErro
     Ok(())
 }
 
-/// Waits until `done` holds or `limit` passes; true if it held.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + limit;
     loop {
@@ -239,34 +238,13 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Ends a container: marks the stop as asked for (no restart), sends `signal`, and after
-/// `grace` sends SIGKILL; then waits for the supervisor to record the exit.
 fn stop_container(
     containers: &Containers,
     st: &ContainerState,
     signal: i32,
     grace: Duration,
 ) -> Result<ContainerState, CliError> {
-    let st = containers
-        .update(&st.id, |s| s.stop_requested = true)
-        .map_err(failed)?;
-    if let Some(p) = st.process().filter(|p| p.alive()) {
-        let pid = Pid::from_raw(p.pid);
-        if let Ok(sig) = NixSignal::try_from(signal) {
-            let _ = nix::sys::signal::kill(pid, sig);
-        }
-        if !wait_until(grace, || !p.alive()) {
-            let _ = nix::sys::signal::kill(pid, NixSignal::SIGKILL);
-            wait_until(Duration::from_secs(10), || !p.alive());
-        }
-    }
-    // The supervisor records the exit and leaves; without one, the refresh does it.
-    wait_until(Duration::from_secs(10), || {
-        containers
-            .get(&st.id)
-            .is_ok_and(|s| s.status == Status::Stopped && !s.supervised())
-    });
-    containers.get(&st.id).map_err(failed)
+    crate::runtime::instance::stop_container(containers, &st.id, signal, grace).map_err(failed)
 }
 
 /// `berth stop [-t SECS] NAME...`: the image's STOPSIGNAL, then SIGKILL after the grace.

@@ -6,6 +6,7 @@ mod check;
 mod completions;
 mod config;
 mod containers;
+mod deploy;
 mod error;
 mod images;
 mod init;
@@ -143,6 +144,21 @@ pub enum Command {
     Login(registry::LoginArgs),
     /// Forget a registry's credentials.
     Logout(registry::LogoutArgs),
+    /// Build, then roll the app out to an environment's hosts with health checks and no
+    /// downtime.
+    Deploy(deploy::DeployArgs),
+    /// What runs in an environment: release, digest, replicas.
+    Status(deploy::EnvArgs),
+    /// Stop and remove everything an environment runs.
+    Down(deploy::EnvArgs),
+    /// A service's router (internal).
+    #[command(name = "__router", hide = true)]
+    Router {
+        /// Its state directory.
+        dir: std::path::PathBuf,
+        /// Descriptor to report the start on.
+        ready: i32,
+    },
     /// Manage bridge networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
@@ -223,6 +239,12 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Copy(args) => registry::copy(g, args, out),
         Command::Login(args) => registry::login(g, args, out),
         Command::Logout(args) => registry::logout(g, args, out),
+        Command::Deploy(args) => deploy::deploy(g, args, out),
+        Command::Status(args) => deploy::status(g, args, out),
+        Command::Down(args) => deploy::down(g, args, out),
+        Command::Router { dir, ready } => {
+            std::process::exit(crate::deploy::router::run(dir, *ready))
+        }
         Command::Network(cmd) => network::network(g, cmd, out),
         Command::Volume(cmd) => network::volume(g, cmd, out),
         Command::Supervise { id, ready } => {

@@ -14,7 +14,7 @@ use crate::runtime::proxy::ProxyProcess;
 use crate::runtime::spec::{
     ContainerSpec, MountSpec, NetworkMode, PortSpec, Proto, Resources, Restart,
 };
-use crate::runtime::{bundle, caps, cgroup, supervisor};
+use crate::runtime::{bundle, caps, supervisor};
 use crate::store::Store;
 
 /// Arguments of `berth run`.
@@ -443,17 +443,11 @@ fn run_attached(
     }
 }
 
-/// Removes a stopped container: its cgroup (if a crash left it), network leases and veth,
-/// then its record and directory (root filesystem included: its overlay lived in the
-/// container's mount namespace, which is gone).
+/// Removes a stopped container with everything it holds.
 pub(crate) fn remove_container(
     store: &Store,
     containers: &Containers,
     st: &ContainerState,
 ) -> Result<(), CliError> {
-    let _ = cgroup::Cgroup::of(&st.id).remove();
-    if let Err(e) = instance::release_network(store, containers, &st.id) {
-        eprintln!("berth: {e}");
-    }
-    containers.remove(st).map_err(failed)
+    instance::remove_container(store, containers, st).map_err(failed)
 }

@@ -356,3 +356,59 @@ pub fn release_network(store: &Store, containers: &Containers, id: &str) -> Resu
 pub fn backend(ip: Option<Ipv4Addr>) -> Vec<IpAddr> {
     ip.map(IpAddr::V4).into_iter().collect()
 }
+
+/// Removes a stopped container: its cgroup (if a crash left it), network leases and veth,
+/// then its record and directory (root filesystem included: its overlay lived in the
+/// container's mount namespace, which is gone).
+pub fn remove_container(
+    store: &Store,
+    containers: &Containers,
+    st: &ContainerState,
+) -> Result<(), StartError> {
+    let _ = Cgroup::of(&st.id).remove();
+    // A network that cannot be updated must not keep the container: its lease is
+    // reclaimed by the next allocation anyway.
+    let _ = release_network(store, containers, &st.id);
+    Ok(containers.remove(st)?)
+}
+
+fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Ends a container: marks the stop as asked for (no restart), sends `signal`, and after
+/// `grace` SIGKILL; then waits for its supervisor to record the exit.
+pub fn stop_container(
+    containers: &Containers,
+    id: &str,
+    signal: i32,
+    grace: std::time::Duration,
+) -> Result<ContainerState, ContainerError> {
+    use nix::sys::signal::Signal as NixSignal;
+    let st = containers.update(id, |s| s.stop_requested = true)?;
+    if let Some(p) = st.process().filter(|p| p.alive()) {
+        let pid = nix::unistd::Pid::from_raw(p.pid);
+        if let Ok(sig) = NixSignal::try_from(signal) {
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+        if !wait_until(grace, || !p.alive()) {
+            let _ = nix::sys::signal::kill(pid, NixSignal::SIGKILL);
+            wait_until(std::time::Duration::from_secs(10), || !p.alive());
+        }
+    }
+    wait_until(std::time::Duration::from_secs(10), || {
+        containers
+            .get(id)
+            .is_ok_and(|s| s.status == Status::Stopped && !s.supervised())
+    });
+    containers.get(id)
+}

@@ -215,6 +215,24 @@ impl Drop for Cleanup {
                 }
             }
         }
+        // Routers of deployments hold published ports: end them.
+        if let Ok(deployments) = std::fs::read_dir(self.store.join("berth/deploy")) {
+            for d in deployments.flatten() {
+                let Ok(routers) = std::fs::read_dir(d.path().join("routers")) else {
+                    continue;
+                };
+                for r in routers.flatten() {
+                    if let Ok(text) = std::fs::read_to_string(r.path().join("pid"))
+                        && let Some(pid) = text.split(' ').next().and_then(|p| p.parse().ok())
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
         let nets = berth(&["--json", "network", "ls"]);
         if let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(&nets.stdout) {
             for n in list {

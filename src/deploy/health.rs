@@ -1,0 +1,186 @@
+//! Health checks of a replica, from the host: an HTTP GET that must answer 2xx or 3xx, a
+//! TCP connection that must be accepted, or a command run in the container (through
+//! `exec`) that must exit 0. A replica is healthy at its first passing probe; failures
+//! count only after the start period, and `retries` consecutive ones make it unhealthy.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// What a probe checks (a serialisable copy of the manifest's, for the agent protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Probe {
+    /// HTTP GET `path` on `port`.
+    Http {
+        /// Request path.
+        path: String,
+        /// Container port.
+        port: u16,
+    },
+    /// TCP connect to `port`.
+    Tcp {
+        /// Container port.
+        port: u16,
+    },
+    /// A command in the container.
+    Exec {
+        /// argv.
+        command: Vec<String>,
+    },
+}
+
+/// A health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// The probe.
+    pub probe: Probe,
+    /// Between probes.
+    pub interval: Duration,
+    /// Per probe.
+    pub timeout: Duration,
+    /// Consecutive failures that make a replica unhealthy.
+    pub retries: u32,
+    /// Grace after start.
+    pub start_period: Duration,
+}
+
+/// One probe against a replica at `ip`; `exec` runs a command in it and returns its exit
+/// code.
+pub fn probe(
+    check: &Check,
+    ip: Option<IpAddr>,
+    exec: &dyn Fn(&[String]) -> Result<i32, String>,
+) -> Result<(), String> {
+    let addr = |port: u16| {
+        ip.map(|ip| SocketAddr::new(ip, port))
+            .ok_or_else(|| "the replica has no address".to_string())
+    };
+    match &check.probe {
+        Probe::Tcp { port } => TcpStream::connect_timeout(&addr(*port)?, check.timeout)
+            .map(drop)
+            .map_err(|e| format!("tcp {port}: {e}")),
+        Probe::Http { path, port } => {
+            let a = addr(*port)?;
+            let mut s = TcpStream::connect_timeout(&a, check.timeout)
+                .map_err(|e| format!("GET {path} on port {port}: {e}"))?;
+            s.set_read_timeout(Some(check.timeout)).ok();
+            s.set_write_timeout(Some(check.timeout)).ok();
+            write!(
+                s,
+                "GET {path} HTTP/1.0\r\nHost: {a}\r\nUser-Agent: berth-health\r\n\r\n"
+            )
+            .map_err(|e| format!("GET {path}: {e}"))?;
+            let mut head = [0u8; 64];
+            let n = s.read(&mut head).map_err(|e| format!("GET {path}: {e}"))?;
+            let line = String::from_utf8_lossy(&head[..n]);
+            let status: u16 = line
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| format!("GET {path}: not an HTTP answer"))?;
+            if (200..400).contains(&status) {
+                Ok(())
+            } else {
+                Err(format!("GET {path} answered {status}"))
+            }
+        }
+        Probe::Exec { command } => match exec(command)? {
+            0 => Ok(()),
+            code => Err(format!("{} exited {code}", command.join(" "))),
+        },
+    }
+}
+
+/// Probes until the replica passes (Ok), fails `retries` times in a row after the start
+/// period, or `deadline` passes (Err with the last failure). `alive` says whether the
+/// replica still runs.
+pub fn wait_healthy(
+    check: &Check,
+    ip: Option<IpAddr>,
+    deadline: Instant,
+    alive: &dyn Fn() -> bool,
+    exec: &dyn Fn(&[String]) -> Result<i32, String>,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut failures = 0;
+    loop {
+        if !alive() {
+            return Err("the replica exited".into());
+        }
+        match probe(check, ip, exec) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if started.elapsed() >= check.start_period {
+                    failures += 1;
+                    if failures >= check.retries.max(1) {
+                        return Err(e);
+                    }
+                }
+                if Instant::now() + check.interval > deadline {
+                    return Err(format!("not healthy before the deadline: {e}"));
+                }
+            }
+        }
+        std::thread::sleep(check.interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(probe: Probe) -> Check {
+        Check {
+            probe,
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(500),
+            retries: 3,
+            start_period: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn http_and_tcp_probes_judge_real_servers() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for (i, s) in l.incoming().enumerate() {
+                let mut s = s.unwrap();
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf);
+                let status = if i == 0 { "500 Oops" } else { "200 OK" };
+                let _ = write!(s, "HTTP/1.0 {status}\r\n\r\n");
+            }
+        });
+        let ip = Some("127.0.0.1".parse().unwrap());
+        let no_exec = |_: &[String]| -> Result<i32, String> { Err("no exec".into()) };
+        let http = check(Probe::Http {
+            path: "/".into(),
+            port,
+        });
+        assert!(probe(&http, ip, &no_exec).unwrap_err().contains("500"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        wait_healthy(&http, ip, deadline, &|| true, &no_exec).unwrap();
+        assert!(probe(&check(Probe::Tcp { port }), ip, &no_exec).is_ok());
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap().port();
+        drop(closed);
+        let err = wait_healthy(
+            &check(Probe::Tcp { port: dead }),
+            ip,
+            deadline,
+            &|| true,
+            &no_exec,
+        )
+        .unwrap_err();
+        assert!(err.contains("tcp"), "{err}");
+        let exec = check(Probe::Exec {
+            command: vec!["true".into()],
+        });
+        assert!(probe(&exec, ip, &|_| Ok(0)).is_ok());
+        assert!(probe(&exec, ip, &|_| Ok(1)).is_err());
+    }
+}

@@ -1,0 +1,482 @@
+//! The deploy engine on this machine (`hosts = ["local"]`): one deploy at a time per
+//! deployment (a lock naming its holder), new replicas beside the old ones on the app's
+//! bridge network (services reach each other by name), health checks, the switch by each
+//! service's router, drain, and the old replicas stopped — kept for rollback up to
+//! `keep` releases, removed beyond. State is `berth/deploy/<app>-<env>/releases.json`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::health;
+use super::router::Router;
+use super::{DeployError, Outcome, ReleasePlan, ReleaseRecord, ServicePlan, state_dir};
+use crate::runtime::container::{ContainerState, Containers, Status, now};
+use crate::runtime::network::Networks;
+use crate::runtime::spec::{ContainerSpec, NetworkMode};
+use crate::runtime::{bundle, caps, exec, instance, logs, supervisor};
+use crate::store::Store;
+
+/// The recorded releases of a deployment, oldest first.
+pub fn releases(store: &Store, deployment: &str) -> Vec<ReleaseRecord> {
+    std::fs::read(state_dir(store, deployment).join("releases.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_releases(
+    store: &Store,
+    deployment: &str,
+    list: &[ReleaseRecord],
+) -> Result<(), DeployError> {
+    let path = state_dir(store, deployment).join("releases.json");
+    let bytes = serde_json::to_vec_pretty(list).expect("records serialise");
+    store
+        .write_atomic(&path, &bytes)
+        .map_err(|e| DeployError::local("record the release")(e.to_string()))
+}
+
+/// The live release, if any.
+pub fn current(store: &Store, deployment: &str) -> Option<ReleaseRecord> {
+    releases(store, deployment)
+        .into_iter()
+        .rev()
+        .find(|r| r.outcome == Outcome::Live)
+}
+
+/// The deployment's lock: held for the whole deploy, naming its holder.
+struct Lock {
+    _file: std::fs::File,
+}
+
+fn lock(store: &Store, deployment: &str) -> Result<Lock, DeployError> {
+    let dir = state_dir(store, deployment);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DeployError::local("create the state dir")(e.to_string()))?;
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DeployError::local("open the deploy lock")(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(DeployError::Locked {
+                deployment: deployment.to_string(),
+                holder: holder.trim().to_string(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(DeployError::local("take the deploy lock")(e.to_string()));
+        }
+    }
+    // The kernel drops the lock when the holder dies: a stale lock cannot outlive it.
+    let _ = file.set_len(0);
+    let _ = write!(
+        file,
+        "{} (pid {}) since {}",
+        actor(),
+        std::process::id(),
+        now()
+    );
+    Ok(Lock { _file: file })
+}
+
+/// `user@host`.
+pub fn actor() -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "root".into());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// A replica's container spec: the image's config under the service's settings.
+fn replica_spec(
+    image: &crate::store::image::StoredImage,
+    svc: &ServicePlan,
+    network: &str,
+    hostname: &str,
+) -> ContainerSpec {
+    let cfg = image.config.oci.config().clone().unwrap_or_default();
+    let mut args = svc
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| cfg.entrypoint().clone().unwrap_or_default());
+    match &svc.command {
+        Some(c) => args.extend(c.iter().cloned()),
+        None if svc.entrypoint.is_none() => args.extend(cfg.cmd().clone().unwrap_or_default()),
+        None => {}
+    }
+    let mut env = cfg.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, bundle::DEFAULT_PATH.to_string());
+    }
+    for kv in &svc.env {
+        let k = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+        env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k));
+        env.push(kv.clone());
+    }
+    let stop_signal = svc
+        .stop_signal
+        .or_else(|| {
+            cfg.stop_signal()
+                .as_ref()
+                .and_then(|s| s.parse::<crate::manifest::values::Signal>().ok())
+                .map(|s| s.0)
+        })
+        .unwrap_or(libc::SIGTERM);
+    ContainerSpec {
+        args,
+        env,
+        cwd: cfg
+            .working_dir()
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
+        user: cfg.user().clone().unwrap_or_default(),
+        hostname: hostname.to_string(),
+        network: NetworkMode::Bridge {
+            network: network.to_string(),
+            aliases: vec![svc.name.clone()],
+        },
+        ports: Vec::new(),
+        mounts: svc.mounts.clone(),
+        capabilities: caps::DOCKER_DEFAULT.to_vec(),
+        read_only: false,
+        resources: svc.resources,
+        restart: svc.restart,
+        stop_signal,
+        tty: false,
+        interactive: false,
+        auto_remove: false,
+    }
+}
+
+/// Stops (and with `remove`, removes) containers by id; missing ones are skipped.
+fn stop_all(store: &Store, containers: &Containers, ids: &[(String, i32, Duration)], remove: bool) {
+    std::thread::scope(|s| {
+        for (id, signal, grace) in ids {
+            s.spawn(move || {
+                let Ok(st) = containers.get(id) else { return };
+                let st = if matches!(st.status, Status::Running | Status::Restarting) {
+                    instance::stop_container(containers, id, *signal, *grace).unwrap_or(st)
+                } else {
+                    st
+                };
+                if remove {
+                    let _ = instance::remove_container(store, containers, &st);
+                }
+            });
+        }
+    });
+}
+
+/// The last lines a container wrote.
+fn last_lines(containers: &Containers, id: &str) -> String {
+    let filter = logs::Filter {
+        tail: Some(10),
+        since: None,
+    };
+    logs::read(&containers.dir(id), &filter)
+        .map(|(recs, _)| recs.iter().map(|r| r.log.as_str()).collect::<String>())
+        .unwrap_or_default()
+}
+
+/// Runs `argv` in a running container; its exit code.
+fn exec_in(containers: &Containers, st: &ContainerState, argv: &[String]) -> Result<i32, String> {
+    let spec = containers.spec(&st.id).map_err(|e| e.to_string())?;
+    let pid = st.pid.ok_or("not running")?;
+    let process = crate::runtime::process::Process {
+        args: argv.to_vec(),
+        env: spec.env,
+        cwd: spec.cwd,
+        user: spec.user,
+        capabilities: spec.capabilities,
+        ..Default::default()
+    };
+    let started = exec::exec(pid, &crate::runtime::cgroup::Cgroup::of(&st.id), &process)
+        .map_err(|e| e.to_string())?;
+    started.wait().map_err(|e| e.to_string())
+}
+
+/// Applies `plan` on this machine. `say` hears each step. Returns the live release.
+pub fn apply(
+    store: &Store,
+    program: &Path,
+    store_dir: &Path,
+    plan: &ReleasePlan,
+    say: &mut dyn FnMut(String),
+) -> Result<ReleaseRecord, DeployError> {
+    let deployment = plan.deployment();
+    let _lock = lock(store, &deployment)?;
+    let containers =
+        Containers::new(store).map_err(|e| DeployError::local("open containers")(e.to_string()))?;
+    let image = store
+        .image(&plan.digest)
+        .map_err(|e| DeployError::local("load the image")(e.to_string()))?;
+    let networks =
+        Networks::new(store).map_err(|e| DeployError::local("networks")(e.to_string()))?;
+    if networks.get(&deployment).is_err() {
+        networks.create(&deployment, None).map_err(|e| {
+            DeployError::local(format!("create network {deployment}"))(e.to_string())
+        })?;
+    }
+    let mut list = releases(store, &deployment);
+    let number = list.iter().map(|r| r.number).max().unwrap_or(0) + 1;
+    let previous = list
+        .iter()
+        .rev()
+        .find(|r| r.outcome == Outcome::Live)
+        .cloned();
+    let mut record = ReleaseRecord {
+        number,
+        digest: plan.digest.clone(),
+        revision: plan.revision.clone(),
+        time: now(),
+        actor: actor(),
+        outcome: Outcome::Failed,
+        error: None,
+        replicas: BTreeMap::new(),
+        plan: plan.clone(),
+    };
+
+    // New replicas beside the old ones.
+    let mut started: Vec<(String, ContainerState)> = Vec::new();
+    let fail = |record: &mut ReleaseRecord,
+                list: &mut Vec<ReleaseRecord>,
+                started: &[(String, ContainerState)],
+                e: DeployError| {
+        let ids: Vec<(String, i32, Duration)> = started
+            .iter()
+            .map(|(_, st)| (st.id.clone(), libc::SIGKILL, Duration::ZERO))
+            .collect();
+        stop_all(store, &containers, &ids, true);
+        record.error = Some(e.to_string());
+        list.push(record.clone());
+        let _ = save_releases(store, &deployment, list);
+        e
+    };
+    for svc in &plan.services {
+        for i in 0..svc.replicas {
+            let name = format!("{deployment}-{}-{number}-{i}", svc.name);
+            if let Ok(old) = containers.get(&name) {
+                // Left by a deploy that crashed before recording.
+                stop_all(
+                    store,
+                    &containers,
+                    &[(old.id, libc::SIGKILL, Duration::ZERO)],
+                    true,
+                );
+            }
+            let st = containers
+                .create(
+                    Some(&name),
+                    &format!("{}@{}", plan.app, plan.digest),
+                    plan.digest.as_str(),
+                    Vec::new(),
+                )
+                .map_err(|e| DeployError::Start {
+                    service: svc.name.clone(),
+                    message: e.to_string(),
+                });
+            let st = match st {
+                Ok(st) => st,
+                Err(e) => return Err(fail(&mut record, &mut list, &started, e)),
+            };
+            let spec = replica_spec(&image, svc, &deployment, &format!("{}-{i}", svc.name));
+            let _ = containers.update(&st.id, |s| s.command = spec.args.clone());
+            if let Err(e) = containers.save_spec(&st.id, &spec) {
+                let e = DeployError::Start {
+                    service: svc.name.clone(),
+                    message: e.to_string(),
+                };
+                return Err(fail(&mut record, &mut list, &started, e));
+            }
+            record
+                .replicas
+                .entry(svc.name.clone())
+                .or_default()
+                .push(st.id.clone());
+            started.push((svc.name.clone(), st.clone()));
+            say(format!("starting {name}"));
+            if let Err((_, message)) =
+                supervisor::spawn(program, store_dir, &containers.dir(&st.id), &st.id)
+            {
+                let e = DeployError::Start {
+                    service: svc.name.clone(),
+                    message,
+                };
+                return Err(fail(&mut record, &mut list, &started, e));
+            }
+        }
+    }
+
+    // Health checks, all replicas at once.
+    let deadline = Instant::now() + plan.rollout.timeout;
+    let verdicts: Vec<Result<(), DeployError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = started
+            .iter()
+            .map(|(service, st)| {
+                let containers = &containers;
+                s.spawn(move || {
+                    let svc = plan
+                        .services
+                        .iter()
+                        .find(|p| &p.name == service)
+                        .expect("planned");
+                    let Some(check) = &svc.health else {
+                        return Ok(());
+                    };
+                    let id = st.id.clone();
+                    let current = || containers.get(&id).ok();
+                    let ip = current().and_then(|c| c.ip);
+                    let alive = || current().is_some_and(|c| c.status == Status::Running);
+                    let exec = |argv: &[String]| match current() {
+                        Some(c) => exec_in(containers, &c, argv),
+                        None => Err("gone".into()),
+                    };
+                    health::wait_healthy(check, ip, deadline, &alive, &exec).map_err(|reason| {
+                        DeployError::Unhealthy {
+                            service: service.clone(),
+                            reason,
+                            logs: last_lines(containers, &id),
+                        }
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a health thread"))
+            .collect()
+    });
+    if let Some(Err(e)) = verdicts.into_iter().find(|v| v.is_err()) {
+        return Err(fail(&mut record, &mut list, &started, e));
+    }
+    say("all replicas healthy".into());
+
+    // The switch: each router to its service's new replicas, in one step.
+    let routers_dir = state_dir(store, &deployment).join("routers");
+    for svc in &plan.services {
+        let router = Router::new(routers_dir.join(&svc.name));
+        if svc.ports.is_empty() {
+            let _ = router.remove();
+            continue;
+        }
+        let ips: Vec<IpAddr> = started
+            .iter()
+            .filter(|(s, _)| s == &svc.name)
+            .filter_map(|(_, st)| containers.get(&st.id).ok().and_then(|c| c.ip))
+            .collect();
+        let switched = router
+            .ensure(program, store_dir, &svc.ports)
+            .and_then(|()| router.switch(&ips));
+        if let Err(e) = switched {
+            let e =
+                DeployError::local(format!("switch the traffic of {}", svc.name))(e.to_string());
+            // Routers already switched go back to the previous replicas.
+            if let Some(prev) = &previous {
+                for (name, ids) in &prev.replicas {
+                    let back: Vec<IpAddr> = ids
+                        .iter()
+                        .filter_map(|id| containers.get(id).ok().and_then(|c| c.ip))
+                        .collect();
+                    let _ = Router::new(routers_dir.join(name)).switch(&back);
+                }
+            }
+            return Err(fail(&mut record, &mut list, &started, e));
+        }
+        say(format!(
+            "{}: traffic on {} now goes to release {number}",
+            svc.name,
+            svc.ports
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+
+    record.outcome = Outcome::Live;
+    for r in list.iter_mut() {
+        if r.outcome == Outcome::Live {
+            r.outcome = Outcome::Retired;
+        }
+    }
+    list.push(record.clone());
+    save_releases(store, &deployment, &list)?;
+
+    // Drain, then stop the previous release; remove releases beyond `keep`.
+    if let Some(prev) = previous {
+        std::thread::sleep(plan.rollout.drain);
+        let ids: Vec<(String, i32, Duration)> = prev
+            .plan
+            .services
+            .iter()
+            .flat_map(|svc| {
+                let signal = svc.stop_signal.unwrap_or(libc::SIGTERM);
+                prev.replicas
+                    .get(&svc.name)
+                    .into_iter()
+                    .flatten()
+                    .map(move |id| (id.clone(), signal, svc.stop_timeout))
+            })
+            .collect();
+        stop_all(store, &containers, &ids, plan.rollout.keep == 0);
+        say(format!("stopped release {}", prev.number));
+    }
+    let retired: Vec<&ReleaseRecord> = list
+        .iter()
+        .filter(|r| r.outcome == Outcome::Retired)
+        .collect();
+    let excess = retired.len().saturating_sub(plan.rollout.keep as usize);
+    let ids: Vec<(String, i32, Duration)> = retired[..excess]
+        .iter()
+        .flat_map(|r| r.replicas.values().flatten())
+        .map(|id| (id.clone(), libc::SIGKILL, Duration::ZERO))
+        .collect();
+    stop_all(store, &containers, &ids, true);
+    Ok(record)
+}
+
+/// Stops and removes every replica and router of a deployment.
+pub fn down(store: &Store, deployment: &str) -> Result<usize, DeployError> {
+    let _lock = lock(store, deployment)?;
+    let containers =
+        Containers::new(store).map_err(|e| DeployError::local("open containers")(e.to_string()))?;
+    let prefix = format!("{deployment}-");
+    let mine: Vec<(String, i32, Duration)> = containers
+        .list()
+        .map_err(|e| DeployError::local("list containers")(e.to_string()))?
+        .into_iter()
+        .filter(|c| c.name.starts_with(&prefix))
+        .map(|c| (c.id, libc::SIGTERM, Duration::from_secs(10)))
+        .collect();
+    let n = mine.len();
+    stop_all(store, &containers, &mine, true);
+    let routers = state_dir(store, deployment).join("routers");
+    if let Ok(entries) = std::fs::read_dir(&routers) {
+        for e in entries.flatten() {
+            let _ = Router::new(e.path()).remove();
+        }
+    }
+    let mut list = releases(store, deployment);
+    for r in list.iter_mut() {
+        if r.outcome == Outcome::Live {
+            r.outcome = Outcome::Retired;
+        }
+    }
+    save_releases(store, deployment, &list)?;
+    Ok(n)
+}

@@ -1,0 +1,253 @@
+//! A service's published ports across releases: one small process per service (the
+//! router) holds the listening sockets and proxies to the service's current replicas. A
+//! deploy tells it the new replicas' addresses over a unix socket; the switch is one step
+//! and the listeners never close, so clients see no gap. It remembers its backends in a
+//! file, so a router that is restarted serves the same replicas.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::runtime::container::ProcRef;
+use crate::runtime::proxy::Proxy;
+use crate::runtime::spec::PortSpec;
+
+/// A router's directory: `ports.json`, `router.sock`, `backends`, `pid`, `router.log`.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
+fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("router.sock")
+}
+
+impl Router {
+    /// The router whose state lives in `dir`.
+    pub fn new(dir: PathBuf) -> Router {
+        Router { dir }
+    }
+
+    /// The ports it serves, as last configured.
+    pub fn ports(&self) -> Vec<PortSpec> {
+        std::fs::read(self.dir.join("ports.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Its process, if running.
+    pub fn process(&self) -> Option<ProcRef> {
+        let text = std::fs::read_to_string(self.dir.join("pid")).ok()?;
+        let (pid, start) = text.trim().split_once(' ')?;
+        let p = ProcRef {
+            pid: pid.parse().ok()?,
+            start: start.parse().ok()?,
+        };
+        p.alive().then_some(p)
+    }
+
+    /// Makes sure a router serves `ports` (restarting it if the ports changed).
+    pub fn ensure(&self, program: &Path, store_dir: &Path, ports: &[PortSpec]) -> io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        if let Some(p) = self.process() {
+            if self.ports() == ports {
+                return Ok(());
+            }
+            self.stop_process(p);
+        }
+        std::fs::write(
+            self.dir.join("ports.json"),
+            serde_json::to_vec(ports).expect("ports serialise"),
+        )?;
+        self.spawn(program, store_dir)
+    }
+
+    fn stop_process(&self, p: ProcRef) {
+        let pid = nix::unistd::Pid::from_raw(p.pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        for _ in 0..200 {
+            if !p.alive() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the router and forgets it.
+    pub fn remove(&self) -> io::Result<()> {
+        if let Some(p) = self.process() {
+            self.stop_process(p);
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn spawn(&self, program: &Path, store_dir: &Path) -> io::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("router.log"))?;
+        let w_fd = w.as_raw_fd();
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg0("berth-router")
+            .arg("--store")
+            .arg(store_dir)
+            .arg("__router")
+            .arg(&self.dir)
+            .arg(w_fd.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 || libc::fcntl(w_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(w);
+        let mut status = String::new();
+        File::from(r).read_to_string(&mut status)?;
+        drop(child);
+        if status.trim_end() == "ok" {
+            Ok(())
+        } else if status.is_empty() {
+            Err(io::Error::other(format!(
+                "the router exited at start (see {})",
+                self.dir.join("router.log").display()
+            )))
+        } else {
+            Err(io::Error::other(status.trim_end().to_string()))
+        }
+    }
+
+    /// Points the router at `hosts` (one address per replica), at once.
+    pub fn switch(&self, hosts: &[IpAddr]) -> io::Result<()> {
+        let mut s = UnixStream::connect(socket_path(&self.dir))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let line: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+        writeln!(s, "set {}", line.join(" "))?;
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply)?;
+        if reply.trim_end() == "ok" {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("the router answered {reply:?}")))
+        }
+    }
+
+    /// The backends it serves now.
+    pub fn backends(&self) -> Vec<IpAddr> {
+        std::fs::read_to_string(self.dir.join("backends"))
+            .map(|t| {
+                t.split_whitespace()
+                    .filter_map(|a| a.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The router process's main: serves the ports in `dir`, switching backends on request.
+pub fn run(dir: &Path, ready: RawFd) -> i32 {
+    // SAFETY: the descriptor was passed to us by `spawn` and is ours alone.
+    let mut ready = unsafe { File::from_raw_fd(ready) };
+    // SAFETY: fcntl on that descriptor; ignoring SIGHUP.
+    unsafe {
+        libc::fcntl(ready.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let router = Router::new(dir.to_path_buf());
+    let rt = match crate::registry_client::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = write!(ready, "cannot start the router: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        let proxy = match Proxy::bind(&router.ports()).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = write!(ready, "{e}");
+                return 1;
+            }
+        };
+        proxy.set_hosts(&router.backends());
+        let sock = socket_path(dir);
+        let _ = std::fs::remove_file(&sock);
+        let listener = match tokio::net::UnixListener::bind(&sock) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = write!(ready, "cannot listen on {}: {e}", sock.display());
+                return 1;
+            }
+        };
+        let me = std::process::id() as i32;
+        if let Some(p) = ProcRef::of(me) {
+            let _ = std::fs::write(dir.join("pid"), format!("{} {}", p.pid, p.start));
+        }
+        let _ = writeln!(ready, "ok");
+        drop(ready);
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (r, mut w) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(r);
+            let mut line = String::new();
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            if lines.read_line(&mut line).await.is_err() {
+                continue;
+            }
+            let reply = match line
+                .trim_end()
+                .split_once(' ')
+                .unwrap_or((line.trim_end(), ""))
+            {
+                ("set", hosts) => {
+                    let hosts: Vec<IpAddr> = hosts
+                        .split_whitespace()
+                        .filter_map(|h| h.parse().ok())
+                        .collect();
+                    proxy.set_hosts(&hosts);
+                    let text: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+                    let _ = std::fs::write(dir.join("backends"), text.join(" "));
+                    "ok\n"
+                }
+                _ => "unknown command\n",
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_ports_and_backends() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Router::new(d.path().join("web"));
+        assert!(r.process().is_none());
+        assert!(r.ports().is_empty() && r.backends().is_empty());
+        std::fs::create_dir_all(&r.dir).unwrap();
+        std::fs::write(r.dir.join("backends"), "198.18.0.2 198.18.0.3").unwrap();
+        assert_eq!(r.backends().len(), 2);
+        r.remove().unwrap();
+        assert!(!r.dir.exists());
+    }
+}

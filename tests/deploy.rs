@@ -1,0 +1,205 @@
+//! Deploys on this machine (`hosts = ["local"]`): health-checked, switched without a failed
+//! request, a broken release leaving the previous one serving, volumes kept.
+
+mod util;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use util::{TempProject, free_port, http_get};
+
+fn project(port: u16, page: &str, web_command: Option<&str>) -> TempProject {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    write_app(&p, port, page, web_command);
+    p.file(
+        "environments/dev.toml",
+        "hosts = [\"local\"]\n[rollout]\ndrain = \"300ms\"\ntimeout = \"10s\"\n",
+    );
+    p
+}
+
+fn write_app(p: &TempProject, port: u16, page: &str, web_command: Option<&str>) {
+    let command = web_command
+        .map(|c| format!("command = {c}\n"))
+        .unwrap_or_default();
+    p.file("www/index.html", page).file(
+        "berth.toml",
+        &format!(
+            "[app]\nname = \"shop\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"www/\", \"/www/\"]\n[[image.steps]]\ncmd = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
+             [services.web]\n{command}ports = [\"127.0.0.1:{port}:8080\"]\nhealth = {{ http = \"/\", port = 8080, interval = \"100ms\", timeout = \"1s\", retries = 3 }}\nvolumes = [\"data:/data\"]\n\
+             [services.worker]\ncommand = [\"/bin/sh\", \"-c\", \"echo tick >> /data/ticks; exec sleep 600\"]\nvolumes = [\"data:/data\"]\n"
+        ),
+    );
+}
+
+/// One GET, every error kept.
+fn get_once(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(out)
+}
+
+fn status(p: &TempProject) -> serde_json::Value {
+    let out = p
+        .berth()
+        .args(["--json", "status", "--env", "dev"])
+        .run()
+        .ok();
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+#[test]
+fn deploys_switch_without_a_failed_request_and_a_broken_release_changes_nothing() {
+    let port = free_port();
+    let p = project(port, "release one\n", None);
+    let _cleanup = p.cleanup();
+    p.berth()
+        .args([
+            "network",
+            "create",
+            "--subnet",
+            "198.18.110.0/24",
+            "shop-dev",
+        ])
+        .run()
+        .ok();
+
+    let first = p.berth().args(["deploy", "--env", "dev"]).run().ok();
+    assert!(
+        first.stdout.contains("release 1 is live"),
+        "{}",
+        first.stdout
+    );
+    let page = http_get(port, "/", 5).expect("served");
+    assert!(page.ends_with("release one\n"), "{page}");
+    let st = status(&p);
+    assert_eq!(st["release"], 1);
+    assert_eq!(st["services"]["web"]["running"], 1);
+    assert_eq!(st["services"]["worker"]["running"], 1);
+
+    // A client asks all the time while release two replaces release one.
+    write_app(&p, port, "release two\n", None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let failures = failures.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match get_once(port) {
+                    Ok(r) if r.contains(" 200 ") => ok.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        failures.lock().unwrap().push(format!("{other:?}"));
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let second = p.berth().args(["deploy", "--env", "dev"]).run().ok();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    client.join().unwrap();
+    assert!(
+        second.stdout.contains("release 2 is live"),
+        "{}",
+        second.stdout
+    );
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no request failed: {:?}",
+        failures.lock().unwrap()
+    );
+    assert!(ok.load(Ordering::SeqCst) > 20);
+    assert!(http_get(port, "/", 5).unwrap().ends_with("release two\n"));
+    assert_eq!(status(&p)["release"], 2);
+
+    // The volume outlived release one: both workers ticked into it.
+    let ticks = p
+        .berth()
+        .args(["exec", "shop-dev-worker-2-0", "cat", "/data/ticks"])
+        .run()
+        .ok();
+    assert_eq!(ticks.stdout, "tick\ntick\n");
+
+    // Release three never becomes healthy (its web serves nothing): it goes, two stays.
+    write_app(&p, port, "release three\n", Some("[\"sleep\", \"600\"]"));
+    let broken = p.berth().args(["deploy", "--env", "dev"]).run().code(1);
+    assert!(
+        broken.stderr.contains("service web did not become healthy"),
+        "{}",
+        broken.stderr
+    );
+    assert!(
+        broken.stderr.contains("previous release"),
+        "{}",
+        broken.stderr
+    );
+    assert!(http_get(port, "/", 5).unwrap().ends_with("release two\n"));
+    assert_eq!(status(&p)["release"], 2);
+    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(
+        &p.berth().args(["--json", "ps", "-a"]).run().ok().stdout,
+    )
+    .unwrap()
+    .iter()
+    .map(|c| c["name"].as_str().unwrap().to_string())
+    .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("-3-")),
+        "release three's replicas are gone: {names:?}"
+    );
+
+    p.berth().args(["down", "--env", "dev"]).run().ok();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "router gone"
+    );
+    let left = p.berth().args(["--json", "ps", "-a"]).run().ok();
+    assert_eq!(left.stdout.trim(), "[]");
+}
+
+#[test]
+fn a_second_deploy_is_refused_while_one_runs_and_names_the_holder() {
+    let port = free_port();
+    let p = project(port, "locked\n", None);
+    let _cleanup = p.cleanup();
+    p.berth()
+        .args([
+            "network",
+            "create",
+            "--subnet",
+            "198.18.111.0/24",
+            "shop-dev",
+        ])
+        .run()
+        .ok();
+    // Hold the deployment's lock the way a running deploy does.
+    let dir = p.store().join("berth/deploy/shop-dev");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    std::fs::write(dir.join("lock"), "ci@runner (pid 1) since then").unwrap();
+    let refused = p.berth().args(["deploy", "--env", "dev"]).run().code(1);
+    assert!(refused.stderr.contains("ci@runner"), "{}", refused.stderr);
+    drop(lock);
+    p.berth().args(["deploy", "--env", "dev"]).run().ok();
+    assert!(http_get(port, "/", 5).unwrap().ends_with("locked\n"));
+    p.berth().args(["down", "--env", "dev"]).run().ok();
+}
