@@ -20,15 +20,18 @@ fn project(port: u16, page: &str, web_command: Option<&str>) -> TempProject {
 }
 
 fn write_app(p: &TempProject, port: u16, page: &str, web_command: Option<&str>) {
-    let command = web_command
-        .map(|c| format!("command = {c}\n"))
-        .unwrap_or_default();
+    let command = format!(
+        "command = {}\n",
+        web_command.unwrap_or(
+            "[\"/bin/sh\", \"-c\", \"hostname > /www/host.txt; exec httpd -f -p 8080 -h /www\"]"
+        )
+    );
     p.file("www/index.html", page).file(
         "berth.toml",
         &format!(
             "[app]\nname = \"shop\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"www/\", \"/www/\"]\n[[image.steps]]\ncmd = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
              [services.web]\n{command}ports = [\"127.0.0.1:{port}:8080\"]\nhealth = {{ http = \"/\", port = 8080, interval = \"100ms\", timeout = \"1s\", retries = 3 }}\nvolumes = [\"data:/data\"]\n\
-             [services.worker]\ncommand = [\"/bin/sh\", \"-c\", \"echo tick >> /data/ticks; exec sleep 600\"]\nvolumes = [\"data:/data\"]\n"
+             [services.worker]\ncommand = [\"/bin/sh\", \"-c\", \"echo tick >> /data/ticks; echo ticked; exec sleep 600\"]\nvolumes = [\"data:/data\"]\n"
         ),
     );
 }

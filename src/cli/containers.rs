@@ -81,8 +81,12 @@ pub struct LogsArgs {
     /// Show each line's time.
     #[arg(short, long)]
     pub timestamps: bool,
-    /// The container.
-    pub container: String,
+    /// An environment: its live release's logs, merged (then the argument is a service).
+    #[arg(long)]
+    pub env: Option<String>,
+    /// The container (with --env: the service, or all of them when omitted).
+    #[arg(required_unless_present = "env")]
+    pub container: Option<String>,
 }
 
 /// Arguments of `berth exec`.
@@ -378,7 +382,7 @@ fn parse_since(s: &str) -> Result<jiff::Timestamp, CliError> {
 pub fn logs(g: &GlobalOpts, args: &LogsArgs, out: &mut Output) -> Result<(), CliError> {
     use std::io::Write;
     let (_, containers) = open(g)?;
-    let st = get(&containers, &args.container)?;
+    let st = get(&containers, args.container.as_deref().unwrap_or_default())?;
     let dir = containers.dir(&st.id);
     let filter = logs::Filter {
         tail: args.tail,

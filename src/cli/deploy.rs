@@ -312,3 +312,230 @@ pub fn down(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliE
     out.note(format!("{deployment}: removed {n} container(s)"))?;
     Ok(())
 }
+
+/// Arguments of `berth rollback`.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// The environment.
+    #[arg(long)]
+    pub env: String,
+    /// The release to go back to [default: the one before the live one].
+    #[arg(long, value_name = "RELEASE")]
+    pub to: Option<u32>,
+}
+
+/// Arguments of `berth scale`.
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    /// The environment.
+    #[arg(long)]
+    pub env: String,
+    /// SERVICE=REPLICAS, one or more.
+    #[arg(required = true, value_parser = parse_scale)]
+    pub services: Vec<(String, u32)>,
+}
+
+fn parse_scale(s: &str) -> Result<(String, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not SERVICE=REPLICAS"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("`{n}` is not a number of replicas"))?;
+    Ok((name.to_string(), n))
+}
+
+/// Arguments of `berth logs --env`.
+#[derive(Debug, clap::Args)]
+pub struct EnvLogsArgs {
+    /// Only this service.
+    pub service: Option<String>,
+    /// Only the last N lines of each replica.
+    #[arg(short = 'n', long)]
+    pub tail: Option<usize>,
+}
+
+fn deployment_of(g: &GlobalOpts, env: &str) -> Result<(AppConfig, Store, String), CliError> {
+    let project = Project::load(&g.project_dir())?;
+    let config = project.resolve(env)?;
+    local_only(&config)?;
+    let store = Store::open(&g.store_dir())?;
+    let deployment = format!("{}-{}", config.app.name, config.environment);
+    Ok((config, store, deployment))
+}
+
+fn apply_and_report(
+    g: &GlobalOpts,
+    store: &Store,
+    plan: &ReleasePlan,
+    out: &mut Output,
+    what: &str,
+) -> Result<(), CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::failed(miette!("cannot find berth's own binary: {e}")))?;
+    let quiet = out.quiet || out.json;
+    let mut say = |line: String| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    let record = local::apply(store, &exe, &g.store_dir(), plan, &mut say).map_err(deploy_error)?;
+    if out.json {
+        return Ok(out.json_value(&json!({
+            "environment": plan.environment,
+            "release": record.number,
+            "digest": record.digest,
+        }))?);
+    }
+    out.note(format!(
+        "{} release {} is live ({what}): {}",
+        plan.deployment(),
+        record.number,
+        record.digest
+    ))?;
+    Ok(())
+}
+
+/// `berth rollback --env E [--to N]`: the plan of an earlier release, rolled out again as
+/// a new release (same digest, same settings), with the same health checks and switch.
+pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result<(), CliError> {
+    let (_, store, deployment) = deployment_of(g, &args.env)?;
+    let all = local::releases(&store, &deployment);
+    let live = all
+        .iter()
+        .rev()
+        .find(|r| r.outcome == crate::deploy::Outcome::Live)
+        .map(|r| r.number);
+    let target = match args.to {
+        Some(n) => all.iter().find(|r| r.number == n),
+        None => all
+            .iter()
+            .rev()
+            .find(|r| r.outcome == crate::deploy::Outcome::Retired && Some(r.number) != live),
+    };
+    let Some(target) = target else {
+        return Err(CliError::failed(miette!(
+            help = "`berth releases --env E` lists them",
+            "{deployment} has no earlier release to go back to"
+        )));
+    };
+    if target.outcome == crate::deploy::Outcome::Failed {
+        return Err(CliError::failed(miette!(
+            "release {} never became healthy; roll back to one that served",
+            target.number
+        )));
+    }
+    let what = format!("rollback to release {}", target.number);
+    apply_and_report(g, &store, &target.plan, out, &what)
+}
+
+/// `berth releases --env E`.
+pub fn releases(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliError> {
+    let (_, store, deployment) = deployment_of(g, &args.env)?;
+    let all = local::releases(&store, &deployment);
+    if out.json {
+        let rows: Vec<serde_json::Value> = all
+            .iter()
+            .map(|r| {
+                json!({
+                    "release": r.number, "digest": r.digest, "revision": r.revision,
+                    "time": r.time, "actor": r.actor, "outcome": r.outcome, "error": r.error,
+                })
+            })
+            .collect();
+        return Ok(out.json_value(&rows)?);
+    }
+    out.line(format!(
+        "{:<8} {:<10} {:<14} {:<32} {:<20} REVISION",
+        "RELEASE", "OUTCOME", "DIGEST", "TIME", "ACTOR"
+    ))?;
+    for r in all.iter().rev() {
+        out.line(format!(
+            "{:<8} {:<10} {:<14} {:<32} {:<20} {}",
+            r.number,
+            format!("{:?}", r.outcome).to_lowercase(),
+            r.digest.short(),
+            r.time,
+            r.actor,
+            r.revision.as_deref().unwrap_or("-")
+        ))?;
+    }
+    Ok(())
+}
+
+/// `berth scale --env E web=3`: the live release's plan with other replica counts, rolled
+/// out as a new release.
+pub fn scale(g: &GlobalOpts, args: &ScaleArgs, out: &mut Output) -> Result<(), CliError> {
+    let (_, store, deployment) = deployment_of(g, &args.env)?;
+    let Some(live) = local::current(&store, &deployment) else {
+        return Err(CliError::failed(miette!(
+            help = "deploy it first",
+            "{deployment} runs nothing to scale"
+        )));
+    };
+    let mut plan = live.plan.clone();
+    for (name, n) in &args.services {
+        let Some(svc) = plan.services.iter_mut().find(|s| &s.name == name) else {
+            let known: Vec<&str> = live.plan.services.iter().map(|s| s.name.as_str()).collect();
+            return Err(CliError::invalid(miette!(
+                "no service `{name}` in {deployment} (it has: {})",
+                known.join(", ")
+            )));
+        };
+        svc.replicas = *n;
+    }
+    let what: Vec<String> = args
+        .services
+        .iter()
+        .map(|(s, n)| format!("{s}={n}"))
+        .collect();
+    apply_and_report(g, &store, &plan, out, &format!("scaled {}", what.join(" ")))
+}
+
+/// `berth logs --env E [SERVICE]`: the live release's replicas' logs, merged by time and
+/// prefixed by replica.
+pub fn env_logs(
+    g: &GlobalOpts,
+    env: &str,
+    args: &EnvLogsArgs,
+    out: &mut Output,
+) -> Result<(), CliError> {
+    let (_, store, deployment) = deployment_of(g, env)?;
+    let containers = Containers::new(&store).map_err(super::run::failed)?;
+    let Some(live) = local::current(&store, &deployment) else {
+        return Ok(());
+    };
+    let mut lines = Vec::new();
+    for (service, ids) in &live.replicas {
+        if args.service.as_ref().is_some_and(|s| s != service) {
+            continue;
+        }
+        for id in ids {
+            let Ok(st) = containers.get(id) else { continue };
+            let filter = crate::runtime::logs::Filter {
+                tail: args.tail,
+                since: None,
+            };
+            let (recs, _) =
+                crate::runtime::logs::read(&containers.dir(id), &filter).map_err(|e| {
+                    CliError::failed(miette!("cannot read the log of {}: {e}", st.name))
+                })?;
+            let replica = st
+                .name
+                .trim_start_matches(&format!("{deployment}-"))
+                .to_string();
+            lines.extend(
+                recs.into_iter()
+                    .map(|r| (r.time.clone(), format!("local {replica} | {}", r.log))),
+            );
+        }
+    }
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, l) in lines {
+        out.text(&l)?;
+        if !l.ends_with('\n') {
+            out.text("\n")?;
+        }
+    }
+    Ok(())
+}

@@ -151,6 +151,12 @@ pub enum Command {
     Status(deploy::EnvArgs),
     /// Stop and remove everything an environment runs.
     Down(deploy::EnvArgs),
+    /// Roll an environment back to an earlier release.
+    Rollback(deploy::RollbackArgs),
+    /// An environment's releases, newest first.
+    Releases(deploy::EnvArgs),
+    /// Change the number of replicas of services (SERVICE=N).
+    Scale(deploy::ScaleArgs),
     /// A service's router (internal).
     #[command(name = "__router", hide = true)]
     Router {
@@ -228,7 +234,18 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Bundle(args) => images::bundle(g, args, out),
         Command::Run(args) => run::run(g, args, out),
         Command::Ps(args) => containers::ps(g, args, out),
-        Command::Logs(args) => containers::logs(g, args, out),
+        Command::Logs(args) => match &args.env {
+            Some(env) => deploy::env_logs(
+                g,
+                env,
+                &deploy::EnvLogsArgs {
+                    service: args.container.clone(),
+                    tail: args.tail,
+                },
+                out,
+            ),
+            None => containers::logs(g, args, out),
+        },
         Command::Start(args) => containers::start(g, args, out),
         Command::Stop(args) => containers::stop(g, args, out),
         Command::Kill(args) => containers::kill(g, args, out),
@@ -242,6 +259,9 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Deploy(args) => deploy::deploy(g, args, out),
         Command::Status(args) => deploy::status(g, args, out),
         Command::Down(args) => deploy::down(g, args, out),
+        Command::Rollback(args) => deploy::rollback(g, args, out),
+        Command::Releases(args) => deploy::releases(g, args, out),
+        Command::Scale(args) => deploy::scale(g, args, out),
         Command::Router { dir, ready } => {
             std::process::exit(crate::deploy::router::run(dir, *ready))
         }
