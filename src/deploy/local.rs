@@ -231,6 +231,8 @@ pub fn apply(
         networks.create(&deployment, None).map_err(|e| {
             DeployError::local(format!("create network {deployment}"))(e.to_string())
         })?;
+        // Made here, so `down` removes it (a network made by hand is left alone).
+        let _ = std::fs::write(state_dir(store, &deployment).join("network-created"), "");
     }
     let mut list = releases(store, &deployment);
     let number = list.iter().map(|r| r.number).max().unwrap_or(0) + 1;
@@ -470,6 +472,13 @@ pub fn down(store: &Store, deployment: &str) -> Result<usize, DeployError> {
         for e in entries.flatten() {
             let _ = Router::new(e.path()).remove();
         }
+    }
+    let marker = state_dir(store, deployment).join("network-created");
+    if marker.exists()
+        && let Ok(networks) = Networks::new(store)
+        && networks.remove(deployment, None).is_ok()
+    {
+        let _ = std::fs::remove_file(marker);
     }
     let mut list = releases(store, deployment);
     for r in list.iter_mut() {
