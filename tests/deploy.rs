@@ -20,6 +20,11 @@ fn project(port: u16, page: &str, web_command: Option<&str>) -> TempProject {
 }
 
 fn write_app(p: &TempProject, port: u16, page: &str, web_command: Option<&str>) {
+    write_app_on(p, &format!("127.0.0.1:{port}"), page, web_command);
+}
+
+/// The app with its web port published as `publish` (`[IP:]PORT`).
+fn write_app_on(p: &TempProject, publish: &str, page: &str, web_command: Option<&str>) {
     let command = format!(
         "command = {}\n",
         web_command.unwrap_or(
@@ -30,7 +35,7 @@ fn write_app(p: &TempProject, port: u16, page: &str, web_command: Option<&str>) 
         "berth.toml",
         &format!(
             "[app]\nname = \"shop\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"www/\", \"/www/\"]\n[[image.steps]]\ncmd = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
-             [services.web]\n{command}ports = [\"127.0.0.1:{port}:8080\"]\nhealth = {{ http = \"/\", port = 8080, interval = \"100ms\", timeout = \"1s\", retries = 3 }}\nvolumes = [\"data:/data\"]\n\
+             [services.web]\n{command}ports = [\"{publish}:8080\"]\nhealth = {{ http = \"/\", port = 8080, interval = \"100ms\", timeout = \"1s\", retries = 3 }}\nvolumes = [\"data:/data\"]\n\
              [services.worker]\ncommand = [\"/bin/sh\", \"-c\", \"echo tick >> /data/ticks; echo ticked; exec sleep 600\"]\nvolumes = [\"data:/data\"]\n"
         ),
     );
@@ -205,4 +210,101 @@ fn a_second_deploy_is_refused_while_one_runs_and_names_the_holder() {
     p.berth().args(["deploy", "--env", "dev"]).run().ok();
     assert!(http_get(port, "/", 5).unwrap().ends_with("locked\n"));
     p.berth().args(["down", "--env", "dev"]).run().ok();
+}
+
+#[test]
+fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
+    let mut hosts = util::TestHosts::new(121, 2);
+    let reg = util::Registry::start_at("198.18.121.1", &[], "");
+    let p = TempProject::new();
+    p.with_busybox_base();
+    let _cleanup = p.cleanup();
+    let token = "t0ken-for-the-agents-0123456789";
+    p.file("token", token);
+    for i in 0..2 {
+        hosts.start_agent(i, &p.path().join("token"));
+    }
+    write_app_on(&p, "8080", "on two hosts\n", None);
+    p.file(
+        "environments/uat.toml",
+        &format!(
+            "registry = \"http://{}/shop\"\nhosts = [\"http://{}:7443\", \"http://{}:7443\"]\n[rollout]\ndrain = \"300ms\"\ntimeout = \"10s\"\n",
+            reg.host(),
+            hosts.addr(0),
+            hosts.addr(1)
+        ),
+    );
+    let deploy = |p: &TempProject| {
+        p.berth()
+            .env("BERTH_AGENT_TOKEN", token)
+            .args(["deploy", "--env", "uat"])
+            .run()
+    };
+    let first = deploy(&p).ok();
+    assert!(
+        first.stdout.contains("live on 2 host(s)"),
+        "{}{}",
+        first.stdout,
+        first.stderr
+    );
+    let addrs = [hosts.addr(0), hosts.addr(1)];
+    let get = |i: usize| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((addrs[i].as_str(), 8080)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    for i in 0..2 {
+        let page = get(i).expect("served on each host");
+        assert!(page.ends_with("on two hosts\n"), "host {i}: {page}");
+    }
+
+    // No token, a wrong token, an image not given by digest: refused.
+    let agent = format!("http://{}:7443", hosts.addr(0));
+    let status_of = |token: Option<&str>, body: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((addrs[0].as_str(), 7443)).unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "POST /v1/apply HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(status_of(None, "{}").starts_with("HTTP/1.1 401"), "{agent}");
+    assert!(status_of(Some("wrong-token-wrong-token"), "{}").starts_with("HTTP/1.1 401"));
+    let live = p.berth().args(["--json", "inspect", "shop"]).run().ok();
+    let digest = serde_json::from_str::<serde_json::Value>(&live.stdout).unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let plan = serde_json::json!({
+        "plan": {"app": "shop", "environment": "uat", "digest": digest, "revision": null,
+                 "services": [], "rollout": {"drain": {"secs": 0, "nanos": 0}, "timeout": {"secs": 5, "nanos": 0}, "keep": 1}},
+        "image": format!("http://{}/shop:uat", reg.host()),
+    });
+    let by_tag = status_of(Some(token), &plan.to_string());
+    assert!(
+        by_tag.starts_with("HTTP/1.1 400") && by_tag.contains("by digest"),
+        "{by_tag}"
+    );
+
+    // Host 2's agent is gone: the deploy fails naming it, host 1 goes back.
+    hosts.kill_agent(1);
+    write_app_on(&p, "8080", "never everywhere\n", None);
+    let failed = deploy(&p).code(1);
+    assert!(failed.stderr.contains(&addrs[1]), "{}", failed.stderr);
+    assert!(failed.stderr.contains("rolled back"), "{}", failed.stderr);
+    let page = get(0).unwrap();
+    assert!(page.ends_with("on two hosts\n"), "host 1 is back: {page}");
 }

@@ -138,7 +138,7 @@ fn local_only(config: &AppConfig) -> Result<(), CliError> {
     }
     Err(CliError::failed(miette!(
         help = "use hosts = [\"local\"] for this machine; deploying through berth agents is not built yet",
-        "environment {} names remote hosts",
+        "environment {} mixes this machine and agents, or names remote hosts where only local ones are supported",
         config.environment
     )))
 }
@@ -147,7 +147,14 @@ fn local_only(config: &AppConfig) -> Result<(), CliError> {
 pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(), CliError> {
     let project = Project::load(&g.project_dir())?;
     let config = project.resolve(&args.env)?;
-    local_only(&config)?;
+    let remote = !config.hosts.is_empty()
+        && config
+            .hosts
+            .iter()
+            .all(|h| matches!(h, HostUrl::Agent { .. }));
+    if !remote {
+        local_only(&config)?;
+    }
     let store = Store::open(&g.store_dir())?;
     let digest = match &args.image {
         Some(r) => store.resolve(r)?,
@@ -213,6 +220,9 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
             ))?;
         }
         return Ok(());
+    }
+    if remote {
+        return deploy_remote(g, &config, &store, &plan, out);
     }
     let exe = std::env::current_exe()
         .map_err(|e| CliError::failed(miette!("cannot find berth's own binary: {e}")))?;
@@ -537,5 +547,206 @@ pub fn env_logs(
             out.text("\n")?;
         }
     }
+    Ok(())
+}
+
+/// Arguments of `berth agent`.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// The agent's store: images, containers, releases.
+    #[arg(long, value_name = "DIR")]
+    pub state: std::path::PathBuf,
+    /// A file holding the bearer token clients must send.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: std::path::PathBuf,
+    /// TLS certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+/// `berth agent --listen ADDR --state DIR --token-file FILE [--tls-cert C --tls-key K]`.
+pub fn agent(_g: &GlobalOpts, args: &AgentArgs, _out: &mut Output) -> Result<(), CliError> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .map_err(|e| CliError::failed(miette!("cannot read {}: {e}", args.token_file.display())))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        return Err(CliError::invalid(miette!(
+            help = "head -c 32 /dev/urandom | base64 > token",
+            "the token in {} is shorter than 16 characters",
+            args.token_file.display()
+        )));
+    }
+    let program = std::env::current_exe()
+        .map_err(|e| CliError::failed(miette!("cannot find berth's own binary: {e}")))?;
+    let cfg = crate::deploy::agent::AgentConfig {
+        listen: args.listen,
+        state: args.state.clone(),
+        token,
+        tls: args.tls_cert.clone().zip(args.tls_key.clone()),
+        program,
+    };
+    crate::deploy::agent::serve(cfg, &|addr| eprintln!("berth agent listening on {addr}"))
+        .map_err(|e| CliError::failed(miette!("the agent stopped: {e}")))
+}
+
+/// The agents of an environment: base URLs.
+fn agent_urls(config: &AppConfig) -> Vec<String> {
+    config
+        .hosts
+        .iter()
+        .filter_map(|h| match h {
+            HostUrl::Agent { tls, host, port } => Some(format!(
+                "{}://{host}:{port}",
+                if *tls { "https" } else { "http" }
+            )),
+            HostUrl::Local => None,
+        })
+        .collect()
+}
+
+/// Deploys through agents: push to the environment's registry, then each host in turn;
+/// a host that fails puts the hosts already updated back on their previous release.
+fn deploy_remote(
+    g: &GlobalOpts,
+    config: &AppConfig,
+    store: &Store,
+    plan: &ReleasePlan,
+    out: &mut Output,
+) -> Result<(), CliError> {
+    use crate::registry_client::{Client, ClientOptions, Reference, push};
+    let Some(registry) = &config.registry else {
+        return Err(CliError::invalid(miette!(
+            help = "set registry = \"host:port/repository\" in environments/{}.toml",
+            "environment {} deploys to agents, which pull from a registry, but names none",
+            config.environment
+        )));
+    };
+    let token = std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
+        CliError::invalid(miette!(
+            help = "export BERTH_AGENT_TOKEN with the agents' token",
+            "deploying to agents needs their token"
+        ))
+    })?;
+    let dst: Reference = format!("{registry}:{}", config.environment)
+        .parse()
+        .map_err(|e: String| CliError::invalid(miette!("registry {registry}: {e}")))?;
+    let rt = crate::registry_client::runtime()
+        .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
+    let client =
+        Client::new(&dst, &ClientOptions::default()).map_err(super::registry::registry_error)?;
+    let pushed = rt
+        .block_on(push::push(
+            &client,
+            store,
+            &plan.digest,
+            &dst,
+            false,
+            &|_| {},
+            None,
+        ))
+        .map_err(super::registry::registry_error)?;
+    let quiet = out.quiet || out.json;
+    if !quiet {
+        eprintln!("pushed {dst}: {} bytes of blobs sent", pushed.bytes_sent);
+    }
+    let image = format!(
+        "{}{}/{}@{}",
+        if dst.plain_http { "http://" } else { "" },
+        dst.registry,
+        dst.repository,
+        plan.digest
+    );
+    let (username, password) = match crate::registry_client::auth::credential_for(&dst.registry) {
+        Ok(Some(crate::registry_client::auth::Credential::Basic { username, password })) => {
+            (Some(username), Some(password.0))
+        }
+        _ => (None, None),
+    };
+    let request = crate::deploy::agent::ApplyRequest {
+        plan: plan.clone(),
+        image,
+        username,
+        password,
+    };
+    let http = reqwest::Client::builder()
+        .timeout(plan.rollout.timeout + std::time::Duration::from_secs(120))
+        .build()
+        .map_err(|e| CliError::failed(miette!("{e}")))?;
+    let call = |url: String, body: serde_json::Value| {
+        let http = http.clone();
+        let token = token.clone();
+        async move {
+            let resp = http
+                .post(&url)
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(|e| format!("cannot reach {url}: {e}"))?;
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if status.is_success() {
+                Ok(v)
+            } else {
+                Err(v["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{url} answered {status}")))
+            }
+        }
+    };
+    let mut updated: Vec<String> = Vec::new();
+    let mut results = Vec::new();
+    for base in agent_urls(config) {
+        let body = serde_json::to_value(&request).expect("a request serialises");
+        match rt.block_on(call(format!("{base}/v1/apply"), body)) {
+            Ok(record) => {
+                if !quiet {
+                    eprintln!("{base}: release {} is live", record["number"]);
+                }
+                results.push(json!({ "host": base, "release": record["number"] }));
+                updated.push(base);
+            }
+            Err(message) => {
+                for done in &updated {
+                    let body = json!({ "deployment": plan.deployment() });
+                    let back = rt.block_on(call(format!("{done}/v1/rollback"), body));
+                    if !quiet {
+                        match back {
+                            Ok(_) => eprintln!("{done}: rolled back"),
+                            Err(e) => eprintln!("{done}: rollback failed: {e}"),
+                        }
+                    }
+                }
+                return Err(CliError::failed(miette!(
+                    help = "the hosts already updated were put back on their previous release",
+                    "host {base} failed: {message}"
+                )));
+            }
+        }
+    }
+    if out.json {
+        return Ok(out.json_value(&json!({
+            "environment": plan.environment,
+            "digest": plan.digest,
+            "hosts": results,
+        }))?);
+    }
+    let _ = g;
+    out.note(format!(
+        "{} {} is live on {} host(s)",
+        plan.deployment(),
+        plan.digest,
+        results.len()
+    ))?;
     Ok(())
 }

@@ -157,6 +157,8 @@ pub enum Command {
     Releases(deploy::EnvArgs),
     /// Change the number of replicas of services (SERVICE=N).
     Scale(deploy::ScaleArgs),
+    /// Run the agent that applies releases to this host over an HTTP API.
+    Agent(deploy::AgentArgs),
     /// A service's router (internal).
     #[command(name = "__router", hide = true)]
     Router {
@@ -260,6 +262,7 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Status(args) => deploy::status(g, args, out),
         Command::Down(args) => deploy::down(g, args, out),
         Command::Rollback(args) => deploy::rollback(g, args, out),
+        Command::Agent(args) => deploy::agent(g, args, out),
         Command::Releases(args) => deploy::releases(g, args, out),
         Command::Scale(args) => deploy::scale(g, args, out),
         Command::Router { dir, ready } => {

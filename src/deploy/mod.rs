@@ -6,6 +6,7 @@
 //! the old replicas drained and stopped; if anything fails before the switch, the new
 //! replicas go and the old release keeps serving.
 
+pub mod agent;
 pub mod health;
 pub mod local;
 pub mod router;

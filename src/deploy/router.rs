@@ -116,11 +116,12 @@ impl Router {
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
+        let mut child = cmd.spawn()?;
         drop(w);
         let mut status = String::new();
         File::from(r).read_to_string(&mut status)?;
-        drop(child);
+        // Reaped when it exits, should the caller live that long (the agent).
+        std::thread::spawn(move || child.wait());
         if status.trim_end() == "ok" {
             Ok(())
         } else if status.is_empty() {

@@ -60,8 +60,10 @@ pub fn spawn(program: &Path, store_dir: &Path, dir: &Path, id: &str) -> Result<(
     drop(w);
     let mut status = String::new();
     File::from(r).read_to_string(&mut status).map_err(fail)?;
-    // Not waited for: it outlives this process and is adopted by init.
-    drop(child);
+    // It outlives a command (and is adopted by init); a long-lived caller (the agent)
+    // reaps it when it exits.
+    let mut child = child;
+    std::thread::spawn(move || child.wait());
     match status.trim_end().split_once(' ') {
         _ if status.trim_end() == "ok" => Ok(()),
         Some((code, msg)) if code.parse::<i32>().is_ok() => {

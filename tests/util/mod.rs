@@ -280,6 +280,7 @@ pub fn http_get(port: u16, path: &str, secs: u64) -> Option<String> {
 /// Debian's `docker-registry` (distribution 2.8) on 127.0.0.1 with a free port and its own
 /// storage, killed when dropped. Its access log goes to `log`.
 pub struct Registry {
+    pub ip: String,
     pub port: u16,
     pub dir: tempfile::TempDir,
     child: std::process::Child,
@@ -294,11 +295,16 @@ impl Registry {
     /// A registry with extra configuration (`auth:` or `http: tls:` YAML, indented for
     /// the top level / the `http:` section as given).
     pub fn start_with(users: &[(&str, &str)], extra: &str) -> Registry {
+        Registry::start_at("127.0.0.1", users, extra)
+    }
+
+    /// A registry listening on `ip` (a test bridge's address, for hosts in namespaces).
+    pub fn start_at(ip: &str, users: &[(&str, &str)], extra: &str) -> Registry {
         require("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n",
             dir.path().join("data").display()
         );
         config += extra;
@@ -322,9 +328,14 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        let r = Registry { port, dir, child };
+        let r = Registry {
+            port,
+            dir,
+            child,
+            ip: ip.to_string(),
+        };
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((ip, port)).is_err() {
             assert!(
                 std::time::Instant::now() < until,
                 "the registry did not start: {}",
@@ -335,9 +346,9 @@ impl Registry {
         r
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT`.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// The registry's log so far.
@@ -358,5 +369,137 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Hosts for deploy tests: network namespaces with a veth each to a bridge on
+/// 198.18.`net`.0/24 (the bridge is .1, host i is .(11+i)), each running `berth agent` with
+/// its own state dir. Everything is removed when dropped.
+pub struct TestHosts {
+    pub net: u8,
+    bridge: String,
+    pub names: Vec<String>,
+    agents: Vec<Option<std::process::Child>>,
+    pub states: Vec<tempfile::TempDir>,
+}
+
+fn ip(args: &[&str]) {
+    run_ok(Command::new("ip").args(args));
+}
+
+impl TestHosts {
+    /// `n` hosts on 198.18.`net`.0/24.
+    pub fn new(net: u8, n: usize) -> TestHosts {
+        require("ip", "iproute2");
+        let tag = format!("{}{}", std::process::id() % 100_000, net);
+        let bridge = format!("bt{tag}");
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        let mut hosts = TestHosts {
+            net,
+            bridge: bridge.clone(),
+            names: Vec::new(),
+            agents: Vec::new(),
+            states: Vec::new(),
+        };
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("198.18.{net}.1/24"), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+        for i in 0..n {
+            let ns = format!("bh{tag}-{i}");
+            let (vh, vp) = (format!("vh{tag}{i}"), format!("vp{tag}{i}"));
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            ip(&["netns", "add", &ns]);
+            hosts.names.push(ns.clone());
+            ip(&["link", "add", &vh, "type", "veth", "peer", "name", &vp]);
+            ip(&["link", "set", &vp, "netns", &ns]);
+            ip(&["link", "set", &vh, "master", &bridge, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.18.{net}.{}/24", 11 + i),
+                "dev",
+                &vp,
+            ]);
+            ip(&["-n", &ns, "link", "set", &vp, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{net}.1"),
+            ]);
+            hosts.agents.push(None);
+            hosts.states.push(tempfile::tempdir().unwrap());
+        }
+        hosts
+    }
+
+    /// Host i's address.
+    pub fn addr(&self, i: usize) -> String {
+        format!("198.18.{}.{}", self.net, 11 + i)
+    }
+
+    /// Starts `berth agent` in host i's network namespace on port 7443.
+    pub fn start_agent(&mut self, i: usize, token_file: &Path) {
+        use std::os::unix::process::CommandExt;
+        let ns = std::fs::File::open(format!("/var/run/netns/{}", self.names[i])).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&ns);
+        let log = std::fs::File::create(self.states[i].path().join("agent.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.args(["agent", "--listen", &format!("{}:7443", self.addr(i))])
+            .arg("--state")
+            .arg(self.states[i].path().join("store"))
+            .arg("--token-file")
+            .arg(token_file)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: setns(2) between fork and exec, on a descriptor kept open by the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        self.agents[i] = Some(child);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect((self.addr(i).as_str(), 7443)).is_err() {
+            assert!(std::time::Instant::now() < until, "agent {i} did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop(ns);
+    }
+
+    /// Kills host i's agent (SIGKILL).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TestHosts {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            self.kill_agent(i);
+            // What the agent ran: containers, supervisors, routers (all berth processes
+            // whose store is this host's).
+            let store = self.states[i].path().join("store");
+            drop(Cleanup { store });
+        }
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
     }
 }
