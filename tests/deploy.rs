@@ -299,6 +299,58 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         "{by_tag}"
     );
 
+    // Host 1 "reboots": its agent, supervisors, containers and routers all die at once.
+    // Started again, the agent brings the live release back.
+    hosts.kill_agent(0);
+    let store = hosts.states[0].path().join("store/berth");
+    let kill = |pid: i64| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    for e in std::fs::read_dir(store.join("containers"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(text) = std::fs::read_to_string(e.path().join("state.json")) {
+            let st: serde_json::Value = serde_json::from_str(&text).unwrap();
+            st["supervisor"]["pid"].as_i64().map(kill);
+            st["pid"].as_i64().map(kill);
+        }
+    }
+    for e in std::fs::read_dir(store.join("deploy/shop-uat/routers"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(text) = std::fs::read_to_string(e.path().join("pid")) {
+            text.split(' ')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .map(kill);
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(get(0).is_none(), "host 1 is down");
+    hosts.start_agent(0, &p.path().join("token"));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !get(0).is_some_and(|r| r.ends_with("on two hosts\n")) {
+        if std::time::Instant::now() >= until {
+            let log = std::fs::read_to_string(hosts.states[0].path().join("agent.log"))
+                .unwrap_or_default();
+            let ps = std::process::Command::new("sh")
+                .args(["-c", &format!("BERTH_STORE={}/store {} ps -a; cat {}/store/berth/containers/*/supervisor.log; cat {}/store/berth/deploy/*/routers/*/router.log", hosts.states[0].path().display(), env!("CARGO_BIN_EXE_berth"), hosts.states[0].path().display(), hosts.states[0].path().display())])
+                .output()
+                .unwrap();
+            panic!(
+                "host 1 does not serve again after its restart:\n{log}\n{}{}",
+                String::from_utf8_lossy(&ps.stdout),
+                String::from_utf8_lossy(&ps.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
     // Host 2's agent is gone: the deploy fails naming it, host 1 goes back.
     hosts.kill_agent(1);
     write_app_on(&p, "8080", "never everywhere\n", None);

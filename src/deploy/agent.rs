@@ -291,6 +291,20 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> std::io::Result<tokio_rustls::
 
 /// Serves the agent's API until killed. `ready` is called once it listens.
 pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()> {
+    // After a reboot or a crash, and every few seconds after: the live releases run
+    // (running replicas are adopted as they are; dead ones start again).
+    let (state, program) = (cfg.state.clone(), cfg.program.clone());
+    std::thread::spawn(move || {
+        loop {
+            if let Ok(store) = Store::open(&state) {
+                let n = local::recover(&store, &program, &state);
+                if n > 0 {
+                    eprintln!("started {n} replica(s) of the live releases again");
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    });
     let rt = crate::registry_client::runtime()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;

@@ -64,17 +64,24 @@ fn lock(store: &Store, deployment: &str) -> Result<Lock, DeployError> {
         .write(true)
         .open(&path)
         .map_err(|e| DeployError::local("open the deploy lock")(e.to_string()))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(DeployError::Locked {
-                deployment: deployment.to_string(),
-                holder: holder.trim().to_string(),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(DeployError::local("take the deploy lock")(e.to_string()));
+    // Brief holders (the agent's reconciler) are waited for; a deploy is not.
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(DeployError::Locked {
+                    deployment: deployment.to_string(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(DeployError::local("take the deploy lock")(e.to_string()));
+            }
         }
     }
     // The kernel drops the lock when the holder dies: a stale lock cannot outlive it.
@@ -87,6 +94,18 @@ fn lock(store: &Store, deployment: &str) -> Result<Lock, DeployError> {
         now()
     );
     Ok(Lock { _file: file })
+}
+
+/// The deployment's lock if it is free right now (the reconciler never waits).
+fn try_lock_now(store: &Store, deployment: &str) -> Option<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir(store, deployment).join("lock"))
+        .ok()?;
+    file.try_lock().ok()?;
+    Some(file)
 }
 
 /// `user@host`.
@@ -488,4 +507,56 @@ pub fn down(store: &Store, deployment: &str) -> Result<usize, DeployError> {
     }
     save_releases(store, deployment, &list)?;
     Ok(n)
+}
+
+/// Brings every deployment's live release back after a reboot or a crash: replicas that
+/// are not running (and were not stopped on purpose) start again under new supervisors,
+/// and each service's router serves them. Running replicas are left as they are (adopted).
+/// Deployments a deploy is working on are skipped. Returns how many replicas were started.
+pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
+    let Ok(containers) = Containers::new(store) else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(store.state_dir().join("deploy")) else {
+        return 0;
+    };
+    let mut started = 0;
+    for e in entries.flatten() {
+        let Some(deployment) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        // A deploy in progress owns its deployment.
+        let Some(_lock) = try_lock_now(store, &deployment) else {
+            continue;
+        };
+        let Some(live) = current(store, &deployment) else {
+            continue;
+        };
+        for (service, ids) in &live.replicas {
+            let mut ips = Vec::new();
+            for id in ids {
+                let Ok(st) = containers.get(id) else { continue };
+                if st.status == Status::Stopped
+                    && !st.stop_requested
+                    && supervisor::spawn(program, store_dir, &containers.dir(id), id).is_ok()
+                {
+                    started += 1;
+                }
+                if let Some(ip) = containers.get(id).ok().and_then(|c| c.ip) {
+                    ips.push(ip);
+                }
+            }
+            let Some(svc) = live.plan.services.iter().find(|s| &s.name == service) else {
+                continue;
+            };
+            if !svc.ports.is_empty() {
+                let router =
+                    Router::new(state_dir(store, &deployment).join("routers").join(service));
+                if router.ensure(program, store_dir, &svc.ports).is_ok() {
+                    let _ = router.switch(&ips);
+                }
+            }
+        }
+    }
+    started
 }
