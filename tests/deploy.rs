@@ -263,6 +263,16 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         assert!(page.ends_with("on two hosts\n"), "host {i}: {page}");
     }
 
+    let st = p
+        .berth()
+        .env("BERTH_AGENT_TOKEN", token)
+        .args(["--json", "status", "--env", "uat"])
+        .run()
+        .ok();
+    let st: Vec<serde_json::Value> = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(st.len(), 2);
+    assert!(st.iter().all(|h| h["release"] == 1), "{st:?}");
+
     // No token, a wrong token, an image not given by digest: refused.
     let agent = format!("http://{}:7443", hosts.addr(0));
     let status_of = |token: Option<&str>, body: &str| {

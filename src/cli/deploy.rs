@@ -26,6 +26,9 @@ pub struct DeployArgs {
     /// Print the plan and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// When a host fails, leave the hosts already updated on the new release.
+    #[arg(long)]
+    pub no_rollback: bool,
 }
 
 /// Arguments of `berth status` and `berth down`.
@@ -222,7 +225,7 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
         return Ok(());
     }
     if remote {
-        return deploy_remote(g, &config, &store, &plan, out);
+        return deploy_remote(&config, &store, &plan, args.no_rollback, out);
     }
     let exe = std::env::current_exe()
         .map_err(|e| CliError::failed(miette!("cannot find berth's own binary: {e}")))?;
@@ -263,6 +266,47 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
     let config = project.resolve(&args.env)?;
     let store = Store::open(&g.store_dir())?;
     let deployment = format!("{}-{}", config.app.name, config.environment);
+    if is_remote(&config) {
+        let answers = each_agent(
+            &config,
+            reqwest::Method::GET,
+            &format!("/v1/status?deployment={deployment}"),
+            None,
+        )?;
+        if out.json {
+            let rows: Vec<serde_json::Value> = answers
+                .iter()
+                .map(|(h, a)| match a {
+                    Ok(v) => json!({ "host": h, "release": v["number"], "digest": v["digest"], "since": v["time"] }),
+                    Err(e) => json!({ "host": h, "error": e }),
+                })
+                .collect();
+            return Ok(out.json_value(&rows)?);
+        }
+        let mut failed = false;
+        for (host, answer) in answers {
+            match answer {
+                Ok(v) if v.is_null() => {
+                    out.line(format!("{deployment} on {host}: nothing deployed"))?
+                }
+                Ok(v) => out.line(format!(
+                    "{deployment} on {host}: release {} ({}) since {}",
+                    v["number"],
+                    v["digest"].as_str().unwrap_or("?"),
+                    v["time"].as_str().unwrap_or("?")
+                ))?,
+                Err(e) => {
+                    failed = true;
+                    out.line(format!("{deployment} on {host}: unreachable: {e}"))?;
+                }
+            }
+        }
+        return if failed {
+            Err(CliError::failed(miette!("some hosts did not answer")))
+        } else {
+            Ok(())
+        };
+    }
     let containers = Containers::new(&store).map_err(super::run::failed)?;
     let Some(live) = local::current(&store, &deployment) else {
         if out.json {
@@ -315,6 +359,29 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
 pub fn down(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliError> {
     let project = Project::load(&g.project_dir())?;
     let config = project.resolve(&args.env)?;
+    if is_remote(&config) {
+        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let answers = each_agent(
+            &config,
+            reqwest::Method::POST,
+            "/v1/down",
+            Some(json!({ "deployment": deployment })),
+        )?;
+        let mut failed = None;
+        for (host, answer) in answers {
+            match answer {
+                Ok(v) => out.note(format!(
+                    "{deployment} on {host}: removed {} container(s)",
+                    v["removed"]
+                ))?,
+                Err(e) => failed = Some(format!("{host}: {e}")),
+            }
+        }
+        return match failed {
+            Some(e) => Err(CliError::failed(miette!("{e}"))),
+            None => Ok(()),
+        };
+    }
     local_only(&config)?;
     let store = Store::open(&g.store_dir())?;
     let deployment = format!("{}-{}", config.app.name, config.environment);
@@ -596,6 +663,69 @@ pub fn agent(_g: &GlobalOpts, args: &AgentArgs, _out: &mut Output) -> Result<(),
         .map_err(|e| CliError::failed(miette!("the agent stopped: {e}")))
 }
 
+/// A host and its agent's answer (or what went wrong).
+type HostAnswer = (String, Result<serde_json::Value, String>);
+
+/// Calls every agent of `config` with `method path [body]`; each host's answer or error.
+fn each_agent(
+    config: &AppConfig,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<Vec<HostAnswer>, CliError> {
+    let token = std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
+        CliError::invalid(miette!(
+            help = "export BERTH_AGENT_TOKEN with the agents' token",
+            "talking to agents needs their token"
+        ))
+    })?;
+    let rt = crate::registry_client::runtime()
+        .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
+    crate::registry_client::install_crypto();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .map_err(|e| CliError::failed(miette!("{e}")))?;
+    let hosts = agent_urls(config);
+    let answers = rt.block_on(futures_util::future::join_all(hosts.iter().map(|base| {
+        let (http, token, method, body) =
+            (http.clone(), token.clone(), method.clone(), body.clone());
+        let url = format!("{base}{path}");
+        async move {
+            let mut req = http.request(method, &url).bearer_auth(&token);
+            if let Some(b) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(b.to_string());
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| format!("cannot reach {url}: {e}"))?;
+            let status = resp.status();
+            let v: serde_json::Value =
+                serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or_default();
+            if status.is_success() {
+                Ok(v)
+            } else {
+                Err(v["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| status.to_string()))
+            }
+        }
+    })));
+    Ok(hosts.into_iter().zip(answers).collect())
+}
+
+fn is_remote(config: &AppConfig) -> bool {
+    !config.hosts.is_empty()
+        && config
+            .hosts
+            .iter()
+            .all(|h| matches!(h, HostUrl::Agent { .. }))
+}
+
 /// The agents of an environment: base URLs.
 fn agent_urls(config: &AppConfig) -> Vec<String> {
     config
@@ -614,10 +744,10 @@ fn agent_urls(config: &AppConfig) -> Vec<String> {
 /// Deploys through agents: push to the environment's registry, then each host in turn;
 /// a host that fails puts the hosts already updated back on their previous release.
 fn deploy_remote(
-    g: &GlobalOpts,
     config: &AppConfig,
     store: &Store,
     plan: &ReleasePlan,
+    no_rollback: bool,
     out: &mut Output,
 ) -> Result<(), CliError> {
     use crate::registry_client::{Client, ClientOptions, Reference, push};
@@ -675,6 +805,7 @@ fn deploy_remote(
         username,
         password,
     };
+    crate::registry_client::install_crypto();
     let http = reqwest::Client::builder()
         .timeout(plan.rollout.timeout + std::time::Duration::from_secs(120))
         .build()
@@ -704,19 +835,37 @@ fn deploy_remote(
             }
         }
     };
+    // Batches of `rollout.batch` hosts at once, each batch done before the next; up to
+    // `rollout.max_failures` hosts may fail before the rollout stops.
+    let batch = config.rollout.batch.max(1) as usize;
     let mut updated: Vec<String> = Vec::new();
+    let mut failures: Vec<(String, String)> = Vec::new();
     let mut results = Vec::new();
-    for base in agent_urls(config) {
-        let body = serde_json::to_value(&request).expect("a request serialises");
-        match rt.block_on(call(format!("{base}/v1/apply"), body)) {
-            Ok(record) => {
-                if !quiet {
-                    eprintln!("{base}: release {} is live", record["number"]);
+    let hosts = agent_urls(config);
+    for group in hosts.chunks(batch) {
+        let outcomes = rt.block_on(futures_util::future::join_all(group.iter().map(|base| {
+            let body = serde_json::to_value(&request).expect("a request serialises");
+            call(format!("{base}/v1/apply"), body)
+        })));
+        for (base, outcome) in group.iter().zip(outcomes) {
+            match outcome {
+                Ok(record) => {
+                    if !quiet {
+                        eprintln!("{base}: release {} is live", record["number"]);
+                    }
+                    results.push(json!({ "host": base, "release": record["number"] }));
+                    updated.push(base.clone());
                 }
-                results.push(json!({ "host": base, "release": record["number"] }));
-                updated.push(base);
+                Err(message) => {
+                    if !quiet {
+                        eprintln!("{base}: failed: {message}");
+                    }
+                    failures.push((base.clone(), message));
+                }
             }
-            Err(message) => {
+        }
+        if failures.len() > config.rollout.max_failures as usize {
+            if !no_rollback {
                 for done in &updated {
                     let body = json!({ "deployment": plan.deployment() });
                     let back = rt.block_on(call(format!("{done}/v1/rollback"), body));
@@ -727,11 +876,16 @@ fn deploy_remote(
                         }
                     }
                 }
-                return Err(CliError::failed(miette!(
-                    help = "the hosts already updated were put back on their previous release",
-                    "host {base} failed: {message}"
-                )));
             }
+            let (host, message) = &failures[0];
+            return Err(CliError::failed(miette!(
+                help = if no_rollback {
+                    "--no-rollback: the hosts already updated keep the new release"
+                } else {
+                    "the hosts already updated were put back on their previous release"
+                },
+                "host {host} failed: {message}"
+            )));
         }
     }
     if out.json {
@@ -741,7 +895,6 @@ fn deploy_remote(
             "hosts": results,
         }))?);
     }
-    let _ = g;
     out.note(format!(
         "{} {} is live on {} host(s)",
         plan.deployment(),

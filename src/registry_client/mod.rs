@@ -229,7 +229,7 @@ fn backoff(attempt: u32) -> Duration {
 impl Client {
     /// A client for `reference`'s registry, with the user's credentials for it.
     pub fn new(reference: &Reference, options: &ClientOptions) -> Result<Client, RegistryError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto();
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
@@ -579,6 +579,11 @@ pub fn pull_scope(repository: &str) -> String {
 /// The push scope of a repository (pull too: pushes HEAD first).
 pub fn push_scope(repository: &str) -> String {
     format!("repository:{repository}:pull,push")
+}
+
+/// Makes ring rustls's crypto provider (once per process; before any reqwest client).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A runtime for the synchronous command line.
