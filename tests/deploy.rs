@@ -309,6 +309,53 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         "{by_tag}"
     );
 
+    // A new release through the agents while a client asks host 1 all the time.
+    write_app_on(&p, "8080", "second on two hosts\n", None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU32::new(0));
+    let client = {
+        let (stop, failed, addr) = (stop.clone(), failed.clone(), addrs[0].clone());
+        std::thread::spawn(move || {
+            let mut ok = 0;
+            while !stop.load(Ordering::SeqCst) {
+                use std::io::{Read, Write};
+                let answer = (|| {
+                    let mut s = std::net::TcpStream::connect((addr.as_str(), 8080)).ok()?;
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                        .ok()?;
+                    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).ok()?;
+                    out.contains(" 200 ").then_some(())
+                })();
+                match answer {
+                    Some(()) => ok += 1,
+                    None => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            ok
+        })
+    };
+    let second = deploy(&p).ok();
+    stop.store(true, Ordering::SeqCst);
+    let answered = client.join().unwrap();
+    assert!(
+        second.stdout.contains("live on 2 host(s)"),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no request failed during the rollout"
+    );
+    assert!(answered > 10);
+    for i in 0..2 {
+        assert!(get(i).unwrap().ends_with("second on two hosts\n"));
+    }
+
     // Host 1 "reboots": its agent, supervisors, containers and routers all die at once.
     // Started again, the agent brings the live release back.
     hosts.kill_agent(0);
@@ -344,7 +391,7 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
     assert!(get(0).is_none(), "host 1 is down");
     hosts.start_agent(0, &p.path().join("token"));
     let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !get(0).is_some_and(|r| r.ends_with("on two hosts\n")) {
+    while !get(0).is_some_and(|r| r.ends_with("second on two hosts\n")) {
         if std::time::Instant::now() >= until {
             let log = std::fs::read_to_string(hosts.states[0].path().join("agent.log"))
                 .unwrap_or_default();
@@ -368,5 +415,8 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
     assert!(failed.stderr.contains(&addrs[1]), "{}", failed.stderr);
     assert!(failed.stderr.contains("rolled back"), "{}", failed.stderr);
     let page = get(0).unwrap();
-    assert!(page.ends_with("on two hosts\n"), "host 1 is back: {page}");
+    assert!(
+        page.ends_with("second on two hosts\n"),
+        "host 1 is back: {page}"
+    );
 }
