@@ -420,3 +420,82 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         "host 1 is back: {page}"
     );
 }
+
+#[test]
+fn an_agent_serves_tls_with_a_certificate_it_made() {
+    let p = TempProject::new();
+    let _cleanup = p.cleanup();
+    let tls = p.path().join("tls");
+    let made = p
+        .berth()
+        .args(["agent", "--init-tls"])
+        .args([&tls])
+        .args(["--san", "127.0.0.1"])
+        .run()
+        .ok();
+    assert!(
+        made.stdout.contains("SHA-256 fingerprint: "),
+        "{}",
+        made.stdout
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tls.join("agent.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let token = "tls-agent-token-0123456789";
+    p.file("token", token);
+    let port = free_port();
+    let state = p.path().join("agent-state");
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--state")
+            .arg(&state)
+            .arg("--token-file")
+            .arg(p.path().join("token"))
+            .arg("--tls-cert")
+            .arg(tls.join("agent.crt"))
+            .arg("--tls-key")
+            .arg(tls.join("agent.key"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < until, "the agent did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    write_app(&p, free_port(), "tls\n", None);
+    p.file(
+        "environments/prod.toml",
+        &format!(
+            "registry = \"http://127.0.0.1:1/shop\"\nhosts = [\"https://127.0.0.1:{port}\"]\n"
+        ),
+    );
+    let status = |ca: Option<&std::path::Path>| {
+        let mut b = p.berth().env("BERTH_AGENT_TOKEN", token);
+        if let Some(ca) = ca {
+            b = b.env("BERTH_AGENT_CA", ca.to_str().unwrap());
+        }
+        b.args(["--json", "status", "--env", "prod"]).run()
+    };
+    let untrusted = status(None);
+    assert_eq!(untrusted.code, 1, "{}", untrusted.stdout);
+    let trusted = status(Some(&tls.join("agent.crt"))).ok();
+    let v: Vec<serde_json::Value> = serde_json::from_str(&trusted.stdout).unwrap();
+    assert!(
+        v[0]["release"].is_null() && v[0]["error"].is_null(),
+        "{v:?}"
+    );
+}

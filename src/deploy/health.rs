@@ -73,8 +73,18 @@ pub fn probe(
                 "GET {path} HTTP/1.0\r\nHost: {a}\r\nUser-Agent: berth-health\r\n\r\n"
             )
             .map_err(|e| format!("GET {path}: {e}"))?;
+            // The status line, however the answer is split into reads.
             let mut head = [0u8; 64];
-            let n = s.read(&mut head).map_err(|e| format!("GET {path}: {e}"))?;
+            let mut n = 0;
+            while n < head.len() && !head[..n].contains(&b'\n') {
+                match s
+                    .read(&mut head[n..])
+                    .map_err(|e| format!("GET {path}: {e}"))?
+                {
+                    0 => break,
+                    k => n += k,
+                }
+            }
             let line = String::from_utf8_lossy(&head[..n]);
             let status: u16 = line
                 .split(' ')
@@ -136,7 +146,8 @@ mod tests {
         Check {
             probe,
             interval: Duration::from_millis(20),
-            timeout: Duration::from_millis(500),
+            // Generous: the suite runs containers beside this test.
+            timeout: Duration::from_secs(3),
             retries: 3,
             start_period: Duration::ZERO,
         }
