@@ -1,7 +1,7 @@
 //! Containers after `run`: `ps`, `logs`, `start`, `stop`, `kill`, `rm`, `exec`, and
 //! `inspect` of a container.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use miette::miette;
 use nix::sys::signal::Signal as NixSignal;
@@ -12,6 +12,7 @@ use super::run::{failed, remove_container};
 use super::{CliError, ExitKind, GlobalOpts, Output};
 use crate::manifest::values::Signal;
 use crate::runtime::container::{ContainerState, Containers, Status};
+use crate::runtime::instance::wait_until;
 use crate::runtime::logs;
 use crate::runtime::process::{LaunchError, Process};
 use crate::runtime::{cgroup, exec, supervisor};
@@ -227,19 +228,6 @@ pub fn ps(g: &GlobalOpts, args: &PsArgs, out: &mut Output) -> Result<(), CliErro
         ))?;
     }
     Ok(())
-}
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn stop_container(
@@ -476,26 +464,12 @@ pub fn exec_cmd(g: &GlobalOpts, args: &ExecArgs, _out: &mut Output) -> Result<()
         }
         Err(e) => return Err(failed(e)),
     };
-    let (master, output) = match pty {
-        Some(p) => {
-            drop(p.slave);
-            let output = super::tty::pump(&p.master, args.interactive)
-                .map_err(|e| CliError::failed(miette!("cannot attach the terminal: {e}")))?;
-            (Some(p.master), Some(output))
-        }
-        None => (None, None),
-    };
-    let raw = master
-        .as_ref()
-        .filter(|_| args.interactive)
-        .map(|_| super::tty::RawMode::enter());
+    let attached = super::tty::Attached::new(pty, args.interactive)
+        .map_err(|e| CliError::failed(miette!("cannot attach the terminal: {e}")))?;
     let code = started
-        .wait_with_tty(master.as_ref())
+        .wait_with_tty(attached.master())
         .map_err(|e| CliError::failed(miette!("waiting for the process failed: {e}")))?;
-    if let Some(output) = output {
-        let _ = output.join();
-    }
-    drop(raw);
+    attached.finish();
     if code == 0 {
         Ok(())
     } else {

@@ -394,20 +394,8 @@ fn run_attached(
     if let Some(p) = proxy.as_mut() {
         let _ = p.set_hosts(&instance::backend(inst.ip));
     }
-    // The container holds the pty's slave now; ours must close so the output reaches EOF.
-    let (master, output) = match pty {
-        Some(p) => {
-            drop(p.slave);
-            let output = super::tty::pump(&p.master, spec.interactive)
-                .map_err(|e| CliError::failed(miette!("cannot attach the terminal: {e}")))?;
-            (Some(p.master), Some(output))
-        }
-        None => (None, None),
-    };
-    let raw = master
-        .as_ref()
-        .filter(|_| spec.interactive)
-        .map(|_| super::tty::RawMode::enter());
+    let attached = super::tty::Attached::new(pty, spec.interactive)
+        .map_err(|e| CliError::failed(miette!("cannot attach the terminal: {e}")))?;
     let pid = inst.started.pid.as_raw();
     containers
         .update(&st.id, |s| {
@@ -418,11 +406,8 @@ fn run_attached(
             s.ip = inst.ip.map(Into::into);
         })
         .map_err(failed)?;
-    let waited = inst.wait(master.as_ref());
-    if let Some(output) = output {
-        let _ = output.join();
-    }
-    drop(raw);
+    let waited = inst.wait(attached.master());
+    attached.finish();
     drop(proxy);
     let (code, oom) =
         waited.map_err(|e| CliError::failed(miette!("waiting for the container failed: {e}")))?;

@@ -105,3 +105,45 @@ pub fn pump(master: &OwnedFd, input: bool) -> io::Result<std::thread::JoinHandle
     }
     Ok(out)
 }
+
+/// berth's end of a started process's terminal (`-t`): its output pumped to ours, our
+/// terminal raw while input goes through (`-i`). Without a pty, nothing.
+pub struct Attached {
+    master: Option<OwnedFd>,
+    output: Option<std::thread::JoinHandle<()>>,
+    raw: Option<RawMode>,
+}
+
+impl Attached {
+    /// Attaches to `pty` now that the process holds its slave (ours is closed here, so the
+    /// output reaches EOF when the process ends).
+    pub fn new(pty: Option<Pty>, interactive: bool) -> io::Result<Attached> {
+        let Some(p) = pty else {
+            return Ok(Attached {
+                master: None,
+                output: None,
+                raw: None,
+            });
+        };
+        drop(p.slave);
+        let output = pump(&p.master, interactive)?;
+        Ok(Attached {
+            master: Some(p.master),
+            output: Some(output),
+            raw: interactive.then(RawMode::enter),
+        })
+    }
+
+    /// The pty's master, to pass window-size changes on.
+    pub fn master(&self) -> Option<&OwnedFd> {
+        self.master.as_ref()
+    }
+
+    /// Waits for the last output and restores our terminal.
+    pub fn finish(mut self) {
+        if let Some(o) = self.output.take() {
+            let _ = o.join();
+        }
+        drop(self.raw.take());
+    }
+}

@@ -68,11 +68,11 @@ pub fn probe(
                 .map_err(|e| format!("GET {path} on port {port}: {e}"))?;
             s.set_read_timeout(Some(check.timeout)).ok();
             s.set_write_timeout(Some(check.timeout)).ok();
-            write!(
-                s,
-                "GET {path} HTTP/1.0\r\nHost: {a}\r\nUser-Agent: berth-health\r\n\r\n"
-            )
-            .map_err(|e| format!("GET {path}: {e}"))?;
+            // One write: a request in pieces can meet a server that answers the first.
+            let request =
+                format!("GET {path} HTTP/1.0\r\nHost: {a}\r\nUser-Agent: berth-health\r\n\r\n");
+            s.write_all(request.as_bytes())
+                .map_err(|e| format!("GET {path}: {e}"))?;
             // The status line, however the answer is split into reads.
             let mut head = [0u8; 64];
             let mut n = 0;
@@ -160,8 +160,15 @@ mod tests {
         std::thread::spawn(move || {
             for (i, s) in l.incoming().enumerate() {
                 let mut s = s.unwrap();
+                // The whole request, so closing does not reset the connection.
+                let mut req = Vec::new();
                 let mut buf = [0u8; 256];
-                let _ = s.read(&mut buf);
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let status = if i == 0 { "500 Oops" } else { "200 OK" };
                 let _ = write!(s, "HTTP/1.0 {status}\r\n\r\n");
             }

@@ -5,7 +5,7 @@
 //! file, so a router that is restarted serves the same replicas.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -90,47 +90,24 @@ impl Router {
     }
 
     fn spawn(&self, program: &Path, store_dir: &Path) -> io::Result<()> {
-        use std::os::unix::process::CommandExt;
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("router.log"))?;
-        let w_fd = w.as_raw_fd();
-        let mut cmd = std::process::Command::new(program);
-        cmd.arg0("berth-router")
-            .arg("--store")
-            .arg(store_dir)
-            .arg("__router")
-            .arg(&self.dir)
-            .arg(w_fd.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 || libc::fcntl(w_fd, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn()?;
-        drop(w);
-        let mut status = String::new();
-        File::from(r).read_to_string(&mut status)?;
-        // Reaped when it exits, should the caller live that long (the agent).
-        std::thread::spawn(move || child.wait());
-        if status.trim_end() == "ok" {
-            Ok(())
-        } else if status.is_empty() {
-            Err(io::Error::other(format!(
+        let args = [
+            std::ffi::OsStr::new("--store"),
+            store_dir.as_os_str(),
+            std::ffi::OsStr::new("__router"),
+            self.dir.as_os_str(),
+        ];
+        match crate::runtime::daemon::spawn(
+            program,
+            "berth-router",
+            &args,
+            &self.dir.join("router.log"),
+        )? {
+            Ok(()) => Ok(()),
+            Err(status) if status.is_empty() => Err(io::Error::other(format!(
                 "the router exited at start (see {})",
                 self.dir.join("router.log").display()
-            )))
-        } else {
-            Err(io::Error::other(status.trim_end().to_string()))
+            ))),
+            Err(status) => Err(io::Error::other(status)),
         }
     }
 

@@ -372,7 +372,8 @@ pub fn remove_container(
     Ok(containers.remove(st)?)
 }
 
-fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+/// Polls `done` every 20 ms until it holds (true) or `limit` passes (false).
+pub fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
     let until = std::time::Instant::now() + limit;
     loop {
         if done() {

@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod daemon;
 pub mod exec;
 pub mod init;
 pub mod instance;

@@ -9,7 +9,7 @@
 //! container keeps running; the record says so (`supervisor_lost`) and `rm -f` cleans up.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,44 +28,23 @@ const STABLE: Duration = Duration::from_secs(10);
 /// Starts a supervisor for container `id` and waits until the container runs (or could
 /// not start). `program` is berth's own binary.
 pub fn spawn(program: &Path, store_dir: &Path, dir: &Path, id: &str) -> Result<(), (i32, String)> {
-    use std::os::unix::process::CommandExt;
-    let fail = |e: io::Error| (125, format!("cannot start the container's supervisor: {e}"));
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(e.into()))?;
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join("supervisor.log"))
-        .map_err(fail)?;
-    let w_fd = w.as_raw_fd();
-    let mut cmd = std::process::Command::new(program);
-    cmd.arg0("berth-supervisor")
-        .arg("--store")
-        .arg(store_dir)
-        .arg("__supervise")
-        .arg(id)
-        .arg(w_fd.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(fail)?)
-        .stderr(log);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::fcntl(w_fd, libc::F_SETFD, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(fail)?;
-    drop(w);
-    let mut status = String::new();
-    File::from(r).read_to_string(&mut status).map_err(fail)?;
-    // It outlives a command (and is adopted by init); a long-lived caller (the agent)
-    // reaps it when it exits.
-    let mut child = child;
-    std::thread::spawn(move || child.wait());
-    match status.trim_end().split_once(' ') {
-        _ if status.trim_end() == "ok" => Ok(()),
+    let args = [
+        std::ffi::OsStr::new("--store"),
+        store_dir.as_os_str(),
+        std::ffi::OsStr::new("__supervise"),
+        std::ffi::OsStr::new(id),
+    ];
+    let status = super::daemon::spawn(
+        program,
+        "berth-supervisor",
+        &args,
+        &dir.join("supervisor.log"),
+    )
+    .map_err(|e| (125, format!("cannot start the container's supervisor: {e}")))?;
+    let Err(status) = status else {
+        return Ok(());
+    };
+    match status.split_once(' ') {
         Some((code, msg)) if code.parse::<i32>().is_ok() => {
             Err((code.parse().expect("checked"), msg.to_string()))
         }

@@ -1,0 +1,53 @@
+//! Starting one of berth's own long-lived helpers (a container's supervisor, a service's
+//! router): berth re-executed in a session of its own, its output in a log file, and a
+//! pipe on which it says `ok` once it is ready — or why it could not start — before the
+//! caller returns. The helper outlives the caller; a long-lived caller (the agent) reaps
+//! it when it exits.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Runs `program` (as `arg0`) with `args` and the ready descriptor's number appended,
+/// detached, logging to `log`. Returns once the helper reported: `Ok` for `ok`, else
+/// what it said (empty if it exited without a word).
+pub fn spawn(
+    program: &Path,
+    arg0: &str,
+    args: &[&OsStr],
+    log: &Path,
+) -> io::Result<Result<(), String>> {
+    use std::os::unix::process::CommandExt;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let log = File::options().create(true).append(true).open(log)?;
+    let w_fd = w.as_raw_fd();
+    let mut cmd = std::process::Command::new(program);
+    cmd.arg0(arg0)
+        .args(args)
+        .arg(w_fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::fcntl(w_fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(w);
+    let mut status = String::new();
+    File::from(r).read_to_string(&mut status)?;
+    std::thread::spawn(move || child.wait());
+    let status = status.trim_end();
+    Ok(if status == "ok" {
+        Ok(())
+    } else {
+        Err(status.to_string())
+    })
+}
