@@ -356,6 +356,39 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         assert!(get(i).unwrap().ends_with("second on two hosts\n"));
     }
 
+    // Scale and roll back through the agents.
+    let with_token = |args: &[&str]| p.berth().env("BERTH_AGENT_TOKEN", token).args(args).run();
+    with_token(&["scale", "--env", "uat", "web=2"]).ok();
+    let back = with_token(&["rollback", "--env", "uat", "--to", "1"]).ok();
+    for i in 0..2 {
+        let page = get(i).unwrap();
+        assert!(
+            page.ends_with("\non two hosts\n") && !page.contains("second"),
+            "host {i} after rollback --to 1 ({}): {page}\n{}",
+            back.stdout,
+            with_token(&["--json", "releases", "--env", "uat"]).stdout
+        );
+    }
+    with_token(&["rollback", "--env", "uat", "--to", "2"]).ok();
+    let listed = with_token(&["--json", "releases", "--env", "uat"]).ok();
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout).unwrap();
+    for host in &listed {
+        let outcomes: Vec<&str> = host["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["retired", "retired", "retired", "retired", "live"],
+            "{host}"
+        );
+    }
+    for i in 0..2 {
+        assert!(get(i).unwrap().ends_with("second on two hosts\n"));
+    }
+
     // Host 1 "reboots": its agent, supervisors, containers and routers all die at once.
     // Started again, the agent brings the live release back.
     hosts.kill_agent(0);

@@ -480,9 +480,48 @@ fn apply_and_report(
     Ok(())
 }
 
+/// Prints each agent's answer; fails if any host failed.
+fn report_hosts(
+    answers: Vec<HostAnswer>,
+    out: &mut Output,
+    ok: impl Fn(&serde_json::Value) -> String,
+) -> Result<(), CliError> {
+    let mut failed = Vec::new();
+    for (host, answer) in answers {
+        match answer {
+            Ok(v) => out.line(format!("{host}: {}", ok(&v)))?,
+            Err(e) => {
+                out.line(format!("{host}: failed: {e}"))?;
+                failed.push(host);
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::failed(miette!("failed on {}", failed.join(", "))))
+    }
+}
+
+/// The environment's config when its hosts are agents.
+fn remote_config(g: &GlobalOpts, env: &str) -> Result<Option<AppConfig>, CliError> {
+    let config = Project::load(&g.project_dir())?.resolve(env)?;
+    Ok(is_remote(&config).then_some(config))
+}
+
 /// `berth rollback --env E [--to N]`: the plan of an earlier release, rolled out again as
 /// a new release (same digest, same settings), with the same health checks and switch.
 pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result<(), CliError> {
+    if let Some(config) = remote_config(g, &args.env)? {
+        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let answers = each_agent(
+            &config,
+            reqwest::Method::POST,
+            "/v1/rollback",
+            Some(json!({ "deployment": deployment, "to": args.to })),
+        )?;
+        return report_hosts(answers, out, |v| format!("release {} is live", v["number"]));
+    }
     let (_, store, deployment) = deployment_of(g, &args.env)?;
     let all = local::releases(&store, &deployment);
     let live = all
@@ -515,6 +554,34 @@ pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result
 
 /// `berth releases --env E`.
 pub fn releases(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliError> {
+    if let Some(config) = remote_config(g, &args.env)? {
+        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let answers = each_agent(
+            &config,
+            reqwest::Method::GET,
+            &format!("/v1/releases?deployment={deployment}"),
+            None,
+        )?;
+        if out.json {
+            let rows: Vec<serde_json::Value> = answers
+                .iter()
+                .map(|(h, a)| match a {
+                    Ok(v) => json!({ "host": h, "releases": v }),
+                    Err(e) => json!({ "host": h, "error": e }),
+                })
+                .collect();
+            return Ok(out.json_value(&rows)?);
+        }
+        return report_hosts(answers, out, |v| {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .rev()
+                .map(|r| format!("{} {}", r["release"], r["outcome"].as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+    }
     let (_, store, deployment) = deployment_of(g, &args.env)?;
     let all = local::releases(&store, &deployment);
     if out.json {
@@ -550,6 +617,9 @@ pub fn releases(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), 
 /// `berth scale --env E web=3`: the live release's plan with other replica counts, rolled
 /// out as a new release.
 pub fn scale(g: &GlobalOpts, args: &ScaleArgs, out: &mut Output) -> Result<(), CliError> {
+    if let Some(config) = remote_config(g, &args.env)? {
+        return scale_remote(&config, args, out);
+    }
     let (_, store, deployment) = deployment_of(g, &args.env)?;
     let Some(live) = local::current(&store, &deployment) else {
         return Err(CliError::failed(miette!(
@@ -989,4 +1059,87 @@ fn deploy_remote(
         results.len()
     ))?;
     Ok(())
+}
+
+/// `scale` through agents: each host's live plan with the new counts, applied there.
+fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Result<(), CliError> {
+    let deployment = format!("{}-{}", config.app.name, config.environment);
+    let Some(registry) = &config.registry else {
+        return Err(CliError::invalid(miette!(
+            "environment {} deploys to agents but names no registry",
+            config.environment
+        )));
+    };
+    let dst: crate::registry_client::Reference = format!("{registry}:{}", config.environment)
+        .parse()
+        .map_err(|e: String| CliError::invalid(miette!("registry {registry}: {e}")))?;
+    let live = each_agent(
+        config,
+        reqwest::Method::GET,
+        &format!("/v1/status?deployment={deployment}"),
+        None,
+    )?;
+    let mut answers = Vec::new();
+    for (host, answer) in live {
+        let record = match answer {
+            Ok(v) if !v.is_null() => v,
+            Ok(_) => {
+                answers.push((host, Err("nothing deployed".to_string())));
+                continue;
+            }
+            Err(e) => {
+                answers.push((host, Err(e)));
+                continue;
+            }
+        };
+        let mut plan: ReleasePlan = serde_json::from_value(record["plan"].clone())
+            .map_err(|e| CliError::failed(miette!("{host} sent a plan berth cannot read: {e}")))?;
+        for (name, n) in &args.services {
+            let Some(svc) = plan.services.iter_mut().find(|s| &s.name == name) else {
+                return Err(CliError::invalid(miette!(
+                    "no service `{name}` in {deployment}"
+                )));
+            };
+            svc.replicas = *n;
+        }
+        let request = crate::deploy::agent::ApplyRequest {
+            image: format!(
+                "{}{}/{}@{}",
+                if dst.plain_http { "http://" } else { "" },
+                dst.registry,
+                dst.repository,
+                plan.digest
+            ),
+            plan,
+            username: None,
+            password: None,
+        };
+        let one = AppConfig {
+            hosts: config
+                .hosts
+                .iter()
+                .filter(|h| agent_urls_of(h).as_deref() == Some(host.as_str()))
+                .cloned()
+                .collect(),
+            ..config.clone()
+        };
+        let mut r = each_agent(
+            &one,
+            reqwest::Method::POST,
+            "/v1/apply",
+            Some(serde_json::to_value(&request).expect("a request serialises")),
+        )?;
+        answers.push(r.remove(0));
+    }
+    report_hosts(answers, out, |v| format!("release {} is live", v["number"]))
+}
+
+fn agent_urls_of(h: &HostUrl) -> Option<String> {
+    match h {
+        HostUrl::Agent { tls, host, port } => Some(format!(
+            "{}://{host}:{port}",
+            if *tls { "https" } else { "http" }
+        )),
+        HostUrl::Local => None,
+    }
 }

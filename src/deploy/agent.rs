@@ -7,6 +7,7 @@
 //! - `POST /v1/apply` `{plan, image, username?, password?}` → the live release record
 //! - `POST /v1/rollback` `{deployment}` → back to the release before the live one
 //! - `GET /v1/status?deployment=D` → the live release, or `null`
+//! - `GET /v1/releases?deployment=D` → the host's ledger
 //! - `POST /v1/down` `{deployment}`
 
 use std::convert::Infallible;
@@ -60,6 +61,9 @@ pub struct ApplyRequest {
 pub struct DeploymentRequest {
     /// `app-environment`.
     pub deployment: String,
+    /// For a rollback: the release to go back to [default: the one before the live one].
+    #[serde(default)]
+    pub to: Option<u32>,
 }
 
 /// Compares without leaking where the first difference is.
@@ -210,12 +214,18 @@ async fn handle(
                 .rev()
                 .find(|x| x.outcome == Outcome::Live)
                 .map(|x| x.number);
-            let Some(target) = all
-                .iter()
-                .rev()
-                .find(|x| x.outcome == Outcome::Retired && Some(x.number) != live)
-                .cloned()
-            else {
+            let target = match r.to {
+                Some(n) => all
+                    .iter()
+                    .find(|x| x.number == n && x.outcome != Outcome::Failed)
+                    .cloned(),
+                None => all
+                    .iter()
+                    .rev()
+                    .find(|x| x.outcome == Outcome::Retired && Some(x.number) != live)
+                    .cloned(),
+            };
+            let Some(target) = target else {
                 return Ok(reply(
                     StatusCode::CONFLICT,
                     json!({ "error": format!("{} has no earlier release", r.deployment) }),
@@ -253,6 +263,23 @@ async fn handle(
                 StatusCode::OK,
                 serde_json::to_value(&live).expect("json"),
             ))
+        }
+        (Method::GET, "/v1/releases") => {
+            let deployment = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("deployment="))
+                .unwrap_or_default()
+                .to_string();
+            let list: Vec<serde_json::Value> = local::releases(&store, &deployment)
+                .iter()
+                .map(|r| {
+                    json!({
+                        "release": r.number, "digest": r.digest, "revision": r.revision,
+                        "time": r.time, "actor": r.actor, "outcome": r.outcome, "error": r.error,
+                    })
+                })
+                .collect();
+            Ok(reply(StatusCode::OK, json!(list)))
         }
         (Method::POST, "/v1/down") => {
             let Ok(r) = serde_json::from_slice::<DeploymentRequest>(&body) else {
