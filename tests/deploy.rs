@@ -388,6 +388,11 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
     for i in 0..2 {
         assert!(get(i).unwrap().ends_with("second on two hosts\n"));
     }
+    let logs = with_token(&["logs", "--env", "uat", "worker"]).ok();
+    for addr in &addrs {
+        let line = format!("{addr}:7443 worker-5-0 | ticked\n");
+        assert!(logs.stdout.contains(&line), "{line} in {}", logs.stdout);
+    }
 
     // Host 1 "reboots": its agent, supervisors, containers and routers all die at once.
     // Started again, the agent brings the live release back.

@@ -654,35 +654,33 @@ pub fn env_logs(
     args: &EnvLogsArgs,
     out: &mut Output,
 ) -> Result<(), CliError> {
-    let (_, store, deployment) = deployment_of(g, env)?;
-    let containers = Containers::new(&store).map_err(super::run::failed)?;
-    let Some(live) = local::current(&store, &deployment) else {
-        return Ok(());
-    };
-    let mut lines = Vec::new();
-    for (service, ids) in &live.replicas {
-        if args.service.as_ref().is_some_and(|s| s != service) {
-            continue;
+    let mut lines: Vec<(String, String)> = Vec::new();
+    if let Some(config) = remote_config(g, env)? {
+        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let mut query = format!("/v1/logs?deployment={deployment}");
+        if let Some(s) = &args.service {
+            query += &format!("&service={s}");
         }
-        for id in ids {
-            let Ok(st) = containers.get(id) else { continue };
-            let filter = crate::runtime::logs::Filter {
-                tail: args.tail,
-                since: None,
-            };
-            let (recs, _) =
-                crate::runtime::logs::read(&containers.dir(id), &filter).map_err(|e| {
-                    CliError::failed(miette!("cannot read the log of {}: {e}", st.name))
-                })?;
-            let replica = st
-                .name
-                .trim_start_matches(&format!("{deployment}-"))
-                .to_string();
+        if let Some(t) = args.tail {
+            query += &format!("&tail={t}");
+        }
+        for (host, answer) in each_agent(&config, reqwest::Method::GET, &query, None)? {
+            let list = answer.map_err(|e| CliError::failed(miette!("{host}: {e}")))?;
+            let list: Vec<local::ReplicaLine> = serde_json::from_value(list).unwrap_or_default();
+            let name = host.split("://").nth(1).unwrap_or(&host).to_string();
             lines.extend(
-                recs.into_iter()
-                    .map(|r| (r.time.clone(), format!("local {replica} | {}", r.log))),
+                list.into_iter()
+                    .map(|l| (l.time, format!("{name} {} | {}", l.replica, l.log))),
             );
         }
+    } else {
+        let (_, store, deployment) = deployment_of(g, env)?;
+        let list = local::replica_logs(&store, &deployment, args.service.as_deref(), args.tail)
+            .map_err(deploy_error)?;
+        lines.extend(
+            list.into_iter()
+                .map(|l| (l.time, format!("local {} | {}", l.replica, l.log))),
+        );
     }
     lines.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, l) in lines {

@@ -8,6 +8,7 @@
 //! - `POST /v1/rollback` `{deployment}` → back to the release before the live one
 //! - `GET /v1/status?deployment=D` → the live release, or `null`
 //! - `GET /v1/releases?deployment=D` → the host's ledger
+//! - `GET /v1/logs?deployment=D[&service=S][&tail=N]` → the live replicas' log lines
 //! - `POST /v1/down` `{deployment}`
 
 use std::convert::Infallible;
@@ -263,6 +264,22 @@ async fn handle(
                 StatusCode::OK,
                 serde_json::to_value(&live).expect("json"),
             ))
+        }
+        (Method::GET, "/v1/logs") => {
+            let param = |k: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                    .map(str::to_string)
+            };
+            let deployment = param("deployment").unwrap_or_default();
+            let tail = param("tail").and_then(|t| t.parse().ok());
+            Ok(
+                match local::replica_logs(&store, &deployment, param("service").as_deref(), tail) {
+                    Ok(lines) => reply(StatusCode::OK, serde_json::to_value(&lines).expect("json")),
+                    Err(e) => error_reply(&e),
+                },
+            )
         }
         (Method::GET, "/v1/releases") => {
             let deployment = query

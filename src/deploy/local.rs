@@ -560,3 +560,53 @@ pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
     }
     started
 }
+
+/// A line of a live replica's log.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaLine {
+    /// When (RFC 3339).
+    pub time: String,
+    /// `service-release-index`.
+    pub replica: String,
+    /// The text.
+    pub log: String,
+}
+
+/// The logs of the live release's replicas (of `service`, if given; the last `tail` lines
+/// of each), merged by time.
+pub fn replica_logs(
+    store: &Store,
+    deployment: &str,
+    service: Option<&str>,
+    tail: Option<usize>,
+) -> Result<Vec<ReplicaLine>, DeployError> {
+    let containers =
+        Containers::new(store).map_err(|e| DeployError::local("open containers")(e.to_string()))?;
+    let Some(live) = current(store, deployment) else {
+        return Ok(Vec::new());
+    };
+    let mut lines = Vec::new();
+    for (name, ids) in &live.replicas {
+        if service.is_some_and(|s| s != name) {
+            continue;
+        }
+        for id in ids {
+            let Ok(st) = containers.get(id) else { continue };
+            let filter = logs::Filter { tail, since: None };
+            let (recs, _) = logs::read(&containers.dir(id), &filter).map_err(|e| {
+                DeployError::local(format!("read the log of {}", st.name))(e.to_string())
+            })?;
+            let replica = st
+                .name
+                .trim_start_matches(&format!("{deployment}-"))
+                .to_string();
+            lines.extend(recs.into_iter().map(|r| ReplicaLine {
+                time: r.time,
+                replica: replica.clone(),
+                log: r.log,
+            }));
+        }
+    }
+    lines.sort_by(|a, b| a.time.cmp(&b.time));
+    Ok(lines)
+}
