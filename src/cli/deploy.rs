@@ -200,8 +200,13 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
         if out.json {
             return Ok(out.json_value(&plan)?);
         }
+        let where_to = if remote {
+            agent_urls(&config).join(", ")
+        } else {
+            "this machine".to_string()
+        };
         out.line(format!(
-            "deploy {} to {} (local): {digest}",
+            "deploy {} to {} on {where_to}: {digest}",
             plan.app, plan.environment
         ))?;
         for s in &plan.services {
