@@ -39,6 +39,11 @@ pub struct EnvArgs {
     pub env: String,
 }
 
+/// `app-environment`: a deployment's name on hosts (network, state, replicas' prefix).
+fn deployment_name(config: &AppConfig) -> String {
+    format!("{}-{}", config.app.name, config.environment)
+}
+
 fn argv(c: &CommandLine) -> Vec<String> {
     match c {
         CommandLine::Exec(v) => v.clone(),
@@ -270,7 +275,7 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
     let project = Project::load(&g.project_dir())?;
     let config = project.resolve(&args.env)?;
     let store = Store::open(&g.store_dir())?;
-    let deployment = format!("{}-{}", config.app.name, config.environment);
+    let deployment = deployment_name(&config);
     if is_remote(&config) {
         let answers = each_agent(
             &config,
@@ -372,7 +377,7 @@ pub fn down(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliE
     let project = Project::load(&g.project_dir())?;
     let config = project.resolve(&args.env)?;
     if is_remote(&config) {
-        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let deployment = deployment_name(&config);
         let answers = each_agent(
             &config,
             reqwest::Method::POST,
@@ -396,7 +401,7 @@ pub fn down(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliE
     }
     local_only(&config)?;
     let store = Store::open(&g.store_dir())?;
-    let deployment = format!("{}-{}", config.app.name, config.environment);
+    let deployment = deployment_name(&config);
     let n = local::down(&store, &deployment).map_err(deploy_error)?;
     out.note(format!("{deployment}: removed {n} container(s)"))?;
     Ok(())
@@ -449,7 +454,7 @@ fn deployment_of(g: &GlobalOpts, env: &str) -> Result<(AppConfig, Store, String)
     let config = project.resolve(env)?;
     local_only(&config)?;
     let store = Store::open(&g.store_dir())?;
-    let deployment = format!("{}-{}", config.app.name, config.environment);
+    let deployment = deployment_name(&config);
     Ok((config, store, deployment))
 }
 
@@ -518,7 +523,7 @@ fn remote_config(g: &GlobalOpts, env: &str) -> Result<Option<AppConfig>, CliErro
 /// a new release (same digest, same settings), with the same health checks and switch.
 pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result<(), CliError> {
     if let Some(config) = remote_config(g, &args.env)? {
-        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let deployment = deployment_name(&config);
         let answers = each_agent(
             &config,
             reqwest::Method::POST,
@@ -560,7 +565,7 @@ pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result
 /// `berth releases --env E`.
 pub fn releases(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliError> {
     if let Some(config) = remote_config(g, &args.env)? {
-        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let deployment = deployment_name(&config);
         let answers = each_agent(
             &config,
             reqwest::Method::GET,
@@ -661,7 +666,7 @@ pub fn env_logs(
 ) -> Result<(), CliError> {
     let mut lines: Vec<(String, String)> = Vec::new();
     if let Some(config) = remote_config(g, env)? {
-        let deployment = format!("{}-{}", config.app.name, config.environment);
+        let deployment = deployment_name(&config);
         let mut query = format!("/v1/logs?deployment={deployment}");
         if let Some(s) = &args.service {
             query += &format!("&service={s}");
@@ -1066,7 +1071,7 @@ fn deploy_remote(
 
 /// `scale` through agents: each host's live plan with the new counts, applied there.
 fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Result<(), CliError> {
-    let deployment = format!("{}-{}", config.app.name, config.environment);
+    let deployment = deployment_name(config);
     let Some(registry) = &config.registry else {
         return Err(CliError::invalid(miette!(
             "environment {} deploys to agents but names no registry",
