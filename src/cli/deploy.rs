@@ -836,6 +836,37 @@ fn agent_http(timeout: std::time::Duration) -> Result<reqwest::Client, CliError>
     b.build().map_err(|e| CliError::failed(miette!("{e}")))
 }
 
+/// One request to an agent: its JSON answer, or its error message.
+async fn agent_call(
+    http: reqwest::Client,
+    token: String,
+    method: reqwest::Method,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
+    let mut req = http.request(method, &url).bearer_auth(&token);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let status = resp.status();
+    let v: serde_json::Value =
+        serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or_default();
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(v["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{url} answered {status}")))
+    }
+}
+
 /// A host and its agent's answer (or what went wrong).
 type HostAnswer = (String, Result<serde_json::Value, String>);
 
@@ -859,30 +890,7 @@ fn each_agent(
     let answers = rt.block_on(futures_util::future::join_all(hosts.iter().map(|base| {
         let (http, token, method, body) =
             (http.clone(), token.clone(), method.clone(), body.clone());
-        let url = format!("{base}{path}");
-        async move {
-            let mut req = http.request(method, &url).bearer_auth(&token);
-            if let Some(b) = body {
-                req = req
-                    .header("content-type", "application/json")
-                    .body(b.to_string());
-            }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| format!("cannot reach {url}: {e}"))?;
-            let status = resp.status();
-            let v: serde_json::Value =
-                serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or_default();
-            if status.is_success() {
-                Ok(v)
-            } else {
-                Err(v["error"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| status.to_string()))
-            }
-        }
+        agent_call(http, token, method, format!("{base}{path}"), body)
     })));
     Ok(hosts.into_iter().zip(answers).collect())
 }
@@ -897,17 +905,7 @@ fn is_remote(config: &AppConfig) -> bool {
 
 /// The agents of an environment: base URLs.
 fn agent_urls(config: &AppConfig) -> Vec<String> {
-    config
-        .hosts
-        .iter()
-        .filter_map(|h| match h {
-            HostUrl::Agent { tls, host, port } => Some(format!(
-                "{}://{host}:{port}",
-                if *tls { "https" } else { "http" }
-            )),
-            HostUrl::Local => None,
-        })
-        .collect()
+    config.hosts.iter().filter_map(agent_urls_of).collect()
 }
 
 /// Deploys through agents: push to the environment's registry, then each host in turn;
@@ -955,13 +953,7 @@ fn deploy_remote(
     if !quiet {
         eprintln!("pushed {dst}: {} bytes of blobs sent", pushed.bytes_sent);
     }
-    let image = format!(
-        "{}{}/{}@{}",
-        if dst.plain_http { "http://" } else { "" },
-        dst.registry,
-        dst.repository,
-        plan.digest
-    );
+    let image = agent_image(&dst, &plan.digest);
     let (username, password) = match crate::registry_client::auth::credential_for(&dst.registry) {
         Ok(Some(crate::registry_client::auth::Credential::Basic { username, password })) => {
             (Some(username), Some(password.0))
@@ -976,29 +968,13 @@ fn deploy_remote(
     };
     let http = agent_http(plan.rollout.timeout + std::time::Duration::from_secs(120))?;
     let call = |url: String, body: serde_json::Value| {
-        let http = http.clone();
-        let token = token.clone();
-        async move {
-            let resp = http
-                .post(&url)
-                .bearer_auth(&token)
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-                .map_err(|e| format!("cannot reach {url}: {e}"))?;
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            if status.is_success() {
-                Ok(v)
-            } else {
-                Err(v["error"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{url} answered {status}")))
-            }
-        }
+        agent_call(
+            http.clone(),
+            token.clone(),
+            reqwest::Method::POST,
+            url,
+            Some(body),
+        )
     };
     // Batches of `rollout.batch` hosts at once, each batch done before the next; up to
     // `rollout.max_failures` hosts may fail before the rollout stops.
@@ -1111,13 +1087,7 @@ fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Resul
             svc.replicas = *n;
         }
         let request = crate::deploy::agent::ApplyRequest {
-            image: format!(
-                "{}{}/{}@{}",
-                if dst.plain_http { "http://" } else { "" },
-                dst.registry,
-                dst.repository,
-                plan.digest
-            ),
+            image: agent_image(&dst, &plan.digest),
             plan,
             username: None,
             password: None,
@@ -1142,6 +1112,17 @@ fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Resul
     report_hosts(answers, out, |v| format!("release {} is live", v["number"]))
 }
 
+/// `[http://]registry/repository@digest`: how an agent is told where to pull an image.
+fn agent_image(dst: &crate::registry_client::Reference, digest: &crate::store::Digest) -> String {
+    format!(
+        "{}{}/{}@{digest}",
+        if dst.plain_http { "http://" } else { "" },
+        dst.registry,
+        dst.repository
+    )
+}
+
+/// An agent host's base URL.
 fn agent_urls_of(h: &HostUrl) -> Option<String> {
     match h {
         HostUrl::Agent { tls, host, port } => Some(format!(
