@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod copy;
+pub mod documents;
 pub mod pull;
 pub mod push;
 pub mod reference;

@@ -99,7 +99,7 @@ pub async fn fetch_manifest(
 }
 
 /// From an index, the manifest for linux and this machine's architecture.
-fn pick_platform(index: &[u8]) -> Result<Digest, RegistryError> {
+pub fn pick_platform(index: &[u8]) -> Result<Digest, RegistryError> {
     let v: serde_json::Value = serde_json::from_slice(index)
         .map_err(|e| RegistryError::Protocol(format!("an index that is not JSON: {e}")))?;
     let arch = oci_arch();

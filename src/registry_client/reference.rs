@@ -146,6 +146,15 @@ impl Reference {
         }
     }
 
+    /// The same repository, naming `digest` (and no tag).
+    pub fn with_digest(&self, digest: &Digest) -> Reference {
+        Reference {
+            tag: None,
+            digest: Some(digest.clone()),
+            ..self.clone()
+        }
+    }
+
     /// `registry/repository:tag` as a local store tag (digest-only references get none).
     pub fn store_tag(&self) -> Option<String> {
         if self.tag.is_none() && self.digest.is_some() {

@@ -178,21 +178,12 @@ impl Store {
         media_type: &str,
     ) -> Result<Box<dyn io::Read + Send>> {
         let file = io::BufReader::with_capacity(256 << 10, self.open_blob(digest)?);
-        if media_type.ends_with("gzip") {
-            Ok(Box::new(flate2::read::MultiGzDecoder::new(file)))
-        } else if media_type.ends_with("zstd") {
-            let d = zstd::stream::read::Decoder::with_buffer(file)
-                .map_err(StoreError::io("cannot decompress", self.blob_path(digest)))?;
-            Ok(Box::new(d))
-        } else if media_type.ends_with("tar") {
-            Ok(Box::new(file))
-        } else {
-            Err(StoreError::BadDocument {
-                what: "layer",
-                digest: digest.to_string(),
-                message: format!("unsupported layer media type {media_type}"),
-            })
-        }
+        decompress(file, digest, media_type).map_err(|e| match e {
+            StoreError::Io { source, .. } => {
+                StoreError::io("cannot decompress", self.blob_path(digest))(source)
+            }
+            e => e,
+        })
     }
 
     /// Reads a small blob (a manifest or config) whole.
@@ -372,6 +363,31 @@ impl BlobWriter {
             .map_err(|e| StoreError::io("cannot rename into", &final_path)(e.error))?;
         sync_dir(final_path.parent().expect("blob dir"))?;
         Ok((digest, size))
+    }
+}
+
+/// A layer's compressed bytes (from anywhere) as its uncompressed tar stream, by media
+/// type: OCI and Docker gzip (`…tar+gzip`, `…tar.gzip`), zstd (`…tar+zstd`), plain tar.
+pub fn decompress(
+    compressed: impl io::BufRead + Send + 'static,
+    digest: &Digest,
+    media_type: &str,
+) -> Result<Box<dyn io::Read + Send>> {
+    if media_type.ends_with("gzip") {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(compressed)))
+    } else if media_type.ends_with("zstd") {
+        let d = zstd::stream::read::Decoder::with_buffer(compressed).map_err(|e| {
+            StoreError::io("cannot decompress", PathBuf::from(digest.to_string()))(e)
+        })?;
+        Ok(Box::new(d))
+    } else if media_type.ends_with("tar") {
+        Ok(Box::new(compressed))
+    } else {
+        Err(StoreError::BadDocument {
+            what: "layer",
+            digest: digest.to_string(),
+            message: format!("unsupported layer media type {media_type}"),
+        })
     }
 }
 
