@@ -372,19 +372,29 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
     with_token(&["rollback", "--env", "uat", "--to", "2"]).ok();
     let listed = with_token(&["--json", "releases", "--env", "uat"]).ok();
     let listed: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout).unwrap();
-    for host in &listed {
-        let outcomes: Vec<&str> = host["releases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["outcome"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            outcomes,
-            ["retired", "retired", "retired", "retired", "live"],
-            "{host}"
-        );
-    }
+    let kinds: Vec<(&str, &str, u64)> = listed
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+                r["number"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("deploy", "succeeded", 1),
+            ("deploy", "succeeded", 2),
+            ("scale", "succeeded", 3),
+            ("rollback", "succeeded", 4),
+            ("rollback", "succeeded", 5),
+        ],
+        "{listed:?}"
+    );
+    assert_eq!(listed[3]["digest"], listed[0]["digest"]);
+    assert_eq!(listed[4]["digest"], listed[1]["digest"]);
     for i in 0..2 {
         assert!(get(i).unwrap().ends_with("second on two hosts\n"));
     }
@@ -456,6 +466,25 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
     assert!(
         page.ends_with("second on two hosts\n"),
         "host 1 is back: {page}"
+    );
+
+    // The ledger lives in the registry: a CI runner with an empty store reads the same
+    // history, the failed release included.
+    let runner = tempfile::tempdir().unwrap();
+    let seen = p
+        .berth()
+        .env("BERTH_STORE", runner.path().to_str().unwrap())
+        .args(["--json", "releases", "--env", "uat"])
+        .run()
+        .ok();
+    let seen: Vec<serde_json::Value> = serde_json::from_str(&seen.stdout).unwrap();
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert_eq!(seen[..5], listed[..]);
+    assert_eq!(seen[5]["outcome"], "failed");
+    assert!(
+        seen[5]["error"].as_str().unwrap().contains(&addrs[1]),
+        "{:?}",
+        seen[5]
     );
 }
 

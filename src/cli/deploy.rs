@@ -10,6 +10,7 @@ use crate::deploy::{DeployError, ReleasePlan, RolloutPlan, ServicePlan, local};
 use crate::manifest::schema::{AppConfig, CommandLine};
 use crate::manifest::values::{HostUrl, Protocol, RestartPolicy, VolumeSource};
 use crate::manifest::{Project, schema};
+use crate::promote::ledger::{Kind, Ledger, LedgerError, Release, Verdict};
 use crate::runtime::container::{Containers, Status};
 use crate::runtime::spec::{MountSpec, PortSpec, Proto, Resources, Restart};
 use crate::store::Store;
@@ -40,7 +41,7 @@ pub struct EnvArgs {
 }
 
 /// `app-environment`: a deployment's name on hosts (network, state, replicas' prefix).
-fn deployment_name(config: &AppConfig) -> String {
+pub(super) fn deployment_name(config: &AppConfig) -> String {
     format!("{}-{}", config.app.name, config.environment)
 }
 
@@ -151,15 +152,185 @@ fn local_only(config: &AppConfig) -> Result<(), CliError> {
     )))
 }
 
+/// The plan of `digest` for `config`'s environment.
+pub(super) fn release_plan(
+    config: &AppConfig,
+    digest: &crate::store::Digest,
+    revision: Option<String>,
+) -> ReleasePlan {
+    ReleasePlan {
+        app: config.app.name.clone(),
+        environment: config.environment.clone(),
+        digest: digest.clone(),
+        revision,
+        services: config
+            .services
+            .iter()
+            .map(|(n, s)| service_plan(config, n, s))
+            .collect(),
+        rollout: RolloutPlan {
+            drain: config.rollout.drain.0,
+            timeout: config.rollout.timeout.0,
+            keep: config.rollout.keep,
+        },
+    }
+}
+
+/// Prints a plan's hosts and services (for `--dry-run`).
+pub(super) fn print_plan(
+    config: &AppConfig,
+    plan: &ReleasePlan,
+    out: &mut Output,
+) -> Result<(), CliError> {
+    let where_to = if is_remote(config) {
+        agent_urls(config).join(", ")
+    } else {
+        "this machine".to_string()
+    };
+    out.line(format!("  hosts: {where_to}"))?;
+    for s in &plan.services {
+        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+        out.line(format!(
+            "  {}: {} replica(s){}{}",
+            s.name,
+            s.replicas,
+            if ports.is_empty() {
+                String::new()
+            } else {
+                format!(", ports {}", ports.join(", "))
+            },
+            if s.health.is_some() {
+                ", health-checked"
+            } else {
+                ""
+            }
+        ))?;
+    }
+    Ok(())
+}
+
+/// The hosts of an environment, as the ledger names them.
+pub(super) fn host_names(config: &AppConfig) -> Vec<String> {
+    if is_remote(config) {
+        agent_urls(config)
+    } else {
+        vec!["local".to_string()]
+    }
+}
+
+/// A rollout that failed, and whether it got as far as touching a host (a deploy refused
+/// by the lock did not, and is no release).
+pub(super) struct RolloutFailure {
+    pub error: CliError,
+    pub attempted: bool,
+}
+
+/// Rolls `plan` out to `config`'s hosts: this machine, or the agents (which pull
+/// `plan.digest` from the environment's registry, where it must already be). Returns each
+/// host's answer.
+pub(super) fn roll_out(
+    g: &GlobalOpts,
+    config: &AppConfig,
+    store: &Store,
+    plan: &ReleasePlan,
+    no_rollback: bool,
+    out: &mut Output,
+) -> Result<Vec<serde_json::Value>, RolloutFailure> {
+    if is_remote(config) {
+        return apply_remote(config, plan, no_rollback, out).map_err(|error| RolloutFailure {
+            error,
+            attempted: true,
+        });
+    }
+    local_only(config).map_err(|error| RolloutFailure {
+        error,
+        attempted: false,
+    })?;
+    let exe = std::env::current_exe().map_err(|e| RolloutFailure {
+        error: CliError::failed(miette!("cannot find berth's own binary: {e}")),
+        attempted: false,
+    })?;
+    let quiet = out.quiet || out.json;
+    let mut say = |line: String| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    match local::apply(store, &exe, &g.store_dir(), plan, &mut say) {
+        Ok(record) => Ok(vec![json!({
+            "host": "local",
+            "release": record.number,
+            "replicas": record.replicas,
+        })]),
+        Err(e) => Err(RolloutFailure {
+            attempted: !matches!(e, DeployError::Locked { .. }),
+            error: deploy_error(e),
+        }),
+    }
+}
+
+/// Records a rollout's result in the environment's ledger: the recorded release, or the
+/// rollout's own error (recorded as a failed release when it touched a host).
+pub(super) fn record_outcome(
+    store: &Store,
+    config: &AppConfig,
+    mut release: Release,
+    result: Result<Vec<serde_json::Value>, RolloutFailure>,
+    out: &mut Output,
+) -> Result<(Release, Vec<serde_json::Value>), CliError> {
+    match result {
+        Ok(hosts) => {
+            let recorded = record(store, config, release).map_err(|e| {
+                CliError::failed(miette!(
+                    help = "the hosts run it; `berth releases` will not list it",
+                    "the release went live but could not be recorded: {e}"
+                ))
+            })?;
+            Ok((recorded, hosts))
+        }
+        Err(f) => {
+            if f.attempted {
+                release.outcome = Verdict::Failed;
+                release.error = f.error.report.as_ref().map(|r| r.to_string());
+                if let Err(e) = record(store, config, release)
+                    && !out.quiet
+                {
+                    eprintln!("warning: the failed release could not be recorded: {e}");
+                }
+            }
+            Err(f.error)
+        }
+    }
+}
+
+/// Appends a release to the environment's ledger.
+pub(super) fn record(
+    store: &Store,
+    config: &AppConfig,
+    release: Release,
+) -> Result<Release, LedgerError> {
+    let ledger = Ledger::open(store, config)?;
+    let rt = crate::registry_client::runtime().map_err(|e| LedgerError::Local {
+        path: "tokio".into(),
+        message: e.to_string(),
+    })?;
+    rt.block_on(ledger.append(release))
+}
+
+/// The environment's ledger, oldest first.
+pub(super) fn history(store: &Store, config: &AppConfig) -> Result<Vec<Release>, CliError> {
+    let ledger = Ledger::open(store, config).map_err(|e| CliError::failed(miette!("{e}")))?;
+    let rt = crate::registry_client::runtime()
+        .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
+    rt.block_on(ledger.history())
+        .map_err(|e| CliError::failed(miette!("{e}")))
+}
+
 /// `berth deploy --env E [--image REF] [--dry-run]`.
 pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(), CliError> {
     let project = Project::load(&g.project_dir())?;
     let config = project.resolve(&args.env)?;
-    let remote = !config.hosts.is_empty()
-        && config
-            .hosts
-            .iter()
-            .all(|h| matches!(h, HostUrl::Agent { .. }));
+    let remote = is_remote(&config);
     if !remote {
         local_only(&config)?;
     }
@@ -182,89 +353,71 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
             store.resolve(&config.app.name)?
         }
     };
-    let plan = ReleasePlan {
-        app: config.app.name.clone(),
-        environment: config.environment.clone(),
-        digest: digest.clone(),
-        revision: crate::build::provenance::labels(&g.project_dir())
-            .into_iter()
-            .find(|(k, _)| k == "org.opencontainers.image.revision")
-            .map(|(_, v)| v),
-        services: config
-            .services
-            .iter()
-            .map(|(n, s)| service_plan(&config, n, s))
-            .collect(),
-        rollout: RolloutPlan {
-            drain: config.rollout.drain.0,
-            timeout: config.rollout.timeout.0,
-            keep: config.rollout.keep,
-        },
-    };
+    let revision = crate::build::provenance::labels(&g.project_dir())
+        .into_iter()
+        .find(|(k, _)| k == "org.opencontainers.image.revision")
+        .map(|(_, v)| v);
+    let plan = release_plan(&config, &digest, revision);
     if args.dry_run {
-        if out.json {
-            return Ok(out.json_value(&plan)?);
-        }
-        let where_to = if remote {
-            agent_urls(&config).join(", ")
+        let blobs = if config.registry.is_some() {
+            push_to_env(&config, &store, &digest, true, out)?.blobs
         } else {
-            "this machine".to_string()
+            Vec::new()
         };
+        if out.json {
+            return Ok(out.json_value(&json!({ "plan": plan, "blobs": blobs }))?);
+        }
         out.line(format!(
-            "deploy {} to {} on {where_to}: {digest}",
+            "deploy {} to {}: {digest}",
             plan.app, plan.environment
         ))?;
-        for s in &plan.services {
-            let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
-            out.line(format!(
-                "  {}: {} replica(s){}{}",
-                s.name,
-                s.replicas,
-                if ports.is_empty() {
-                    String::new()
-                } else {
-                    format!(", ports {}", ports.join(", "))
-                },
-                if s.health.is_some() {
-                    ", health-checked"
-                } else {
-                    ""
+        if config.registry.is_some() {
+            let (mut n, mut bytes) = (0, 0);
+            for b in &blobs {
+                if !matches!(b.action, crate::registry_client::push::BlobAction::Present) {
+                    n += 1;
+                    bytes += b.size;
+                    out.line(format!(
+                        "  push {} ({} bytes, {:?})",
+                        b.digest, b.size, b.action
+                    ))?;
                 }
-            ))?;
+            }
+            out.line(format!("  {n} blob(s) to push, {bytes} bytes"))?;
         }
-        return Ok(());
+        return print_plan(&config, &plan, out);
     }
-    if remote {
-        return deploy_remote(&config, &store, &plan, args.no_rollback, out);
+    // The environment's registry gets the image first: agents pull it from there, and
+    // promotions and other machines find it there.
+    if config.registry.is_some() {
+        push_to_env(&config, &store, &digest, false, out)?;
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::failed(miette!("cannot find berth's own binary: {e}")))?;
-    let quiet = out.quiet || out.json;
-    let mut say = |line: String| {
-        if !quiet {
-            eprintln!("{line}");
-        }
-    };
-    let record =
-        local::apply(&store, &exe, &g.store_dir(), &plan, &mut say).map_err(deploy_error)?;
+    let mut release = Release::new(&config, digest.clone(), Kind::Deploy);
+    release.revision = plan.revision.clone();
+    release.hosts = host_names(&config);
+    let result = roll_out(g, &config, &store, &plan, args.no_rollback, out);
+    let (recorded, hosts) = record_outcome(&store, &config, release, result, out)?;
     if out.json {
         return Ok(out.json_value(&json!({
             "environment": plan.environment,
-            "release": record.number,
-            "digest": record.digest,
-            "revision": record.revision,
-            "replicas": record.replicas,
+            "release": recorded.number,
+            "digest": recorded.digest,
+            "revision": recorded.revision,
+            "hosts": hosts,
         }))?);
     }
     out.note(format!(
-        "{} release {} is live: {}",
+        "{} release {} is live on {} host(s): {}",
         plan.deployment(),
-        record.number,
-        record.digest
+        recorded.number,
+        hosts.len(),
+        recorded.digest
     ))?;
-    for s in &plan.services {
-        for p in &s.ports {
-            out.note(format!("  {} on {}", s.name, p.listen_addr()))?;
+    if !remote {
+        for s in &plan.services {
+            for p in &s.ports {
+                out.note(format!("  {} on {}", s.name, p.listen_addr()))?;
+            }
         }
     }
     Ok(())
@@ -458,59 +611,53 @@ fn deployment_of(g: &GlobalOpts, env: &str) -> Result<(AppConfig, Store, String)
     Ok((config, store, deployment))
 }
 
-fn apply_and_report(
-    g: &GlobalOpts,
-    store: &Store,
-    plan: &ReleasePlan,
-    out: &mut Output,
-    what: &str,
-) -> Result<(), CliError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::failed(miette!("cannot find berth's own binary: {e}")))?;
-    let quiet = out.quiet || out.json;
-    let mut say = |line: String| {
-        if !quiet {
-            eprintln!("{line}");
-        }
-    };
-    let record = local::apply(store, &exe, &g.store_dir(), plan, &mut say).map_err(deploy_error)?;
-    if out.json {
-        return Ok(out.json_value(&json!({
-            "environment": plan.environment,
-            "release": record.number,
-            "digest": record.digest,
-        }))?);
-    }
-    out.note(format!(
-        "{} release {} is live ({what}): {}",
-        plan.deployment(),
-        record.number,
-        record.digest
-    ))?;
-    Ok(())
-}
-
-/// Prints each agent's answer; fails if any host failed.
-fn report_hosts(
-    answers: Vec<HostAnswer>,
-    out: &mut Output,
-    ok: impl Fn(&serde_json::Value) -> String,
-) -> Result<(), CliError> {
+/// Agents' answers as a rollout's result: every host's answer, or which hosts failed.
+fn hosts_result(answers: Vec<HostAnswer>) -> Result<Vec<serde_json::Value>, RolloutFailure> {
+    let mut ok = Vec::new();
     let mut failed = Vec::new();
     for (host, answer) in answers {
         match answer {
-            Ok(v) => out.line(format!("{host}: {}", ok(&v)))?,
-            Err(e) => {
-                out.line(format!("{host}: failed: {e}"))?;
-                failed.push(host);
-            }
+            Ok(v) => ok.push(json!({ "host": host, "release": v["number"] })),
+            Err(e) => failed.push(format!("{host}: {e}")),
         }
     }
     if failed.is_empty() {
-        Ok(())
+        Ok(ok)
     } else {
-        Err(CliError::failed(miette!("failed on {}", failed.join(", "))))
+        Err(RolloutFailure {
+            error: CliError::failed(miette!("failed on {}", failed.join("; "))),
+            attempted: true,
+        })
     }
+}
+
+/// Records a rollback's or scale's result and says so.
+fn finish(
+    store: &Store,
+    config: &AppConfig,
+    release: Release,
+    result: Result<Vec<serde_json::Value>, RolloutFailure>,
+    out: &mut Output,
+    what: &str,
+) -> Result<(), CliError> {
+    let (recorded, hosts) = record_outcome(store, config, release, result, out)?;
+    if out.json {
+        return Ok(out.json_value(&json!({
+            "environment": recorded.environment,
+            "release": recorded.number,
+            "kind": recorded.kind,
+            "digest": recorded.digest,
+            "hosts": hosts,
+        }))?);
+    }
+    out.note(format!(
+        "{} release {} is live ({what}) on {} host(s): {}",
+        deployment_name(config),
+        recorded.number,
+        hosts.len(),
+        recorded.digest
+    ))?;
+    Ok(())
 }
 
 /// The environment's config when its hosts are agents.
@@ -519,141 +666,163 @@ fn remote_config(g: &GlobalOpts, env: &str) -> Result<Option<AppConfig>, CliErro
     Ok(is_remote(&config).then_some(config))
 }
 
-/// `berth rollback --env E [--to N]`: the plan of an earlier release, rolled out again as
-/// a new release (same digest, same settings), with the same health checks and switch.
+/// `berth rollback --env E [--to N]`: the image of an earlier release (by default the
+/// newest that served with another image than the current one) rolled out again, with
+/// the settings it had on each host, health-checked and switched like any release, and
+/// recorded as a new release.
 pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result<(), CliError> {
-    if let Some(config) = remote_config(g, &args.env)? {
-        let deployment = deployment_name(&config);
-        let answers = each_agent(
-            &config,
-            reqwest::Method::POST,
-            "/v1/rollback",
-            Some(json!({ "deployment": deployment, "to": args.to })),
-        )?;
-        return report_hosts(answers, out, |v| format!("release {} is live", v["number"]));
-    }
-    let (_, store, deployment) = deployment_of(g, &args.env)?;
-    let all = local::releases(&store, &deployment);
-    let live = all
-        .iter()
-        .rev()
-        .find(|r| r.outcome == crate::deploy::Outcome::Live)
-        .map(|r| r.number);
+    let config = Project::load(&g.project_dir())?.resolve(&args.env)?;
+    let store = Store::open(&g.store_dir())?;
+    let deployment = deployment_name(&config);
+    let hist = history(&store, &config)?;
+    let current = crate::promote::ledger::current(&hist).map(|r| r.digest.clone());
     let target = match args.to {
-        Some(n) => all.iter().find(|r| r.number == n),
-        None => all
+        Some(n) => hist.iter().find(|r| r.number == n),
+        None => hist
             .iter()
             .rev()
-            .find(|r| r.outcome == crate::deploy::Outcome::Retired && Some(r.number) != live),
+            .find(|r| r.outcome == Verdict::Succeeded && Some(&r.digest) != current.as_ref()),
     };
-    let Some(target) = target else {
+    let Some(target) = target.cloned() else {
         return Err(CliError::failed(miette!(
             help = "`berth releases --env E` lists them",
-            "{deployment} has no earlier release to go back to"
+            "{deployment} has no {} to go back to",
+            match args.to {
+                Some(n) => format!("release {n}"),
+                None => "earlier release".to_string(),
+            }
         )));
     };
-    if target.outcome == crate::deploy::Outcome::Failed {
+    if target.outcome == Verdict::Failed {
         return Err(CliError::failed(miette!(
-            "release {} never became healthy; roll back to one that served",
+            "release {} never went live; roll back to one that served",
             target.number
         )));
     }
+    let mut release = Release::new(&config, target.digest.clone(), Kind::Rollback);
+    release.revision = target.revision.clone();
+    release.hosts = host_names(&config);
     let what = format!("rollback to release {}", target.number);
-    apply_and_report(g, &store, &target.plan, out, &what)
+    let result = if is_remote(&config) {
+        hosts_result(each_agent(
+            &config,
+            reqwest::Method::POST,
+            "/v1/rollback",
+            Some(json!({ "deployment": deployment, "digest": target.digest })),
+        )?)
+    } else {
+        local_only(&config)?;
+        let Some(on_host) = local::releases(&store, &deployment)
+            .into_iter()
+            .rev()
+            .find(|r| r.digest == target.digest && r.outcome != crate::deploy::Outcome::Failed)
+        else {
+            return Err(CliError::failed(miette!(
+                "this machine never ran {} for {deployment}",
+                target.digest
+            )));
+        };
+        roll_out(g, &config, &store, &on_host.plan, false, out)
+    };
+    finish(&store, &config, release, result, out, &what)
 }
 
-/// `berth releases --env E`.
+/// `berth releases --env E`: the environment's ledger, newest first.
 pub fn releases(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliError> {
-    if let Some(config) = remote_config(g, &args.env)? {
-        let deployment = deployment_name(&config);
-        let answers = each_agent(
-            &config,
-            reqwest::Method::GET,
-            &format!("/v1/releases?deployment={deployment}"),
-            None,
-        )?;
-        if out.json {
-            let rows: Vec<serde_json::Value> = answers
-                .iter()
-                .map(|(h, a)| match a {
-                    Ok(v) => json!({ "host": h, "releases": v }),
-                    Err(e) => json!({ "host": h, "error": e }),
-                })
-                .collect();
-            return Ok(out.json_value(&rows)?);
-        }
-        return report_hosts(answers, out, |v| {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .rev()
-                .map(|r| format!("{} {}", r["release"], r["outcome"].as_str().unwrap_or("?")))
-                .collect::<Vec<_>>()
-                .join(", ")
-        });
-    }
-    let (_, store, deployment) = deployment_of(g, &args.env)?;
-    let all = local::releases(&store, &deployment);
+    let config = Project::load(&g.project_dir())?.resolve(&args.env)?;
+    let store = Store::open(&g.store_dir())?;
+    let hist = history(&store, &config)?;
     if out.json {
-        let rows: Vec<serde_json::Value> = all
-            .iter()
-            .map(|r| {
-                json!({
-                    "release": r.number, "digest": r.digest, "revision": r.revision,
-                    "time": r.time, "actor": r.actor, "outcome": r.outcome, "error": r.error,
-                })
-            })
-            .collect();
-        return Ok(out.json_value(&rows)?);
+        return Ok(out.json_value(&hist)?);
+    }
+    if hist.is_empty() {
+        out.line(format!("{}: no releases", deployment_name(&config)))?;
+        return Ok(());
     }
     out.line(format!(
-        "{:<8} {:<10} {:<14} {:<32} {:<20} REVISION",
-        "RELEASE", "OUTCOME", "DIGEST", "TIME", "ACTOR"
+        "{:<8} {:<9} {:<10} {:<14} {:<28} {:<20} {:<8} REVISION",
+        "RELEASE", "KIND", "OUTCOME", "DIGEST", "TIME", "ACTOR", "FROM"
     ))?;
-    for r in all.iter().rev() {
+    let lower = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+    for r in hist.iter().rev() {
         out.line(format!(
-            "{:<8} {:<10} {:<14} {:<32} {:<20} {}",
+            "{:<8} {:<9} {:<10} {:<14} {:<28} {:<20} {:<8} {}",
             r.number,
-            format!("{:?}", r.outcome).to_lowercase(),
+            lower(&r.kind),
+            lower(&r.outcome),
             r.digest.short(),
             r.time,
             r.actor,
+            r.source.as_deref().unwrap_or("-"),
             r.revision.as_deref().unwrap_or("-")
         ))?;
+        if let Some(e) = &r.error {
+            out.line(format!(
+                "         error: {}",
+                e.lines().next().unwrap_or("")
+            ))?;
+        }
+        if !r.forced.is_empty() {
+            out.line(format!(
+                "         forced past {}: {}",
+                r.forced.join(", "),
+                r.reason.as_deref().unwrap_or("")
+            ))?;
+        }
     }
     Ok(())
 }
 
-/// `berth scale --env E web=3`: the live release's plan with other replica counts, rolled
-/// out as a new release.
+/// `berth scale --env E web=3`: the live release's plan on each host with other replica
+/// counts, rolled out as a new release.
 pub fn scale(g: &GlobalOpts, args: &ScaleArgs, out: &mut Output) -> Result<(), CliError> {
-    if let Some(config) = remote_config(g, &args.env)? {
-        return scale_remote(&config, args, out);
+    let config = Project::load(&g.project_dir())?.resolve(&args.env)?;
+    let store = Store::open(&g.store_dir())?;
+    let deployment = deployment_name(&config);
+    let what: Vec<String> = args
+        .services
+        .iter()
+        .map(|(s, n)| format!("{s}={n}"))
+        .collect();
+    let what = format!("scaled {}", what.join(" "));
+    if is_remote(&config) {
+        let (digest, answers) = scale_remote(&config, args)?;
+        let mut release = Release::new(&config, digest, Kind::Scale);
+        release.hosts = host_names(&config);
+        release.revision = crate::promote::ledger::current(&history(&store, &config)?)
+            .and_then(|r| r.revision.clone());
+        return finish(&store, &config, release, hosts_result(answers), out, &what);
     }
-    let (_, store, deployment) = deployment_of(g, &args.env)?;
+    local_only(&config)?;
     let Some(live) = local::current(&store, &deployment) else {
         return Err(CliError::failed(miette!(
             help = "deploy it first",
             "{deployment} runs nothing to scale"
         )));
     };
-    let mut plan = live.plan.clone();
+    let plan = scaled(&live.plan, args)?;
+    let mut release = Release::new(&config, live.digest.clone(), Kind::Scale);
+    release.revision = live.revision.clone();
+    release.hosts = host_names(&config);
+    let result = roll_out(g, &config, &store, &plan, false, out);
+    finish(&store, &config, release, result, out, &what)
+}
+
+/// `plan` with the replica counts of `args`.
+fn scaled(plan: &ReleasePlan, args: &ScaleArgs) -> Result<ReleasePlan, CliError> {
+    let mut plan = plan.clone();
     for (name, n) in &args.services {
+        let known: Vec<String> = plan.services.iter().map(|s| s.name.clone()).collect();
         let Some(svc) = plan.services.iter_mut().find(|s| &s.name == name) else {
-            let known: Vec<&str> = live.plan.services.iter().map(|s| s.name.as_str()).collect();
             return Err(CliError::invalid(miette!(
-                "no service `{name}` in {deployment} (it has: {})",
+                "no service `{name}` in {} (it has: {})",
+                plan.deployment(),
                 known.join(", ")
             )));
         };
         svc.replicas = *n;
     }
-    let what: Vec<String> = args
-        .services
-        .iter()
-        .map(|(s, n)| format!("{s}={n}"))
-        .collect();
-    apply_and_report(g, &store, &plan, out, &format!("scaled {}", what.join(" ")))
+    Ok(plan)
 }
 
 /// `berth logs --env E [SERVICE]`: the live release's replicas' logs, merged by time and
@@ -868,10 +1037,10 @@ async fn agent_call(
 }
 
 /// A host and its agent's answer (or what went wrong).
-type HostAnswer = (String, Result<serde_json::Value, String>);
+pub(super) type HostAnswer = (String, Result<serde_json::Value, String>);
 
 /// Calls every agent of `config` with `method path [body]`; each host's answer or error.
-fn each_agent(
+pub(super) fn each_agent(
     config: &AppConfig,
     method: reqwest::Method,
     path: &str,
@@ -895,7 +1064,7 @@ fn each_agent(
     Ok(hosts.into_iter().zip(answers).collect())
 }
 
-fn is_remote(config: &AppConfig) -> bool {
+pub(super) fn is_remote(config: &AppConfig) -> bool {
     !config.hosts.is_empty()
         && config
             .hosts
@@ -908,32 +1077,32 @@ fn agent_urls(config: &AppConfig) -> Vec<String> {
     config.hosts.iter().filter_map(agent_urls_of).collect()
 }
 
-/// Deploys through agents: push to the environment's registry, then each host in turn;
-/// a host that fails puts the hosts already updated back on their previous release.
-fn deploy_remote(
+/// The environment's registry repository, tagged with the environment's name.
+pub(super) fn env_reference(
     config: &AppConfig,
-    store: &Store,
-    plan: &ReleasePlan,
-    no_rollback: bool,
-    out: &mut Output,
-) -> Result<(), CliError> {
-    use crate::registry_client::{Client, ClientOptions, Reference, push};
+) -> Result<crate::registry_client::Reference, CliError> {
     let Some(registry) = &config.registry else {
         return Err(CliError::invalid(miette!(
             help = "set registry = \"host:port/repository\" in environments/{}.toml",
-            "environment {} deploys to agents, which pull from a registry, but names none",
+            "environment {} names no registry (agents pull from one, promotions copy into one)",
             config.environment
         )));
     };
-    let token = std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
-        CliError::invalid(miette!(
-            help = "export BERTH_AGENT_TOKEN with the agents' token",
-            "deploying to agents needs their token"
-        ))
-    })?;
-    let dst: Reference = format!("{registry}:{}", config.environment)
+    format!("{registry}:{}", config.environment)
         .parse()
-        .map_err(|e: String| CliError::invalid(miette!("registry {registry}: {e}")))?;
+        .map_err(|e: String| CliError::invalid(miette!("registry {registry}: {e}")))
+}
+
+/// Pushes the image to the environment's registry (only the blobs it lacks).
+pub(super) fn push_to_env(
+    config: &AppConfig,
+    store: &Store,
+    digest: &crate::store::Digest,
+    dry_run: bool,
+    out: &mut Output,
+) -> Result<crate::registry_client::push::PushReport, CliError> {
+    use crate::registry_client::{Client, ClientOptions, push};
+    let dst = env_reference(config)?;
     let rt = crate::registry_client::runtime()
         .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
     let client =
@@ -942,17 +1111,38 @@ fn deploy_remote(
         .block_on(push::push(
             &client,
             store,
-            &plan.digest,
+            digest,
             &dst,
-            false,
+            dry_run,
             &|_| {},
             None,
         ))
         .map_err(super::registry::registry_error)?;
-    let quiet = out.quiet || out.json;
-    if !quiet {
+    if !(dry_run || out.quiet || out.json) {
         eprintln!("pushed {dst}: {} bytes of blobs sent", pushed.bytes_sent);
     }
+    Ok(pushed)
+}
+
+/// Applies a release through the agents, which pull it from the environment's registry;
+/// host by host in batches, and a host that fails puts the hosts already updated back on
+/// their previous release.
+fn apply_remote(
+    config: &AppConfig,
+    plan: &ReleasePlan,
+    no_rollback: bool,
+    out: &mut Output,
+) -> Result<Vec<serde_json::Value>, CliError> {
+    let dst = env_reference(config)?;
+    let token = std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
+        CliError::invalid(miette!(
+            help = "export BERTH_AGENT_TOKEN with the agents' token",
+            "deploying to agents needs their token"
+        ))
+    })?;
+    let rt = crate::registry_client::runtime()
+        .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
+    let quiet = out.quiet || out.json;
     let image = agent_image(&dst, &plan.digest);
     let (username, password) = match crate::registry_client::auth::credential_for(&dst.registry) {
         Ok(Some(crate::registry_client::auth::Credential::Basic { username, password })) => {
@@ -1029,34 +1219,18 @@ fn deploy_remote(
             )));
         }
     }
-    if out.json {
-        return Ok(out.json_value(&json!({
-            "environment": plan.environment,
-            "digest": plan.digest,
-            "hosts": results,
-        }))?);
-    }
-    out.note(format!(
-        "{} {} is live on {} host(s)",
-        plan.deployment(),
-        plan.digest,
-        results.len()
-    ))?;
-    Ok(())
+    Ok(results)
 }
 
 /// `scale` through agents: each host's live plan with the new counts, applied there.
-fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Result<(), CliError> {
+/// `scale` through agents: each host's live plan with the new counts, applied there.
+/// Returns the image they run and each host's answer.
+fn scale_remote(
+    config: &AppConfig,
+    args: &ScaleArgs,
+) -> Result<(crate::store::Digest, Vec<HostAnswer>), CliError> {
     let deployment = deployment_name(config);
-    let Some(registry) = &config.registry else {
-        return Err(CliError::invalid(miette!(
-            "environment {} deploys to agents but names no registry",
-            config.environment
-        )));
-    };
-    let dst: crate::registry_client::Reference = format!("{registry}:{}", config.environment)
-        .parse()
-        .map_err(|e: String| CliError::invalid(miette!("registry {registry}: {e}")))?;
+    let dst = env_reference(config)?;
     let live = each_agent(
         config,
         reqwest::Method::GET,
@@ -1064,6 +1238,7 @@ fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Resul
         None,
     )?;
     let mut answers = Vec::new();
+    let mut digest = None;
     for (host, answer) in live {
         let record = match answer {
             Ok(v) if !v.is_null() => v,
@@ -1076,16 +1251,10 @@ fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Resul
                 continue;
             }
         };
-        let mut plan: ReleasePlan = serde_json::from_value(record["plan"].clone())
+        let plan: ReleasePlan = serde_json::from_value(record["plan"].clone())
             .map_err(|e| CliError::failed(miette!("{host} sent a plan berth cannot read: {e}")))?;
-        for (name, n) in &args.services {
-            let Some(svc) = plan.services.iter_mut().find(|s| &s.name == name) else {
-                return Err(CliError::invalid(miette!(
-                    "no service `{name}` in {deployment}"
-                )));
-            };
-            svc.replicas = *n;
-        }
+        let plan = scaled(&plan, args)?;
+        digest.get_or_insert_with(|| plan.digest.clone());
         let request = crate::deploy::agent::ApplyRequest {
             image: agent_image(&dst, &plan.digest),
             plan,
@@ -1109,7 +1278,13 @@ fn scale_remote(config: &AppConfig, args: &ScaleArgs, out: &mut Output) -> Resul
         )?;
         answers.push(r.remove(0));
     }
-    report_hosts(answers, out, |v| format!("release {} is live", v["number"]))
+    let Some(digest) = digest else {
+        return Err(CliError::failed(miette!(
+            help = "deploy it first",
+            "{deployment} runs on no host"
+        )));
+    };
+    Ok((digest, answers))
 }
 
 /// `[http://]registry/repository@digest`: how an agent is told where to pull an image.

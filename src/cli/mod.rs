@@ -7,12 +7,14 @@ mod completions;
 mod config;
 mod containers;
 mod deploy;
+mod diff;
 mod error;
 mod images;
 mod init;
 mod network;
 mod output;
 mod progress;
+mod promote;
 mod registry;
 mod run;
 mod tty;
@@ -155,6 +157,11 @@ pub enum Command {
     Rollback(deploy::RollbackArgs),
     /// An environment's releases, newest first.
     Releases(deploy::EnvArgs),
+    /// Move the image an environment runs into the next one: gates, digest-exact copy,
+    /// rollout.
+    Promote(promote::PromoteArgs),
+    /// What differs between two releases: config, layers, files, commits, environment.
+    Diff(diff::DiffArgs),
     /// Change the number of replicas of services (SERVICE=N).
     Scale(deploy::ScaleArgs),
     /// Run the agent that applies releases to this host over an HTTP API.
@@ -264,6 +271,8 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Rollback(args) => deploy::rollback(g, args, out),
         Command::Agent(args) => deploy::agent(g, args, out),
         Command::Releases(args) => deploy::releases(g, args, out),
+        Command::Promote(args) => promote::promote(g, args, out),
+        Command::Diff(args) => diff::run(g, args, out),
         Command::Scale(args) => deploy::scale(g, args, out),
         Command::Router { dir, ready } => {
             std::process::exit(crate::deploy::router::run(dir, *ready))

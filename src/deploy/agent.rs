@@ -5,8 +5,10 @@
 //! it with the same engine as `hosts = ["local"]`.
 //!
 //! - `POST /v1/apply` `{plan, image, username?, password?}` → the live release record
-//! - `POST /v1/rollback` `{deployment}` → back to the release before the live one
-//! - `GET /v1/status?deployment=D` → the live release, or `null`
+//! - `POST /v1/rollback` `{deployment, to?, digest?}` → back to the release before the live
+//!   one, to release `to`, or to the newest release of `digest` that served
+//! - `GET /v1/status?deployment=D` → the live release with `services` (running/total
+//!   replicas), or `null`
 //! - `GET /v1/releases?deployment=D` → the host's ledger
 //! - `GET /v1/logs?deployment=D[&service=S][&tail=N]` → the live replicas' log lines
 //! - `POST /v1/down` `{deployment}`
@@ -25,7 +27,7 @@ use serde_json::json;
 use super::{DeployError, Outcome, ReleasePlan, local};
 use crate::registry_client::auth::{Credential, Secret};
 use crate::registry_client::{Client, ClientOptions, Reference, pull};
-use crate::store::Store;
+use crate::store::{Digest, Store};
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -65,6 +67,9 @@ pub struct DeploymentRequest {
     /// For a rollback: the release to go back to [default: the one before the live one].
     #[serde(default)]
     pub to: Option<u32>,
+    /// For a rollback: the newest release of this image that served.
+    #[serde(default)]
+    pub digest: Option<Digest>,
 }
 
 /// Compares without leaking where the first difference is.
@@ -215,12 +220,17 @@ async fn handle(
                 .rev()
                 .find(|x| x.outcome == Outcome::Live)
                 .map(|x| x.number);
-            let target = match r.to {
-                Some(n) => all
+            let target = match (r.to, &r.digest) {
+                (_, Some(d)) => all
+                    .iter()
+                    .rev()
+                    .find(|x| x.digest == *d && x.outcome != Outcome::Failed)
+                    .cloned(),
+                (Some(n), None) => all
                     .iter()
                     .find(|x| x.number == n && x.outcome != Outcome::Failed)
                     .cloned(),
-                None => all
+                (None, None) => all
                     .iter()
                     .rev()
                     .find(|x| x.outcome == Outcome::Retired && Some(x.number) != live)
@@ -260,10 +270,11 @@ async fn handle(
                 .unwrap_or_default()
                 .to_string();
             let live = local::current(&store, &deployment);
-            Ok(reply(
-                StatusCode::OK,
-                serde_json::to_value(&live).expect("json"),
-            ))
+            let mut v = serde_json::to_value(&live).expect("json");
+            if let Some(live) = &live {
+                v["services"] = json!(local::replica_health(&store, live));
+            }
+            Ok(reply(StatusCode::OK, v))
         }
         (Method::GET, "/v1/logs") => {
             let param = |k: &str| {

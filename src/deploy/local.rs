@@ -120,6 +120,43 @@ pub fn actor() -> String {
     format!("{user}@{host}")
 }
 
+/// Each service of a release: replicas running, and replicas it should have.
+pub fn replica_health(store: &Store, record: &ReleaseRecord) -> BTreeMap<String, ReplicaCount> {
+    let Ok(containers) = Containers::new(store) else {
+        return BTreeMap::new();
+    };
+    record
+        .replicas
+        .iter()
+        .map(|(name, ids)| {
+            let running = ids
+                .iter()
+                .filter(|id| {
+                    containers
+                        .get(id)
+                        .is_ok_and(|c| c.status == Status::Running)
+                })
+                .count();
+            (
+                name.clone(),
+                ReplicaCount {
+                    running,
+                    total: ids.len(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Replicas of a service: how many run, of how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaCount {
+    /// Running.
+    pub running: usize,
+    /// Wanted.
+    pub total: usize,
+}
+
 /// A replica's container spec: the image's config under the service's settings.
 fn replica_spec(
     image: &crate::store::image::StoredImage,

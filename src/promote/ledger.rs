@@ -1,0 +1,546 @@
+//! The release ledger: every deploy, promotion, rollback and scale of an environment, as a
+//! chain of records that lives where the environment's image lives — so a laptop and a CI
+//! runner read the same history.
+//!
+//! In a registry, a record is an OCI artifact (an image manifest with `artifactType`
+//! [`RECORD_TYPE`], the empty config, and the record's JSON as its one layer) whose
+//! `subject` is the released image, so `referrers` of an image list its releases (the
+//! referrers API where the registry has it, else the referrers tag scheme). The moving tag
+//! `berth-release-<env>` names the newest record, and each record names the one before it
+//! (`previous`), like commits. Records are immutable and content-addressed, so reads walk
+//! back from the tag only as far as the local cache does not already reach.
+//!
+//! An environment without a registry (dev on `hosts = ["local"]`) keeps the same records
+//! in the local store's state directory.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::manifest::AppConfig;
+use crate::registry_client::documents::{self, MANIFEST};
+use crate::registry_client::{Client, ClientOptions, Reference, RegistryError};
+use crate::store::{Digest, Store};
+
+/// `artifactType` (and layer media type) of a release record.
+pub const RECORD_TYPE: &str = "application/vnd.berth.release.v1+json";
+const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY: &[u8] = b"{}";
+/// Records are small; anything bigger is not one.
+const MAX_RECORD: u64 = 1 << 20;
+/// How far back a history is read.
+const MAX_HISTORY: usize = 100_000;
+
+/// What a release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `berth deploy`.
+    Deploy,
+    /// `berth promote`.
+    Promote,
+    /// `berth rollback`.
+    Rollback,
+    /// `berth scale`.
+    Scale,
+}
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Every host runs it.
+    Succeeded,
+    /// It did not go live (the hosts kept, or went back to, the release before).
+    Failed,
+}
+
+/// One release of an environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// The app.
+    pub app: String,
+    /// The environment.
+    pub environment: String,
+    /// 1, 2, … within the environment.
+    pub number: u32,
+    /// The image's manifest digest.
+    pub digest: Digest,
+    /// What did it.
+    pub kind: Kind,
+    /// For a promotion: the environment it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The git revision the image was built from.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// When it ended (RFC 3339).
+    pub time: String,
+    /// Who (`user@host`).
+    pub actor: String,
+    /// How it ended.
+    pub outcome: Verdict,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Promotion gates overridden with `--force`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forced: Vec<String>,
+    /// Why they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The hosts it went to.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The record before this one (its id in the ledger).
+    #[serde(default)]
+    pub previous: Option<Digest>,
+}
+
+impl Release {
+    /// A record to append: number and `previous` are filled in by [`Ledger::append`].
+    pub fn new(config: &AppConfig, digest: Digest, kind: Kind) -> Release {
+        Release {
+            app: config.app.name.clone(),
+            environment: config.environment.clone(),
+            number: 0,
+            digest,
+            kind,
+            source: None,
+            revision: None,
+            time: String::new(),
+            actor: crate::deploy::local::actor(),
+            outcome: Verdict::Succeeded,
+            error: None,
+            forced: Vec::new(),
+            reason: None,
+            hosts: Vec::new(),
+            previous: None,
+        }
+    }
+}
+
+/// Why the ledger could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The registry failed.
+    #[error("the release ledger in {location}: {source}")]
+    Registry {
+        /// The repository.
+        location: String,
+        /// What failed.
+        #[source]
+        source: Box<RegistryError>,
+    },
+    /// The local files failed.
+    #[error("the release ledger in {path}: {message}")]
+    Local {
+        /// Where.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A record is not one.
+    #[error("release record {id} in {location} is not readable: {message}")]
+    Corrupt {
+        /// The ledger.
+        location: String,
+        /// The record's id.
+        id: Digest,
+        /// Why.
+        message: String,
+    },
+}
+
+enum Backend {
+    /// The environment's registry repository.
+    Registry {
+        client: Box<Client>,
+        reference: Reference,
+    },
+    /// A directory of records in the local store's state.
+    Local(PathBuf),
+}
+
+/// An environment's ledger.
+pub struct Ledger {
+    environment: String,
+    backend: Backend,
+    /// Records already read from registries, by id.
+    cache: PathBuf,
+}
+
+/// The moving tag naming an environment's newest record.
+pub fn head_tag(environment: &str) -> String {
+    format!("berth-release-{environment}")
+}
+
+impl Ledger {
+    /// The ledger of `config`'s environment: in its registry, or in the local store when
+    /// it has none.
+    pub fn open(store: &Store, config: &AppConfig) -> Result<Ledger, LedgerError> {
+        let cache = store.state_dir().join("ledger-cache");
+        let backend = match &config.registry {
+            Some(registry) => {
+                let reference: Reference =
+                    registry
+                        .to_string()
+                        .parse()
+                        .map_err(|e: String| LedgerError::Local {
+                            path: PathBuf::from(registry.to_string()),
+                            message: e,
+                        })?;
+                let client =
+                    Client::new(&reference, &ClientOptions::default()).map_err(|source| {
+                        LedgerError::Registry {
+                            location: reference.to_string(),
+                            source: Box::new(source),
+                        }
+                    })?;
+                Backend::Registry {
+                    client: Box::new(client),
+                    reference,
+                }
+            }
+            None => Backend::Local(
+                store
+                    .state_dir()
+                    .join("ledger")
+                    .join(format!("{}-{}", config.app.name, config.environment)),
+            ),
+        };
+        Ok(Ledger {
+            environment: config.environment.clone(),
+            backend,
+            cache,
+        })
+    }
+
+    /// Where the ledger lives, for messages.
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Registry { reference, .. } => reference.to_string(),
+            Backend::Local(dir) => dir.display().to_string(),
+        }
+    }
+
+    fn registry_error(&self) -> impl FnOnce(RegistryError) -> LedgerError + '_ {
+        move |source| LedgerError::Registry {
+            location: self.location(),
+            source: Box::new(source),
+        }
+    }
+
+    fn local_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
+        move |e| LedgerError::Local {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The newest record's id, if any.
+    async fn head(&self) -> Result<Option<Digest>, LedgerError> {
+        match &self.backend {
+            Backend::Registry { client, reference } => Ok(documents::get_manifest(
+                client,
+                &reference.repository,
+                &head_tag(&self.environment),
+            )
+            .await
+            .map_err(self.registry_error())?
+            .map(|(_, d)| d)),
+            Backend::Local(dir) => {
+                let path = dir.join("HEAD");
+                match std::fs::read_to_string(&path) {
+                    Ok(s) => Ok(s.trim().parse().ok()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Self::local_error(&path)(e)),
+                }
+            }
+        }
+    }
+
+    fn corrupt(&self, id: &Digest, message: impl ToString) -> LedgerError {
+        LedgerError::Corrupt {
+            location: self.location(),
+            id: id.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// One record by id (from the cache when it was read before).
+    async fn read(&self, id: &Digest) -> Result<Release, LedgerError> {
+        let bytes = match &self.backend {
+            Backend::Local(dir) => {
+                let path = dir.join(id.hex());
+                let bytes = std::fs::read(&path).map_err(Self::local_error(&path))?;
+                if Digest::of(&bytes) != *id {
+                    return Err(self.corrupt(id, "its contents do not match its digest"));
+                }
+                bytes
+            }
+            Backend::Registry { client, reference } => {
+                let cached = self.cache.join(id.hex());
+                if let Ok(bytes) = std::fs::read(&cached) {
+                    bytes
+                } else {
+                    let repo = &reference.repository;
+                    let (manifest, _, _) = crate::registry_client::pull::fetch_manifest(
+                        client,
+                        repo,
+                        id.as_str(),
+                        Some(id),
+                    )
+                    .await
+                    .map_err(self.registry_error())?;
+                    let m: Value =
+                        serde_json::from_slice(&manifest).map_err(|e| self.corrupt(id, e))?;
+                    let layer = m["layers"]
+                        .as_array()
+                        .and_then(|l| l.first())
+                        .filter(|l| l["mediaType"] == RECORD_TYPE)
+                        .and_then(|l| l["digest"].as_str())
+                        .and_then(|d| d.parse::<Digest>().ok())
+                        .ok_or_else(|| self.corrupt(id, "it is not a berth release record"))?;
+                    let bytes = documents::get_blob(client, repo, &layer, MAX_RECORD)
+                        .await
+                        .map_err(self.registry_error())?;
+                    // Records never change, so a cached copy is good for ever.
+                    let _ = std::fs::create_dir_all(&self.cache);
+                    let tmp = self.cache.join(format!(".{}.tmp", id.hex()));
+                    if std::fs::write(&tmp, &bytes).is_ok() {
+                        let _ = std::fs::rename(&tmp, &cached);
+                    }
+                    bytes
+                }
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|e| self.corrupt(id, e))
+    }
+
+    /// Every record, oldest first.
+    pub async fn history(&self) -> Result<Vec<Release>, LedgerError> {
+        let mut out = Vec::new();
+        let mut next = self.head().await?;
+        while let Some(id) = next {
+            let r = self.read(&id).await?;
+            next = r.previous.clone();
+            out.push(r);
+            if out.len() >= MAX_HISTORY {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Appends `release` (numbered after the newest record, linked to it, stamped now);
+    /// returns it as recorded.
+    pub async fn append(&self, mut release: Release) -> Result<Release, LedgerError> {
+        let head = self.head().await?;
+        release.number = match &head {
+            Some(id) => self.read(id).await?.number + 1,
+            None => 1,
+        };
+        release.previous = head;
+        release.environment = self.environment.clone();
+        release.time = jiff::Timestamp::now().to_string();
+        let bytes = serde_json::to_vec_pretty(&release).expect("a record serialises");
+        match &self.backend {
+            Backend::Local(dir) => {
+                std::fs::create_dir_all(dir).map_err(Self::local_error(dir))?;
+                let id = Digest::of(&bytes);
+                write_atomic(&dir.join(id.hex()), &bytes)?;
+                write_atomic(&dir.join("HEAD"), id.as_str().as_bytes())?;
+            }
+            Backend::Registry { client, reference } => {
+                let repo = &reference.repository;
+                let err = self.registry_error();
+                let empty = documents::put_blob(client, repo, EMPTY).await;
+                let layer = documents::put_blob(client, repo, &bytes).await;
+                let (empty, layer) = match (empty, layer) {
+                    (Ok(e), Ok(l)) => (e, l),
+                    (Err(e), _) | (_, Err(e)) => return Err(err(e)),
+                };
+                // The released image, as the record's subject (when the registry has it:
+                // a failed deploy may not have pushed it).
+                let subject = documents::get_manifest(client, repo, release.digest.as_str())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|(m, d)| {
+                        json!({
+                            "mediaType": crate::registry_client::push::manifest_media_type(&m),
+                            "digest": d,
+                            "size": m.len(),
+                        })
+                    });
+                let annotations = json!({
+                    "org.opencontainers.image.created": release.time,
+                    "dev.berth.release.environment": release.environment,
+                    "dev.berth.release.number": release.number.to_string(),
+                    "dev.berth.release.outcome": match release.outcome {
+                        Verdict::Succeeded => "succeeded",
+                        Verdict::Failed => "failed",
+                    },
+                });
+                let mut manifest = json!({
+                    "schemaVersion": 2,
+                    "mediaType": MANIFEST,
+                    "artifactType": RECORD_TYPE,
+                    "config": { "mediaType": EMPTY_TYPE, "digest": empty, "size": EMPTY.len(), "data": "e30=" },
+                    "layers": [{ "mediaType": RECORD_TYPE, "digest": layer, "size": bytes.len() }],
+                    "annotations": annotations,
+                });
+                if let Some(s) = &subject {
+                    manifest["subject"] = s.clone();
+                }
+                let manifest = serde_json::to_vec(&manifest).expect("a manifest serialises");
+                let id = Digest::of(&manifest);
+                documents::put_manifest(client, repo, id.as_str(), MANIFEST, &manifest)
+                    .await
+                    .map_err(self.registry_error())?;
+                if let Some(s) = subject {
+                    let subject_digest: Digest =
+                        s["digest"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .parse()
+                            .map_err(|e: crate::store::digest::BadDigest| self.corrupt(&id, e))?;
+                    let descriptor = json!({
+                        "mediaType": MANIFEST,
+                        "digest": id,
+                        "size": manifest.len(),
+                        "artifactType": RECORD_TYPE,
+                        "annotations": annotations,
+                    });
+                    documents::add_referrer(client, repo, &subject_digest, descriptor)
+                        .await
+                        .map_err(self.registry_error())?;
+                }
+                // The head moves last: a record is in the history only once complete.
+                documents::put_manifest(
+                    client,
+                    repo,
+                    &head_tag(&self.environment),
+                    MANIFEST,
+                    &manifest,
+                )
+                .await
+                .map_err(self.registry_error())?;
+                let _ = std::fs::create_dir_all(&self.cache);
+                let _ = std::fs::write(self.cache.join(id.hex()), &bytes);
+            }
+        }
+        Ok(release)
+    }
+
+    /// The records attached to an image (by the referrers API or tag), newest first.
+    pub async fn releases_of(&self, image: &Digest) -> Result<Vec<Release>, LedgerError> {
+        match &self.backend {
+            Backend::Local(_) => Ok(self
+                .history()
+                .await?
+                .into_iter()
+                .rev()
+                .filter(|r| r.digest == *image)
+                .collect()),
+            Backend::Registry { client, reference } => {
+                let list = documents::referrers(client, &reference.repository, image)
+                    .await
+                    .map_err(self.registry_error())?;
+                let mut out = Vec::new();
+                for d in list {
+                    if d["artifactType"] != RECORD_TYPE {
+                        continue;
+                    }
+                    if let Some(id) = d["digest"].as_str().and_then(|s| s.parse().ok()) {
+                        out.push(self.read(&id).await?);
+                    }
+                }
+                out.sort_by_key(|r| std::cmp::Reverse(r.number));
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), LedgerError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(Ledger::local_error(path))
+}
+
+/// The release serving now: the newest that succeeded.
+pub fn current(history: &[Release]) -> Option<&Release> {
+    history
+        .iter()
+        .rev()
+        .find(|r| r.outcome == Verdict::Succeeded)
+}
+
+/// Since when `digest` has served without interruption at the end of `history`: the time
+/// of the first of the newest run of succeeded records with that digest.
+pub fn serving_since<'a>(history: &'a [Release], digest: &Digest) -> Option<&'a str> {
+    let mut since = None;
+    for r in history.iter().rev() {
+        match r.outcome {
+            Verdict::Failed => continue,
+            Verdict::Succeeded if r.digest == *digest => since = Some(r.time.as_str()),
+            Verdict::Succeeded => break,
+        }
+    }
+    since
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(n: u32, d: &str, outcome: Verdict, t: &str) -> Release {
+        Release {
+            app: "a".into(),
+            environment: "e".into(),
+            number: n,
+            digest: Digest::of(d.as_bytes()),
+            kind: Kind::Deploy,
+            source: None,
+            revision: None,
+            time: t.into(),
+            actor: "x".into(),
+            outcome,
+            error: None,
+            forced: vec![],
+            reason: None,
+            hosts: vec![],
+            previous: None,
+        }
+    }
+
+    #[test]
+    fn the_current_release_is_the_newest_that_succeeded() {
+        let h = vec![
+            rec(1, "a", Verdict::Succeeded, "t1"),
+            rec(2, "b", Verdict::Failed, "t2"),
+        ];
+        assert_eq!(current(&h).map(|r| r.number), Some(1));
+        assert_eq!(current(&[]), None);
+    }
+
+    #[test]
+    fn serving_since_counts_from_the_start_of_the_newest_run() {
+        let a = Digest::of(b"a");
+        let h = vec![
+            rec(1, "a", Verdict::Succeeded, "t1"),
+            rec(2, "b", Verdict::Succeeded, "t2"),
+            rec(3, "a", Verdict::Succeeded, "t3"),
+            rec(4, "c", Verdict::Failed, "t4"),
+            rec(5, "a", Verdict::Succeeded, "t5"),
+        ];
+        assert_eq!(serving_since(&h, &a), Some("t3"));
+        assert_eq!(serving_since(&h, &Digest::of(b"b")), None);
+    }
+}
