@@ -565,4 +565,147 @@ fn an_agent_serves_tls_with_a_certificate_it_made() {
         v[0]["release"].is_null() && v[0]["error"].is_null(),
         "{v:?}"
     );
+
+    // The environment file pins the printed fingerprint and names the token's file: no
+    // CA, no environment variables.
+    let fingerprint = made
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("SHA-256 fingerprint: "))
+        .unwrap()
+        .to_string();
+    let pinned = |fp: &str| {
+        p.file(
+            "environments/prod.toml",
+            &format!(
+                "registry = \"http://127.0.0.1:1/shop\"\nhosts = [\"https://127.0.0.1:{port}\"]\n[agent]\ntoken = {{ file = \"token\" }}\nfingerprint = \"{fp}\"\n"
+            ),
+        );
+        p.berth().args(["--json", "status", "--env", "prod"]).run()
+    };
+    let v: Vec<serde_json::Value> =
+        serde_json::from_str(&pinned(&fingerprint).ok().stdout).unwrap();
+    assert!(v[0]["error"].is_null(), "{v:?}");
+    let other = format!("{}00", &fingerprint[..fingerprint.len() - 2]);
+    let other = if other == fingerprint {
+        fingerprint.replace('A', "B")
+    } else {
+        other
+    };
+    let wrong = pinned(&other);
+    assert_eq!(wrong.code, 1, "{}", wrong.stdout);
+    assert!(wrong.stdout.contains("fingerprint"), "{}", wrong.stdout);
+    let bad = pinned("not-a-fingerprint").code(2);
+    assert!(bad.stderr.contains("prod.toml"), "{}", bad.stderr);
+}
+
+#[test]
+fn an_agent_killed_mid_rollout_leaves_its_host_consistent_and_the_next_deploy_works() {
+    let mut hosts = util::TestHosts::new(122, 1);
+    let reg = util::Registry::start_at("198.18.122.1", &[], "");
+    let p = TempProject::new();
+    p.with_busybox_base();
+    let _cleanup = p.cleanup();
+    let token = "mid-rollout-token-0123456789";
+    p.file("token", token);
+    hosts.start_agent(0, &p.path().join("token"));
+    write_app_on(&p, "8080", "before the crash\n", None);
+    p.file(
+        "environments/uat.toml",
+        &format!(
+            "registry = \"http://{}/shop\"\nhosts = [\"http://{}:7443\"]\n[rollout]\ndrain = \"100ms\"\ntimeout = \"30s\"\n",
+            reg.host(),
+            hosts.addr(0)
+        ),
+    );
+    let deploy = || {
+        p.berth()
+            .env("BERTH_AGENT_TOKEN", token)
+            .args(["deploy", "--env", "uat"])
+    };
+    deploy().run().ok();
+    let addr = hosts.addr(0);
+    let page = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((addr.as_str(), 8080)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    assert!(page().unwrap().ends_with("before the crash\n"));
+
+    // A release whose web replica takes long to become healthy; the agent dies (SIGKILL)
+    // while it waits.
+    write_app_on(
+        &p,
+        "8080",
+        "never live\n",
+        Some("[\"/bin/sh\", \"-c\", \"sleep 60; exec httpd -f -p 8080 -h /www\"]"),
+    );
+    let pending = deploy();
+    let client = std::thread::spawn(move || pending.run());
+    let containers = hosts.states[0].path().join("store/berth/containers");
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("state.json")).ok())
+            .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !names(&containers).iter().any(|n| n == "shop-uat-web-2-0") {
+        assert!(std::time::Instant::now() < until, "release 2 never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    hosts.kill_agent(0);
+    let failed = client.join().unwrap().code(1);
+    assert!(failed.stderr.contains(&hosts.addr(0)), "{}", failed.stderr);
+    assert!(
+        page().unwrap().ends_with("before the crash\n"),
+        "release 1 serves on"
+    );
+
+    // Restarted, the agent removes the half-applied release and keeps release 1 live.
+    hosts.start_agent(0, &p.path().join("token"));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while names(&containers).iter().any(|n| n.contains("-2-")) {
+        assert!(
+            std::time::Instant::now() < until,
+            "release 2's replicas are still there: {:?}",
+            names(&containers)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st = p
+        .berth()
+        .env("BERTH_AGENT_TOKEN", token)
+        .args(["--json", "status", "--env", "uat"])
+        .run()
+        .ok();
+    let st: Vec<serde_json::Value> = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(st[0]["release"], 1, "{st:?}");
+    assert!(page().unwrap().ends_with("before the crash\n"));
+
+    // And the next deploy goes through.
+    write_app_on(&p, "8080", "after the crash\n", None);
+    deploy().run().ok();
+    assert!(page().unwrap().ends_with("after the crash\n"));
+    let ledger = p
+        .berth()
+        .args(["--json", "releases", "--env", "uat"])
+        .run()
+        .ok();
+    let outcomes: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&ledger.stdout)
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(outcomes, ["succeeded", "failed", "succeeded"]);
 }

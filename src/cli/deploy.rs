@@ -985,12 +985,39 @@ pub fn agent(_g: &GlobalOpts, args: &AgentArgs, out: &mut Output) -> Result<(), 
         .map_err(|e| CliError::failed(miette!("the agent stopped: {e}")))
 }
 
-/// A client for agents: trusts the system roots and `BERTH_AGENT_CA` (an agent's
-/// self-signed certificate, from `berth agent --init-tls`).
-fn agent_http(timeout: std::time::Duration) -> Result<reqwest::Client, CliError> {
+/// The agents' token: the environment's `[agent] token` reference, else
+/// `BERTH_AGENT_TOKEN`.
+fn agent_token(config: &AppConfig) -> Result<String, CliError> {
+    if let Some(r) = &config.agent.token {
+        return r
+            .resolve("agent.token", &config.project_dir)
+            .map(|s| s.expose().to_string())
+            .map_err(|e| CliError::invalid(miette!("{e}")));
+    }
+    std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
+        CliError::invalid(miette!(
+            help = format!(
+                "set [agent] token = {{ env = \"VAR\" }} in environments/{}.toml, or export BERTH_AGENT_TOKEN",
+                config.environment
+            ),
+            "talking to the agents of {} needs their token",
+            config.environment
+        ))
+    })
+}
+
+/// An HTTP client for agents. Their certificate is trusted by the environment's pinned
+/// `[agent] fingerprint` alone when set (self-signed, no CA, no name check: the pin is
+/// the identity), else by `BERTH_AGENT_CA` (a PEM file) or the system's roots.
+fn agent_http(
+    config: &AppConfig,
+    timeout: std::time::Duration,
+) -> Result<reqwest::Client, CliError> {
     crate::registry_client::install_crypto();
     let mut b = reqwest::Client::builder().timeout(timeout);
-    if let Some(ca) = std::env::var_os("BERTH_AGENT_CA") {
+    if let Some(pin) = &config.agent.fingerprint {
+        b = b.tls_backend_preconfigured(pinned::client_config(pin.0));
+    } else if let Some(ca) = std::env::var_os("BERTH_AGENT_CA") {
         let pem = std::fs::read(&ca).map_err(|e| {
             CliError::failed(miette!(
                 "cannot read BERTH_AGENT_CA {}: {e}",
@@ -1003,6 +1030,93 @@ fn agent_http(timeout: std::time::Duration) -> Result<reqwest::Client, CliError>
         b = b.add_root_certificate(cert);
     }
     b.build().map_err(|e| CliError::failed(miette!("{e}")))
+}
+
+/// TLS that trusts exactly one certificate, by its SHA-256 fingerprint.
+mod pinned {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+    use sha2::Digest as _;
+
+    #[derive(Debug)]
+    struct Pinned {
+        fingerprint: [u8; 32],
+        provider: Arc<CryptoProvider>,
+    }
+
+    impl ServerCertVerifier for Pinned {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            let seen: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+            if seen == self.fingerprint {
+                Ok(ServerCertVerified::assertion())
+            } else {
+                let hex: Vec<String> = seen.iter().map(|b| format!("{b:02X}")).collect();
+                Err(rustls::Error::General(format!(
+                    "the agent's certificate has fingerprint {}, not the one pinned in [agent] fingerprint",
+                    hex.join(":")
+                )))
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// A client config that accepts only the certificate with this fingerprint.
+    pub fn client_config(fingerprint: [u8; 32]) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned {
+                fingerprint,
+                provider,
+            }))
+            .with_no_client_auth()
+    }
 }
 
 /// One request to an agent: its JSON answer, or its error message.
@@ -1019,10 +1133,17 @@ async fn agent_call(
             .header("content-type", "application/json")
             .body(b.to_string());
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let resp = req.send().await.map_err(|e| {
+        // reqwest's message stops at "error sending request"; the cause (a refused
+        // connection, a certificate that is not the pinned one) is in the chain.
+        let mut text = format!("cannot reach {url}");
+        let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    })?;
     let status = resp.status();
     let v: serde_json::Value =
         serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or_default();
@@ -1046,15 +1167,10 @@ pub(super) fn each_agent(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<Vec<HostAnswer>, CliError> {
-    let token = std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
-        CliError::invalid(miette!(
-            help = "export BERTH_AGENT_TOKEN with the agents' token",
-            "talking to agents needs their token"
-        ))
-    })?;
+    let token = agent_token(config)?;
     let rt = crate::registry_client::runtime()
         .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
-    let http = agent_http(std::time::Duration::from_secs(120))?;
+    let http = agent_http(config, std::time::Duration::from_secs(120))?;
     let hosts = agent_urls(config);
     let answers = rt.block_on(futures_util::future::join_all(hosts.iter().map(|base| {
         let (http, token, method, body) =
@@ -1134,12 +1250,7 @@ fn apply_remote(
     out: &mut Output,
 ) -> Result<Vec<serde_json::Value>, CliError> {
     let dst = env_reference(config)?;
-    let token = std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
-        CliError::invalid(miette!(
-            help = "export BERTH_AGENT_TOKEN with the agents' token",
-            "deploying to agents needs their token"
-        ))
-    })?;
+    let token = agent_token(config)?;
     let rt = crate::registry_client::runtime()
         .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
     let quiet = out.quiet || out.json;
@@ -1156,7 +1267,10 @@ fn apply_remote(
         username,
         password,
     };
-    let http = agent_http(plan.rollout.timeout + std::time::Duration::from_secs(120))?;
+    let http = agent_http(
+        config,
+        plan.rollout.timeout + std::time::Duration::from_secs(120),
+    )?;
     let call = |url: String, body: serde_json::Value| {
         agent_call(
             http.clone(),

@@ -566,6 +566,7 @@ pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
         let Some(_lock) = try_lock_now(store, &deployment) else {
             continue;
         };
+        remove_unrecorded(store, &containers, &deployment);
         let Some(live) = current(store, &deployment) else {
             continue;
         };
@@ -596,6 +597,37 @@ pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
         }
     }
     started
+}
+
+/// Removes the replicas of a release that was being applied when its deploy died (the
+/// process killed, the host rebooted): `<deployment>-<service>-<n>-<i>` with `n` above
+/// every recorded release. The next deploy would reuse their names and remove them too;
+/// this keeps them from running (and writing to shared volumes) until then.
+fn remove_unrecorded(store: &Store, containers: &Containers, deployment: &str) -> usize {
+    let recorded = releases(store, deployment)
+        .iter()
+        .map(|r| r.number)
+        .max()
+        .unwrap_or(0);
+    let prefix = format!("{deployment}-");
+    let orphans: Vec<(String, i32, Duration)> = containers
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| {
+            let Some(rest) = c.name.strip_prefix(&prefix) else {
+                return false;
+            };
+            let mut parts = rest.rsplitn(3, '-');
+            let (i, n) = (parts.next(), parts.next());
+            i.is_some_and(|i| i.parse::<u32>().is_ok())
+                && n.and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n > recorded)
+        })
+        .map(|c| (c.id, libc::SIGKILL, Duration::ZERO))
+        .collect();
+    stop_all(store, containers, &orphans, true);
+    orphans.len()
 }
 
 /// A line of a live replica's log.

@@ -216,7 +216,10 @@ impl Project {
         diags.extend(decoder.diags);
         diags.extend(self.check_promotion(name));
         match config {
-            Some(c) if diags.is_empty() => Ok(c),
+            Some(mut c) if diags.is_empty() => {
+                c.project_dir = self.dir.clone();
+                Ok(c)
+            }
             _ => {
                 diags.sort();
                 Err(InvalidConfig { diagnostics: diags }.into())

@@ -166,6 +166,7 @@ fn decode_config(
     let env_vars = get("env").map_or(Some(BTreeMap::new()), |n| d.env_table(n, "env"));
     let secrets = get("secrets").map_or(Some(BTreeMap::new()), |n| decode_secrets(d, n));
     let rollout = get("rollout").map_or(Some(Rollout::default()), |n| decode_rollout(d, n));
+    let agent = get("agent").map_or(Some(AgentAccess::default()), |n| decode_agent(d, n));
     let registry = get("registry").and_then(|n| d.parsed::<RegistryRepo>(n, "registry"));
     let hosts = match get("hosts") {
         Some(n) => decode_hosts(d, n),
@@ -235,6 +236,8 @@ fn decode_config(
         env: env_vars?,
         secrets: secrets?,
         rollout: rollout?,
+        agent: agent?,
+        project_dir: PathBuf::new(),
         image: image?,
         services: services?,
     })
@@ -376,42 +379,7 @@ fn decode_secrets(d: &mut Decoder, node: &Node) -> Option<BTreeMap<String, Secre
             ok = false;
             continue;
         }
-        let source = match &value.value {
-            Value::Table(st) => {
-                d.known_keys(st, &["env", "file"], &path);
-                match (st.get("env"), st.get("file")) {
-                    (Some(e), None) => d.string(e, &format!("{path}.env")).map(SecretRef::Env),
-                    (None, Some(f)) => d
-                        .string(f, &format!("{path}.file"))
-                        .map(|f| SecretRef::File(f.into())),
-                    _ => {
-                        d.invalid(value, &path, "needs exactly one of `env` or `file`", None);
-                        None
-                    }
-                }
-            }
-            Value::String(_) => {
-                let mut diag = value.diag(
-                    "berth::literal-secret",
-                    format!("secret `{}` is written as a literal value", key.name),
-                    "secret values never go in configuration files",
-                );
-                diag.help = Some(format!(
-                    "read it from the environment or a file: {} = {{ env = \"{}\" }}",
-                    key.name, key.name
-                ));
-                d.diags.push(diag);
-                None
-            }
-            _ => {
-                d.type_error(
-                    value,
-                    &path,
-                    "a table ({ env = \"VAR\" } or { file = \"PATH\" })",
-                );
-                None
-            }
-        };
+        let source = decode_secret_ref(d, value, &path, &key.name, &key.name);
         match source {
             Some(s) => {
                 out.insert(key.name.clone(), s);
@@ -420,6 +388,68 @@ fn decode_secrets(d: &mut Decoder, node: &Node) -> Option<BTreeMap<String, Secre
         }
     }
     ok.then_some(out)
+}
+
+/// `{ env = "VAR" }` or `{ file = "PATH" }`: where a secret's value is read from. A
+/// literal string is refused (secret values never go in configuration files).
+fn decode_secret_ref(
+    d: &mut Decoder,
+    value: &Node,
+    path: &str,
+    name: &str,
+    var: &str,
+) -> Option<SecretRef> {
+    match &value.value {
+        Value::Table(st) => {
+            d.known_keys(st, &["env", "file"], path);
+            match (st.get("env"), st.get("file")) {
+                (Some(e), None) => d.string(e, &format!("{path}.env")).map(SecretRef::Env),
+                (None, Some(f)) => d
+                    .string(f, &format!("{path}.file"))
+                    .map(|f| SecretRef::File(f.into())),
+                _ => {
+                    d.invalid(value, path, "needs exactly one of `env` or `file`", None);
+                    None
+                }
+            }
+        }
+        Value::String(_) => {
+            let mut diag = value.diag(
+                "berth::literal-secret",
+                format!("secret `{name}` is written as a literal value"),
+                "secret values never go in configuration files",
+            );
+            diag.help = Some(format!(
+                "read it from the environment or a file: {name} = {{ env = \"{var}\" }}"
+            ));
+            d.diags.push(diag);
+            None
+        }
+        _ => {
+            d.type_error(
+                value,
+                path,
+                "a table ({ env = \"VAR\" } or { file = \"PATH\" })",
+            );
+            None
+        }
+    }
+}
+
+fn decode_agent(d: &mut Decoder, node: &Node) -> Option<AgentAccess> {
+    let t = d.table(node, "agent")?;
+    d.known_keys(t, AGENT_KEYS, "agent");
+    let mut a = AgentAccess::default();
+    let mut ok = true;
+    if let Some(n) = t.get("token") {
+        a.token = decode_secret_ref(d, n, "agent.token", "token", "BERTH_AGENT_TOKEN");
+        ok &= a.token.is_some();
+    }
+    if let Some(n) = t.get("fingerprint") {
+        a.fingerprint = d.parsed::<super::values::Fingerprint>(n, "agent.fingerprint");
+        ok &= a.fingerprint.is_some();
+    }
+    ok.then_some(a)
 }
 
 fn decode_rollout(d: &mut Decoder, node: &Node) -> Option<Rollout> {

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use super::secrets::SecretRef;
 use super::values::{
-    ByteSize, Cpus, Duration, ExposedPort, HostUrl, ImageRef, PortMapping, RegistryRepo,
-    RestartPolicy, Signal, VolumeMount,
+    ByteSize, Cpus, Duration, ExposedPort, Fingerprint, HostUrl, ImageRef, PortMapping,
+    RegistryRepo, RestartPolicy, Signal, VolumeMount,
 };
 
 /// Keys allowed at the top of `berth.toml`.
@@ -25,7 +25,10 @@ pub const ENV_KEYS: &[&str] = &[
     "secrets",
     "services",
     "rollout",
+    "agent",
 ];
+/// Keys of an environment's `[agent]` table.
+pub const AGENT_KEYS: &[&str] = &["token", "fingerprint"];
 /// Keys of `[app]`.
 pub const APP_KEYS: &[&str] = &["name"];
 /// Keys of `[image]`.
@@ -98,10 +101,34 @@ pub struct AppConfig {
     pub secrets: BTreeMap<String, SecretRef>,
     /// How releases roll out.
     pub rollout: Rollout,
+    /// How berth reaches the environment's agents.
+    #[serde(skip_serializing_if = "AgentAccess::is_default")]
+    pub agent: AgentAccess,
+    /// The project directory (relative secret files are read from it).
+    #[serde(skip)]
+    pub project_dir: PathBuf,
     /// What to build.
     pub image: ImageSpec,
     /// The services, by name.
     pub services: BTreeMap<String, Service>,
+}
+
+/// An environment's `[agent]` table: how berth reaches and trusts its agents.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AgentAccess {
+    /// The agents' bearer token, by reference (else `BERTH_AGENT_TOKEN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretRef>,
+    /// SHA-256 fingerprint of the agents' certificate (`berth agent --init-tls` prints
+    /// it): trusted by that alone, with no CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
+}
+
+impl AgentAccess {
+    fn is_default(&self) -> bool {
+        *self == AgentAccess::default()
+    }
 }
 
 /// The `[app]` table.

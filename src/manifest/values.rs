@@ -1126,3 +1126,44 @@ mod tests {
         assert!(!valid_env_name("1X") && !valid_env_name("A-B") && !valid_env_name(""));
     }
 }
+
+/// A certificate's SHA-256 fingerprint: 32 bytes as hex, with or without colons (as
+/// `berth agent --init-tls` and `openssl x509 -fingerprint -sha256` print it), optionally
+/// prefixed with `sha256:` / `SHA256:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl FromStr for Fingerprint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let t = t
+            .strip_prefix("sha256:")
+            .or_else(|| t.strip_prefix("SHA256:"))
+            .or_else(|| t.strip_prefix("SHA-256:"))
+            .unwrap_or(t)
+            .trim();
+        let hex: String = t.chars().filter(|c| *c != ':').collect();
+        let bytes = ::hex::decode(&hex)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                format!("`{s}` is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+            })?;
+        Ok(Fingerprint(bytes))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|b| format!("{b:02X}")).collect();
+        f.write_str(&parts.join(":"))
+    }
+}
+
+impl Serialize for Fingerprint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
