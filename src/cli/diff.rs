@@ -234,7 +234,11 @@ pub fn run(g: &GlobalOpts, args: &DiffArgs, out: &mut Output) -> Result<(), CliE
     );
     let layer_diff = diff::layers(&ia.layers, &ib.layers);
     let files: Option<Vec<FileChange>> = if (args.files || args.path.is_some()) && !identical {
-        Some(diff::files(&ia, &ib, args.path.as_deref().unwrap_or("")).map_err(failed)?)
+        let indexes = diff::Indexes(store.state_dir().join("layer-index"));
+        Some(
+            diff::files(&ia, &ib, args.path.as_deref().unwrap_or(""), Some(&indexes))
+                .map_err(failed)?,
+        )
     } else if args.files || args.path.is_some() {
         Some(Vec::new())
     } else {

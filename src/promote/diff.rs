@@ -6,7 +6,9 @@
 //! two images share: the layers after the common prefix are streamed (from the store or
 //! straight from the registry, verified as they go) into per-path states. Only when a path
 //! is touched on one side alone does the other side's state have to come from the shared
-//! prefix; then those layers are streamed once, looking only at the paths in question.
+//! prefix; then those layers are streamed once, looking only at the paths in question, and
+//! an index of each (every path's state, by diff_id) is kept in the store, so the next
+//! diff of images on the same base reads none of it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, Read};
@@ -351,10 +353,10 @@ impl Verified {
 }
 
 /// A path's state in an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FileState {
     /// `file`, `dir`, `symlink`, `hardlink`, `char`, `block`, `fifo`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Bytes (regular files).
     pub size: u64,
     /// Permission bits, as octal text.
@@ -437,116 +439,226 @@ impl Want<'_> {
     }
 }
 
-/// Applies `layers` in order, bottom first, keeping the paths `want` asks for.
+/// One step of a layer, in tar order.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+enum Op {
+    /// A path made (or replaced) with this state.
+    Put(String, FileState),
+    /// `.wh.<name>`: the path and everything under it removed.
+    Whiteout(String),
+    /// `.wh..wh..opq`: everything under the directory from lower layers hidden.
+    Opaque(String),
+}
+
+/// Streams one layer into its steps, for the paths `want` asks for (whiteouts and opaque
+/// markers always). Small text files keep their text while `text_budget` lasts.
+fn layer_ops(
+    image: &Image<'_>,
+    layer: &Layer,
+    want: &Want<'_>,
+    text_budget: &mut usize,
+) -> Result<Vec<Op>, DiffError> {
+    let mut ops = Vec::new();
+    let mut stream = image.layer(layer)?;
+    {
+        let err = |source| DiffError::Layer {
+            digest: layer.digest.clone(),
+            source,
+        };
+        let mut archive = tar::Archive::new(&mut stream);
+        for entry in archive.entries().map_err(err)? {
+            let mut entry = entry.map_err(err)?;
+            let raw = entry.path().map_err(err)?.to_string_lossy().into_owned();
+            let path = normalize(&raw);
+            let (dir, name) = match path.rsplit_once('/') {
+                Some((d, n)) => (d.to_string(), n.to_string()),
+                None => (String::new(), path.clone()),
+            };
+            if name == ".wh..wh..opq" {
+                ops.push(Op::Opaque(dir));
+                continue;
+            }
+            if let Some(hidden) = name.strip_prefix(".wh.") {
+                ops.push(Op::Whiteout(if dir.is_empty() {
+                    hidden.to_string()
+                } else {
+                    format!("{dir}/{hidden}")
+                }));
+                continue;
+            }
+            if path.is_empty() || !want.wants(&path) {
+                continue;
+            }
+            let h = entry.header();
+            let kind = match h.entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => "file",
+                tar::EntryType::Directory => "dir",
+                tar::EntryType::Symlink => "symlink",
+                tar::EntryType::Link => "hardlink",
+                tar::EntryType::Char => "char",
+                tar::EntryType::Block => "block",
+                tar::EntryType::Fifo => "fifo",
+                _ => continue,
+            };
+            let link = entry
+                .link_name()
+                .map_err(err)?
+                .map(|l| l.to_string_lossy().into_owned());
+            let (size, mode, uid, gid) = (
+                h.size().unwrap_or(0),
+                h.mode().unwrap_or(0),
+                h.uid().unwrap_or(0),
+                h.gid().unwrap_or(0),
+            );
+            let (mut sha256, mut text) = (None, None);
+            if kind == "file" {
+                let keep = size <= TEXT_MAX && (size as usize) <= *text_budget;
+                let mut hasher = Sha256::new();
+                let mut small = Vec::new();
+                let mut buf = [0u8; 64 << 10];
+                loop {
+                    let n = entry.read(&mut buf).map_err(err)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    if keep {
+                        small.extend_from_slice(&buf[..n]);
+                    }
+                }
+                sha256 = Some(format!("sha256:{}", hex::encode(hasher.finalize())));
+                if keep
+                    && !small.contains(&0)
+                    && let Ok(s) = String::from_utf8(small)
+                {
+                    *text_budget -= s.len();
+                    text = Some(s);
+                }
+            }
+            ops.push(Op::Put(
+                path,
+                FileState {
+                    kind: kind.to_string(),
+                    size: if kind == "file" { size } else { 0 },
+                    mode: format!("{:o}", mode & 0o7777),
+                    uid,
+                    gid,
+                    link,
+                    sha256,
+                    text,
+                },
+            ));
+        }
+    }
+    stream.finish()?;
+    Ok(ops)
+}
+
+/// Applies one layer's steps to `effect`, keeping the paths `want` asks for.
+fn apply_ops(effect: &mut Effect, ops: Vec<Op>, want: &Want<'_>) {
+    for op in ops {
+        match op {
+            Op::Opaque(dir) => {
+                effect.paths.retain(|p, _| !under(p, &dir));
+                effect.opaque.insert(dir);
+            }
+            Op::Whiteout(target) => {
+                effect.paths.retain(|p, _| !under(p, &target));
+                if want.wants(&target) {
+                    effect.paths.insert(target, Entry::Removed);
+                }
+            }
+            Op::Put(path, state) => {
+                if state.kind != "dir" {
+                    // A non-directory replaces whatever was below this path.
+                    effect.paths.retain(|p, _| !under(p, &path));
+                }
+                if want.wants(&path) {
+                    effect.paths.insert(path, Entry::Present(state));
+                }
+            }
+        }
+    }
+}
+
+/// Per-layer file indexes (every path's state, no text), by diff_id: what a layer holds,
+/// read once. Later diffs look paths up in the shared layers without reading them.
+pub struct Indexes(pub std::path::PathBuf);
+
+impl Indexes {
+    fn path(&self, layer: &Layer) -> std::path::PathBuf {
+        let hex = layer
+            .diff_id
+            .strip_prefix("sha256:")
+            .unwrap_or(&layer.diff_id);
+        self.0.join(format!("{hex}.json.zst"))
+    }
+
+    fn load(&self, layer: &Layer) -> Option<Vec<Op>> {
+        let f = std::fs::File::open(self.path(layer)).ok()?;
+        let d = zstd::stream::read::Decoder::new(f).ok()?;
+        serde_json::from_reader(io::BufReader::new(d)).ok()
+    }
+
+    fn save(&self, layer: &Layer, ops: &[Op]) {
+        let write = || -> io::Result<()> {
+            std::fs::create_dir_all(&self.0)?;
+            let path = self.path(layer);
+            let mut tmp = tempfile::NamedTempFile::new_in(&self.0)?;
+            {
+                let mut z = zstd::stream::write::Encoder::new(&mut tmp, 3)?;
+                serde_json::to_writer(&mut z, ops)?;
+                z.finish()?;
+            }
+            tmp.persist(path).map_err(|e| e.error)?;
+            Ok(())
+        };
+        // An index is a cache: failing to write one costs only speed.
+        let _ = write();
+    }
+}
+
+/// Applies `layers` in order, bottom first, keeping the paths `want` asks for. Each layer
+/// streamed whole (no prefix, every path) leaves its index behind.
 fn apply_layers(
     image: &Image<'_>,
     layers: &[Layer],
     want: &Want<'_>,
     text_budget: &mut usize,
+    indexes: Option<&Indexes>,
 ) -> Result<Effect, DiffError> {
     let mut effect = Effect::default();
     for layer in layers {
-        let mut stream = image.layer(layer)?;
-        {
-            let err = |source| DiffError::Layer {
-                digest: layer.digest.clone(),
-                source,
-            };
-            let mut archive = tar::Archive::new(&mut stream);
-            for entry in archive.entries().map_err(err)? {
-                let mut entry = entry.map_err(err)?;
-                let raw = entry.path().map_err(err)?.to_string_lossy().into_owned();
-                let path = normalize(&raw);
-                let (dir, name) = match path.rsplit_once('/') {
-                    Some((d, n)) => (d.to_string(), n.to_string()),
-                    None => (String::new(), path.clone()),
-                };
-                if name == ".wh..wh..opq" {
-                    effect.paths.retain(|p, _| !under(p, &dir));
-                    effect.opaque.insert(dir);
-                    continue;
-                }
-                if let Some(hidden) = name.strip_prefix(".wh.") {
-                    let target = if dir.is_empty() {
-                        hidden.to_string()
-                    } else {
-                        format!("{dir}/{hidden}")
-                    };
-                    effect.paths.retain(|p, _| !under(p, &target));
-                    if want.wants(&target) {
-                        effect.paths.insert(target, Entry::Removed);
-                    }
-                    continue;
-                }
-                if path.is_empty() || !want.wants(&path) {
-                    continue;
-                }
-                let h = entry.header();
-                let kind = match h.entry_type() {
-                    tar::EntryType::Regular | tar::EntryType::Continuous => "file",
-                    tar::EntryType::Directory => "dir",
-                    tar::EntryType::Symlink => "symlink",
-                    tar::EntryType::Link => "hardlink",
-                    tar::EntryType::Char => "char",
-                    tar::EntryType::Block => "block",
-                    tar::EntryType::Fifo => "fifo",
-                    _ => continue,
-                };
-                let link = entry
-                    .link_name()
-                    .map_err(err)?
-                    .map(|l| l.to_string_lossy().into_owned());
-                let (size, mode, uid, gid) = (
-                    h.size().unwrap_or(0),
-                    h.mode().unwrap_or(0),
-                    h.uid().unwrap_or(0),
-                    h.gid().unwrap_or(0),
-                );
-                let (mut sha256, mut text) = (None, None);
-                if kind == "file" {
-                    let keep = size <= TEXT_MAX && (size as usize) <= *text_budget;
-                    let mut hasher = Sha256::new();
-                    let mut small = Vec::new();
-                    let mut buf = [0u8; 64 << 10];
-                    loop {
-                        let n = entry.read(&mut buf).map_err(err)?;
-                        if n == 0 {
-                            break;
-                        }
-                        hasher.update(&buf[..n]);
-                        if keep {
-                            small.extend_from_slice(&buf[..n]);
-                        }
-                    }
-                    sha256 = Some(format!("sha256:{}", hex::encode(hasher.finalize())));
-                    if keep
-                        && !small.contains(&0)
-                        && let Ok(s) = String::from_utf8(small)
-                    {
-                        *text_budget -= s.len();
-                        text = Some(s);
-                    }
-                }
-                if kind != "dir" {
-                    // A non-directory replaces whatever was below this path.
-                    effect.paths.retain(|p, _| !under(p, &path));
-                }
-                effect.paths.insert(
-                    path,
-                    Entry::Present(FileState {
-                        kind,
-                        size: if kind == "file" { size } else { 0 },
-                        mode: format!("{:o}", mode & 0o7777),
-                        uid,
-                        gid,
-                        link,
-                        sha256,
-                        text,
-                    }),
-                );
-            }
+        let ops = layer_ops(image, layer, want, text_budget)?;
+        if let (Some(ix), Want::All("")) = (indexes, want) {
+            ix.save(layer, &ops);
         }
-        stream.finish()?;
+        apply_ops(&mut effect, ops, want);
+    }
+    Ok(effect)
+}
+
+/// The shared layers' state of the paths `want` asks for: from the layers' indexes where
+/// they exist, else by streaming the layer (and indexing it for next time).
+fn lower_state(
+    image: &Image<'_>,
+    layers: &[Layer],
+    want: &Want<'_>,
+    indexes: Option<&Indexes>,
+) -> Result<Effect, DiffError> {
+    let mut effect = Effect::default();
+    for layer in layers {
+        let ops = match indexes.and_then(|ix| ix.load(layer)) {
+            Some(ops) => ops,
+            None => {
+                let ops = layer_ops(image, layer, &Want::All(""), &mut 0)?;
+                if let Some(ix) = indexes {
+                    ix.save(layer, &ops);
+                }
+                ops
+            }
+        };
+        apply_ops(&mut effect, ops, want);
     }
     Ok(effect)
 }
@@ -616,7 +728,12 @@ fn compare(path: &str, a: Option<&FileState>, b: Option<&FileState>) -> Option<F
 }
 
 /// The paths that differ between `a` and `b` (under `prefix`, if not empty).
-pub fn files(a: &Image<'_>, b: &Image<'_>, prefix: &str) -> Result<Vec<FileChange>, DiffError> {
+pub fn files(
+    a: &Image<'_>,
+    b: &Image<'_>,
+    prefix: &str,
+    indexes: Option<&Indexes>,
+) -> Result<Vec<FileChange>, DiffError> {
     let prefix = normalize(prefix);
     let common = a
         .layers
@@ -626,8 +743,8 @@ pub fn files(a: &Image<'_>, b: &Image<'_>, prefix: &str) -> Result<Vec<FileChang
         .count();
     let mut budget = TEXT_BUDGET;
     let want = Want::All(&prefix);
-    let ea = apply_layers(a, &a.layers[common..], &want, &mut budget)?;
-    let eb = apply_layers(b, &b.layers[common..], &want, &mut budget)?;
+    let ea = apply_layers(a, &a.layers[common..], &want, &mut budget, indexes)?;
+    let eb = apply_layers(b, &b.layers[common..], &want, &mut budget, indexes)?;
     let touched: BTreeSet<String> = ea.paths.keys().chain(eb.paths.keys()).cloned().collect();
     // What the shared layers hold is needed only for paths one side did not touch, and
     // below directories one side made opaque.
@@ -643,11 +760,11 @@ pub fn files(a: &Image<'_>, b: &Image<'_>, prefix: &str) -> Result<Vec<FileChang
         .cloned()
         .collect();
     let lower = if common > 0 && (!one_sided.is_empty() || !opaque.is_empty()) {
-        apply_layers(
+        lower_state(
             a,
             &a.layers[..common],
             &Want::Some(&one_sided, &opaque),
-            &mut budget,
+            indexes,
         )?
     } else {
         Effect::default()
@@ -825,7 +942,7 @@ mod tests {
     #[test]
     fn a_path_resolves_through_whiteouts_and_opaque_dirs() {
         let st = |n: &str| FileState {
-            kind: "file",
+            kind: "file".into(),
             size: 1,
             mode: "644".into(),
             uid: 0,
