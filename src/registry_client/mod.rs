@@ -238,15 +238,24 @@ impl Client {
             .pool_max_idle_per_host(8);
         let mut cas: Vec<PathBuf> = options.ca_file.iter().cloned().collect();
         cas.extend(registry_cas(&reference.registry));
-        for ca in &cas {
-            let pem = std::fs::read(ca).map_err(|source| RegistryError::Io {
-                what: format!("read the CA file {}", ca.display()),
-                source,
-            })?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                RegistryError::Protocol(format!("{} is not a PEM certificate: {e}", ca.display()))
-            })?;
-            builder = builder.add_root_certificate(cert);
+        match tls_config(&cas)? {
+            Some(config) => builder = builder.tls_backend_preconfigured(config),
+            // No system bundle file found: reqwest's platform verifier finds the roots.
+            None => {
+                for ca in &cas {
+                    let pem = std::fs::read(ca).map_err(|source| RegistryError::Io {
+                        what: format!("read the CA file {}", ca.display()),
+                        source,
+                    })?;
+                    let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                        RegistryError::Protocol(format!(
+                            "{} is not a PEM certificate: {e}",
+                            ca.display()
+                        ))
+                    })?;
+                    builder = builder.add_root_certificate(cert);
+                }
+            }
         }
         let http = builder.build().map_err(|e| RegistryError::Transport {
             registry: reference.registry.clone(),
@@ -580,6 +589,61 @@ pub fn pull_scope(repository: &str) -> String {
 /// The push scope of a repository (pull too: pushes HEAD first).
 pub fn push_scope(repository: &str) -> String {
     format!("repository:{repository}:pull,push")
+}
+
+/// The system's CA bundle, as distributions install it (`SSL_CERT_FILE` first).
+const CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Arch
+    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",             // openSUSE
+    "/etc/ssl/cert.pem",                  // Alpine
+];
+
+/// TLS trusting the system's CA bundle plus `extra` PEM files. Reading the one bundle
+/// file costs about a millisecond; the platform verifier's default (every file of
+/// `/etc/ssl/certs` as well) cost most of a short command's time. `None` when no bundle
+/// file exists.
+pub fn tls_config(extra: &[PathBuf]) -> Result<Option<rustls::ClientConfig>, RegistryError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bundle = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(CA_BUNDLES.iter().map(PathBuf::from))
+        .find(|p| p.is_file());
+    let Some(bundle) = bundle else {
+        return Ok(None);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(certs) = CertificateDer::pem_file_iter(&bundle) {
+        roots.add_parsable_certificates(certs.flatten());
+    }
+    for ca in extra {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|e| {
+                RegistryError::Protocol(format!("{} is not a PEM certificate: {e}", ca.display()))
+            })?;
+        if certs.is_empty() {
+            return Err(RegistryError::Protocol(format!(
+                "{} holds no PEM certificate",
+                ca.display()
+            )));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| RegistryError::Protocol(format!("{}: {e}", ca.display())))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| RegistryError::Protocol(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Some(config))
 }
 
 /// Makes ring rustls's crypto provider (once per process; before any reqwest client).
