@@ -140,12 +140,21 @@ async fn copy_manifest(
                         size,
                         action,
                     };
+                    let same = same_registry(src, dst);
+                    // Within one registry a mount is one request whether or not the
+                    // destination has the blob: no HEAD first.
+                    if same && !dry_run && super::push::mount(dst, dst_repo, &d, src_repo).await? {
+                        return Ok((
+                            report(BlobAction::Mount {
+                                from: src_repo.to_string(),
+                            }),
+                            0,
+                        ));
+                    }
                     if blob_exists(dst, dst_repo, &d).await? {
                         return Ok((report(BlobAction::Present), 0));
                     }
-                    if same_registry(src, dst)
-                        && (dry_run || super::push::mount(dst, dst_repo, &d, src_repo).await?)
-                    {
+                    if same && dry_run {
                         return Ok((
                             report(BlobAction::Mount {
                                 from: src_repo.to_string(),
