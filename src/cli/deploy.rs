@@ -251,12 +251,21 @@ pub(super) fn roll_out(
         attempted: false,
     })?;
     let quiet = out.quiet || out.json;
+    // Each step is a line; on a terminal a spinner shows what is being waited for.
+    let spinner = super::progress::Spinner::new(!quiet);
     let mut say = |line: String| {
         if !quiet {
-            eprintln!("{line}");
+            spinner.suspend(|| eprintln!("{line}"));
         }
+        spinner.show(if line.starts_with("starting ") {
+            "waiting for the new replicas to be healthy".to_string()
+        } else {
+            "draining the previous release".to_string()
+        });
     };
-    match local::apply(store, &exe, &g.store_dir(), plan, &mut say) {
+    let applied = local::apply(store, &exe, &g.store_dir(), plan, &mut say);
+    spinner.finish();
+    match applied {
         Ok(record) => Ok(vec![json!({
             "host": "local",
             "release": record.number,
@@ -301,6 +310,29 @@ pub(super) fn record_outcome(
             Err(f.error)
         }
     }
+}
+
+/// The summary of a rollout: each host and the release number it gave the release.
+pub(super) fn host_table(hosts: &[serde_json::Value], out: &mut Output) -> Result<(), CliError> {
+    if out.quiet {
+        return Ok(());
+    }
+    let width = hosts
+        .iter()
+        .filter_map(|h| h["host"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    out.line(format!("{:<width$}  HOST RELEASE", "HOST"))?;
+    for h in hosts {
+        out.line(format!(
+            "{:<width$}  {}",
+            h["host"].as_str().unwrap_or("?"),
+            h["release"]
+        ))?;
+    }
+    Ok(())
 }
 
 /// Appends a release to the environment's ledger.
@@ -406,6 +438,7 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
             "hosts": hosts,
         }))?);
     }
+    host_table(&hosts, out)?;
     out.note(format!(
         "{} release {} is live on {} host(s): {}",
         plan.deployment(),
@@ -650,6 +683,7 @@ fn finish(
             "hosts": hosts,
         }))?);
     }
+    host_table(&hosts, out)?;
     out.note(format!(
         "{} release {} is live ({what}) on {} host(s): {}",
         deployment_name(config),
@@ -740,18 +774,21 @@ pub fn releases(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), 
         return Ok(());
     }
     out.line(format!(
-        "{:<8} {:<9} {:<10} {:<14} {:<28} {:<20} {:<8} REVISION",
+        "{:<8} {:<9} {:<10} {:<14} {:<21} {:<20} {:<8} REVISION",
         "RELEASE", "KIND", "OUTCOME", "DIGEST", "TIME", "ACTOR", "FROM"
     ))?;
     let lower = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
     for r in hist.iter().rev() {
         out.line(format!(
-            "{:<8} {:<9} {:<10} {:<14} {:<28} {:<20} {:<8} {}",
+            "{:<8} {:<9} {:<10} {:<14} {:<21} {:<20} {:<8} {}",
             r.number,
             lower(&r.kind),
             lower(&r.outcome),
             r.digest.short(),
-            r.time,
+            // To the second: the ledger keeps the full precision.
+            r.time
+                .split_once('.')
+                .map_or(r.time.clone(), |(s, _)| format!("{s}Z")),
             r.actor,
             r.source.as_deref().unwrap_or("-"),
             r.revision.as_deref().unwrap_or("-")
@@ -1017,17 +1054,30 @@ fn agent_http(
     let mut b = reqwest::Client::builder().timeout(timeout);
     if let Some(pin) = &config.agent.fingerprint {
         b = b.tls_backend_preconfigured(pinned::client_config(pin.0));
-    } else if let Some(ca) = std::env::var_os("BERTH_AGENT_CA") {
-        let pem = std::fs::read(&ca).map_err(|e| {
-            CliError::failed(miette!(
-                "cannot read BERTH_AGENT_CA {}: {e}",
-                ca.to_string_lossy()
-            ))
-        })?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-            CliError::failed(miette!("BERTH_AGENT_CA is not a PEM certificate: {e}"))
-        })?;
-        b = b.add_root_certificate(cert);
+    } else {
+        let extra: Vec<std::path::PathBuf> = std::env::var_os("BERTH_AGENT_CA")
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .collect();
+        let config = crate::registry_client::tls_config(&extra)
+            .map_err(|e| CliError::failed(miette!("BERTH_AGENT_CA: {e}")))?;
+        match config {
+            Some(c) => b = b.tls_backend_preconfigured(c),
+            None => {
+                for ca in &extra {
+                    let pem = std::fs::read(ca).map_err(|e| {
+                        CliError::failed(miette!(
+                            "cannot read BERTH_AGENT_CA {}: {e}",
+                            ca.display()
+                        ))
+                    })?;
+                    let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                        CliError::failed(miette!("BERTH_AGENT_CA is not a PEM certificate: {e}"))
+                    })?;
+                    b = b.add_root_certificate(cert);
+                }
+            }
+        }
     }
     b.build().map_err(|e| CliError::failed(miette!("{e}")))
 }
@@ -1223,6 +1273,12 @@ pub(super) fn push_to_env(
         .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
     let client =
         Client::new(&dst, &ClientOptions::default()).map_err(super::registry::registry_error)?;
+    // On a terminal, a bar per blob while it uploads; nothing otherwise.
+    let transfers = super::progress::Transfers::new(!(dry_run || out.quiet || out.json));
+    let on_blob = |b: &push::BlobReport| transfers.done(b.digest.short(), None);
+    let bars = transfers.clone();
+    let progress: push::BytesProgress =
+        std::sync::Arc::new(move |d, total, n| bars.advance(d.short(), total, n));
     let pushed = rt
         .block_on(push::push(
             &client,
@@ -1230,8 +1286,8 @@ pub(super) fn push_to_env(
             digest,
             &dst,
             dry_run,
-            &|_| {},
-            None,
+            &on_blob,
+            transfers.active().then_some(progress),
         ))
         .map_err(super::registry::registry_error)?;
     if !(dry_run || out.quiet || out.json) {
@@ -1287,7 +1343,9 @@ fn apply_remote(
     let mut failures: Vec<(String, String)> = Vec::new();
     let mut results = Vec::new();
     let hosts = agent_urls(config);
+    let spinner = super::progress::Spinner::new(!quiet);
     for group in hosts.chunks(batch) {
+        spinner.show(format!("applying on {}", group.join(", ")));
         let outcomes = rt.block_on(futures_util::future::join_all(group.iter().map(|base| {
             let body = serde_json::to_value(&request).expect("a request serialises");
             call(format!("{base}/v1/apply"), body)
@@ -1296,20 +1354,22 @@ fn apply_remote(
             match outcome {
                 Ok(record) => {
                     if !quiet {
-                        eprintln!("{base}: release {} is live", record["number"]);
+                        spinner
+                            .suspend(|| eprintln!("{base}: release {} is live", record["number"]));
                     }
                     results.push(json!({ "host": base, "release": record["number"] }));
                     updated.push(base.clone());
                 }
                 Err(message) => {
                     if !quiet {
-                        eprintln!("{base}: failed: {message}");
+                        spinner.suspend(|| eprintln!("{base}: failed: {message}"));
                     }
                     failures.push((base.clone(), message));
                 }
             }
         }
         if failures.len() > config.rollout.max_failures as usize {
+            spinner.finish();
             if !no_rollback {
                 for done in &updated {
                     let body = json!({ "deployment": plan.deployment() });
@@ -1333,6 +1393,7 @@ fn apply_remote(
             )));
         }
     }
+    spinner.finish();
     Ok(results)
 }
 

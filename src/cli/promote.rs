@@ -364,6 +364,7 @@ pub fn promote(g: &GlobalOpts, args: &PromoteArgs, out: &mut Output) -> Result<(
             "hosts": answers,
         }))?);
     }
+    super::deploy::host_table(&answers, out)?;
     out.note(format!(
         "{} release {} is live on {} host(s), promoted from {source_name}: {digest}",
         deployment_name(&target),
