@@ -264,6 +264,11 @@ pub(super) fn roll_out(
         });
     };
     let applied = local::apply(store, &exe, &g.store_dir(), plan, &mut say);
+    // This process is all there is: the previous release drains and stops before it ends.
+    let applied = applied.map(|(record, retire)| {
+        retire.run(store, &mut say);
+        record
+    });
     spinner.finish();
     match applied {
         Ok(record) => Ok(vec![json!({

@@ -72,6 +72,17 @@ pub struct DeploymentRequest {
     pub digest: Option<Digest>,
 }
 
+/// Runs what is left of an applied release (the old one's drain and stop) off the
+/// request's path; it holds the deployment's lock until done.
+fn finish_in_background(cfg: &Arc<AgentConfig>, retire: local::Retire) {
+    let state = cfg.state.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Ok(store) = Store::open(&state) {
+            retire.run(&store, &mut |line| eprintln!("{line}"));
+        }
+    });
+}
+
 /// Compares without leaking where the first difference is.
 pub fn same_token(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8;
@@ -206,7 +217,11 @@ async fn handle(
             .await
             .expect("the apply task");
             Ok(match done {
-                Ok(record) => reply(StatusCode::OK, serde_json::to_value(&record).expect("json")),
+                Ok((record, retire)) => {
+                    // Live: answer now; the previous release drains and stops after.
+                    finish_in_background(&cfg, retire);
+                    reply(StatusCode::OK, serde_json::to_value(&record).expect("json"))
+                }
                 Err(e) => error_reply(&e),
             })
         }
@@ -259,7 +274,11 @@ async fn handle(
             .await
             .expect("the rollback task");
             Ok(match done {
-                Ok(record) => reply(StatusCode::OK, serde_json::to_value(&record).expect("json")),
+                Ok((record, retire)) => {
+                    // Live: answer now; the previous release drains and stops after.
+                    finish_in_background(&cfg, retire);
+                    reply(StatusCode::OK, serde_json::to_value(&record).expect("json"))
+                }
                 Err(e) => error_reply(&e),
             })
         }

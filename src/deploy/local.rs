@@ -49,7 +49,31 @@ pub fn current(store: &Store, deployment: &str) -> Option<ReleaseRecord> {
 
 /// The deployment's lock: held for the whole deploy, naming its holder.
 struct Lock {
-    _file: std::fs::File,
+    file: std::fs::File,
+}
+
+impl Lock {
+    /// Says the holder is only retiring release `number`, for at most `within`: deploys
+    /// and rollbacks wait for that instead of being refused.
+    fn retiring(&mut self, number: u32, within: Duration) {
+        let until = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::try_from(within).unwrap_or_default())
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        let _ = self.file.set_len(0);
+        let _ = std::io::Seek::seek(&mut self.file, std::io::SeekFrom::Start(0));
+        let _ = write!(self.file, "retiring release {number} until {until}");
+    }
+}
+
+/// When the lock's holder only retires an old release: the time it will be done by.
+fn retiring_until(holder: &str) -> Option<jiff::Timestamp> {
+    holder
+        .strip_prefix("retiring release ")?
+        .split_once(" until ")?
+        .1
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn lock(store: &Store, deployment: &str) -> Result<Lock, DeployError> {
@@ -64,12 +88,19 @@ fn lock(store: &Store, deployment: &str) -> Result<Lock, DeployError> {
         .write(true)
         .open(&path)
         .map_err(|e| DeployError::local("open the deploy lock")(e.to_string()))?;
-    // Brief holders (the agent's reconciler) are waited for; a deploy is not.
+    // Brief holders (the agent's reconciler) are waited for, and so is the retiring of
+    // an old release after its successor went live; a deploy is not.
     let until = Instant::now() + Duration::from_secs(3);
     loop {
         match file.try_lock() {
             Ok(()) => break,
             Err(std::fs::TryLockError::WouldBlock) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock)
+                if retiring_until(&std::fs::read_to_string(&path).unwrap_or_default())
+                    .is_some_and(|t| jiff::Timestamp::now() < t) =>
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -93,7 +124,7 @@ fn lock(store: &Store, deployment: &str) -> Result<Lock, DeployError> {
         std::process::id(),
         now()
     );
-    Ok(Lock { _file: file })
+    Ok(Lock { file })
 }
 
 /// The deployment's lock if it is free right now (the reconciler never waits).
@@ -273,9 +304,9 @@ pub fn apply(
     store_dir: &Path,
     plan: &ReleasePlan,
     say: &mut dyn FnMut(String),
-) -> Result<ReleaseRecord, DeployError> {
+) -> Result<(ReleaseRecord, Retire), DeployError> {
     let deployment = plan.deployment();
-    let _lock = lock(store, &deployment)?;
+    let lock = lock(store, &deployment)?;
     let containers =
         Containers::new(store).map_err(|e| DeployError::local("open containers")(e.to_string()))?;
     let image = store
@@ -475,37 +506,76 @@ pub fn apply(
     list.push(record.clone());
     save_releases(store, &deployment, &list)?;
 
-    // Drain, then stop the previous release; remove releases beyond `keep`.
-    if let Some(prev) = previous {
-        std::thread::sleep(plan.rollout.drain);
-        let ids: Vec<(String, i32, Duration)> = prev
-            .plan
-            .services
+    Ok((
+        record,
+        Retire {
+            lock,
+            previous,
+            list,
+            drain: plan.rollout.drain,
+            keep: plan.rollout.keep,
+        },
+    ))
+}
+
+/// What is left of a release once its traffic is switched: draining and stopping the
+/// release before it, and removing releases beyond `keep`. It holds the deployment's lock
+/// until done, so it can run after the caller has heard that the release is live (an
+/// agent answers first, so the next host's rollout does not wait for this one's drain).
+pub struct Retire {
+    lock: Lock,
+    previous: Option<ReleaseRecord>,
+    list: Vec<ReleaseRecord>,
+    drain: Duration,
+    keep: u32,
+}
+
+impl Retire {
+    /// Drains and stops the previous release; removes releases beyond `keep`.
+    pub fn run(mut self, store: &Store, say: &mut dyn FnMut(String)) {
+        let Ok(containers) = Containers::new(store) else {
+            return;
+        };
+        if let Some(prev) = &self.previous {
+            let grace = prev
+                .plan
+                .services
+                .iter()
+                .map(|s| s.stop_timeout)
+                .max()
+                .unwrap_or_default();
+            self.lock
+                .retiring(prev.number, self.drain + grace + Duration::from_secs(2));
+            std::thread::sleep(self.drain);
+            let ids: Vec<(String, i32, Duration)> = prev
+                .plan
+                .services
+                .iter()
+                .flat_map(|svc| {
+                    let signal = svc.stop_signal.unwrap_or(libc::SIGTERM);
+                    prev.replicas
+                        .get(&svc.name)
+                        .into_iter()
+                        .flatten()
+                        .map(move |id| (id.clone(), signal, svc.stop_timeout))
+                })
+                .collect();
+            stop_all(store, &containers, &ids, self.keep == 0);
+            say(format!("stopped release {}", prev.number));
+        }
+        let retired: Vec<&ReleaseRecord> = self
+            .list
             .iter()
-            .flat_map(|svc| {
-                let signal = svc.stop_signal.unwrap_or(libc::SIGTERM);
-                prev.replicas
-                    .get(&svc.name)
-                    .into_iter()
-                    .flatten()
-                    .map(move |id| (id.clone(), signal, svc.stop_timeout))
-            })
+            .filter(|r| r.outcome == Outcome::Retired)
             .collect();
-        stop_all(store, &containers, &ids, plan.rollout.keep == 0);
-        say(format!("stopped release {}", prev.number));
+        let excess = retired.len().saturating_sub(self.keep as usize);
+        let ids: Vec<(String, i32, Duration)> = retired[..excess]
+            .iter()
+            .flat_map(|r| r.replicas.values().flatten())
+            .map(|id| (id.clone(), libc::SIGKILL, Duration::ZERO))
+            .collect();
+        stop_all(store, &containers, &ids, true);
     }
-    let retired: Vec<&ReleaseRecord> = list
-        .iter()
-        .filter(|r| r.outcome == Outcome::Retired)
-        .collect();
-    let excess = retired.len().saturating_sub(plan.rollout.keep as usize);
-    let ids: Vec<(String, i32, Duration)> = retired[..excess]
-        .iter()
-        .flat_map(|r| r.replicas.values().flatten())
-        .map(|id| (id.clone(), libc::SIGKILL, Duration::ZERO))
-        .collect();
-    stop_all(store, &containers, &ids, true);
-    Ok(record)
 }
 
 /// Stops and removes every replica and router of a deployment.
@@ -567,6 +637,7 @@ pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
             continue;
         };
         remove_unrecorded(store, &containers, &deployment);
+        stop_retired(store, &containers, &deployment);
         let Some(live) = current(store, &deployment) else {
             continue;
         };
@@ -597,6 +668,33 @@ pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
         }
     }
     started
+}
+
+/// Stops replicas of retired releases that still run: a deploy (or agent) that died
+/// between the switch and the end of the old release's drain leaves them.
+fn stop_retired(store: &Store, containers: &Containers, deployment: &str) {
+    let ids: Vec<(String, i32, Duration)> = releases(store, deployment)
+        .iter()
+        .filter(|r| r.outcome == Outcome::Retired)
+        .flat_map(|r| {
+            r.plan.services.iter().flat_map(move |svc| {
+                let signal = svc.stop_signal.unwrap_or(libc::SIGTERM);
+                r.replicas
+                    .get(&svc.name)
+                    .into_iter()
+                    .flatten()
+                    .map(move |id| (id.clone(), signal, svc.stop_timeout))
+            })
+        })
+        .filter(|(id, _, _)| {
+            containers
+                .get(id)
+                .is_ok_and(|c| matches!(c.status, Status::Running | Status::Restarting))
+        })
+        .collect();
+    if !ids.is_empty() {
+        stop_all(store, containers, &ids, false);
+    }
 }
 
 /// Removes the replicas of a release that was being applied when its deploy died (the
@@ -678,4 +776,17 @@ pub fn replica_logs(
     }
     lines.sort_by(|a, b| a.time.cmp(&b.time));
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retiring_holder_says_until_when() {
+        let t = retiring_until("retiring release 3 until 2026-11-30T01:00:00Z").unwrap();
+        assert_eq!(t.to_string(), "2026-11-30T01:00:00Z");
+        assert!(retiring_until("ci@runner (pid 1) since then").is_none());
+        assert!(retiring_until("retiring release 3 until never").is_none());
+    }
 }

@@ -6,7 +6,8 @@
 //! [`RECORD_TYPE`], the empty config, and the record's JSON as its one layer) whose
 //! `subject` is the released image, so `referrers` of an image list its releases (the
 //! referrers API where the registry has it, else the referrers tag scheme). The moving tag
-//! `berth-release-<env>` names the newest record, and each record names the one before it
+//! `berth-release-<env>` names the newest record (the record's manifest is stored by
+//! putting it under that tag, after its blobs), and each record names the one before it
 //! (`previous`), like commits. Records are immutable and content-addressed, so reads walk
 //! back from the tag only as far as the local cache does not already reach.
 //!
@@ -357,25 +358,24 @@ impl Ledger {
             Backend::Registry { client, reference } => {
                 let repo = &reference.repository;
                 let err = self.registry_error();
-                let empty = documents::put_blob(client, repo, EMPTY).await;
-                let layer = documents::put_blob(client, repo, &bytes).await;
+                // The blobs, and the released image as the record's subject (when the
+                // registry has it: a failed deploy may not have pushed it), at once.
+                let (empty, layer, subject) = tokio::join!(
+                    documents::put_blob(client, repo, EMPTY),
+                    documents::put_blob(client, repo, &bytes),
+                    documents::get_manifest(client, repo, release.digest.as_str()),
+                );
                 let (empty, layer) = match (empty, layer) {
                     (Ok(e), Ok(l)) => (e, l),
                     (Err(e), _) | (_, Err(e)) => return Err(err(e)),
                 };
-                // The released image, as the record's subject (when the registry has it:
-                // a failed deploy may not have pushed it).
-                let subject = documents::get_manifest(client, repo, release.digest.as_str())
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|(m, d)| {
-                        json!({
-                            "mediaType": crate::registry_client::push::manifest_media_type(&m),
-                            "digest": d,
-                            "size": m.len(),
-                        })
-                    });
+                let subject = subject.ok().flatten().map(|(m, d)| {
+                    json!({
+                        "mediaType": crate::registry_client::push::manifest_media_type(&m),
+                        "digest": d,
+                        "size": m.len(),
+                    })
+                });
                 let annotations = json!({
                     "org.opencontainers.image.created": release.time,
                     "dev.berth.release.environment": release.environment,
@@ -398,16 +398,23 @@ impl Ledger {
                 }
                 let manifest = serde_json::to_vec(&manifest).expect("a manifest serialises");
                 let id = Digest::of(&manifest);
-                documents::put_manifest(client, repo, id.as_str(), MANIFEST, &manifest)
-                    .await
-                    .map_err(self.registry_error())?;
-                if let Some(s) = subject {
-                    let subject_digest: Digest =
-                        s["digest"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .parse()
-                            .map_err(|e: crate::store::digest::BadDigest| self.corrupt(&id, e))?;
+                // Stored once, under the moving head tag: its blobs are already there, so
+                // the record is complete the moment the head names it. (Putting it by
+                // digest first and then again under the tag made distribution rewrite the
+                // bytes in place while the referrers index naming it was verified:
+                // DIGEST_INVALID.)
+                documents::put_manifest(
+                    client,
+                    repo,
+                    &head_tag(&self.environment),
+                    MANIFEST,
+                    &manifest,
+                )
+                .await
+                .map_err(self.registry_error())?;
+                if let Some(s) = subject
+                    && let Ok(subject_digest) = s["digest"].as_str().unwrap_or_default().parse()
+                {
                     let descriptor = json!({
                         "mediaType": MANIFEST,
                         "digest": id,
@@ -419,50 +426,11 @@ impl Ledger {
                         .await
                         .map_err(self.registry_error())?;
                 }
-                // The head moves last: a record is in the history only once complete.
-                documents::put_manifest(
-                    client,
-                    repo,
-                    &head_tag(&self.environment),
-                    MANIFEST,
-                    &manifest,
-                )
-                .await
-                .map_err(self.registry_error())?;
                 let _ = std::fs::create_dir_all(&self.cache);
                 let _ = std::fs::write(self.cache.join(id.hex()), &bytes);
             }
         }
         Ok(release)
-    }
-
-    /// The records attached to an image (by the referrers API or tag), newest first.
-    pub async fn releases_of(&self, image: &Digest) -> Result<Vec<Release>, LedgerError> {
-        match &self.backend {
-            Backend::Local(_) => Ok(self
-                .history()
-                .await?
-                .into_iter()
-                .rev()
-                .filter(|r| r.digest == *image)
-                .collect()),
-            Backend::Registry { client, reference } => {
-                let list = documents::referrers(client, &reference.repository, image)
-                    .await
-                    .map_err(self.registry_error())?;
-                let mut out = Vec::new();
-                for d in list {
-                    if d["artifactType"] != RECORD_TYPE {
-                        continue;
-                    }
-                    if let Some(id) = d["digest"].as_str().and_then(|s| s.parse().ok()) {
-                        out.push(self.read(&id).await?);
-                    }
-                }
-                out.sort_by_key(|r| std::cmp::Reverse(r.number));
-                Ok(out)
-            }
-        }
     }
 }
 

@@ -177,16 +177,12 @@ async fn referrers_api(
     Ok(Some(v["manifests"].as_array().cloned().unwrap_or_default()))
 }
 
-/// The descriptors of the manifests that refer to `subject`, from the referrers API, else
-/// from the referrers tag.
-pub async fn referrers(
+/// The descriptors listed under the referrers tag of `subject` (none if there is none).
+async fn tag_referrers(
     client: &Client,
     repository: &str,
     subject: &Digest,
 ) -> Result<Vec<Value>, RegistryError> {
-    if let Some(list) = referrers_api(client, repository, subject).await? {
-        return Ok(list);
-    }
     Ok(
         match get_manifest(client, repository, &referrers_tag(subject)).await? {
             Some((bytes, _)) => serde_json::from_slice::<Value>(&bytes)
@@ -211,13 +207,9 @@ pub async fn add_referrer(
         return Ok(());
     }
     let tag = referrers_tag(subject);
-    let mut manifests = match get_manifest(client, repository, &tag).await? {
-        Some((bytes, _)) => serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v["manifests"].as_array().cloned())
-            .unwrap_or_default(),
-        None => Vec::new(),
-    };
+    // Read, add, write: the tag scheme has no compare-and-swap, so two writers attaching
+    // to the same image at the same moment can lose one entry (the OCI spec says as much).
+    let mut manifests = tag_referrers(client, repository, subject).await?;
     if manifests.iter().any(|m| m["digest"] == referrer["digest"]) {
         return Ok(());
     }
