@@ -94,6 +94,35 @@ fn deploys_switch_without_a_failed_request_and_a_broken_release_changes_nothing(
     assert_eq!(st["services"]["web"]["running"], 1);
     assert_eq!(st["services"]["worker"]["running"], 1);
 
+    // `logs --env dev worker -f` follows the live release's replicas, across releases.
+    let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("-C")
+        .arg(p.path())
+        .env("BERTH_STORE", p.path().join(".store"))
+        .args(["logs", "--env", "dev", "worker", "-f"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let followed = {
+        let stdout = follower.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut seen = Vec::new();
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let done = line.contains("worker-2-0 | ticked");
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            seen
+        })
+    };
+
     // A client asks all the time while release two replaces release one.
     write_app(&p, port, "release two\n", None);
     let stop = Arc::new(AtomicBool::new(false));
@@ -133,6 +162,18 @@ fn deploys_switch_without_a_failed_request_and_a_broken_release_changes_nothing(
     assert!(ok.load(Ordering::SeqCst) > 20);
     assert!(http_get(port, "/", 5).unwrap().ends_with("release two\n"));
     assert_eq!(status(&p)["release"], 2);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !followed.is_finished() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let seen = followed.join().unwrap();
+    assert_eq!(
+        seen,
+        ["local worker-1-0 | ticked", "local worker-2-0 | ticked"],
+        "logs -f shows release one's line, then release two's as it comes"
+    );
 
     // The volume outlived release one: both workers ticked into it.
     let ticks = p

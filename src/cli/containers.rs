@@ -350,7 +350,7 @@ pub fn rm(g: &GlobalOpts, args: &RmArgs, out: &mut Output) -> Result<(), CliErro
 }
 
 /// Parses `--since`: an RFC 3339 time or a duration back from now.
-fn parse_since(s: &str) -> Result<jiff::Timestamp, CliError> {
+pub(super) fn parse_since(s: &str) -> Result<jiff::Timestamp, CliError> {
     if let Ok(t) = s.parse::<jiff::Timestamp>() {
         return Ok(t);
     }

@@ -630,14 +630,17 @@ fn parse_scale(s: &str) -> Result<(String, u32), String> {
     Ok((name.to_string(), n))
 }
 
-/// Arguments of `berth logs --env`.
-#[derive(Debug, clap::Args)]
+/// What `berth logs --env E` was asked for (its flags are `berth logs`'s).
+#[derive(Debug)]
 pub struct EnvLogsArgs {
     /// Only this service.
     pub service: Option<String>,
     /// Only the last N lines of each replica.
-    #[arg(short = 'n', long)]
     pub tail: Option<usize>,
+    /// Keep printing new lines.
+    pub follow: bool,
+    /// Only lines since a time (RFC 3339) or for a duration back (10m, 1h30m).
+    pub since: Option<String>,
 }
 
 fn deployment_of(g: &GlobalOpts, env: &str) -> Result<(AppConfig, Store, String), CliError> {
@@ -875,42 +878,100 @@ pub fn env_logs(
     args: &EnvLogsArgs,
     out: &mut Output,
 ) -> Result<(), CliError> {
-    let mut lines: Vec<(String, String)> = Vec::new();
-    if let Some(config) = remote_config(g, env)? {
-        let deployment = deployment_name(&config);
-        let mut query = format!("/v1/logs?deployment={deployment}");
-        if let Some(s) = &args.service {
-            query += &format!("&service={s}");
-        }
-        if let Some(t) = args.tail {
-            query += &format!("&tail={t}");
-        }
-        for (host, answer) in each_agent(&config, reqwest::Method::GET, &query, None)? {
-            let list = answer.map_err(|e| CliError::failed(miette!("{host}: {e}")))?;
-            let list: Vec<local::ReplicaLine> = serde_json::from_value(list).unwrap_or_default();
-            let name = host.split("://").nth(1).unwrap_or(&host).to_string();
+    let remote = remote_config(g, env)?;
+    let local = match &remote {
+        Some(_) => None,
+        None => Some(deployment_of(g, env)?),
+    };
+    // One round: every host's lines (the last `tail`, or those since `since`), by time.
+    let round = |tail: Option<usize>,
+                 since: Option<jiff::Timestamp>|
+     -> Result<Vec<(String, String)>, CliError> {
+        let mut lines: Vec<(String, String)> = Vec::new();
+        if let Some(config) = &remote {
+            let deployment = deployment_name(config);
+            let mut query = format!("/v1/logs?deployment={deployment}");
+            if let Some(s) = &args.service {
+                query += &format!("&service={s}");
+            }
+            if let Some(t) = tail {
+                query += &format!("&tail={t}");
+            }
+            if let Some(t) = since {
+                query += &format!("&since={t}");
+            }
+            for (host, answer) in each_agent(config, reqwest::Method::GET, &query, None)? {
+                let list = answer.map_err(|e| CliError::failed(miette!("{host}: {e}")))?;
+                let list: Vec<local::ReplicaLine> =
+                    serde_json::from_value(list).unwrap_or_default();
+                let name = host.split("://").nth(1).unwrap_or(&host).to_string();
+                lines.extend(
+                    list.into_iter()
+                        .map(|l| (l.time, format!("{name} {} | {}", l.replica, l.log))),
+                );
+            }
+        } else if let Some((_, store, deployment)) = &local {
+            let list = local::replica_logs(store, deployment, args.service.as_deref(), tail, since)
+                .map_err(deploy_error)?;
             lines.extend(
                 list.into_iter()
-                    .map(|l| (l.time, format!("{name} {} | {}", l.replica, l.log))),
+                    .map(|l| (l.time, format!("local {} | {}", l.replica, l.log))),
             );
         }
-    } else {
-        let (_, store, deployment) = deployment_of(g, env)?;
-        let list = local::replica_logs(&store, &deployment, args.service.as_deref(), args.tail)
-            .map_err(deploy_error)?;
-        lines.extend(
-            list.into_iter()
-                .map(|l| (l.time, format!("local {} | {}", l.replica, l.log))),
-        );
-    }
-    lines.sort_by(|a, b| a.0.cmp(&b.0));
-    for (_, l) in lines {
-        out.text(&l)?;
-        if !l.ends_with('\n') {
-            out.text("\n")?;
+        lines.sort();
+        Ok(lines)
+    };
+    let mut print = |lines: &[(String, String)]| -> Result<(), CliError> {
+        for (_, l) in lines {
+            out.text(l)?;
+            if !l.ends_with('\n') {
+                out.text("\n")?;
+            }
         }
+        Ok(())
+    };
+    let since = args
+        .since
+        .as_deref()
+        .map(super::containers::parse_since)
+        .transpose()?;
+    let first = round(args.tail, since)?;
+    print(&first)?;
+    if !args.follow {
+        return Ok(());
     }
-    Ok(())
+    // Follow: ask again every half second for what came since the newest line printed
+    // (lines of that same instant already printed are not printed twice).
+    let mut last = first.last().map(|(t, _)| t.clone());
+    let mut seen: Vec<String> = first
+        .iter()
+        .filter(|(t, _)| Some(t) == last.as_ref())
+        .map(|(_, l)| l.clone())
+        .collect();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let since = last.as_deref().and_then(|t| t.parse().ok()).or(since);
+        let fresh: Vec<(String, String)> = round(None, since)?
+            .into_iter()
+            .filter(|(t, l)| match &last {
+                Some(lt) => t > lt || (t == lt && !seen.contains(l)),
+                None => true,
+            })
+            .collect();
+        if let Some((t, _)) = fresh.last() {
+            if Some(t) != last.as_ref() {
+                seen.clear();
+            }
+            last = Some(t.clone());
+            seen.extend(
+                fresh
+                    .iter()
+                    .filter(|(x, _)| Some(x) == last.as_ref())
+                    .map(|(_, l)| l.clone()),
+            );
+        }
+        print(&fresh)?;
+    }
 }
 
 /// Arguments of `berth agent`.

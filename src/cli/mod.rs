@@ -250,6 +250,8 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
                 &deploy::EnvLogsArgs {
                     service: args.container.clone(),
                     tail: args.tail,
+                    follow: args.follow,
+                    since: args.since.clone(),
                 },
                 out,
             ),

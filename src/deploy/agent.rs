@@ -10,7 +10,8 @@
 //! - `GET /v1/status?deployment=D` → the live release with `services` (running/total
 //!   replicas), or `null`
 //! - `GET /v1/releases?deployment=D` → the host's ledger
-//! - `GET /v1/logs?deployment=D[&service=S][&tail=N]` → the live replicas' log lines
+//! - `GET /v1/logs?deployment=D[&service=S][&tail=N][&since=T]` → the live replicas' log
+//!   lines (since an RFC 3339 time)
 //! - `POST /v1/down` `{deployment}`
 
 use std::convert::Infallible;
@@ -304,8 +305,15 @@ async fn handle(
             };
             let deployment = param("deployment").unwrap_or_default();
             let tail = param("tail").and_then(|t| t.parse().ok());
+            let since = param("since").and_then(|t| t.parse().ok());
             Ok(
-                match local::replica_logs(&store, &deployment, param("service").as_deref(), tail) {
+                match local::replica_logs(
+                    &store,
+                    &deployment,
+                    param("service").as_deref(),
+                    tail,
+                    since,
+                ) {
                     Ok(lines) => reply(StatusCode::OK, serde_json::to_value(&lines).expect("json")),
                     Err(e) => error_reply(&e),
                 },

@@ -746,6 +746,7 @@ pub fn replica_logs(
     deployment: &str,
     service: Option<&str>,
     tail: Option<usize>,
+    since: Option<jiff::Timestamp>,
 ) -> Result<Vec<ReplicaLine>, DeployError> {
     let containers =
         Containers::new(store).map_err(|e| DeployError::local("open containers")(e.to_string()))?;
@@ -759,7 +760,7 @@ pub fn replica_logs(
         }
         for id in ids {
             let Ok(st) = containers.get(id) else { continue };
-            let filter = logs::Filter { tail, since: None };
+            let filter = logs::Filter { tail, since };
             let (recs, _) = logs::read(&containers.dir(id), &filter).map_err(|e| {
                 DeployError::local(format!("read the log of {}", st.name))(e.to_string())
             })?;
