@@ -478,7 +478,10 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
             let rows: Vec<serde_json::Value> = answers
                 .iter()
                 .map(|(h, a)| match a {
-                    Ok(v) => json!({ "host": h, "release": v["number"], "digest": v["digest"], "since": v["time"] }),
+                    Ok(v) => json!({
+                        "host": h, "release": v["number"], "digest": v["digest"],
+                        "since": v["time"], "services": v["services"],
+                    }),
                     Err(e) => json!({ "host": h, "error": e }),
                 })
                 .collect();
@@ -497,12 +500,20 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
                 Ok(v) if v.is_null() => {
                     out.line(format!("{deployment} on {host}: nothing deployed"))?
                 }
-                Ok(v) => out.line(format!(
-                    "{deployment} on {host}: release {} ({}) since {}",
-                    v["number"],
-                    v["digest"].as_str().unwrap_or("?"),
-                    v["time"].as_str().unwrap_or("?")
-                ))?,
+                Ok(v) => {
+                    out.line(format!(
+                        "{deployment} on {host}: release {} ({}), up {}",
+                        v["number"],
+                        v["digest"]
+                            .as_str()
+                            .and_then(|d| d.strip_prefix("sha256:"))
+                            .map_or("?", |d| &d[..d.len().min(12)]),
+                        uptime(v["time"].as_str().unwrap_or_default())
+                    ))?;
+                    for (name, c) in v["services"].as_object().into_iter().flatten() {
+                        out.line(format!("  {name}: {}/{} running", c["running"], c["total"]))?;
+                    }
+                }
                 Err(e) => {
                     failed = true;
                     out.line(format!("{deployment} on {host}: unreachable: {e}"))?;
@@ -552,15 +563,26 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
         }))?);
     }
     out.line(format!(
-        "{deployment} on local: release {} ({}) since {}",
+        "{deployment} on local: release {} ({}), up {}",
         live.number,
         live.digest.short(),
-        live.time
+        uptime(&live.time)
     ))?;
     for (name, v) in services {
         out.line(format!("  {name}: {}/{} running", v["running"], v["total"]))?;
     }
     Ok(())
+}
+
+/// How long since an RFC 3339 time, as `1h2m3s`.
+fn uptime(since: &str) -> String {
+    since
+        .parse::<jiff::Timestamp>()
+        .map(|t| {
+            let secs = jiff::Timestamp::now().as_second() - t.as_second();
+            crate::promote::human(std::time::Duration::from_secs(secs.max(0) as u64))
+        })
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// `berth down --env E`.
