@@ -574,6 +574,12 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
     Ok(())
 }
 
+/// An RFC 3339 time to the second, for people (records keep full precision).
+pub(super) fn to_the_second(t: &str) -> String {
+    t.split_once('.')
+        .map_or(t.to_string(), |(s, _)| format!("{s}Z"))
+}
+
 /// How long since an RFC 3339 time, as `1h2m3s`.
 fn uptime(since: &str) -> String {
     since
@@ -815,10 +821,7 @@ pub fn releases(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), 
             lower(&r.kind),
             lower(&r.outcome),
             r.digest.short(),
-            // To the second: the ledger keeps the full precision.
-            r.time
-                .split_once('.')
-                .map_or(r.time.clone(), |(s, _)| format!("{s}Z")),
+            to_the_second(&r.time),
             r.actor,
             r.source.as_deref().unwrap_or("-"),
             r.revision.as_deref().unwrap_or("-")

@@ -287,7 +287,7 @@ pub fn run(g: &GlobalOpts, args: &DiffArgs, out: &mut Output) -> Result<(), CliE
                 format!(
                     ", release {} of {}{}",
                     r.number,
-                    r.time,
+                    super::deploy::to_the_second(&r.time),
                     r.source
                         .as_ref()
                         .map(|x| format!(" (promoted from {x})"))
