@@ -344,6 +344,18 @@ fn cgroup_limits_stop_allocators_and_fork_bombs() {
     );
     let quota = run_in(&p, &["--cpus", "0.5", "base:1", "true"]);
     assert_eq!(quota.code, 0);
+
+    // The container's cgroup is the root of its cgroup namespace: it sees itself at `/`.
+    let seen = run_in(
+        &p,
+        &["--memory", "64M", "base:1", "cat", "/proc/self/cgroup"],
+    );
+    let memory = seen
+        .stdout
+        .lines()
+        .find(|l| l.contains(":memory:") || l.starts_with("0::"))
+        .unwrap_or_else(|| panic!("{}", seen.stdout));
+    assert!(memory.ends_with(":/"), "{}", seen.stdout);
 }
 
 #[test]

@@ -91,6 +91,7 @@ pub fn run(
         read_only: false,
         mounts: Vec::new(),
         interface: None,
+        cgroup_join: Vec::new(),
         process: Process {
             args: cmd.argv.clone(),
             env: cmd.env.clone(),

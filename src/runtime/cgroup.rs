@@ -124,6 +124,27 @@ impl Cgroup {
         )
     }
 
+    /// The files a process writes `0` into to move itself into the cgroup: v1's `tasks`
+    /// (one thread: the caller must be single-threaded) and v2's `cgroup.procs`.
+    ///
+    /// A process moving itself as a single thread skips the kernel's threadgroup lock,
+    /// whose write side waits for an RCU grace period: writing another process's pid to
+    /// `cgroup.procs` cost 12-18 ms here, writing `0` to `tasks` 0.3 ms. (v2 has no
+    /// single-thread move for domain cgroups; `CLONE_INTO_CGROUP` is its fast path.)
+    pub fn self_join_files(&self) -> Vec<PathBuf> {
+        match self {
+            Cgroup::V2(dir) => vec![dir.join("cgroup.procs")],
+            Cgroup::V1(dirs) => dirs.iter().map(|d| d.join("tasks")).collect(),
+        }
+    }
+
+    /// Moves the calling (single-threaded) process into the cgroup.
+    pub fn join_self(&self) -> io::Result<()> {
+        self.self_join_files()
+            .iter()
+            .try_for_each(|f| write(f, "0"))
+    }
+
     /// Moves a process into the cgroup.
     pub fn add(&self, pid: i32) -> io::Result<()> {
         match self {

@@ -50,7 +50,7 @@ pub fn exec(pid: i32, cgroup: &Cgroup, process: &Process) -> Result<Started, Lau
             };
             // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-            if let Err(e) = cgroup.add(std::process::id() as i32) {
+            if let Err(e) = cgroup.join_self() {
                 fail(125, format!("join the container's cgroup: {e}"));
             }
             for ns in &namespaces {

@@ -207,6 +207,7 @@ pub fn start(
         interface: bridge
             .as_ref()
             .map(|(rec, ip)| Networks::interface(rec, &st.id, *ip)),
+        cgroup_join: Vec::new(),
         process: Process {
             args: spec.args.clone(),
             env: spec.env.clone(),
@@ -221,8 +222,11 @@ pub fn start(
     };
     let cgroup = Cgroup::create(&st.id, &spec.resources.into())
         .map_err(io("create the container's cgroup"))?;
+    let launch = Launch {
+        cgroup_join: cgroup.self_join_files(),
+        ..launch
+    };
     let started = process::start(&launch, &mut |pid| {
-        cgroup.add(pid.as_raw())?;
         if let Some((rec, _)) = &bridge {
             networks
                 .attach(rec, &st.id, pid.as_raw())

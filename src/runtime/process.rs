@@ -101,6 +101,9 @@ pub struct Launch {
     pub interface: Option<super::network::Interface>,
     /// The command.
     pub process: Process,
+    /// Files the container's first process writes `0` into, before anything else, to move
+    /// itself into its cgroup ([`super::cgroup::Cgroup::self_join_files`]).
+    pub cgroup_join: Vec<PathBuf>,
 }
 
 /// Open-file limit given to containers (soft = hard), capped by the host's hard limit.
@@ -216,9 +219,8 @@ pub fn start(
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC;
-    if Path::new("/proc/self/ns/cgroup").exists() {
-        flags |= CloneFlags::CLONE_NEWCGROUP;
-    }
+    // No CLONE_NEWCGROUP here: the child unshares it once it is in its own cgroup, so
+    // the namespace's root is that cgroup (as runc does).
     if launch.network != Network::Host {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -441,11 +443,19 @@ fn container_init(
     etc: &[(Vec<u8>, &'static str)],
     err_w: &OwnedFd,
 ) -> Result<std::convert::Infallible, Fail> {
-    // Wait until the host has placed us in our cgroup.
+    // Wait until the host has done its part (a bridge's veth), then move into our cgroup
+    // ourselves (see `self_join_files`) and make it the root of a new cgroup namespace.
     let mut byte = [0u8; 1];
     File::from(go.try_clone().map_err(fail("dup"))?)
         .read_exact(&mut byte)
         .map_err(fail("wait for the host"))?;
+    for file in &l.cgroup_join {
+        std::fs::write(file, "0").map_err(fail("join the container's cgroup"))?;
+    }
+    if Path::new("/proc/self/ns/cgroup").exists() {
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| fail("create the cgroup namespace")(io::Error::from(e)))?;
+    }
     // Every signal blocked from here: the init inherits the mask and reads them from a
     // signalfd; the command restores the original mask before exec.
     let old_mask = SigSet::all()
