@@ -289,16 +289,7 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         first.stderr
     );
     let addrs = [hosts.addr(0), hosts.addr(1)];
-    let get = |i: usize| -> Option<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect((addrs[i].as_str(), 8080)).ok()?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
+    let get = |i: usize| util::get_once_at(&addrs[i], 8080);
     for i in 0..2 {
         let page = get(i).expect("served on each host");
         assert!(page.ends_with("on two hosts\n"), "host {i}: {page}");
@@ -359,16 +350,9 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         std::thread::spawn(move || {
             let mut ok = 0;
             while !stop.load(Ordering::SeqCst) {
-                use std::io::{Read, Write};
-                let answer = (|| {
-                    let mut s = std::net::TcpStream::connect((addr.as_str(), 8080)).ok()?;
-                    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                        .ok()?;
-                    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-                    let mut out = String::new();
-                    s.read_to_string(&mut out).ok()?;
-                    out.contains(" 200 ").then_some(())
-                })();
+                let answer = util::get_once_at(&addr, 8080)
+                    .filter(|out| out.contains(" 200 "))
+                    .map(|_| ());
                 match answer {
                     Some(()) => ok += 1,
                     None => {
@@ -666,16 +650,7 @@ fn an_agent_killed_mid_rollout_leaves_its_host_consistent_and_the_next_deploy_wo
     };
     deploy().run().ok();
     let addr = hosts.addr(0);
-    let page = || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect((addr.as_str(), 8080)).ok()?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
+    let page = || util::get_once_at(&addr, 8080);
     assert!(page().unwrap().ends_with("before the crash\n"));
 
     // A release whose web replica takes long to become healthy; the agent dies (SIGKILL)

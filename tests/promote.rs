@@ -37,14 +37,7 @@ fn running_on(p: &TempProject, token: &str, env: &str) -> Vec<String> {
 }
 
 fn page(addr: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect((addr, 8080)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
+    util::get_once_at(addr, 8080)
 }
 
 #[test]

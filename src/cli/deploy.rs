@@ -11,7 +11,6 @@ use crate::manifest::schema::{AppConfig, CommandLine};
 use crate::manifest::values::{HostUrl, Protocol, RestartPolicy, VolumeSource};
 use crate::manifest::{Project, schema};
 use crate::promote::ledger::{Kind, Ledger, LedgerError, Release, Verdict};
-use crate::runtime::container::{Containers, Status};
 use crate::runtime::spec::{MountSpec, PortSpec, Proto, Resources, Restart};
 use crate::store::Store;
 
@@ -526,7 +525,6 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
             Ok(())
         };
     }
-    let containers = Containers::new(&store).map_err(super::run::failed)?;
     let Some(live) = local::current(&store, &deployment) else {
         if out.json {
             return Ok(
@@ -536,21 +534,10 @@ pub fn status(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), Cl
         out.line(format!("{deployment}: nothing deployed"))?;
         return Ok(());
     };
-    let mut services = serde_json::Map::new();
-    for (name, ids) in &live.replicas {
-        let running = ids
-            .iter()
-            .filter(|id| {
-                containers
-                    .get(id)
-                    .is_ok_and(|c| c.status == Status::Running)
-            })
-            .count();
-        services.insert(
-            name.clone(),
-            json!({ "running": running, "total": ids.len() }),
-        );
-    }
+    let services: serde_json::Map<String, serde_json::Value> = local::replica_health(&store, &live)
+        .into_iter()
+        .map(|(name, c)| (name, json!({ "running": c.running, "total": c.total })))
+        .collect();
     if out.json {
         return Ok(out.json_value(&json!({
             "environment": config.environment,

@@ -547,20 +547,7 @@ impl Retire {
             self.lock
                 .retiring(prev.number, self.drain + grace + Duration::from_secs(2));
             std::thread::sleep(self.drain);
-            let ids: Vec<(String, i32, Duration)> = prev
-                .plan
-                .services
-                .iter()
-                .flat_map(|svc| {
-                    let signal = svc.stop_signal.unwrap_or(libc::SIGTERM);
-                    prev.replicas
-                        .get(&svc.name)
-                        .into_iter()
-                        .flatten()
-                        .map(move |id| (id.clone(), signal, svc.stop_timeout))
-                })
-                .collect();
-            stop_all(store, &containers, &ids, self.keep == 0);
+            stop_all(store, &containers, &graceful_stops(prev), self.keep == 0);
             say(format!("stopped release {}", prev.number));
         }
         let retired: Vec<&ReleaseRecord> = self
@@ -670,22 +657,29 @@ pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
     started
 }
 
+/// Each replica of a release with its service's stop signal and grace time.
+fn graceful_stops(r: &ReleaseRecord) -> Vec<(String, i32, Duration)> {
+    r.plan
+        .services
+        .iter()
+        .flat_map(|svc| {
+            let signal = svc.stop_signal.unwrap_or(libc::SIGTERM);
+            r.replicas
+                .get(&svc.name)
+                .into_iter()
+                .flatten()
+                .map(move |id| (id.clone(), signal, svc.stop_timeout))
+        })
+        .collect()
+}
+
 /// Stops replicas of retired releases that still run: a deploy (or agent) that died
 /// between the switch and the end of the old release's drain leaves them.
 fn stop_retired(store: &Store, containers: &Containers, deployment: &str) {
     let ids: Vec<(String, i32, Duration)> = releases(store, deployment)
         .iter()
         .filter(|r| r.outcome == Outcome::Retired)
-        .flat_map(|r| {
-            r.plan.services.iter().flat_map(move |svc| {
-                let signal = svc.stop_signal.unwrap_or(libc::SIGTERM);
-                r.replicas
-                    .get(&svc.name)
-                    .into_iter()
-                    .flatten()
-                    .map(move |id| (id.clone(), signal, svc.stop_timeout))
-            })
-        })
+        .flat_map(graceful_stops)
         .filter(|(id, _, _)| {
             containers
                 .get(id)

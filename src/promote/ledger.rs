@@ -464,28 +464,34 @@ pub fn serving_since<'a>(history: &'a [Release], digest: &Digest) -> Option<&'a 
     since
 }
 
+/// A deploy record for tests.
+#[cfg(test)]
+pub(crate) fn sample(number: u32, digest: &Digest, time: &str, outcome: Verdict) -> Release {
+    Release {
+        app: "a".into(),
+        environment: "e".into(),
+        number,
+        digest: digest.clone(),
+        kind: Kind::Deploy,
+        source: None,
+        revision: None,
+        time: time.into(),
+        actor: "x".into(),
+        outcome,
+        error: None,
+        forced: vec![],
+        reason: None,
+        hosts: vec![],
+        previous: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn rec(n: u32, d: &str, outcome: Verdict, t: &str) -> Release {
-        Release {
-            app: "a".into(),
-            environment: "e".into(),
-            number: n,
-            digest: Digest::of(d.as_bytes()),
-            kind: Kind::Deploy,
-            source: None,
-            revision: None,
-            time: t.into(),
-            actor: "x".into(),
-            outcome,
-            error: None,
-            forced: vec![],
-            reason: None,
-            hosts: vec![],
-            previous: None,
-        }
+        sample(n, &Digest::of(d.as_bytes()), t, outcome)
     }
 
     #[test]

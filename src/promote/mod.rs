@@ -174,27 +174,10 @@ pub fn human(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::ledger::Kind;
     use super::*;
 
     fn rec(n: u32, d: &Digest, t: &str, outcome: Verdict) -> Release {
-        Release {
-            app: "a".into(),
-            environment: "uat".into(),
-            number: n,
-            digest: d.clone(),
-            kind: Kind::Deploy,
-            source: None,
-            revision: None,
-            time: t.into(),
-            actor: "x".into(),
-            outcome,
-            error: None,
-            forced: vec![],
-            reason: None,
-            hosts: vec![],
-            previous: None,
-        }
+        super::ledger::sample(n, d, t, outcome)
     }
 
     fn healthy(d: &Digest) -> Vec<HostState> {

@@ -277,6 +277,18 @@ pub fn http_get(port: u16, path: &str, secs: u64) -> Option<String> {
     }
 }
 
+/// One `GET /` to `addr:port` over HTTP/1.0, no retry: the whole response, or `None`.
+pub fn get_once_at(addr: &str, port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((addr, port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
 /// Debian's `docker-registry` (distribution 2.8) on 127.0.0.1 with a free port and its own
 /// storage, killed when dropped. Its access log goes to `log`.
 pub struct Registry {
