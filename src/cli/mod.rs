@@ -1,6 +1,7 @@
 //! The command line: clap structs, one small handler per command, and the one place that
 //! turns errors into reports and exit codes (0 ok, 1 failed operation, 2 bad input).
 
+mod agents;
 mod build;
 mod check;
 mod completions;
@@ -165,7 +166,7 @@ pub enum Command {
     /// Change the number of replicas of services (SERVICE=N).
     Scale(deploy::ScaleArgs),
     /// Run the agent that applies releases to this host over an HTTP API.
-    Agent(deploy::AgentArgs),
+    Agent(agents::AgentArgs),
     /// A service's router (internal).
     #[command(name = "__router", hide = true)]
     Router {
@@ -271,7 +272,7 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Status(args) => deploy::status(g, args, out),
         Command::Down(args) => deploy::down(g, args, out),
         Command::Rollback(args) => deploy::rollback(g, args, out),
-        Command::Agent(args) => deploy::agent(g, args, out),
+        Command::Agent(args) => agents::agent(g, args, out),
         Command::Releases(args) => deploy::releases(g, args, out),
         Command::Promote(args) => promote::promote(g, args, out),
         Command::Diff(args) => diff::run(g, args, out),

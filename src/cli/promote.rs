@@ -7,9 +7,9 @@
 use miette::miette;
 use serde_json::json;
 
+use super::agents::{each_agent, is_remote};
 use super::deploy::{
-    deployment_name, each_agent, host_names, is_remote, print_plan, record_outcome, release_plan,
-    roll_out,
+    deployment_name, host_names, print_plan, record_outcome, release_plan, roll_out,
 };
 use super::{CliError, GlobalOpts, Output};
 use crate::deploy::local;
