@@ -339,6 +339,24 @@ impl Ledger {
     /// Appends `release` (numbered after the newest record, linked to it, stamped now);
     /// returns it as recorded.
     pub async fn append(&self, mut release: Release) -> Result<Release, LedgerError> {
+        // Local appends are serialised by a lock; a registry has no compare-and-swap, so
+        // two appends to one environment at the same instant could both build on the same
+        // head (the hosts' deploy locks make that rare, not impossible).
+        let _lock = match &self.backend {
+            Backend::Local(dir) => {
+                std::fs::create_dir_all(dir).map_err(Self::local_error(dir))?;
+                let path = dir.join("lock");
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(Self::local_error(&path))?;
+                file.lock().map_err(Self::local_error(&path))?;
+                Some(file)
+            }
+            Backend::Registry { .. } => None,
+        };
         let head = self.head().await?;
         release.number = match &head {
             Some(id) => self.read(id).await?.number + 1,
