@@ -257,15 +257,21 @@ pub struct Finished<W> {
 /// as for data that is already compressed (jars, archives, images). Such a chunk is stored
 /// rather than deflated: deflate would spend its full cost to save almost nothing. A pure
 /// function of the bytes, so the output stays deterministic.
+///
+/// Every 8th byte is counted: at least 8192 samples, whose estimate of a uniform source's
+/// entropy falls short by about 0.02 bits, well clear of the threshold. Counting every
+/// byte cost 7% of a cold build's CPU.
 fn incompressible(data: &[u8]) -> bool {
     if data.len() < 64 << 10 {
         return false;
     }
     let mut counts = [0u32; 256];
-    for &b in data {
+    let mut n = 0u32;
+    for &b in data.iter().step_by(8) {
         counts[b as usize] += 1;
+        n += 1;
     }
-    let n = data.len() as f64;
+    let n = f64::from(n);
     let entropy: f64 = counts
         .iter()
         .filter(|&&c| c > 0)
