@@ -614,10 +614,17 @@ pub fn tls_config(extra: &[PathBuf]) -> Result<Option<rustls::ClientConfig>, Reg
     let Some(bundle) = bundle else {
         return Ok(None);
     };
-    let mut roots = rustls::RootCertStore::empty();
-    if let Ok(certs) = CertificateDer::pem_file_iter(&bundle) {
-        roots.add_parsable_certificates(certs.flatten());
-    }
+    // Parsed once per process: a promote or a deploy makes several clients.
+    static SYSTEM: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    let mut roots = SYSTEM
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            if let Ok(certs) = CertificateDer::pem_file_iter(&bundle) {
+                roots.add_parsable_certificates(certs.flatten());
+            }
+            roots
+        })
+        .clone();
     for ca in extra {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
             .and_then(|it| it.collect::<Result<_, _>>())
