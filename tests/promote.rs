@@ -81,15 +81,20 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
     };
     prod("1h");
     let berth = || p.berth().env("BERTH_AGENT_TOKEN", token);
+    // Deploys dev; the digest dev's ledger records for it.
+    let deploy_dev = || {
+        berth().args(["deploy", "--env", "dev"]).run().ok();
+        let dev = json(
+            &berth()
+                .args(["--json", "releases", "--env", "dev"])
+                .run()
+                .ok(),
+        );
+        let newest = dev.as_array().unwrap().last().unwrap();
+        newest["digest"].as_str().unwrap().to_string()
+    };
 
-    berth().args(["deploy", "--env", "dev"]).run().ok();
-    let dev = json(
-        &berth()
-            .args(["--json", "releases", "--env", "dev"])
-            .run()
-            .ok(),
-    );
-    let d1 = dev[0]["digest"].as_str().unwrap().to_string();
+    let d1 = deploy_dev();
 
     // prod requires uat: an image uat never released is refused, whatever the source.
     let skipped = berth()
@@ -159,14 +164,7 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
 
     // A one-file change: dev → uat → prod, only the new blobs cross registries.
     p.file("www/index.html", "version two\n");
-    berth().args(["deploy", "--env", "dev"]).run().ok();
-    let dev = json(
-        &berth()
-            .args(["--json", "releases", "--env", "dev"])
-            .run()
-            .ok(),
-    );
-    let d2 = dev[1]["digest"].as_str().unwrap().to_string();
+    let d2 = deploy_dev();
     assert_ne!(d1, d2);
     berth().args(["promote", "--to", "uat"]).run().ok();
     prod("1s");

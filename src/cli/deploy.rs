@@ -434,25 +434,8 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
     release.revision = plan.revision.clone();
     release.hosts = host_names(&config);
     let result = roll_out(g, &config, &store, &plan, args.no_rollback, out);
-    let (recorded, hosts) = record_outcome(&store, &config, release, result, out)?;
-    if out.json {
-        return Ok(out.json_value(&json!({
-            "environment": plan.environment,
-            "release": recorded.number,
-            "digest": recorded.digest,
-            "revision": recorded.revision,
-            "hosts": hosts,
-        }))?);
-    }
-    host_table(&hosts, out)?;
-    out.note(format!(
-        "{} release {} is live on {} host(s): {}",
-        plan.deployment(),
-        recorded.number,
-        hosts.len(),
-        recorded.digest
-    ))?;
-    if !remote {
+    finish(&store, &config, release, result, out, None)?;
+    if !remote && !out.json {
         for s in &plan.services {
             for p in &s.ports {
                 out.note(format!("  {} on {}", s.name, p.listen_addr()))?;
@@ -689,14 +672,15 @@ fn hosts_result(answers: Vec<HostAnswer>) -> Result<Vec<serde_json::Value>, Roll
     }
 }
 
-/// Records a rollback's or scale's result and says so.
+/// Records a rollout's result and says so: the host table, then what is live (`what`
+/// says why, for a rollback or a scale).
 fn finish(
     store: &Store,
     config: &AppConfig,
     release: Release,
     result: Result<Vec<serde_json::Value>, RolloutFailure>,
     out: &mut Output,
-    what: &str,
+    what: Option<&str>,
 ) -> Result<(), CliError> {
     let (recorded, hosts) = record_outcome(store, config, release, result, out)?;
     if out.json {
@@ -705,14 +689,16 @@ fn finish(
             "release": recorded.number,
             "kind": recorded.kind,
             "digest": recorded.digest,
+            "revision": recorded.revision,
             "hosts": hosts,
         }))?);
     }
     host_table(&hosts, out)?;
     out.note(format!(
-        "{} release {} is live ({what}) on {} host(s): {}",
+        "{} release {} is live{} on {} host(s): {}",
         deployment_name(config),
         recorded.number,
+        what.map(|w| format!(" ({w})")).unwrap_or_default(),
         hosts.len(),
         recorded.digest
     ))?;
@@ -783,7 +769,7 @@ pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result
         };
         roll_out(g, &config, &store, &on_host.plan, false, out)
     };
-    finish(&store, &config, release, result, out, &what)
+    finish(&store, &config, release, result, out, Some(&what))
 }
 
 /// `berth releases --env E`: the environment's ledger, newest first.
@@ -850,7 +836,14 @@ pub fn scale(g: &GlobalOpts, args: &ScaleArgs, out: &mut Output) -> Result<(), C
         release.hosts = host_names(&config);
         release.revision = crate::promote::ledger::current(&history(&store, &config)?)
             .and_then(|r| r.revision.clone());
-        return finish(&store, &config, release, hosts_result(answers), out, &what);
+        return finish(
+            &store,
+            &config,
+            release,
+            hosts_result(answers),
+            out,
+            Some(&what),
+        );
     }
     local_only(&config)?;
     let Some(live) = local::current(&store, &deployment) else {
@@ -864,7 +857,7 @@ pub fn scale(g: &GlobalOpts, args: &ScaleArgs, out: &mut Output) -> Result<(), C
     release.revision = live.revision.clone();
     release.hosts = host_names(&config);
     let result = roll_out(g, &config, &store, &plan, false, out);
-    finish(&store, &config, release, result, out, &what)
+    finish(&store, &config, release, result, out, Some(&what))
 }
 
 /// `plan` with the replica counts of `args`.
