@@ -17,9 +17,7 @@
 //! bounded: at most `2 × threads` chunks of at most [`MAX_CHUNK`] bytes are in flight.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -27,6 +25,8 @@ use std::thread::JoinHandle;
 use flate2::{Compress, Compression, FlushCompress, Status};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+use crate::store::BlobRanges;
 
 /// No cut before this many bytes of a chunk.
 pub const MIN_CHUNK: usize = 512 << 10;
@@ -98,12 +98,12 @@ pub struct ChunkIndex {
 /// offset, length).
 #[derive(Default, Clone)]
 pub struct ReusableChunks {
-    map: HashMap<[u8; 32], (Arc<File>, u64, u64)>,
+    map: HashMap<[u8; 32], (Arc<BlobRanges>, u64, u64)>,
 }
 
 impl ReusableChunks {
     /// Adds the chunks of a blob compressed with `codec` at `level` (others are ignored).
-    pub fn add(&mut self, blob: File, index: &ChunkIndex, codec: Codec, level: u32) {
+    pub fn add(&mut self, blob: BlobRanges, index: &ChunkIndex, codec: Codec, level: u32) {
         if index.level != level || index.codec != codec {
             return;
         }
@@ -339,8 +339,8 @@ fn process(
     crc.update(&data);
     let (compressed, reused) = match reuse.map.get(&hash) {
         Some((file, offset, len)) => {
-            let mut buf = vec![0u8; *len as usize];
-            file.read_exact_at(&mut buf, *offset)?;
+            let mut buf = Vec::new();
+            file.read_into(*offset, *len as usize, &mut buf)?;
             (buf, true)
         }
         None => (compress_chunk(&data, codec, level)?, false),
@@ -666,7 +666,7 @@ mod tests {
         std::fs::write(dir.path().join("old.gz"), &old_gz).unwrap();
         let mut reuse = ReusableChunks::default();
         reuse.add(
-            File::open(dir.path().join("old.gz")).unwrap(),
+            BlobRanges::open(&dir.path().join("old.gz")).unwrap(),
             &old_idx,
             Codec::Gzip,
             1,

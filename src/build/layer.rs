@@ -94,7 +94,7 @@ fn reusable(store: &Store, from: &[Digest], codec: Codec, level: u32) -> Reusabl
         let index = std::fs::read(chunk_index_path(store, d))
             .ok()
             .and_then(|b| serde_json::from_slice::<ChunkIndex>(&b).ok());
-        if let (Some(index), Ok(blob)) = (index, store.open_blob(d)) {
+        if let (Some(index), Ok(blob)) = (index, store.blob_ranges(d)) {
             reuse.add(blob, &index, codec, level);
         }
     }

@@ -8,6 +8,7 @@
 //! and renamed into place. A crash leaves no half blob under a final name.
 
 pub mod digest;
+mod direct;
 pub mod export;
 pub mod gc;
 pub mod image;
@@ -18,6 +19,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use digest::{DiffId, Digest, HashingReader, HashingWriter};
+pub use direct::BlobRanges;
 pub use gc::{GcReport, UseGuard};
 pub use image::{ImageConfig, StoredImage};
 pub use index::{Tag, canonical_json, normalize_tag};
@@ -170,6 +172,15 @@ impl Store {
         })
     }
 
+    /// Opens a blob for reads of byte ranges that bypass the page cache.
+    pub fn blob_ranges(&self, digest: &Digest) -> Result<BlobRanges> {
+        let p = self.blob_path(digest);
+        BlobRanges::open(&p).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
+            _ => StoreError::io("cannot open", p)(e),
+        })
+    }
+
     /// Opens a layer blob as its uncompressed tar stream, by media type: OCI and Docker
     /// gzip (`…tar+gzip`, `…tar.gzip`), zstd (`…tar+zstd`), and plain tar.
     pub fn open_layer(
@@ -204,8 +215,7 @@ impl Store {
             .map_err(StoreError::io("cannot create an ingest file in", &dir))?;
         Ok(BlobWriter {
             store: self.clone(),
-            inner: HashingWriter::new(io::BufWriter::with_capacity(256 << 10, file)),
-            kicked: 0,
+            inner: HashingWriter::new(direct::IngestFile::new(file)),
         })
     }
 
@@ -286,46 +296,12 @@ pub struct StoreLock {
 /// ingest file.
 pub struct BlobWriter {
     store: Store,
-    inner: HashingWriter<io::BufWriter<tempfile::NamedTempFile>>,
-    /// Bytes already handed to the kernel for write-back.
-    kicked: u64,
-}
-
-/// How much a blob writer accumulates before it starts the kernel's write-back.
-const WRITEBACK_STEP: u64 = 32 << 20;
-
-/// Starts write-back of a byte range without waiting for it (`sync_file_range` with
-/// `SYNC_FILE_RANGE_WRITE`), so the fsync at commit finds little left to do. Durability is
-/// still the fsync's job; this only overlaps disk I/O with the work still to come.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range reads no memory of ours; the descriptor is valid for the
-    // duration of the call because `file` is borrowed. Errors are ignored: it is a hint.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
+    inner: HashingWriter<direct::IngestFile>,
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        let written = self.inner.count();
-        if written - self.kicked >= WRITEBACK_STEP {
-            let buffered = self.inner.get_mut();
-            buffered.flush()?;
-            start_writeback(
-                buffered.get_ref().as_file(),
-                self.kicked,
-                written - self.kicked,
-            );
-            self.kicked = written;
-        }
-        Ok(n)
+        self.inner.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -337,11 +313,11 @@ impl BlobWriter {
     /// Flushes, fsyncs, checks digest and size against `expected` (when given) and renames
     /// the ingest file to the blob's final name. Returns the digest and size.
     pub fn commit(self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
-        let (buffered, digest, size) = self.inner.finish();
+        let (file, digest, size) = self.inner.finish();
         let ingest = self.store.state_dir().join("ingest");
-        let tmp = buffered
-            .into_inner()
-            .map_err(|e| StoreError::io("cannot write", &ingest)(e.into_error()))?;
+        let tmp = file
+            .finish()
+            .map_err(StoreError::io("cannot write", &ingest))?;
         if let Some((want, want_size)) = expected
             && (want != &digest || want_size != size)
         {

@@ -1,0 +1,341 @@
+//! Blob I/O that bypasses the page cache.
+//!
+//! Blobs are written once, fsynced, and read later (often much later, often never by this
+//! process), so their bytes need not pass through the page cache: an ingest file is
+//! written with `O_DIRECT` from one aligned buffer, and the chunks a rebuild copies out of
+//! an earlier blob are read the same way. A buffered write costs a copy into freshly
+//! allocated page cache and the write-back the fsync waits for anyway, and a 1 GB build
+//! would evict 1 GB of the user's cache. On virtual machines whose free memory the host
+//! reclaims (virtio-balloon free page reporting; this machine is a Firecracker guest) every
+//! page the guest has not touched lately is expensive: writing a 760 MB blob buffered took
+//! 1.9 s of system time here against 0.25 s direct, and reading it back through a cold
+//! page cache 1.2 s. Filesystems without direct I/O (older tmpfs, some FUSE) fall back to
+//! buffered I/O, with early write-back for writes.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+
+/// Alignment of direct writes: a multiple of every logical block size in use.
+const ALIGN: usize = 4096;
+/// The direct-write buffer.
+const BUFFER: usize = 4 << 20;
+/// In buffered mode, how much is written before the kernel's write-back is started.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+/// A buffer whose window starts at an [`ALIGN`]ed address, as direct I/O needs.
+struct Aligned {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let storage = vec![0u8; len + ALIGN];
+        let start = storage.as_ptr().align_offset(ALIGN);
+        Aligned {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn window(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// An ingest file being filled.
+pub(super) struct IngestFile {
+    file: tempfile::NamedTempFile,
+    buf: Aligned,
+    /// Bytes waiting in the window.
+    filled: usize,
+    direct: bool,
+    /// Bytes handed to the file so far.
+    written: u64,
+    /// Bytes already handed to the kernel's write-back (buffered mode).
+    kicked: u64,
+}
+
+impl IngestFile {
+    /// Wraps a fresh, empty temp file, switching it to direct I/O where possible.
+    pub(super) fn new(file: tempfile::NamedTempFile) -> IngestFile {
+        let direct = set_direct(file.as_file(), true).is_ok();
+        IngestFile {
+            file,
+            buf: Aligned::new(BUFFER),
+            filled: 0,
+            direct,
+            written: 0,
+            kicked: 0,
+        }
+    }
+
+    /// Writes the first `len` bytes of the window (a multiple of [`ALIGN`] in direct mode)
+    /// and moves what follows them to the front.
+    fn write_out(&mut self, len: usize) -> io::Result<()> {
+        let filled = self.filled;
+        let mut done = 0;
+        while done < len {
+            match self.file.as_file().write(&self.buf.window()[done..len]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The filesystem took the flag but not the write: the rest goes buffered.
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.go_buffered()?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.written += len as u64;
+        self.buf.window().copy_within(len..filled, 0);
+        self.filled -= len;
+        if !self.direct && self.written - self.kicked >= WRITEBACK_STEP {
+            start_writeback(self.file.as_file(), self.kicked, self.written - self.kicked);
+            self.kicked = self.written;
+        }
+        Ok(())
+    }
+
+    fn go_buffered(&mut self) -> io::Result<()> {
+        if self.direct {
+            set_direct(self.file.as_file(), false)?;
+            self.direct = false;
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered (the unaligned tail without `O_DIRECT`) and returns the
+    /// file, not yet synced.
+    pub(super) fn finish(mut self) -> io::Result<tempfile::NamedTempFile> {
+        let aligned = self.filled / ALIGN * ALIGN;
+        if aligned > 0 {
+            self.write_out(aligned)?;
+        }
+        if self.filled > 0 {
+            self.go_buffered()?;
+            let filled = self.filled;
+            self.write_out(filled)?;
+        }
+        Ok(self.file)
+    }
+}
+
+impl Write for IngestFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.filled == BUFFER {
+            self.write_out(BUFFER)?;
+        }
+        let filled = self.filled;
+        let n = buf.len().min(BUFFER - filled);
+        self.buf.window()[filled..filled + n].copy_from_slice(&buf[..n]);
+        self.filled += n;
+        Ok(n)
+    }
+
+    /// Writes out whole aligned blocks only: the tail stays until [`IngestFile::finish`].
+    fn flush(&mut self) -> io::Result<()> {
+        let aligned = self.filled / ALIGN * ALIGN;
+        if aligned > 0 {
+            self.write_out(aligned)?;
+        }
+        Ok(())
+    }
+}
+
+/// A blob read by ranges: directly from the disk where the filesystem allows, so reading an
+/// old blob fills no page cache.
+pub struct BlobRanges {
+    file: File,
+    direct: Option<File>,
+}
+
+impl BlobRanges {
+    /// Opens `path` for range reads.
+    pub fn open(path: &Path) -> io::Result<BlobRanges> {
+        let file = File::open(path)?;
+        let direct = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        Ok(BlobRanges { file, direct })
+    }
+
+    /// Reads `len` bytes at `offset` into `out` (replacing its contents).
+    pub fn read_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        out.clear();
+        if let Some(direct) = &self.direct {
+            match read_direct(direct, offset, len, out) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => out.clear(),
+                r => return r,
+            }
+        }
+        out.resize(len, 0);
+        self.file.read_exact_at(out, offset)
+    }
+}
+
+/// Reads the aligned blocks around `[offset, offset + len)` into a per-thread buffer and
+/// appends the range to `out`.
+fn read_direct(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    thread_local! {
+        static BUF: RefCell<Aligned> = RefCell::new(Aligned::new(0));
+    }
+    let first = offset / ALIGN as u64 * ALIGN as u64;
+    let skip = (offset - first) as usize;
+    let span = (skip + len).div_ceil(ALIGN) * ALIGN;
+    BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len < span {
+            *buf = Aligned::new(span.next_power_of_two());
+        }
+        let window = &mut buf.window()[..span];
+        let mut got = 0;
+        // The last block may be short: the read ends at the end of the file.
+        while got < skip + len {
+            match file.read_at(&mut window[got..], first + got as u64) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.extend_from_slice(&window[skip..skip + len]);
+        Ok(())
+    })
+}
+
+fn set_direct(file: &File, on: bool) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    let flags = if on {
+        flags | OFlag::O_DIRECT
+    } else {
+        flags - OFlag::O_DIRECT
+    };
+    fcntl(file, FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// Starts write-back of a byte range without waiting for it (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`), so the fsync at commit finds little left to do. Durability is
+/// still the fsync's job; this only overlaps disk I/O with the work still to come.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: sync_file_range reads no memory of ours; the descriptor is valid for the
+    // duration of the call because `file` is borrowed. Errors are ignored: it is a hint.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn written(chunks: &[&[u8]]) -> (Vec<u8>, bool) {
+        written_as(chunks, true)
+    }
+
+    /// `direct: false` forces the fallback for filesystems without direct I/O.
+    fn written_as(chunks: &[&[u8]], direct: bool) -> (Vec<u8>, bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
+        if !direct {
+            w.go_buffered().unwrap();
+        }
+        let direct = w.direct;
+        for c in chunks {
+            w.write_all(c).unwrap();
+            w.flush().unwrap();
+        }
+        let file = w.finish().unwrap();
+        let mut back = Vec::new();
+        File::open(file.path())
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        (back, direct)
+    }
+
+    #[test]
+    fn every_length_around_the_buffer_and_block_sizes_comes_back_whole() {
+        let big: Vec<u8> = (0..BUFFER * 2 + 3 * ALIGN + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        for len in [
+            0,
+            1,
+            ALIGN - 1,
+            ALIGN,
+            ALIGN + 1,
+            BUFFER - 1,
+            BUFFER,
+            BUFFER + 1,
+            big.len(),
+        ] {
+            let data = &big[..len];
+            // In one write, and in odd pieces with flushes between them.
+            assert_eq!(written(&[data]).0, data, "len {len}");
+            let pieces: Vec<&[u8]> = data.chunks(ALIGN * 3 + 5).collect();
+            assert_eq!(written(&pieces).0, data, "len {len} in pieces");
+            assert_eq!(written_as(&pieces, false).0, data, "len {len} buffered");
+        }
+    }
+
+    #[test]
+    fn ranges_read_back_exactly_wherever_they_start_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..3 * ALIGN + 100).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let direct = BlobRanges::open(&path).unwrap();
+        let buffered = BlobRanges {
+            file: File::open(&path).unwrap(),
+            direct: None,
+        };
+        let mut out = vec![1, 2, 3];
+        for blob in [&direct, &buffered] {
+            for (offset, len) in [
+                (0, 0),
+                (0, 1),
+                (0, ALIGN),
+                (1, ALIGN),
+                (ALIGN - 1, 2),
+                (ALIGN, 2 * ALIGN),
+                (5, data.len() - 5),
+                (data.len() - 1, 1),
+                (0, data.len()),
+            ] {
+                blob.read_into(offset as u64, len, &mut out).unwrap();
+                assert_eq!(out, &data[offset..offset + len], "{offset}+{len}");
+            }
+            let past = blob.read_into(data.len() as u64 - 10, 20, &mut out);
+            assert_eq!(past.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        }
+    }
+
+    #[test]
+    fn the_store_filesystem_takes_direct_writes() {
+        // Not a requirement (there is a fallback), but this machine's filesystems do: the
+        // test keeps the fast path from silently disappearing.
+        let (_, direct) = written(&[b"x"]);
+        let fs = nix::sys::statfs::statfs(&std::env::temp_dir()).unwrap();
+        if fs.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC {
+            assert!(direct, "ext4 accepts O_DIRECT");
+        }
+    }
+}
