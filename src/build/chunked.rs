@@ -12,7 +12,7 @@
 //! the previous build.
 //!
 //! That is what makes a one-file rebuild cheap: every layer gets a chunk index (chunk
-//! sha256 → where its compressed bytes sit in the blob), and a new layer copies a chunk's
+//! BLAKE3 → where its compressed bytes sit in the blob), and a new layer copies a chunk's
 //! compressed bytes from an older blob instead of compressing it again. Memory stays
 //! bounded: at most `2 × threads` chunks of at most [`MAX_CHUNK`] bytes are in flight.
 
@@ -34,6 +34,75 @@ pub const MIN_CHUNK: usize = 512 << 10;
 pub const MAX_CHUNK: usize = 4 << 20;
 /// After the minimum, a cut where the gear hash's top 20 bits are zero: 1 MiB on average.
 const CUT_MASK: u64 = 0xFFFF_F000_0000_0000;
+
+/// Bytes taken into a chunk's buffer between searches for a cut.
+const SCAN_STEP: usize = 256 << 10;
+
+/// The gear hash after `window` (64 bytes): a byte's contribution is shifted out 64 bytes
+/// later, so the hash at any position depends on the 64 bytes ending there and nothing
+/// before them.
+fn gear_over(window: &[u8]) -> u64 {
+    window
+        .iter()
+        .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[b as usize]))
+}
+
+/// The first cut in `buf[from..to]`: the end of the first byte `j` whose gear hash (over
+/// `buf[j - 63..=j]`) has its top bits clear, as `j + 1`. Needs `from >= 64`.
+fn find_cut_serial(buf: &[u8], from: usize, to: usize) -> Option<usize> {
+    let mut h = gear_over(&buf[from - 64..from]);
+    for (j, &b) in buf[from..to].iter().enumerate() {
+        h = (h << 1).wrapping_add(GEAR[b as usize]);
+        if h & CUT_MASK == 0 {
+            return Some(from + j + 1);
+        }
+    }
+    None
+}
+
+/// [`find_cut_serial`], four times as wide: the range is split into four lanes hashed in
+/// one loop. One lane is a chain of dependent shifts and adds (2 cycles a byte); four
+/// independent chains keep the core busy. Each lane starts from the 64 bytes before it, so
+/// the hashes, and the cut, are exactly the serial ones.
+fn find_cut(buf: &[u8], from: usize, to: usize) -> Option<usize> {
+    const LANES: usize = 4;
+    if to <= from {
+        return None;
+    }
+    let n = to - from;
+    if n < LANES * 1024 {
+        return find_cut_serial(buf, from, to);
+    }
+    let lane = n / LANES;
+    let start = |k: usize| from + k * lane;
+    let hash = |k: usize| gear_over(&buf[start(k) - 64..start(k)]);
+    let (mut h0, mut h1, mut h2, mut h3) = (hash(0), hash(1), hash(2), hash(3));
+    let mut first = [usize::MAX; LANES];
+    let lane_bytes = |k: usize| &buf[start(k)..start(k) + lane];
+    let (l0, l1, l2, l3) = (lane_bytes(0), lane_bytes(1), lane_bytes(2), lane_bytes(3));
+    for (i, (((&a, &b), &c), &d)) in l0.iter().zip(l1).zip(l2).zip(l3).enumerate() {
+        h0 = (h0 << 1).wrapping_add(GEAR[a as usize]);
+        h1 = (h1 << 1).wrapping_add(GEAR[b as usize]);
+        h2 = (h2 << 1).wrapping_add(GEAR[c as usize]);
+        h3 = (h3 << 1).wrapping_add(GEAR[d as usize]);
+        if (h0 & CUT_MASK == 0) | (h1 & CUT_MASK == 0) | (h2 & CUT_MASK == 0) | (h3 & CUT_MASK == 0)
+        {
+            for (k, h) in [h0, h1, h2, h3].into_iter().enumerate() {
+                if h & CUT_MASK == 0 && first[k] == usize::MAX {
+                    first[k] = i;
+                }
+            }
+            if first[0] != usize::MAX {
+                break; // Nothing can come before lane 0's first cut.
+            }
+        }
+    }
+    if let Some(k) = first.iter().position(|&i| i != usize::MAX) {
+        return Some(start(k) + first[k] + 1);
+    }
+    // What the four lanes left over (fewer than four bytes).
+    find_cut_serial(buf, start(LANES), to)
+}
 
 /// gzip header: magic, deflate, no flags, mtime 0, no extra flags, OS unknown (as Go writes).
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
@@ -229,7 +298,8 @@ pub struct ChunkedWriter<W: Write + Send + 'static> {
     threads: usize,
     reuse: Arc<ReusableChunks>,
     buf: Vec<u8>,
-    gear: u64,
+    /// `buf[..scanned]` holds no cut.
+    scanned: usize,
     next_index: u64,
     next_to_write: u64,
     pending: BTreeMap<u64, Done>,
@@ -377,7 +447,7 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
             threads: threads.max(1),
             reuse: Arc::new(reuse),
             buf: Vec::with_capacity(MIN_CHUNK * 2),
-            gear: 0,
+            scanned: 0,
             next_index: 0,
             next_to_write: 0,
             pending: BTreeMap::new(),
@@ -449,9 +519,18 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
         self.drain_ready()
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(MIN_CHUNK * 2));
-        self.gear = 0;
+    /// Submits `buf[..at]` as a chunk; the rest starts the next one.
+    fn submit_at(&mut self, at: usize) -> io::Result<()> {
+        let mut next = Vec::with_capacity(MIN_CHUNK * 2);
+        next.extend_from_slice(&self.buf[at..]);
+        self.buf.truncate(at);
+        self.scanned = 0;
+        self.submit_buffer(next)
+    }
+
+    /// Submits `buf` as a chunk and carries on with `next`.
+    fn submit_buffer(&mut self, next: Vec<u8>) -> io::Result<()> {
+        let data = std::mem::replace(&mut self.buf, next);
         let index = self.next_index;
         self.next_index += 1;
         if self.threads == 1 {
@@ -479,7 +558,7 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
                 self.pending.insert(0, done);
                 self.drain_ready()?;
             } else {
-                self.submit()?;
+                self.submit_buffer(Vec::new())?;
             }
         }
         while self.next_to_write < self.next_index {
@@ -520,50 +599,59 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
     }
 }
 
+impl<W: Write + Send + 'static> ChunkedWriter<W> {
+    /// How many bytes the buffer takes before the next search for a cut. Small steps keep
+    /// the bytes after a cut, which move to the next chunk's buffer, few.
+    fn step(&self) -> usize {
+        (MAX_CHUNK - self.buf.len()).min(SCAN_STEP)
+    }
+
+    /// Cuts off and submits the chunks whose end lies in the buffer.
+    fn cut_buffered(&mut self) -> io::Result<()> {
+        loop {
+            let len = self.buf.len();
+            let from = self.scanned.max(MIN_CHUNK);
+            match find_cut(&self.buf, from, len) {
+                Some(at) => self.submit_at(at)?,
+                None if len == MAX_CHUNK => {
+                    self.submit_buffer(Vec::with_capacity(MIN_CHUNK * 2))?
+                }
+                None => {
+                    self.scanned = len;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Writes up to `n` bytes read from `reader`, read straight into the chunk buffer (no
+    /// intermediate copy); returns how many there were (fewer than `n` only if the reader
+    /// ended).
+    pub fn write_from(&mut self, reader: &mut impl io::Read, n: u64) -> io::Result<u64> {
+        let mut left = n;
+        while left > 0 {
+            let take = (self.step() as u64).min(left);
+            self.buf.reserve(take as usize);
+            let mut limited = io::Read::take(&mut *reader, take);
+            let got = io::Read::read_to_end(&mut limited, &mut self.buf)?;
+            if got == 0 {
+                break;
+            }
+            left -= got as u64;
+            self.cut_buffered()?;
+        }
+        Ok(n - left)
+    }
+}
+
 impl<W: Write + Send + 'static> Write for ChunkedWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut rest = data;
         while !rest.is_empty() {
-            // Below the minimum no cut can happen: copy without hashing, except the last 64
-            // bytes before it, which fill the gear hash's window.
-            let have = self.buf.len();
-            if have + 64 < MIN_CHUNK {
-                let take = (MIN_CHUNK - 64 - have).min(rest.len());
-                self.buf.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                continue;
-            }
-            let mut h = self.gear;
-            let mut cut = None;
-            let limit = (MAX_CHUNK - have).min(rest.len());
-            let window = &rest[..limit];
-            // The bytes before the minimum only fill the hash's window: no cut test there.
-            let warm = MIN_CHUNK.saturating_sub(have).min(limit);
-            for &b in &window[..warm] {
-                h = (h << 1).wrapping_add(GEAR[b as usize]);
-            }
-            for (i, &b) in window[warm..].iter().enumerate() {
-                h = (h << 1).wrapping_add(GEAR[b as usize]);
-                if h & CUT_MASK == 0 {
-                    cut = Some(warm + i + 1);
-                    break;
-                }
-            }
-            self.gear = h;
-            match cut {
-                Some(n) => {
-                    self.buf.extend_from_slice(&rest[..n]);
-                    rest = &rest[n..];
-                    self.submit()?;
-                }
-                None => {
-                    self.buf.extend_from_slice(&rest[..limit]);
-                    rest = &rest[limit..];
-                    if self.buf.len() == MAX_CHUNK {
-                        self.submit()?;
-                    }
-                }
-            }
+            let take = self.step().min(rest.len());
+            self.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            self.cut_buffered()?;
         }
         Ok(data.len())
     }
@@ -698,6 +786,43 @@ mod tests {
                 .unwrap();
             assert_eq!(back, data, "len {len}");
         }
+    }
+
+    #[test]
+    fn the_four_lane_cut_search_finds_the_serial_cut() {
+        // Cuts are rare (one per MiB past the minimum), so plant some: a 64-byte window
+        // copied from a place where the serial search cut makes a cut wherever it goes.
+        let mut data = sample(24 << 20, 9);
+        let cut = find_cut_serial(&data, 64, data.len()).expect("24 MiB hold a cut");
+        let window = data[cut - 64..cut].to_vec();
+        for at in [100_000, 100_700, 3 << 20, (3 << 20) + 5, 9 << 20] {
+            data[at - 64..at].copy_from_slice(&window);
+        }
+        let mut seed = 1u64;
+        let mut next = |below: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % below
+        };
+        let mut ranges = vec![
+            (64, data.len()),
+            (64, 64),
+            (100, 99),
+            (64, 4160),
+            (64, 4161),
+        ];
+        ranges.extend((0..300).map(|_| {
+            let from = 64 + next(data.len() - 64);
+            (from, from + next((data.len() - from).min(6 << 20) + 1))
+        }));
+        let mut found = 0;
+        for (from, to) in ranges {
+            let serial = find_cut_serial(&data, from, to.max(from));
+            assert_eq!(find_cut(&data, from, to), serial, "{from}..{to}");
+            found += usize::from(serial.is_some());
+        }
+        assert!(found > 100, "the ranges hold cuts: {found}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! given mtime (from `SOURCE_DATE_EPOCH` or zero), no user or group names, no device
 //! numbers, ownership and mode as given.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use oci_spec::image::{Descriptor, MediaType};
 
@@ -183,18 +183,20 @@ impl LayerWriter {
         content: impl Read,
     ) -> io::Result<()> {
         let mut h = Self::header(tar::EntryType::Regular, meta, size);
-        let mut exact = ExactReader {
-            inner: content,
-            left: size,
-        };
-        self.tar.append_data(&mut h, path, &mut exact)?;
-        if exact.left != 0 {
+        // The header (and any long-name records) through the tar crate, which pads after
+        // the bytes it copied: none. The content is read straight into the compressor's
+        // chunk buffer, not through the tar crate's 8 KiB copy loop.
+        self.tar.append_data(&mut h, path, io::empty())?;
+        let out = self.tar.get_mut();
+        let mut content = content;
+        if out.write_from(&mut content, size)? != size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("{path} shrank while it was being read"),
             ));
         }
-        Ok(())
+        let pad = (512 - size % 512) % 512;
+        out.write_all(&[0u8; 512][..pad as usize])
     }
 
     /// Appends a symlink.
@@ -237,25 +239,6 @@ impl LayerWriter {
             tar_size,
             media_type: self.media_type.to_string(),
         })
-    }
-}
-
-/// Reads at most `left` bytes and errors if the source has more: a file that grows while it
-/// is archived must not corrupt the tar stream.
-struct ExactReader<R> {
-    inner: R,
-    left: u64,
-}
-
-impl<R: Read> Read for ExactReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 {
-            return Ok(0);
-        }
-        let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        let n = self.inner.read(&mut buf[..max])?;
-        self.left -= n as u64;
-        Ok(n)
     }
 }
 

@@ -196,7 +196,7 @@ fn read_direct(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> io::R
     BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         if buf.len < span {
-            *buf = Aligned::new(span.next_power_of_two());
+            *buf = Aligned::new(span.next_multiple_of(256 << 10));
         }
         let window = &mut buf.window()[..span];
         let mut got = 0;
