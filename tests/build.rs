@@ -594,3 +594,57 @@ fn add_extracts_local_archives_and_import_reads_tars() {
         .ok();
     assert_eq!(out.stdout, "imported\n");
 }
+
+/// Unmounts a test's mount when dropped, also when the test fails.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_is_blamed_on_the_store_not_the_context() {
+    let p = TempProject::new();
+    p.file(
+        "berth.toml",
+        "[app]\nname = \"big\"\n[image]\nfrom = \"scratch\"\ncontext = \"app\"\n\
+         [[image.steps]]\ncopy = [\".\", \"/app/\"]\n",
+    );
+    let store = p.path().join("small-store");
+    std::fs::create_dir(&store).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &store,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .expect("mount a 4 MiB tmpfs");
+    let _mounted = Mounted(store.clone());
+    // 12 MiB that do not compress: the layer cannot fit.
+    let big: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    p.file("app/small.txt", "small\n");
+    std::fs::write(p.path().join("app/big.bin"), &big).unwrap();
+    let run = p
+        .berth()
+        .env("BERTH_STORE", store.join("s").to_str().unwrap())
+        .args(["build"])
+        .run()
+        .code(1);
+    assert!(
+        run.stderr.contains("cannot write a layer into the store")
+            && run.stderr.contains("No space left on device"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("build context"), "{}", run.stderr);
+    // Nothing half-written is left behind.
+    let ingest = std::fs::read_dir(store.join("s/berth/ingest"))
+        .unwrap()
+        .count();
+    assert_eq!(ingest, 0);
+}

@@ -35,6 +35,27 @@ pub const MAX_CHUNK: usize = 4 << 20;
 /// After the minimum, a cut where the gear hash's top 20 bits are zero: 1 MiB on average.
 const CUT_MASK: u64 = 0xFFFF_F000_0000_0000;
 
+/// An error of the compression pipeline or of the writer behind it (the blob's disk),
+/// marked so that a caller does not blame the input it was reading.
+#[derive(Debug)]
+pub struct OutputError(pub io::Error);
+
+impl std::fmt::Display for OutputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for OutputError {}
+
+/// Marks `e` as an [`OutputError`] (once).
+fn output(e: io::Error) -> io::Error {
+    if e.get_ref().is_some_and(|r| r.is::<OutputError>()) {
+        return e;
+    }
+    io::Error::new(e.kind(), OutputError(e))
+}
+
 /// Bytes taken into a chunk's buffer between searches for a cut.
 const SCAN_STEP: usize = 256 << 10;
 
@@ -547,8 +568,13 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
     }
 
     /// Compresses what is left, writes the final block and trailer, and returns the inner
-    /// writer with the blob's chunk index and the uncompressed stream's digest.
-    pub fn finish(mut self) -> io::Result<Finished<W>> {
+    /// writer with the blob's chunk index and the uncompressed stream's digest. Errors are
+    /// [`OutputError`]s.
+    pub fn finish(self) -> io::Result<Finished<W>> {
+        self.finish_output().map_err(output)
+    }
+
+    fn finish_output(mut self) -> io::Result<Finished<W>> {
         if !self.buf.is_empty() {
             if self.threads > 1 && self.next_index == 0 {
                 // A stream of one chunk: no pool needed.
@@ -606,8 +632,13 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
         (MAX_CHUNK - self.buf.len()).min(SCAN_STEP)
     }
 
-    /// Cuts off and submits the chunks whose end lies in the buffer.
+    /// Cuts off and submits the chunks whose end lies in the buffer. Its errors are the
+    /// pipeline's, marked as [`OutputError`]s.
     fn cut_buffered(&mut self) -> io::Result<()> {
+        self.cut_and_submit().map_err(output)
+    }
+
+    fn cut_and_submit(&mut self) -> io::Result<()> {
         loop {
             let len = self.buf.len();
             let from = self.scanned.max(MIN_CHUNK);
@@ -626,7 +657,8 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
 
     /// Writes up to `n` bytes read from `reader`, read straight into the chunk buffer (no
     /// intermediate copy); returns how many there were (fewer than `n` only if the reader
-    /// ended).
+    /// ended). The reader's errors come back as they are, the pipeline's as
+    /// [`OutputError`]s.
     pub fn write_from(&mut self, reader: &mut impl io::Read, n: u64) -> io::Result<u64> {
         let mut left = n;
         while left > 0 {
@@ -823,6 +855,38 @@ mod tests {
             found += usize::from(serial.is_some());
         }
         assert!(found > 100, "the ranges hold cuts: {found}");
+    }
+
+    #[test]
+    fn output_errors_are_marked_and_input_errors_are_not() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        struct Broken;
+        impl io::Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
+        let marked = |e: &io::Error| e.get_ref().is_some_and(|r| r.is::<OutputError>());
+        let mut w = ChunkedWriter::new(Full, Codec::Gzip, 1, 2, ReusableChunks::default()).unwrap();
+        let e = w.write_from(&mut Broken, 10).unwrap_err();
+        assert!(!marked(&e), "{e:?}");
+        // The disk fills up: seen at a later write or at the end, marked either way.
+        let data = sample(8 * MAX_CHUNK, 5);
+        let e = match w.write_from(&mut &data[..], data.len() as u64) {
+            Err(e) => e,
+            Ok(_) => w.finish().err().expect("the full disk is noticed"),
+        };
+        assert!(marked(&e), "{e:?}");
+        assert_eq!(e.raw_os_error(), None);
+        assert!(e.to_string().contains("No space left"), "{e}");
     }
 
     #[test]

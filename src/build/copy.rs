@@ -12,7 +12,7 @@ use super::archive;
 use super::cache::{ContentHashReader, StatCache};
 use super::context::{Context, ContextEntry, EntryKind};
 use super::imagefs::{FsKind, FsNode, ImageFs, normalize, open_layer};
-use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
+use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter, entry_error};
 use crate::store::{Digest, Store, StoreError};
 
 /// What a planned entry holds.
@@ -567,9 +567,11 @@ pub fn write_plan(
 ) -> Result<(Layer, Vec<(String, FsNode)>), BuildError> {
     let mut w = LayerWriter::new(store, compression, reuse_from)?;
     let mut nodes = Vec::with_capacity(plan.len());
-    let werr = |path: &str, e: io::Error| BuildError::Context {
-        path: PathBuf::from(format!("/{path}")),
-        source: e,
+    let werr = |path: &str, e: io::Error| {
+        entry_error(e, |source| BuildError::Context {
+            path: PathBuf::from(format!("/{path}")),
+            source,
+        })
     };
     for (path, p) in plan {
         let (kind, size) = match &p.content {
@@ -607,9 +609,11 @@ pub fn write_plan(
                         .map(|slot| (slot, *stamp)),
                     _ => None,
                 };
-                let ctx_err = |e| BuildError::Context {
-                    path: src.clone(),
-                    source: e,
+                let ctx_err = |e| {
+                    entry_error(e, |source| BuildError::Context {
+                        path: src.clone(),
+                        source,
+                    })
                 };
                 match slot {
                     Some((slot, stamp)) => {

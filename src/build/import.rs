@@ -13,7 +13,7 @@ use oci_spec::image::{HistoryBuilder, ImageConfiguration, Os};
 
 use super::BuildError;
 use super::archive;
-use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
+use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter, entry_error};
 use crate::store::{ImageConfig, Store, StoredImage};
 
 /// What an import produced.
@@ -25,9 +25,11 @@ pub struct Imported {
 }
 
 fn ctx_err(path: &Path) -> impl Fn(io::Error) -> BuildError + '_ {
-    move |e| BuildError::Context {
-        path: path.to_path_buf(),
-        source: e,
+    move |e| {
+        entry_error(e, |source| BuildError::Context {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -127,9 +129,11 @@ fn import_dir(w: &mut LayerWriter, root: &Path, epoch: u64) -> Result<usize, Bui
 fn import_tar(w: &mut LayerWriter, path: &Path, epoch: u64) -> Result<usize, BuildError> {
     // Anything that is not gzip is read as a plain tar (old archives lack the ustar magic).
     let kind = archive::sniff(path)?.unwrap_or(archive::Kind::Tar);
-    let bad = |e: io::Error| BuildError::Archive {
-        path: path.to_path_buf(),
-        why: e.to_string(),
+    let bad = |e: io::Error| {
+        entry_error(e, |e| BuildError::Archive {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })
     };
     let mut skipped = 0;
     archive::for_each(path, kind, |e, content| {

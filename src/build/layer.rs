@@ -11,7 +11,8 @@ use std::io::{self, Read, Write};
 
 use oci_spec::image::{Descriptor, MediaType};
 
-use super::chunked::{ChunkIndex, ChunkedWriter, Codec, ReusableChunks};
+use super::BuildError;
+use super::chunked::{ChunkIndex, ChunkedWriter, Codec, OutputError, ReusableChunks};
 use crate::manifest::schema::Compression;
 use crate::store::{BlobWriter, DiffId, Digest, Store, StoreError};
 
@@ -106,6 +107,17 @@ pub struct LayerWriter {
     tar: tar::Builder<ChunkedWriter<BlobWriter>>,
     media_type: &'static str,
     store: Store,
+}
+
+/// The build error for an entry that could not be added: the store's when the layer could
+/// not be written (a full disk, say), else what `otherwise` makes of it (a failure to read
+/// the entry's source, usually).
+pub fn entry_error(e: io::Error, otherwise: impl FnOnce(io::Error) -> BuildError) -> BuildError {
+    if e.get_ref().is_some_and(|r| r.is::<OutputError>()) {
+        let inner = e.into_inner().expect("checked").downcast::<OutputError>();
+        return BuildError::Store(io_err(inner.expect("checked").0));
+    }
+    otherwise(e)
 }
 
 fn io_err(e: io::Error) -> StoreError {

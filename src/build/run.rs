@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::BuildError;
-use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter};
+use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter, entry_error};
 use crate::runtime::process::{self, Launch, LaunchError, Network, Process};
 use crate::runtime::snapshot::LayerRef;
 use crate::runtime::{caps, rootfs};
@@ -39,9 +39,11 @@ const MOUNT_POINTS: [&str; 3] = ["dev", "proc", "sys"];
 const NETWORK_FILES: [&str; 3] = ["etc/hostname", "etc/hosts", "etc/resolv.conf"];
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> BuildError + '_ {
-    move |source| BuildError::Context {
-        path: path.to_path_buf(),
-        source,
+    move |e| {
+        entry_error(e, |source| BuildError::Context {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
