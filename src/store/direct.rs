@@ -89,7 +89,10 @@ impl IngestFile {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The filesystem took the flag but not the write: the rest goes buffered.
-                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                Err(e)
+                    if self.direct
+                        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+                {
                     self.go_buffered()?
                 }
                 Err(e) => return Err(e),
@@ -175,7 +178,9 @@ impl BlobRanges {
         out.clear();
         if let Some(direct) = &self.direct {
             match read_direct(direct, offset, len, out) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => out.clear(),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    out.clear()
+                }
                 r => return r,
             }
         }
