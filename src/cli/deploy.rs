@@ -330,7 +330,7 @@ pub(super) fn host_table(hosts: &[serde_json::Value], out: &mut Output) -> Resul
         .max()
         .unwrap_or(4)
         .max(4);
-    out.line(format!("{:<width$}  HOST RELEASE", "HOST"))?;
+    out.line(format!("{:<width$}  RELEASE ON HOST", "HOST"))?;
     for h in hosts {
         out.line(format!(
             "{:<width$}  {}",
