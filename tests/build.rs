@@ -354,6 +354,25 @@ fn image_commands_tag_remove_and_collect() {
             "every blob matches its name"
         );
     }
+    // A rebuild after an edit leaves the old layer behind: `images` says so, `gc` frees it.
+    p.berth().args(["build"]).run().ok();
+    p.file("app/server.sh", "echo serving v2\n");
+    p.berth().args(["build"]).run().ok();
+    let listed = p.berth().args(["images"]).run().ok();
+    assert!(
+        listed
+            .stdout
+            .contains("no tag reaches: `berth gc` removes them"),
+        "{}",
+        listed.stdout
+    );
+    p.berth().args(["gc"]).run().ok();
+    let listed = p.berth().args(["images"]).run().ok();
+    assert!(
+        !listed.stdout.contains("no tag reaches"),
+        "{}",
+        listed.stdout
+    );
 }
 
 #[test]

@@ -116,6 +116,16 @@ pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
             human_size(r["shared_size"].as_u64().unwrap_or(0)),
         ))?;
     }
+    // What rebuilds and removed tags left behind (docker shows it as <none> images).
+    let garbage = store.unreachable()?;
+    if !garbage.is_empty() && !out.quiet {
+        let bytes: u64 = garbage.iter().map(|(_, size)| size).sum();
+        out.line(format!(
+            "{} in {} blob(s) no tag reaches: `berth gc` removes them",
+            human_size(bytes),
+            garbage.len()
+        ))?;
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use oci_spec::image::{ImageIndex, MediaType};
@@ -115,12 +116,12 @@ impl Store {
         Ok(report)
     }
 
-    /// Removes unreachable blobs, and ingest files abandoned for over a day.
-    pub fn gc(&self) -> Result<GcReport> {
-        let _locks = self.exclusive()?;
+    /// The blobs no tag reaches, with their sizes: what [`Store::gc`] removes. Without the
+    /// store's lock, a build that is committing its blobs may show in it for a moment.
+    pub fn unreachable(&self) -> Result<Vec<(PathBuf, u64)>> {
         let keep = self.reachable()?;
-        let mut report = GcReport::default();
         let dir = self.root().join("blobs/sha256");
+        let mut found = Vec::new();
         for entry in fs::read_dir(&dir).map_err(StoreError::io("cannot list", &dir))? {
             let entry = entry.map_err(StoreError::io("cannot list", &dir))?;
             let name = entry.file_name();
@@ -130,11 +131,19 @@ impl Store {
             else {
                 continue;
             };
-            if keep.contains(&digest) {
-                continue;
+            if !keep.contains(&digest) {
+                found.push((entry.path(), entry.metadata().map(|m| m.len()).unwrap_or(0)));
             }
-            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(entry.path()).map_err(StoreError::io("cannot remove", entry.path()))?;
+        }
+        Ok(found)
+    }
+
+    /// Removes unreachable blobs, and ingest files abandoned for over a day.
+    pub fn gc(&self) -> Result<GcReport> {
+        let _locks = self.exclusive()?;
+        let mut report = GcReport::default();
+        for (path, size) in self.unreachable()? {
+            fs::remove_file(&path).map_err(StoreError::io("cannot remove", &path))?;
             report.blobs += 1;
             report.bytes += size;
         }
