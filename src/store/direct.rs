@@ -24,7 +24,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 /// Alignment of direct writes: a multiple of every logical block size in use.
 const ALIGN: usize = 4096;
 /// The direct-write buffer.
-const BUFFER: usize = 4 << 20;
+const BUFFER: usize = 2 << 20;
 /// In buffered mode, how much is written before the kernel's write-back is started.
 const WRITEBACK_STEP: u64 = 32 << 20;
 
