@@ -138,16 +138,6 @@ impl<W: Write> HashingWriter<W> {
     pub fn finish(self) -> (W, Digest, u64) {
         (self.inner, Digest::from_hasher(self.hasher), self.count)
     }
-
-    /// Bytes written so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// The inner writer.
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
 }
 
 impl<W: Write> Write for HashingWriter<W> {

@@ -166,19 +166,21 @@ impl Store {
     /// Opens a blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> Result<File> {
         let p = self.blob_path(digest);
-        File::open(&p).map_err(|e| match e.kind() {
+        File::open(&p).map_err(|e| Self::open_error(digest, p, e))
+    }
+
+    /// A blob that could not be opened: missing, or unreadable.
+    fn open_error(digest: &Digest, path: PathBuf, e: io::Error) -> StoreError {
+        match e.kind() {
             io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
-            _ => StoreError::io("cannot open", p)(e),
-        })
+            _ => StoreError::io("cannot open", path)(e),
+        }
     }
 
     /// Opens a blob for reads of byte ranges that bypass the page cache.
     pub fn blob_ranges(&self, digest: &Digest) -> Result<BlobRanges> {
         let p = self.blob_path(digest);
-        BlobRanges::open(&p).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => StoreError::MissingBlob(digest.clone()),
-            _ => StoreError::io("cannot open", p)(e),
-        })
+        BlobRanges::open(&p).map_err(|e| Self::open_error(digest, p, e))
     }
 
     /// Opens a layer blob as its uncompressed tar stream, by media type: OCI and Docker
