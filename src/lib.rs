@@ -7,6 +7,7 @@ pub mod build;
 pub mod cli;
 pub mod deploy;
 pub mod manifest;
+pub mod names;
 pub mod promote;
 pub mod registry_client;
 pub mod runtime;

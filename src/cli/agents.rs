@@ -368,7 +368,7 @@ pub(super) fn apply_remote(
         }
         _ => (None, None),
     };
-    let request = crate::deploy::agent::ApplyRequest {
+    let request = crate::deploy::api::ApplyRequest {
         plan: plan.clone(),
         image,
         username,
@@ -480,7 +480,7 @@ pub(super) fn scale_remote(
             .map_err(|e| CliError::failed(miette!("{host} sent a plan berth cannot read: {e}")))?;
         let plan = scaled(&plan, args)?;
         digest.get_or_insert_with(|| plan.digest.clone());
-        let request = crate::deploy::agent::ApplyRequest {
+        let request = crate::deploy::api::ApplyRequest {
             image: agent_image(&dst, &plan.digest),
             plan,
             username: None,

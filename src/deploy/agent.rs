@@ -22,13 +22,13 @@ use std::sync::Arc;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{DeployError, Outcome, ReleasePlan, local};
+use super::api::{ApplyRequest, DeploymentQuery, DeploymentRequest, LogsQuery, MAX_BODY};
+use super::{DeployError, Outcome, local};
 use crate::registry_client::auth::{Credential, Secret};
 use crate::registry_client::{Client, ClientOptions, Reference, pull};
-use crate::store::{Digest, Store};
+use crate::store::Store;
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -45,34 +45,6 @@ pub struct AgentConfig {
     pub program: PathBuf,
 }
 
-/// `POST /v1/apply`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApplyRequest {
-    /// The release.
-    pub plan: ReleasePlan,
-    /// `registry/repository@sha256:…`: where to pull the image from.
-    pub image: String,
-    /// Registry user, if it wants one.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Registry password (kept in memory only, never logged).
-    #[serde(default)]
-    pub password: Option<String>,
-}
-
-/// `POST /v1/rollback` and `/v1/down`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeploymentRequest {
-    /// `app-environment`.
-    pub deployment: String,
-    /// For a rollback: the release to go back to [default: the one before the live one].
-    #[serde(default)]
-    pub to: Option<u32>,
-    /// For a rollback: the newest release of this image that served.
-    #[serde(default)]
-    pub digest: Option<Digest>,
-}
-
 /// Runs what is left of an applied release (the old one's drain and stop) off the
 /// request's path; it holds the deployment's lock until done.
 fn finish_in_background(cfg: &Arc<AgentConfig>, retire: local::Retire) {
@@ -84,13 +56,16 @@ fn finish_in_background(cfg: &Arc<AgentConfig>, retire: local::Retire) {
     });
 }
 
-/// Compares without leaking where the first difference is.
-pub fn same_token(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8;
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
-    }
-    diff == 0
+/// True when `presented` is the agent's token. Both sides are hashed to SHA-256 first and
+/// the two fixed-length digests compared in constant time, so neither the position of the
+/// first difference nor the token's length shows in the timing, and no length (none, one
+/// byte, the token repeated) can match by wrapping around.
+pub fn same_token(presented: &[u8], token: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let (a, b) = (sha2::Sha256::digest(presented), sha2::Sha256::digest(token));
+    let diff = a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y));
+    // `black_box` keeps the compiler from turning the fold into an early-exit compare.
+    std::hint::black_box(diff) == 0
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -129,36 +104,91 @@ fn error_reply(e: &DeployError) -> Response<Full<Bytes>> {
     )
 }
 
+/// A request the agent understood: its route and its decoded, checked arguments.
+enum Route {
+    Apply(Box<ApplyRequest>),
+    Rollback(DeploymentRequest),
+    Status(DeploymentQuery),
+    Releases(DeploymentQuery),
+    Logs(LogsQuery),
+    Down(DeploymentRequest),
+}
+
+/// Decodes a request into its route; a refusal is a status and a message.
+fn route(
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &[u8],
+) -> Result<Route, (StatusCode, String)> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("the {what} is not valid: {e}"),
+        )
+    };
+    let json = |what: &'static str| move |e: serde_json::Error| bad(what, &e);
+    let form = |e: serde_urlencoded::de::Error| bad("query", &e);
+    Ok(match (method, path) {
+        (&Method::POST, "/v1/apply") => {
+            let r: ApplyRequest = serde_json::from_slice(body).map_err(json("apply request"))?;
+            r.plan.validate().map_err(|e| bad("apply request", &e))?;
+            Route::Apply(Box::new(r))
+        }
+        (&Method::POST, "/v1/rollback") => {
+            Route::Rollback(serde_json::from_slice(body).map_err(json("rollback request"))?)
+        }
+        (&Method::POST, "/v1/down") => {
+            Route::Down(serde_json::from_slice(body).map_err(json("down request"))?)
+        }
+        (&Method::GET, "/v1/status") => {
+            Route::Status(serde_urlencoded::from_str(query).map_err(form)?)
+        }
+        (&Method::GET, "/v1/releases") => {
+            Route::Releases(serde_urlencoded::from_str(query).map_err(form)?)
+        }
+        (&Method::GET, "/v1/logs") => Route::Logs(serde_urlencoded::from_str(query).map_err(form)?),
+        _ => return Err((StatusCode::NOT_FOUND, "no such endpoint".into())),
+    })
+}
+
 async fn handle(
     cfg: Arc<AgentConfig>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let auth = req
+    // No header, another scheme or an empty token is refused before any comparison.
+    let presented = req
         .headers()
         .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_string();
-    if !same_token(auth.as_bytes(), cfg.token.as_bytes()) {
+        .and_then(|h| h.as_bytes().strip_prefix(b"Bearer "))
+        .filter(|t| !t.is_empty());
+    if !presented.is_some_and(|t| same_token(t, cfg.token.as_bytes())) {
         return Ok(reply(
             StatusCode::UNAUTHORIZED,
             json!({ "error": "a valid bearer token is required" }),
         ));
     }
-    let (method, path, query) = (
-        req.method().clone(),
-        req.uri().path().to_string(),
-        req.uri().query().unwrap_or_default().to_string(),
-    );
-    let body = match req.into_body().collect().await {
+    let (parts, body) = req.into_parts();
+    // Bounded: a body above MAX_BODY is refused without being read to its end.
+    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return Ok(reply(
-                StatusCode::BAD_REQUEST,
-                json!({ "error": e.to_string() }),
-            ));
+            let status = if e.is::<http_body_util::LengthLimitError>() {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return Ok(reply(status, json!({ "error": format!("the body: {e}") })));
         }
+    };
+    let route = match route(
+        &parts.method,
+        parts.uri.path(),
+        parts.uri.query().unwrap_or_default(),
+        &body,
+    ) {
+        Ok(r) => r,
+        Err((status, message)) => return Ok(reply(status, json!({ "error": message }))),
     };
     let store = match Store::open(&cfg.state) {
         Ok(s) => s,
@@ -169,12 +199,14 @@ async fn handle(
             ));
         }
     };
-    let bad = |m: String| Ok(reply(StatusCode::BAD_REQUEST, json!({ "error": m })));
-    match (method, path.as_str()) {
-        (Method::POST, "/v1/apply") => {
-            let Ok(r) = serde_json::from_slice::<ApplyRequest>(&body) else {
-                return bad("the body is not an apply request".into());
-            };
+    Ok(serve_route(cfg, store, route).await)
+}
+
+async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Response<Full<Bytes>> {
+    let bad = |m: String| reply(StatusCode::BAD_REQUEST, json!({ "error": m }));
+    match route {
+        Route::Apply(r) => {
+            let r = *r;
             let image: Reference = match r.image.parse() {
                 Ok(i) => i,
                 Err(e) => return bad(e),
@@ -198,10 +230,10 @@ async fn handle(
                     _ => client,
                 };
                 if let Err(e) = pull::pull(&client, &store, &image, &|_, _, _| {}, None).await {
-                    return Ok(reply(
+                    return reply(
                         StatusCode::BAD_GATEWAY,
                         json!({ "error": format!("cannot pull {image}: {e}"), "kind": "pull" }),
-                    ));
+                    );
                 }
             }
             let cfg2 = cfg.clone();
@@ -217,19 +249,16 @@ async fn handle(
             })
             .await
             .expect("the apply task");
-            Ok(match done {
+            match done {
                 Ok((record, retire)) => {
                     // Live: answer now; the previous release drains and stops after.
                     finish_in_background(&cfg, retire);
                     reply(StatusCode::OK, serde_json::to_value(&record).expect("json"))
                 }
                 Err(e) => error_reply(&e),
-            })
+            }
         }
-        (Method::POST, "/v1/rollback") => {
-            let Ok(r) = serde_json::from_slice::<DeploymentRequest>(&body) else {
-                return bad("the body is not a rollback request".into());
-            };
+        Route::Rollback(r) => {
             let all = local::releases(&store, &r.deployment);
             let live = all
                 .iter()
@@ -253,10 +282,10 @@ async fn handle(
                     .cloned(),
             };
             let Some(target) = target else {
-                return Ok(reply(
+                return reply(
                     StatusCode::CONFLICT,
                     json!({ "error": format!("{} has no earlier release", r.deployment) }),
-                ));
+                );
             };
             let cfg2 = cfg.clone();
             let done = tokio::task::spawn_blocking(move || {
@@ -274,58 +303,36 @@ async fn handle(
             })
             .await
             .expect("the rollback task");
-            Ok(match done {
+            match done {
                 Ok((record, retire)) => {
                     // Live: answer now; the previous release drains and stops after.
                     finish_in_background(&cfg, retire);
                     reply(StatusCode::OK, serde_json::to_value(&record).expect("json"))
                 }
                 Err(e) => error_reply(&e),
-            })
+            }
         }
-        (Method::GET, "/v1/status") => {
-            let deployment = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("deployment="))
-                .unwrap_or_default()
-                .to_string();
-            let live = local::current(&store, &deployment);
+        Route::Status(q) => {
+            let live = local::current(&store, &q.deployment);
             let mut v = serde_json::to_value(&live).expect("json");
             if let Some(live) = &live {
                 v["services"] = json!(local::replica_health(&store, live));
             }
-            Ok(reply(StatusCode::OK, v))
+            reply(StatusCode::OK, v)
         }
-        (Method::GET, "/v1/logs") => {
-            let param = |k: &str| {
-                query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-                    .map(str::to_string)
+        Route::Logs(q) => {
+            let since = match q.since.as_deref().map(str::parse::<jiff::Timestamp>) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => return bad(format!("since: {e}")),
             };
-            let deployment = param("deployment").unwrap_or_default();
-            let tail = param("tail").and_then(|t| t.parse().ok());
-            let since = param("since").and_then(|t| t.parse().ok());
-            Ok(
-                match local::replica_logs(
-                    &store,
-                    &deployment,
-                    param("service").as_deref(),
-                    tail,
-                    since,
-                ) {
-                    Ok(lines) => reply(StatusCode::OK, serde_json::to_value(&lines).expect("json")),
-                    Err(e) => error_reply(&e),
-                },
-            )
+            match local::replica_logs(&store, &q.deployment, q.service.as_deref(), q.tail, since) {
+                Ok(lines) => reply(StatusCode::OK, serde_json::to_value(&lines).expect("json")),
+                Err(e) => error_reply(&e),
+            }
         }
-        (Method::GET, "/v1/releases") => {
-            let deployment = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("deployment="))
-                .unwrap_or_default()
-                .to_string();
-            let list: Vec<serde_json::Value> = local::releases(&store, &deployment)
+        Route::Releases(q) => {
+            let list: Vec<serde_json::Value> = local::releases(&store, &q.deployment)
                 .iter()
                 .map(|r| {
                     json!({
@@ -334,24 +341,17 @@ async fn handle(
                     })
                 })
                 .collect();
-            Ok(reply(StatusCode::OK, json!(list)))
+            reply(StatusCode::OK, json!(list))
         }
-        (Method::POST, "/v1/down") => {
-            let Ok(r) = serde_json::from_slice::<DeploymentRequest>(&body) else {
-                return bad("the body is not a down request".into());
-            };
+        Route::Down(r) => {
             let done = tokio::task::spawn_blocking(move || local::down(&store, &r.deployment))
                 .await
                 .expect("the down task");
-            Ok(match done {
+            match done {
                 Ok(n) => reply(StatusCode::OK, json!({ "removed": n })),
                 Err(e) => error_reply(&e),
-            })
+            }
         }
-        _ => Ok(reply(
-            StatusCode::NOT_FOUND,
-            json!({ "error": "no such endpoint" }),
-        )),
     }
 }
 
@@ -428,12 +428,29 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
 mod tests {
     use super::*;
 
+    /// Regression: the first check folded the length difference into 8 bits and compared
+    /// cyclically, so against a 256-character token an empty one (no header at all) and
+    /// the token repeated to a longer length were accepted.
     #[test]
-    fn tokens_compare_whole() {
-        assert!(same_token(b"s3cret", b"s3cret"));
-        assert!(!same_token(b"s3cre", b"s3cret"));
-        assert!(!same_token(b"s3cret!", b"s3cret"));
-        assert!(!same_token(b"S3cret", b"s3cret"));
-        assert!(!same_token(b"", b"s3cret"));
+    fn tokens_compare_whole_at_every_length() {
+        for len in [16usize, 255, 256, 257, 512] {
+            let token: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            assert!(same_token(&token, &token), "{len}: the token itself");
+            assert!(!same_token(b"", &token), "{len}: empty");
+            let mut repeated = token.clone();
+            while repeated.len() < len + 256 {
+                repeated.extend_from_slice(&token);
+            }
+            for n in [len + 1, len + 256, repeated.len()] {
+                assert!(
+                    !same_token(&repeated[..n], &token),
+                    "{len}: repeated to {n}"
+                );
+            }
+            assert!(!same_token(&token[..len - 1], &token), "{len}: a prefix");
+            let mut flipped = token.clone();
+            flipped[len - 1] ^= 1;
+            assert!(!same_token(&flipped, &token), "{len}: last byte differs");
+        }
     }
 }

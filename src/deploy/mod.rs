@@ -7,6 +7,7 @@
 //! replicas go and the old release keeps serving.
 
 pub mod agent;
+pub mod api;
 pub mod health;
 pub mod local;
 pub mod router;

@@ -4,6 +4,7 @@
 //! form (`Display`), and serialises as that canonical string so a resolved configuration
 //! round-trips. Parse errors are short, lower-case sentences; the decoder attaches the span.
 
+pub use crate::names::{valid_dns_label, valid_object_name, valid_path_component};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -365,35 +366,6 @@ fn looks_like_host(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 
-/// Checks one path component of a repository name against the distribution spec grammar
-/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
-fn valid_path_component(c: &str) -> bool {
-    let bytes = c.as_bytes();
-    if bytes.is_empty() || !bytes[0].is_ascii_alphanumeric() {
-        return false;
-    }
-    if !bytes[bytes.len() - 1].is_ascii_alphanumeric() {
-        return false;
-    }
-    let mut prev_sep = false;
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b.is_ascii_lowercase() || b.is_ascii_digit() {
-            prev_sep = false;
-        } else if b == b'.' || b == b'_' || b == b'-' {
-            if prev_sep && !(b == b'-' || (b == b'_' && bytes[i - 1] == b'_')) {
-                return false;
-            }
-            prev_sep = true;
-        } else {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
 /// A repository in a registry: `http://127.0.0.1:5000/hello`, `ghcr.io/acme/hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryRepo {
@@ -659,14 +631,6 @@ pub struct VolumeMount {
     pub read_only: bool,
 }
 
-/// True for a name usable as a named volume, network or container: Docker's
-/// `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
-pub fn valid_object_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
 impl FromStr for VolumeMount {
     type Err = String;
 
@@ -875,18 +839,6 @@ pub fn valid_env_name(s: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// True for a valid app, service or environment name: lower-case letters, digits and `-`,
-/// starting with a letter, at most 63 characters (usable as a host name and repository).
-pub fn valid_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_lowercase()
-        && b[b.len() - 1] != b'-'
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 #[cfg(test)]

@@ -23,23 +23,7 @@ pub struct Reference {
     pub plain_http: bool,
 }
 
-fn valid_component(c: &str) -> bool {
-    // [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*
-    !c.is_empty()
-        && c.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        })
-        && c.as_bytes()[0].is_ascii_alphanumeric()
-        && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
-}
-
-fn valid_tag(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 128
-        && (t.as_bytes()[0].is_ascii_alphanumeric() || t.as_bytes()[0] == b'_')
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
+use crate::names::{valid_domain, valid_path_component, valid_tag};
 
 fn is_loopback(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
@@ -90,10 +74,15 @@ impl FromStr for Reference {
             Some(_) => (DOCKER_HUB.to_string(), name.to_string()),
             None => (DOCKER_HUB.to_string(), format!("library/{name}")),
         };
-        if !repository.split('/').all(valid_component) {
+        if !repository.split('/').all(valid_path_component)
+            || registry.len() + 1 + repository.len() > crate::names::MAX_REPOSITORY
+        {
             return Err(format!(
-                "`{repository}` is not a valid repository (lower-case letters, digits, . _ - and /)"
+                "`{repository}` is not a valid repository (lower-case path components of letters, digits and . _ -, at most 255 characters with the host)"
             ));
+        }
+        if !valid_domain(&registry) {
+            return Err(format!("`{registry}` is not a valid registry host"));
         }
         let plain_http = match scheme {
             Some(https) => !https,
@@ -222,6 +211,9 @@ mod tests {
             "ftp://x/y",
             "a/b@sha256:zz",
             "x/:t",
+            "host/a..b",
+            "../x",
+            "bad_host.com/x",
         ] {
             assert!(bad.parse::<Reference>().is_err(), "{bad}");
         }

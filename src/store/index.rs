@@ -30,42 +30,18 @@ impl Tag {
     }
 }
 
-/// Checks `name[:tag]` and adds `:latest` when the tag is missing, as Docker does. Names are
-/// lower-case path components (`a/b-c`), optionally after a registry host; tags are
-/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+/// Checks `name[:tag]` with the distribution spec's grammar (a repository of at most 255
+/// characters, optionally after a registry host; a tag of at most 128) and adds `:latest`
+/// when the tag is missing, as Docker does. `.`, `..` and `sha256:…` are not names.
 pub fn normalize_tag(s: &str) -> Result<String> {
-    let bad = || StoreError::BadTag(s.to_string());
     let (name, tag) = match s.rsplit_once(':') {
         Some((n, t)) if !t.contains('/') => (n, t),
         _ => (s, "latest"),
     };
-    let tag_ok = !tag.is_empty()
-        && tag.len() <= 128
-        && tag
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && tag
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    let name_ok = !name.is_empty()
-        && name.split('/').enumerate().all(|(i, c)| {
-            let host_like = i == 0 && (c.contains('.') || c.contains(':') || c == "localhost");
-            !c.is_empty()
-                && (host_like
-                    || (c.chars().all(|ch| {
-                        ch.is_ascii_lowercase()
-                            || ch.is_ascii_digit()
-                            || matches!(ch, '.' | '_' | '-')
-                    }) && c
-                        .chars()
-                        .next()
-                        .is_some_and(|ch| ch.is_ascii_alphanumeric())))
-        });
-    if tag_ok && name_ok && !s.starts_with("sha256:") {
+    if crate::names::valid_repository(name) && crate::names::valid_tag(tag) && name != "sha256" {
         Ok(format!("{name}:{tag}"))
     } else {
-        Err(bad())
+        Err(StoreError::BadTag(s.to_string()))
     }
 }
 
@@ -175,7 +151,24 @@ mod tests {
             normalize_tag("127.0.0.1:5000/a/b:1.0").unwrap(),
             "127.0.0.1:5000/a/b:1.0"
         );
-        for bad in ["", "Hello", "a:", "a:-x", "sha256:abcd", "a//b", "a:b c"] {
+        let long = format!("{}:1", "n".repeat(300));
+        // Regression: `..` passed as a host-like first component, `.` and 300-character
+        // names were accepted.
+        for bad in [
+            "",
+            "Hello",
+            "a:",
+            "a:-x",
+            "sha256:abcd",
+            "a//b",
+            "a:b c",
+            "..",
+            ".",
+            "../x",
+            "x/..",
+            "a/./b",
+            &long,
+        ] {
             assert!(normalize_tag(bad).is_err(), "{bad}");
         }
     }

@@ -80,7 +80,9 @@ pub enum StoreError {
         candidates: Vec<String>,
     },
     /// A tag is not a valid `name:tag`.
-    #[error("`{0}` is not a valid image name (expected NAME[:TAG], lower-case)")]
+    #[error(
+        "`{0}` is not a valid image name (expected [HOST/]NAME[:TAG]: lower-case path components of letters, digits and . _ -, at most 255 characters; a tag of at most 128)"
+    )]
     BadTag(String),
 }
 

@@ -1,0 +1,219 @@
+//! The agent's HTTP API as types: every request and query the agent accepts, shared by the
+//! server ([`super::agent`]) and its clients, so both sides parse the same shapes. Names
+//! are checked as they are decoded (a request that names `../x`, an absolute path, a NUL
+//! byte or 10 kB of text never reaches the filesystem), and bodies are bounded.
+
+use serde::{Deserialize, Serialize};
+
+use super::ReleasePlan;
+use crate::store::Digest;
+
+/// The largest request body the agent reads (a release plan is a few kilobytes).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Why a request was refused before it did anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// A name is not one berth would have made.
+    #[error("`{value}` is not a valid {what} name")]
+    BadName {
+        /// What kind of name.
+        what: &'static str,
+        /// The value, cut to 80 characters.
+        value: String,
+    },
+    /// The plan in an apply request cannot be run.
+    #[error("the release plan is invalid: {0}")]
+    BadPlan(String),
+}
+
+fn shown(value: &str) -> String {
+    let mut s: String = value.chars().take(80).collect();
+    if s.len() < value.len() {
+        s.push('…');
+    }
+    s.escape_debug().to_string()
+}
+
+macro_rules! checked_name {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $check:path) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl TryFrom<String> for $name {
+            type Error = RequestError;
+            fn try_from(s: String) -> Result<Self, RequestError> {
+                if $check(&s) {
+                    Ok($name(s))
+                } else {
+                    Err(RequestError::BadName { what: $what, value: shown(&s) })
+                }
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(n: $name) -> String {
+                n.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = RequestError;
+            fn from_str(s: &str) -> Result<Self, RequestError> {
+                Self::try_from(s.to_string())
+            }
+        }
+    };
+}
+
+checked_name!(
+    /// `app-environment`: what names a deployment's state, network and replicas on a host.
+    DeploymentName,
+    "deployment",
+    crate::names::valid_deployment
+);
+checked_name!(
+    /// A service of an app: a DNS label.
+    ServiceName,
+    "service",
+    crate::names::valid_dns_label
+);
+
+/// `POST /v1/apply`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// The release.
+    pub plan: ReleasePlan,
+    /// `registry/repository@sha256:…`: where to pull the image from.
+    pub image: String,
+    /// Registry user, if it wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Registry password (kept in memory only, never logged).
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// `POST /v1/rollback` and `/v1/down`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploymentRequest {
+    /// `app-environment`.
+    pub deployment: DeploymentName,
+    /// For a rollback: the release to go back to [default: the one before the live one].
+    #[serde(default)]
+    pub to: Option<u32>,
+    /// For a rollback: the newest release of this image that served.
+    #[serde(default)]
+    pub digest: Option<Digest>,
+}
+
+/// `GET /v1/status` and `/v1/releases`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploymentQuery {
+    /// `app-environment`.
+    pub deployment: DeploymentName,
+}
+
+/// `GET /v1/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogsQuery {
+    /// `app-environment`.
+    pub deployment: DeploymentName,
+    /// Only this service's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
+    /// The last N lines of each replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<usize>,
+    /// Only lines since this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+impl ReleasePlan {
+    /// Checks every name in the plan that reaches the host's filesystem or its network:
+    /// the app, environment and service names (DNS labels) and named volumes. What an
+    /// agent is sent passes the same checks `berth check` makes of a manifest.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let label = |what: &'static str, v: &str| {
+            if crate::names::valid_dns_label(v) {
+                Ok(())
+            } else {
+                Err(RequestError::BadName {
+                    what,
+                    value: shown(v),
+                })
+            }
+        };
+        label("app", &self.app)?;
+        label("environment", &self.environment)?;
+        for s in &self.services {
+            label("service", &s.name)?;
+            for m in &s.mounts {
+                if let crate::runtime::spec::MountSpec::Volume { name, .. } = m
+                    && !crate::names::valid_object_name(name)
+                {
+                    return Err(RequestError::BadName {
+                        what: "volume",
+                        value: shown(name),
+                    });
+                }
+                if !m.target().starts_with('/') || m.target().contains('\0') {
+                    return Err(RequestError::BadPlan(format!(
+                        "mount target `{}` is not an absolute path",
+                        shown(m.target())
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_as_they_decode() {
+        let ok: DeploymentQuery = serde_urlencoded::from_str("deployment=hello-uat").unwrap();
+        assert_eq!(&*ok.deployment, "hello-uat");
+        let long = format!("deployment=a-{}", "b".repeat(10_000));
+        for bad in [
+            "deployment=..%2F..%2Ftmp%2Fx",
+            "deployment=%2Ftmp%2Fx",
+            "deployment=a-b%00",
+            "deployment=",
+            long.as_str(),
+        ] {
+            assert!(
+                serde_urlencoded::from_str::<DeploymentQuery>(bad).is_err(),
+                "{bad:.60}"
+            );
+        }
+        let r: Result<DeploymentRequest, _> =
+            serde_json::from_str(r#"{"deployment":"../../../../tmp/x"}"#);
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("not a valid deployment name")
+        );
+        let q: Result<LogsQuery, _> = serde_urlencoded::from_str("deployment=a-b&service=..%2Fx");
+        assert!(q.is_err());
+    }
+}
