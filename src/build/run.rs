@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::BuildError;
 use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter, entry_error};
+use crate::runtime::cgroup::Cgroup;
 use crate::runtime::process::{self, Launch, LaunchError, Network, Process};
 use crate::runtime::snapshot::LayerRef;
 use crate::runtime::{caps, rootfs};
@@ -104,13 +105,32 @@ pub fn run(
             ..Process::default()
         },
     };
-    let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| match e {
-        LaunchError::Container { message, code } => BuildError::RunFailed { code, message },
-        other => BuildError::Runtime(other.to_string()),
+    // A cgroup of its own: the device policy (and nothing else) applies to RUN steps as
+    // to containers, so a build cannot open the host's disks or kernel log.
+    let cgroup_id = format!(
+        "build-{}",
+        tmp.path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let cgroup = Cgroup::create(&cgroup_id, &Default::default())
+        .map_err(|e| BuildError::Runtime(format!("cannot create the RUN step's cgroup: {e}")))?;
+    let launch = Launch {
+        cgroup_join: cgroup.self_join_files(),
+        ..launch
+    };
+    let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| {
+        let _ = cgroup.remove();
+        match e {
+            LaunchError::Container { message, code } => BuildError::RunFailed { code, message },
+            other => BuildError::Runtime(other.to_string()),
+        }
     })?;
-    let code = started
-        .wait()
-        .map_err(|e| BuildError::Runtime(format!("waiting for the RUN container: {e}")))?;
+    let waited = started.wait();
+    let _ = cgroup.remove();
+    let code =
+        waited.map_err(|e| BuildError::Runtime(format!("waiting for the RUN container: {e}")))?;
     if code != 0 {
         return Err(BuildError::RunFailed {
             code,

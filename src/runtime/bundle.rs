@@ -1,8 +1,8 @@
 //! `berth bundle`: an OCI runtime bundle (`config.json` and `rootfs/`) that `runc run`
 //! accepts, so berth's runtime and runc can be compared on the same input. The config is
 //! what berth's runtime applies: the image's command, environment, working directory and
-//! user; Docker's default capability set; the runtime spec's default namespaces, mounts and
-//! masked paths.
+//! user; Docker's default capability set and device policy ([`super::devices`]); the runtime
+//! spec's default namespaces, mounts and masked paths.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -58,6 +58,34 @@ pub enum BundleError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The device policy as runtime-spec cgroup rules: deny everything, then Docker's allow list.
+fn device_rules() -> Vec<oci_spec::runtime::LinuxDeviceCgroup> {
+    use super::devices::{DEFAULT_ALLOW, Kind};
+    use oci_spec::runtime::{LinuxDeviceCgroupBuilder, LinuxDeviceType};
+    let deny = LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .access("rwm")
+        .build()
+        .expect("a device rule");
+    let allow = DEFAULT_ALLOW.iter().map(|r| {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(match r.kind {
+                Kind::Char => LinuxDeviceType::C,
+                Kind::Block => LinuxDeviceType::B,
+            })
+            .access(r.access_letters());
+        if let Some(m) = r.major {
+            b = b.major(i64::from(m));
+        }
+        if let Some(m) = r.minor {
+            b = b.minor(i64::from(m));
+        }
+        b.build().expect("a device rule")
+    });
+    std::iter::once(deny).chain(allow).collect()
 }
 
 /// Writes `image` as a bundle into `dir` (created if missing, else it must be empty), with
@@ -129,6 +157,11 @@ pub fn write_bundle(
     process.set_capabilities(Some(capabilities));
     process.set_no_new_privileges(Some(true));
     spec.set_process(Some(process));
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut resources = linux.resources().clone().unwrap_or_default();
+    resources.set_devices(Some(device_rules()));
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
     let path = dir.join("config.json");
     let bytes = serde_json::to_vec_pretty(&spec).expect("a runtime spec serialises");
     std::fs::write(&path, bytes).map_err(io(&path))?;

@@ -1,4 +1,5 @@
-//! cgroups v1 and v2: memory limit (with OOM detection), CPU quota, pids limit. The layout is
+//! cgroups v1 and v2: memory limit (with OOM detection), CPU quota, pids limit, and the
+//! device policy ([`super::devices`]: v1's devices controller, v2's device program). The layout is
 //! detected: a unified hierarchy with controllers (v2, what servers mostly run) or the
 //! per-controller v1 hierarchies (including the hybrid layout, whose unified part has no
 //! controllers). Each container gets `berth/<id>`; it is removed with the container.
@@ -27,6 +28,8 @@ pub enum Cgroup {
 }
 
 const ROOT: &str = "/sys/fs/cgroup";
+/// The v1 controllers a container's cgroup spans.
+const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "devices"];
 const CPU_PERIOD: u64 = 100_000;
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
@@ -69,10 +72,15 @@ impl Cgroup {
             if let Some(p) = limits.pids {
                 write(&dir.join("pids.max"), &p.to_string())?;
             }
-            return Ok(Cgroup::V2(dir));
+            let cg = Cgroup::V2(dir.clone());
+            if let Err(e) = super::devices::attach_v2(&dir, super::devices::DEFAULT_ALLOW) {
+                let _ = cg.remove();
+                return Err(e);
+            }
+            return Ok(cg);
         }
         let mut dirs = Vec::new();
-        for controller in ["memory", "cpu", "pids"] {
+        for controller in V1_CONTROLLERS {
             let base = Path::new(ROOT).join(controller);
             if !base.is_dir() {
                 continue;
@@ -106,6 +114,20 @@ impl Cgroup {
         if let Some(p) = limits.pids {
             write(&file("pids", "pids.max"), &p.to_string())?;
         }
+        let devices = Path::new(ROOT).join("devices").join("berth").join(id);
+        if !devices.is_dir() {
+            // Without the devices controller a container could open any device node it
+            // makes: refuse to run rather than run unconfined.
+            let _ = cg.remove();
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cgroup v1 without the devices controller: berth cannot confine device access",
+            ));
+        }
+        if let Err(e) = super::devices::apply_v1(&devices, super::devices::DEFAULT_ALLOW) {
+            let _ = cg.remove();
+            return Err(e);
+        }
         Ok(cg)
     }
 
@@ -116,7 +138,7 @@ impl Cgroup {
             return Cgroup::V2(Path::new(ROOT).join("berth").join(id));
         }
         Cgroup::V1(
-            ["memory", "cpu", "pids"]
+            V1_CONTROLLERS
                 .iter()
                 .map(|c| Path::new(ROOT).join(c).join("berth").join(id))
                 .filter(|d| d.is_dir())

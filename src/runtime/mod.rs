@@ -11,6 +11,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod container;
 pub mod daemon;
+pub mod devices;
 pub mod exec;
 pub mod init;
 pub mod instance;

@@ -1,0 +1,39 @@
+#!/bin/sh
+# Runs in the cgroup-v2-only VM (../shared/vm-cgroup2/run target/debug/berth THIS
+# examples/base/make-rootfs): the device policy of issue 15 on v2, where it is a
+# BPF_PROG_TYPE_CGROUP_DEVICE program. For each of /dev/kmsg (c 1:11), loop0 (b 7:0) and
+# loop-control (c 10:237): mknod, then open for writing and reading, in `run`, `exec`
+# and a build's RUN step; /dev/null, zero, urandom and pts must keep working.
+set -u
+export BERTH_STORE=/var/tmp/store
+grep -q cgroup2 /proc/mounts && ! grep -q " cgroup " /proc/mounts && echo "cgroup: v2 only"
+./make-rootfs /tmp/rootfs >/dev/null && berth import /tmp/rootfs --tag base:1 >/dev/null || exit 1
+probe='for d in "c 1 11 kmsg" "b 7 0 loop0" "c 10 237 loopctl"; do set -- $d;
+  mknod /dev/probe-$4 $1 $2 $3 2>/dev/null;
+  if out=$( (echo x > /dev/probe-$4) 2>&1 ); then echo "$4 OPEN"; else case "$out" in *"not permitted"*) echo "$4 blocked";; *) echo "$4 other: $out";; esac; fi;
+  if out=$( (head -c 1 /dev/probe-$4 >/dev/null) 2>&1 ); then echo "$4 READ"; else case "$out" in *"not permitted"*) echo "$4 noread";; *) echo "$4 other: $out";; esac; fi;
+done;
+head -c 4 /dev/zero >/dev/null && head -c 4 /dev/urandom >/dev/null && echo x > /dev/null && test -c /dev/pts/ptmx && echo harmless-ok'
+check() { # $1: what, $2: output
+  n=$(printf '%s\n' "$2" | grep -c -e ' blocked$' -e ' noread$')
+  if [ "$n" = 6 ] && printf '%s\n' "$2" | grep -q harmless-ok; then echo "$1: PASS"; else echo "$1: FAIL"; printf '%s\n' "$2"; fail=1; fi
+}
+fail=0
+check run "$(berth run --rm base:1 sh -c "$probe" 2>&1)"
+berth run -d --name probe base:1 sleep 120 >/dev/null
+check exec "$(berth exec probe sh -c "$probe" 2>&1)"
+berth rm -f probe >/dev/null
+mkdir -p /tmp/proj && cd /tmp/proj
+printf '%s\n' "$probe" > probe.sh
+cat > berth.toml <<'TOML'
+[app]
+name = "probe"
+[image]
+from = "base:1"
+[[image.steps]]
+copy = ["probe.sh", "/probe.sh"]
+[[image.steps]]
+run = "sh /probe.sh > /dev/shm/out; cat /dev/shm/out; test $(grep -c -e ' blocked$' -e ' noread$' /dev/shm/out) = 6 && grep -q harmless-ok /dev/shm/out"
+TOML
+if berth build >/tmp/build.log 2>&1; then echo "build RUN: PASS"; else echo "build RUN: FAIL"; cat /tmp/build.log; fail=1; fi
+exit $fail
