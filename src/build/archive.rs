@@ -35,11 +35,12 @@ fn bad(path: &Path, why: String) -> BuildError {
     }
 }
 
-/// The format of `path`: gzip by its magic, tar by its `ustar` magic, `None` otherwise.
-pub fn sniff(path: &Path) -> Result<Option<Kind>, BuildError> {
+/// The format of `file` (at `path`, for messages): gzip by its magic, tar by its `ustar`
+/// magic, `None` otherwise.
+pub fn sniff(file: File, path: &Path) -> Result<Option<Kind>, BuildError> {
     let mut head = Vec::with_capacity(262);
-    File::open(path)
-        .and_then(|f| f.take(262).read_to_end(&mut head))
+    file.take(262)
+        .read_to_end(&mut head)
         .map_err(|e| BuildError::Context {
             path: path.to_path_buf(),
             source: e,
@@ -53,17 +54,14 @@ pub fn sniff(path: &Path) -> Result<Option<Kind>, BuildError> {
     })
 }
 
-/// Calls `f` for every entry of the archive at `path` (the root entry skipped), with its
-/// path and link target checked, and a reader of its content.
+/// Calls `f` for every entry of the archive in `file` (at `path`, for messages; the root
+/// entry skipped), with its path and link target checked, and a reader of its content.
 pub fn for_each(
+    file: File,
     path: &Path,
     kind: Kind,
     mut f: impl FnMut(Checked, &mut dyn Read) -> Result<(), BuildError>,
 ) -> Result<(), BuildError> {
-    let file = File::open(path).map_err(|e| BuildError::Context {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
     let reader: Box<dyn Read> = match kind {
         Kind::Tar => Box::new(io::BufReader::new(file)),
         Kind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file))),

@@ -1,6 +1,9 @@
-//! The build context: a directory whose files COPY and ADD read. Paths are resolved inside
-//! it (sources outside are refused), ignore rules apply, symlinks are listed as symlinks and
-//! never followed.
+//! The build context: a directory whose files COPY and ADD read. Every path is resolved
+//! inside it ([`super::scope`]): a symlink is followed only within the context (`etc ->
+//! /etc` means the context's own `etc`), `..` never climbs out, and file contents are
+//! opened with `RESOLVE_IN_ROOT`. A source that names a symlink is followed (Docker's
+//! rule) and keeps its own name; symlinks inside a copied directory stay symlinks. Ignore
+//! rules apply to the paths sources resolve to, so no link reaches an excluded file.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -8,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::BuildError;
 use super::ignore::{IgnoreRules, glob_component};
+use super::scope;
 
 /// What kind of file a context entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,8 +27,11 @@ pub enum EntryKind {
 /// A file in the context with the metadata a layer and the stat cache need.
 #[derive(Debug, Clone)]
 pub struct ContextEntry {
-    /// Path relative to the context root, `/`-separated, no leading `/`.
+    /// Path relative to the context root, `/`-separated, no leading `/`, with every symlink
+    /// resolved inside the context.
     pub rel: String,
+    /// The entry's name as the COPY source named it (a followed link keeps its own name).
+    pub name: String,
     /// Kind.
     pub kind: EntryKind,
     /// Permission bits.
@@ -38,6 +45,7 @@ pub struct ContextEntry {
 /// A build context directory with its ignore rules.
 pub struct Context {
     root: PathBuf,
+    dir: scope::Root,
     ignore: IgnoreRules,
 }
 
@@ -62,7 +70,8 @@ pub fn clean_relative(path: &str) -> Option<String> {
 }
 
 impl Context {
-    /// Opens a context directory, reading `.berthignore`, else `.dockerignore`.
+    /// Opens a context directory, reading `.berthignore`, else `.dockerignore` (each
+    /// resolved inside the context, like every other file).
     pub fn open(root: &Path) -> Result<Context, BuildError> {
         let root = fs::canonicalize(root).map_err(|e| BuildError::Context {
             path: root.to_path_buf(),
@@ -74,9 +83,13 @@ impl Context {
                 source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
             });
         }
+        let dir = scope::Root::new(&root).map_err(|e| BuildError::Context {
+            path: root.clone(),
+            source: e,
+        })?;
         let mut ignore = IgnoreRules::default();
         for name in [".berthignore", ".dockerignore"] {
-            match fs::read_to_string(root.join(name)) {
+            match dir.read_to_string(name) {
                 Ok(text) => {
                     ignore = IgnoreRules::parse(&text);
                     break;
@@ -90,7 +103,23 @@ impl Context {
                 }
             }
         }
-        Ok(Context { root, ignore })
+        Ok(Context { root, dir, ignore })
+    }
+
+    /// Opens the file `rel` for reading, resolved inside the context.
+    pub fn open_file(&self, rel: &str) -> Result<fs::File, BuildError> {
+        self.dir.open(rel).map_err(|e| BuildError::Context {
+            path: self.abs(rel),
+            source: e,
+        })
+    }
+
+    /// `rel` resolved inside the context (see [`scope::resolve`]).
+    pub fn resolve(&self, rel: &str, follow_last: bool) -> Result<String, BuildError> {
+        scope::resolve(&self.root, rel, follow_last).map_err(|e| BuildError::Context {
+            path: self.abs(rel),
+            source: e,
+        })
     }
 
     /// The context's absolute root.
@@ -99,7 +128,8 @@ impl Context {
     }
 
     /// The entries a COPY source names: the matches of `source` (a path or a glob, relative
-    /// to the context root even when written with a leading `/`), each followed by
+    /// to the context root even when written with a leading `/`), each resolved inside the
+    /// context (a symlink followed, keeping the name the source gave it) and followed by
     /// everything under it when it is a directory, in sorted order. Each match is returned
     /// with the listing of its subtree.
     pub fn select(
@@ -111,16 +141,22 @@ impl Context {
         let roots = if has_glob(&clean) {
             self.glob(&clean)?
         } else {
-            vec![clean]
+            vec![clean.clone()]
         };
         let mut out = Vec::new();
-        for rel in roots {
+        let mut resolved_elsewhere = None;
+        for named in roots {
+            let rel = self.resolve(&named, true)?;
+            if rel != named {
+                resolved_elsewhere = Some(rel.clone());
+            }
             if !rel.is_empty() && self.ignore.is_excluded(&rel) {
                 continue;
             }
-            let Some(entry) = self.entry(&rel)? else {
+            let Some(mut entry) = self.entry(&rel)? else {
                 continue;
             };
+            entry.name = named.rsplit('/').next().unwrap_or_default().to_string();
             let mut children = Vec::new();
             if entry.kind == EntryKind::Dir {
                 self.walk(&rel, &mut children)?;
@@ -128,7 +164,13 @@ impl Context {
             out.push((entry, children));
         }
         if out.is_empty() {
-            return Err(BuildError::MissingSource(source.to_string()));
+            return Err(match resolved_elsewhere {
+                Some(resolved) if !has_glob(&clean) => BuildError::MissingResolved {
+                    named: source.to_string(),
+                    resolved,
+                },
+                _ => BuildError::MissingSource(source.to_string()),
+            });
         }
         Ok(out)
     }
@@ -141,7 +183,8 @@ impl Context {
         }
     }
 
-    /// The entry at `rel`, without following a symlink there; `None` if absent.
+    /// The entry at `rel` (a path [`Context::resolve`] gave, so no symlink before its last
+    /// component), without following a symlink there; `None` if absent.
     pub fn entry(&self, rel: &str) -> Result<Option<ContextEntry>, BuildError> {
         let path = self.abs(rel);
         let md = match fs::symlink_metadata(&path) {
@@ -165,6 +208,7 @@ impl Context {
         };
         Ok(Some(ContextEntry {
             rel: rel.to_string(),
+            name: rel.rsplit('/').next().unwrap_or_default().to_string(),
             kind,
             mode: md.mode() & 0o7777,
             size: if ft.is_file() { md.len() } else { 0 },
@@ -225,35 +269,34 @@ impl Context {
         Ok(())
     }
 
-    /// Paths matching a glob, component by component, sorted.
+    /// Paths matching a glob, component by component, sorted. Directories on the way are
+    /// resolved inside the context; each match's last component is left as it is named.
     fn glob(&self, pattern: &str) -> Result<Vec<String>, BuildError> {
         let mut current = vec![String::new()];
         for comp in pattern.split('/') {
             let mut next = Vec::new();
             for base in &current {
+                let dir = self.resolve(base, true)?;
                 if !has_glob(comp) {
-                    let p = if base.is_empty() {
+                    let p = if dir.is_empty() {
                         comp.to_string()
                     } else {
-                        format!("{base}/{comp}")
+                        format!("{dir}/{comp}")
                     };
                     if fs::symlink_metadata(self.abs(&p)).is_ok() {
                         next.push(p);
                     }
                     continue;
                 }
-                if !self.abs(base).is_dir()
-                    || fs::symlink_metadata(self.abs(base))
-                        .is_ok_and(|m| m.file_type().is_symlink())
-                {
+                if !fs::symlink_metadata(self.abs(&dir)).is_ok_and(|m| m.is_dir()) {
                     continue;
                 }
-                for name in self.sorted_children(base)? {
+                for name in self.sorted_children(&dir)? {
                     if glob_component(comp, &name) {
-                        next.push(if base.is_empty() {
+                        next.push(if dir.is_empty() {
                             name
                         } else {
-                            format!("{base}/{name}")
+                            format!("{dir}/{name}")
                         });
                     }
                 }

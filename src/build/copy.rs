@@ -125,10 +125,7 @@ pub fn hash_missing(
                 continue;
             }
             let abs = ctx.root().join(&e.rel);
-            let f = File::open(&abs).map_err(|err| BuildError::Context {
-                path: abs.clone(),
-                source: err,
-            })?;
+            let f = ctx.open_file(&e.rel)?;
             let mut r = ContentHashReader::new(f);
             io::copy(&mut r, &mut io::sink()).map_err(|err| BuildError::Context {
                 path: abs.clone(),
@@ -252,11 +249,13 @@ pub fn plan_from_context(
     for (root, children) in selected {
         if add
             && root.kind == EntryKind::File
-            && let Some(kind) = archive::sniff(&ctx.root().join(&root.rel))?
+            && let Some(kind) =
+                archive::sniff(ctx.open_file(&root.rel)?, &ctx.root().join(&root.rel))?
         {
             // A local archive is extracted into the destination, which is then a directory;
             // entries keep their archive ownership unless --chown says otherwise.
             extract_archive(
+                ctx.open_file(&root.rel)?,
                 &ctx.root().join(&root.rel),
                 kind,
                 &target,
@@ -270,7 +269,7 @@ pub fn plan_from_context(
         }
         let base = match root.kind {
             EntryKind::Dir => target.clone(),
-            _ if is_dir => join(&target, basename(&root.rel)),
+            _ if is_dir => join(&target, &root.name),
             _ => target.clone(),
         };
         let prefix_len = if root.rel.is_empty() {
@@ -317,6 +316,7 @@ pub fn plan_from_context(
 /// Extracts a local archive (ADD) into the plan under `dir`, spooling file contents.
 #[allow(clippy::too_many_arguments)]
 fn extract_archive(
+    file: File,
     path: &Path,
     kind: archive::Kind,
     dir: &str,
@@ -327,7 +327,7 @@ fn extract_archive(
     plan: &mut Plan,
 ) -> Result<(), BuildError> {
     let mut n = 0;
-    archive::for_each(path, kind, |e, content| {
+    archive::for_each(file, path, kind, |e, content| {
         let h = &e.header;
         let meta = EntryMeta {
             mode: chmod.unwrap_or(h.mode().unwrap_or(0o644) & 0o7777),
@@ -561,7 +561,7 @@ pub fn write_plan(
     plan: &Plan,
     compression: LayerCompression,
     reuse_from: &[Digest],
-    ctx_root: Option<&Path>,
+    ctx: Option<&Context>,
     stat: &mut StatCache,
     inputs: &mut Inputs,
 ) -> Result<(Layer, Vec<(String, FsNode)>), BuildError> {
@@ -592,19 +592,30 @@ pub fn write_plan(
                 size,
                 stamp,
             } => {
-                let f = File::open(src).map_err(|e| BuildError::Context {
-                    path: src.clone(),
-                    source: e,
-                })?;
+                // A context file is opened inside the context (never through a symlink
+                // out of it); a spooled one is berth's own.
+                let ctx_rel = match (stamp, ctx) {
+                    (Some(_), Some(c)) => src
+                        .strip_prefix(c.root())
+                        .ok()
+                        .and_then(|rel| rel.to_str())
+                        .map(|rel| (c, rel)),
+                    _ => None,
+                };
+                let f = match ctx_rel {
+                    Some((c, rel)) => c.open_file(rel)?,
+                    None => File::open(src).map_err(|e| BuildError::Context {
+                        path: src.clone(),
+                        source: e,
+                    })?,
+                };
                 let reader = io::BufReader::with_capacity(128 << 10, f);
                 // The input slot of a context file: hash it while it streams only when the
                 // stat cache did not know it (a first build); otherwise it is known already.
-                let slot = match (stamp, ctx_root) {
-                    (Some(stamp), Some(root)) => src
-                        .strip_prefix(root)
-                        .ok()
-                        .and_then(|rel| rel.to_str())
-                        .and_then(|rel| inputs.files.get_mut(rel))
+                let slot = match (stamp, ctx_rel) {
+                    (Some(stamp), Some((_, rel))) => inputs
+                        .files
+                        .get_mut(rel)
                         .filter(|slot| slot.0.is_empty())
                         .map(|slot| (slot, *stamp)),
                     _ => None,

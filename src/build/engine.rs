@@ -722,7 +722,7 @@ impl Engine<'_> {
                     &plan,
                     self.opts.compression,
                     &reuse_from,
-                    Some(self.ctx.root()),
+                    Some(&self.ctx),
                     &mut self.stat,
                     &mut inputs,
                 )?;

@@ -128,7 +128,13 @@ fn import_dir(w: &mut LayerWriter, root: &Path, epoch: u64) -> Result<usize, Bui
 
 fn import_tar(w: &mut LayerWriter, path: &Path, epoch: u64) -> Result<usize, BuildError> {
     // Anything that is not gzip is read as a plain tar (old archives lack the ustar magic).
-    let kind = archive::sniff(path)?.unwrap_or(archive::Kind::Tar);
+    let open = || {
+        File::open(path).map_err(|e| BuildError::Context {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    };
+    let kind = archive::sniff(open()?, path)?.unwrap_or(archive::Kind::Tar);
     let bad = |e: io::Error| {
         entry_error(e, |e| BuildError::Archive {
             path: path.to_path_buf(),
@@ -136,7 +142,7 @@ fn import_tar(w: &mut LayerWriter, path: &Path, epoch: u64) -> Result<usize, Bui
         })
     };
     let mut skipped = 0;
-    archive::for_each(path, kind, |e, content| {
+    archive::for_each(open()?, path, kind, |e, content| {
         let h = &e.header;
         let meta = EntryMeta {
             mode: h.mode().unwrap_or(0o644) & 0o7777,

@@ -16,6 +16,7 @@ pub mod meta;
 pub mod plan;
 pub mod provenance;
 pub mod run;
+pub mod scope;
 pub mod shell_words;
 
 pub use engine::{BuildEvent, BuildOptions, BuildOutput, StepReport, StepStatus, build};
@@ -44,6 +45,17 @@ pub enum BuildError {
         "`{0}` does not exist in the build context (or is excluded by .berthignore/.dockerignore)"
     )]
     MissingSource(String),
+    /// A source leads, through symlinks resolved inside the context, to a path that does
+    /// not exist.
+    #[error(
+        "`{named}` resolves to `{resolved}` in the build context, which does not exist or is excluded by .berthignore/.dockerignore (symlinks in a build context are followed inside the context, never to the host's files)"
+    )]
+    MissingResolved {
+        /// The source as written.
+        named: String,
+        /// Where its symlinks lead, inside the context.
+        resolved: String,
+    },
     /// The context holds a device, FIFO or socket.
     #[error("`{0}` is a special file (device, FIFO or socket) and cannot be copied")]
     SpecialFile(String),

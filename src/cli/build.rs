@@ -85,6 +85,34 @@ fn pull_missing_bases(store: &Store, plan: &BuildPlan, out: &mut Output) -> Resu
     Ok(())
 }
 
+/// The build context directory of a project: `context` resolved from the project
+/// directory, which it must not leave (a manifest from an untrusted branch cannot make
+/// `/` or `..` its context and copy the builder's files into an image).
+fn project_context(
+    dir: &std::path::Path,
+    context: &std::path::Path,
+) -> Result<std::path::PathBuf, CliError> {
+    let inside = |p: &std::path::Path| -> Option<std::path::PathBuf> {
+        let base = std::fs::canonicalize(dir).ok()?;
+        let full = std::fs::canonicalize(p).ok()?;
+        full.starts_with(&base).then_some(full)
+    };
+    let joined = dir.join(context);
+    match inside(&joined) {
+        Some(p) => Ok(p),
+        None if !joined.exists() => Err(CliError::failed(miette!(
+            "the build context {} does not exist",
+            joined.display()
+        ))),
+        None => Err(CliError::invalid(miette!(
+            help = "put berth.toml at the top of what the image is built from",
+            "the build context `{}` is outside the project directory {}",
+            context.display(),
+            dir.display()
+        ))),
+    }
+}
+
 /// Runs `berth build`.
 pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), CliError> {
     let dir = g.project_dir();
@@ -94,12 +122,16 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
         None => project.resolve_base()?,
     };
     let image = &config.image;
-    let context = dir.join(&image.context);
+    let context = project_context(&dir, &image.context)?;
     let plan = match &image.dockerfile {
         None => BuildPlan::from_toml(image),
         Some(df) => {
-            let path = context.join(df);
-            let text = std::fs::read_to_string(&path)
+            // Read inside the project: a Dockerfile that is a symlink to a host file is not
+            // followed there (its lines would end up in error messages).
+            let rel = image.context.join(df);
+            let path = dir.join(&rel);
+            let text = crate::build::scope::Root::new(&dir)
+                .and_then(|root| root.read_to_string(&rel.to_string_lossy()))
                 .map_err(|e| CliError::failed(miette!("cannot read {}: {e}", path.display())))?;
             let name = image.context.join(df).display().to_string();
             crate::build::dockerfile::parse(&SourceFile {
