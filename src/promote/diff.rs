@@ -244,7 +244,10 @@ fn registry_stream(
                 return;
             }
         };
-        let mut body = resp.bytes_stream();
+        let mut body = Box::pin(crate::registry_client::bounds::watched(
+            resp.bytes_stream(),
+            client.low_speed(),
+        ));
         while let Some(chunk) = body.next().await {
             let item = chunk.map_err(io::Error::other);
             let stop = item.is_err();
@@ -434,8 +437,46 @@ impl Want<'_> {
     fn wants(&self, path: &str) -> bool {
         match self {
             Want::All(prefix) => prefix.is_empty() || path == *prefix || under(path, prefix),
-            Want::Some(paths, dirs) => paths.contains(path) || dirs.iter().any(|d| under(path, d)),
+            Want::Some(paths, dirs) => paths.contains(path) || has_ancestor_in(path, dirs),
         }
+    }
+}
+
+/// The proper ancestors of a path, nearest first (`a/b/c` → `a/b`, `a`, ``).
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(path);
+    std::iter::from_fn(move || {
+        let cur = rest?;
+        match cur.rsplit_once('/') {
+            Some((parent, _)) => {
+                rest = Some(parent);
+                Some(parent)
+            }
+            None => {
+                rest = None;
+                (!cur.is_empty()).then_some("")
+            }
+        }
+    })
+}
+
+/// True when a proper ancestor of `path` is in `dirs` (`under(path, d)` for some `d`),
+/// in time proportional to the path's depth, not to the size of `dirs`.
+fn has_ancestor_in(path: &str, dirs: &BTreeSet<String>) -> bool {
+    !dirs.is_empty() && ancestors(path).any(|a| dirs.contains(a))
+}
+
+/// Removes every path strictly under `dir` from `paths`. They sort together (`dir/…`
+/// lies between `dir/` and `dir0`), so this costs the entries removed, not the map.
+fn remove_under<V>(paths: &mut BTreeMap<String, V>, dir: &str) {
+    if dir.is_empty() {
+        paths.clear();
+        return;
+    }
+    let (lo, hi) = (format!("{dir}/"), format!("{dir}0"));
+    let doomed: Vec<String> = paths.range(lo..hi).map(|(k, _)| k.clone()).collect();
+    for k in doomed {
+        paths.remove(&k);
     }
 }
 
@@ -459,6 +500,12 @@ fn layer_ops(
     text_budget: &mut usize,
 ) -> Result<Vec<Op>, DiffError> {
     let mut ops = Vec::new();
+    let limits = crate::store::limits::LayerLimits::configured().map_err(|e| DiffError::Bad {
+        what: "layer limits".into(),
+        message: e.to_string(),
+    })?;
+    let mut entries = 0u64;
+    let mut bytes = 0u64;
     let mut stream = image.layer(layer)?;
     {
         let err = |source| DiffError::Layer {
@@ -468,6 +515,18 @@ fn layer_ops(
         let mut archive = tar::Archive::new(&mut stream);
         for entry in archive.entries().map_err(err)? {
             let mut entry = entry.map_err(err)?;
+            // The same bounds as unpacking: a tar bomb stops here too.
+            entries += 1;
+            bytes = bytes.saturating_add(entry.header().size().unwrap_or(0));
+            if entries > limits.max_entries || bytes > limits.max_bytes {
+                return Err(DiffError::Bad {
+                    what: format!("layer {}", layer.digest),
+                    message: format!(
+                        "more than {} entries or {} bytes (BERTH_LAYER_MAX_ENTRIES, BERTH_LAYER_MAX_BYTES)",
+                        limits.max_entries, limits.max_bytes
+                    ),
+                });
+            }
             let raw = entry.path().map_err(err)?.to_string_lossy().into_owned();
             let path = normalize(&raw);
             let (dir, name) = match path.rsplit_once('/') {
@@ -554,16 +613,18 @@ fn layer_ops(
     Ok(ops)
 }
 
-/// Applies one layer's steps to `effect`, keeping the paths `want` asks for.
+/// Applies one layer's steps to `effect`, keeping the paths `want` asks for. Each step
+/// costs the paths it removes plus a logarithmic lookup, so a layer of N entries applies
+/// in O(N log N), whatever its shape.
 fn apply_ops(effect: &mut Effect, ops: Vec<Op>, want: &Want<'_>) {
     for op in ops {
         match op {
             Op::Opaque(dir) => {
-                effect.paths.retain(|p, _| !under(p, &dir));
+                remove_under(&mut effect.paths, &dir);
                 effect.opaque.insert(dir);
             }
             Op::Whiteout(target) => {
-                effect.paths.retain(|p, _| !under(p, &target));
+                remove_under(&mut effect.paths, &target);
                 if want.wants(&target) {
                     effect.paths.insert(target, Entry::Removed);
                 }
@@ -571,7 +632,7 @@ fn apply_ops(effect: &mut Effect, ops: Vec<Op>, want: &Want<'_>) {
             Op::Put(path, state) => {
                 if state.kind != "dir" {
                     // A non-directory replaces whatever was below this path.
-                    effect.paths.retain(|p, _| !under(p, &path));
+                    remove_under(&mut effect.paths, &path);
                 }
                 if want.wants(&path) {
                     effect.paths.insert(path, Entry::Present(state));
@@ -673,7 +734,7 @@ fn resolve<'e>(side: &'e Effect, lower: &'e Effect, path: &str) -> Option<&'e Fi
     if let Some(s) = from(side) {
         return s;
     }
-    if side.opaque.iter().any(|d| under(path, d)) {
+    if has_ancestor_in(path, &side.opaque) {
         return None;
     }
     from(lower).flatten()
@@ -771,7 +832,7 @@ pub fn files(
     };
     let mut paths = touched;
     for (p, e) in &lower.paths {
-        if matches!(e, Entry::Present(_)) && opaque.iter().any(|d| under(p, d)) {
+        if matches!(e, Entry::Present(_)) && has_ancestor_in(p, &opaque) {
             paths.insert(p.clone());
         }
     }

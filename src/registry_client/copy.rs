@@ -68,14 +68,16 @@ async fn stream_blob(
             return Err(src.fail(body, src_repo, &format!("blob {digest}")).await);
         }
         // The body is a one-shot stream, so this PUT is not retried inside `send`: a
-        // failure starts the whole blob again with a new upload.
-        let stream = body.bytes_stream();
+        // failure starts the whole blob again with a new upload. A source that stalls
+        // ends the stream (and so the PUT) with an error.
+        let stream = super::bounds::watched(body.bytes_stream(), src.low_speed());
+        let auth = dst.authorization_for(&push_scope(dst_repo), &put).await?;
         let mut req = dst
             .http()
             .put(put)
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(CONTENT_LENGTH, size);
-        if let Some(auth) = dst.authorization_for(&push_scope(dst_repo)).await? {
+        if let Some(auth) = auth {
             req = req.header(reqwest::header::AUTHORIZATION, auth);
         }
         let result = req.body(reqwest::Body::wrap_stream(stream)).send().await;

@@ -7,6 +7,7 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use serde_json::{Value, json};
 
+use super::bounds::{DOCUMENT_DEADLINE, MAX_MANIFEST, read_bounded};
 use super::push::{blob_exists, location_of};
 use super::{Client, RegistryError, pull_scope, push_scope};
 use crate::store::Digest;
@@ -25,24 +26,16 @@ pub async fn get_blob(
 ) -> Result<Vec<u8>, RegistryError> {
     let url = client.url(&format!("{repository}/blobs/{digest}"));
     let resp = client
-        .send(&pull_scope(repository), &|| Ok(client.http().get(&url)))
+        .send(&pull_scope(repository), &|| {
+            Ok(client.http().get(&url).timeout(DOCUMENT_DEADLINE))
+        })
         .await?;
     if !resp.status().is_success() {
         return Err(client
             .fail(resp, repository, &format!("blob {digest}"))
             .await);
     }
-    if resp.content_length().is_some_and(|n| n > max) {
-        return Err(RegistryError::Protocol(format!(
-            "blob {digest} in {repository} is larger than the {max} bytes expected"
-        )));
-    }
-    let bytes = resp.bytes().await.map_err(|e| client.transport_error(&e))?;
-    if bytes.len() as u64 > max {
-        return Err(RegistryError::Protocol(format!(
-            "blob {digest} in {repository} is larger than the {max} bytes expected"
-        )));
-    }
+    let bytes = read_bounded(resp, max, &format!("blob {digest} in {repository}")).await?;
     let actual = Digest::of(&bytes);
     if actual != *digest {
         return Err(RegistryError::DigestMismatch {
@@ -160,7 +153,11 @@ async fn referrers_api(
     let url = client.url(&format!("{repository}/referrers/{subject}"));
     let resp = client
         .send(&pull_scope(repository), &|| {
-            Ok(client.http().get(&url).header(ACCEPT, INDEX))
+            Ok(client
+                .http()
+                .get(&url)
+                .header(ACCEPT, INDEX)
+                .timeout(DOCUMENT_DEADLINE))
         })
         .await?;
     let is_index = resp
@@ -171,9 +168,10 @@ async fn referrers_api(
     if resp.status() != StatusCode::OK || !is_index {
         return Ok(None);
     }
-    let bytes = resp.bytes().await.map_err(|e| client.transport_error(&e))?;
+    let what = format!("the referrers of {subject}");
+    let bytes = read_bounded(resp, MAX_MANIFEST, &what).await?;
     let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| RegistryError::Protocol(format!("the referrers of {subject}: {e}")))?;
+        .map_err(|e| RegistryError::Protocol(format!("{what}: {e}")))?;
     Ok(Some(v["manifests"].as_array().cloned().unwrap_or_default()))
 }
 

@@ -5,6 +5,7 @@
 //! and jitter, bounded), and on it [`push`] and [`pull`].
 
 pub mod auth;
+pub mod bounds;
 pub mod copy;
 pub mod documents;
 pub mod pull;
@@ -158,6 +159,62 @@ pub struct Client {
     credential: Option<Credential>,
     auth: tokio::sync::Mutex<AuthState>,
     attempts: u32,
+    plain: PlainHttp,
+    low_speed: bounds::LowSpeed,
+}
+
+/// Where credentials may travel over plain HTTP: never, unless the user named the
+/// registry `http://` (then to that host), or it is a loopback registry reached over plain
+/// HTTP by default (then to loopback hosts: the bytes never leave the machine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PlainHttp {
+    Never,
+    Host(String),
+    Loopback,
+}
+
+impl PlainHttp {
+    fn of(reference: &Reference) -> PlainHttp {
+        if !reference.plain_http {
+            PlainHttp::Never
+        } else if reference.named_http {
+            PlainHttp::Host(host_name(&reference.registry).to_string())
+        } else {
+            PlainHttp::Loopback
+        }
+    }
+
+    /// Whether `url` may carry credentials as far as its scheme goes.
+    fn allows(&self, url: &reqwest::Url) -> bool {
+        if url.scheme() == "https" {
+            return true;
+        }
+        let host = url.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match self {
+            PlainHttp::Never => false,
+            PlainHttp::Host(h) => host == h.trim_start_matches('[').trim_end_matches(']'),
+            PlainHttp::Loopback => is_loopback_host(host),
+        }
+    }
+}
+
+/// `host` of `host[:port]` (brackets kept for IPv6).
+fn host_name(registry: &str) -> &str {
+    if registry.starts_with('[') {
+        return registry
+            .split(']')
+            .next()
+            .map_or(registry, |h| &registry[..=h.len()]);
+    }
+    registry.rsplit_once(':').map_or(registry, |(h, _)| h)
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The answer to a request, with the registry's error body decoded when it failed.
@@ -235,7 +292,8 @@ impl Client {
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(8);
+            .pool_max_idle_per_host(8)
+            .redirect(redirect_policy(PlainHttp::of(reference)));
         let mut cas: Vec<PathBuf> = options.ca_file.iter().cloned().collect();
         cas.extend(registry_cas(&reference.registry));
         match tls_config(&cas)? {
@@ -269,7 +327,39 @@ impl Client {
             credential: auth::credential_for(&reference.registry)?,
             auth: tokio::sync::Mutex::new(AuthState::Unknown),
             attempts: options.attempts.unwrap_or(6).max(1),
+            plain: PlainHttp::of(reference),
+            low_speed: bounds::LowSpeed::configured(),
         })
+    }
+
+    /// The minimum speed of this client's transfers.
+    pub fn low_speed(&self) -> bounds::LowSpeed {
+        self.low_speed
+    }
+
+    /// How long `req` may take until its answer's headers arrive: a fixed time, plus the
+    /// time its body takes at the low-speed limit. A streamed body (an upload of unknown
+    /// pace) has none; its stream is watched instead.
+    fn answer_deadline(&self, req: &reqwest::Request) -> Option<Duration> {
+        let base = bounds::DOCUMENT_DEADLINE;
+        match req.body() {
+            None => Some(base),
+            Some(body) => body.as_bytes().map(|b| {
+                let rate = (self.low_speed.bytes / self.low_speed.window.as_secs().max(1)).max(1);
+                base + Duration::from_secs(b.len() as u64 / rate)
+            }),
+        }
+    }
+
+    /// Whether a request to `url` may carry this registry's credentials: only to the
+    /// registry's own host and port (an upload location or a redirect elsewhere gets
+    /// none), and over plain HTTP only as [`PlainHttp`] allows.
+    fn may_authenticate(&self, url: &reqwest::Url) -> bool {
+        let same_host = reqwest::Url::parse(&self.base).is_ok_and(|base| {
+            base.host_str() == url.host_str()
+                && base.port_or_known_default() == url.port_or_known_default()
+        });
+        same_host && self.plain.allows(url)
     }
 
     /// The same client with other credentials (to check them before saving, at login).
@@ -328,9 +418,16 @@ impl Client {
         }
     }
 
-    /// The `Authorization` header for `scope`, for a request sent outside [`Client::send`]
-    /// (a one-shot streamed body).
-    pub async fn authorization_for(&self, scope: &str) -> Result<Option<String>, RegistryError> {
+    /// The `Authorization` header for `scope`, for a request to `url` sent outside
+    /// [`Client::send`] (a one-shot streamed body); none where credentials may not go.
+    pub async fn authorization_for(
+        &self,
+        scope: &str,
+        url: &reqwest::Url,
+    ) -> Result<Option<String>, RegistryError> {
+        if !self.may_authenticate(url) {
+            return Ok(None);
+        }
         self.authorization(scope).await
     }
 
@@ -378,6 +475,14 @@ impl Client {
         service: Option<&str>,
         scope: &str,
     ) -> Result<(Secret, Duration), RegistryError> {
+        let realm_url = reqwest::Url::parse(realm)
+            .map_err(|e| RegistryError::Protocol(format!("bad token realm {realm:?}: {e}")))?;
+        if self.credential.is_some() && !self.plain.allows(&realm_url) {
+            return Err(RegistryError::Protocol(format!(
+                "{} sends berth to a token server over plain HTTP ({realm}); berth does not send credentials in clear text (name the registry http://{} to allow plain HTTP for it)",
+                self.registry, self.registry
+            )));
+        }
         let mut query: Vec<(&str, &str)> = Vec::new();
         if let Some(s) = service {
             query.push(("service", s));
@@ -409,7 +514,11 @@ impl Client {
                 .basic_auth(username, Some(&password.0)),
             None => self.http.get(with_query(realm, &query)?),
         };
-        let resp = req.send().await.map_err(|e| self.transport(&e))?;
+        let resp = req
+            .timeout(bounds::DOCUMENT_DEADLINE)
+            .send()
+            .await
+            .map_err(|e| self.transport(&e))?;
         match resp.status() {
             s if s.is_success() => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -428,7 +537,8 @@ impl Client {
                 });
             }
         }
-        let body = resp.bytes().await.map_err(|e| self.transport(&e))?;
+        let body =
+            bounds::read_bounded(resp, bounds::MAX_TOKEN, "the token server's answer").await?;
         let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| RegistryError::Protocol(format!("the token server's answer: {e}")))?;
         let token = v["token"]
@@ -454,17 +564,40 @@ impl Client {
         let mut challenged = false;
         loop {
             attempt += 1;
-            let mut req = make()?;
-            if let Some(h) = self.authorization(scope).await? {
-                req = req.header(AUTHORIZATION, h);
+            let (http, req) = make()?.build_split();
+            let mut req = req.map_err(|e| RegistryError::Protocol(format!("a request: {e}")))?;
+            if self.may_authenticate(req.url())
+                && let Some(h) = self.authorization(scope).await?
+            {
+                let value = reqwest::header::HeaderValue::from_str(&h).map_err(|_| {
+                    RegistryError::Protocol("a credential that is not a valid header".into())
+                })?;
+                req.headers_mut().insert(AUTHORIZATION, value);
             }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if attempt < self.attempts && retryable_transport(&e, attempt) => {
+            let deadline = self.answer_deadline(&req);
+            let sent = http.execute(req);
+            let outcome = match deadline {
+                Some(d) => tokio::time::timeout(d, sent).await.map_err(|_| d),
+                None => Ok(sent.await),
+            };
+            let resp = match outcome {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) if attempt < self.attempts && retryable_transport(&e, attempt) => {
                     tokio::time::sleep(backoff(attempt)).await;
                     continue;
                 }
-                Err(e) => return Err(self.transport(&e)),
+                Ok(Err(e)) => return Err(self.transport(&e)),
+                Err(_) if attempt < self.attempts => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                Err(d) => {
+                    return Err(RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        message: format!("no answer within {} s", d.as_secs()),
+                        hint: Some("the registry accepts connections but does not answer".into()),
+                    });
+                }
             };
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED {
@@ -528,7 +661,7 @@ impl Client {
         what: &str,
     ) -> RegistryError {
         let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
+        let body = bounds::error_body(resp).await;
         let (code, message) = error_code(&body);
         match (status, code.as_deref()) {
             (StatusCode::FORBIDDEN, _) | (_, Some("DENIED")) => RegistryError::Denied {
@@ -556,6 +689,23 @@ impl Client {
             },
         }
     }
+}
+
+/// Follows up to 10 redirects, never from HTTPS down to plain HTTP unless plain HTTP is
+/// allowed for the target (reqwest itself drops `Authorization` when a redirect changes
+/// host, port or scheme).
+fn redirect_policy(plain: PlainHttp) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let downgrade = attempt.url().scheme() == "http"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if attempt.previous().len() >= 10 {
+            attempt.error("more than 10 redirects")
+        } else if downgrade && !plain.allows(attempt.url()) {
+            attempt.error("a redirect from HTTPS to plain HTTP")
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 fn with_query(url: &str, pairs: &[(&str, &str)]) -> Result<reqwest::Url, RegistryError> {

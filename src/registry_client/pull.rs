@@ -12,6 +12,7 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, RANGE};
 use serde::Serialize;
 
+use super::bounds::{DOCUMENT_DEADLINE, MAX_CONFIG, MAX_MANIFEST, SpeedWatch, read_bounded};
 use super::push::{BlobLocations, BytesProgress, PARALLEL, manifest_blobs, manifest_media_type};
 use super::{Client, MANIFEST_ACCEPT, Reference, RegistryError, pull_scope};
 use crate::store::{Digest, Store};
@@ -63,7 +64,11 @@ pub async fn fetch_manifest(
     let url = client.url(&format!("{repository}/manifests/{reference}"));
     let resp = client
         .send(&pull_scope(repository), &|| {
-            Ok(client.http().get(&url).header(ACCEPT, MANIFEST_ACCEPT))
+            Ok(client
+                .http()
+                .get(&url)
+                .header(ACCEPT, MANIFEST_ACCEPT)
+                .timeout(DOCUMENT_DEADLINE))
         })
         .await?;
     if !resp.status().is_success() {
@@ -76,11 +81,8 @@ pub async fn fetch_manifest(
         .get(CONTENT_TYPE)
         .and_then(|h| h.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-    let bytes = resp.bytes().await.map_err(|e| RegistryError::Transport {
-        registry: client.registry().to_string(),
-        message: e.to_string(),
-        hint: None,
-    })?;
+    let what = format!("manifest {repository}:{reference}");
+    let bytes = read_bounded(resp, MAX_MANIFEST, &what).await?;
     let digest = Digest::of(&bytes);
     if let Some(want) = expect
         && *want != digest
@@ -173,10 +175,17 @@ async fn fetch_blob(
             }
         }
         let mut stream = resp.bytes_stream();
-        let mut broken = false;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(bytes) => {
+        let mut watch = SpeedWatch::new(client.low_speed());
+        let mut broken = None;
+        loop {
+            match watch.next(&mut stream).await {
+                Ok(Some(bytes)) => {
+                    // Never more than the descriptor says: a registry cannot fill the disk.
+                    if have + bytes.len() as u64 > size {
+                        return Err(RegistryError::Protocol(format!(
+                            "blob {digest} is larger than its descriptor says ({size} bytes)"
+                        )));
+                    }
                     writer
                         .write_all(&bytes)
                         .map_err(|source| RegistryError::Io {
@@ -188,26 +197,23 @@ async fn fetch_blob(
                     if let Some(p) = progress {
                         p(digest, size, bytes.len() as u64);
                     }
-                    if have > size && size > 0 {
-                        return Err(RegistryError::Protocol(format!(
-                            "blob {digest} is larger than its descriptor says ({size} bytes)"
-                        )));
-                    }
                 }
-                Err(_) => {
-                    broken = true;
+                Ok(None) => break,
+                Err(e) => {
+                    broken = Some(e);
                     break;
                 }
             }
         }
-        if !broken && (size == 0 || have == size) {
+        if broken.is_none() && have == size {
             break;
         }
         if attempts >= 8 {
             return Err(RegistryError::Transport {
                 registry: client.registry().to_string(),
                 message: format!(
-                    "the download of {digest} kept breaking at {have} of {size} bytes"
+                    "the download of {digest} kept breaking at {have} of {size} bytes{}",
+                    broken.map(|e| format!(" ({e})")).unwrap_or_default()
                 ),
                 hint: None,
             });
@@ -248,6 +254,13 @@ pub async fn pull(
         }
     }
     let blobs = manifest_blobs(&bytes)?;
+    if let Some((config, size)) = blobs.first()
+        && *size > MAX_CONFIG
+    {
+        return Err(RegistryError::Protocol(format!(
+            "the image's config {config} is {size} bytes, more than the {MAX_CONFIG} berth reads"
+        )));
+    }
     let known = BlobLocations::new(store, client.registry());
     let results: Vec<Result<(bool, u64), RegistryError>> = futures_util::stream::iter(blobs)
         .map(|(d, size)| {

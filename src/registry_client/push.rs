@@ -383,7 +383,10 @@ pub fn manifest_blobs(manifest: &[u8]) -> Result<Vec<(Digest, u64)>, RegistryErr
             .ok_or_else(|| {
                 RegistryError::Protocol("a manifest descriptor without a digest".into())
             })?;
-        let size = d["size"].as_u64().unwrap_or(0);
+        // A size is required (OCI image spec): it bounds what a pull will download.
+        let size = d["size"].as_u64().ok_or_else(|| {
+            RegistryError::Protocol(format!("the manifest's descriptor of {digest} has no size"))
+        })?;
         if !out.iter().any(|(x, _)| *x == digest) {
             out.push((digest, size));
         }

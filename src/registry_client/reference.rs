@@ -21,6 +21,9 @@ pub struct Reference {
     pub digest: Option<Digest>,
     /// Plain HTTP: given as `http://`, or a loopback registry not given as `https://`.
     pub plain_http: bool,
+    /// Written with `http://`: the user chose plain HTTP for this registry (a loopback
+    /// registry is plain HTTP by default without it).
+    pub named_http: bool,
 }
 
 use crate::names::{valid_domain, valid_path_component, valid_tag};
@@ -94,6 +97,7 @@ impl FromStr for Reference {
             tag,
             digest,
             plain_http,
+            named_http: scheme == Some(false),
         })
     }
 }

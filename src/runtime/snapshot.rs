@@ -59,14 +59,13 @@ fn unpack_verified(
     dest: &Path,
     whiteouts: Whiteouts,
 ) -> Result<(), SnapshotError> {
+    let limits = Limits::configured().map_err(|e| SnapshotError::Io {
+        what: "read the layer limits for",
+        path: dest.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
     let mut hashing = HashingReader::new(store.open_layer(digest, media_type)?);
-    unpack::unpack(
-        &mut hashing,
-        dest,
-        digest.as_str(),
-        Limits::default(),
-        whiteouts,
-    )?;
+    unpack::unpack(&mut hashing, dest, digest.as_str(), limits, whiteouts)?;
     // The tar reader stops at the end-of-archive marker; hash the padding after it too.
     io::copy(&mut hashing, &mut io::sink()).map_err(io_err("read", Path::new(digest.as_str())))?;
     let (actual, _) = hashing.finish();

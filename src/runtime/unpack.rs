@@ -30,23 +30,9 @@ use nix::sys::stat::{Mode, SFlag, UtimensatFlags, fchmod, fstatat, mkdirat, mkno
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, linkat, symlinkat, unlinkat};
 
-/// Limits that stop tar and decompression bombs.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Most entries a layer may have.
-    pub max_entries: u64,
-    /// Most uncompressed bytes a layer's tar stream may have.
-    pub max_bytes: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_entries: 2_000_000,
-            max_bytes: 256 << 30,
-        }
-    }
-}
+/// Limits that stop tar and decompression bombs (entries, bytes, and the free space to
+/// leave on the destination's filesystem).
+pub use crate::store::limits::LayerLimits as Limits;
 
 /// Why a layer could not be unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +63,18 @@ pub enum UnpackError {
         /// The limit.
         limit: u64,
     },
+    /// Unpacking further would leave less free space than the reserve.
+    #[error(
+        "layer {layer}: stopped unpacking with {free} bytes free on the store's filesystem, below its reserve of {reserve} (a decompression bomb, or a full disk?)"
+    )]
+    DiskReserve {
+        /// The layer.
+        layer: String,
+        /// Bytes free when it stopped.
+        free: u64,
+        /// The reserve (`BERTH_DISK_RESERVE`).
+        reserve: u64,
+    },
     /// A system call failed.
     #[error("layer {layer}: cannot {what} `{entry}`")]
     Sys {
@@ -92,11 +90,38 @@ pub enum UnpackError {
     },
 }
 
-/// Counts and caps the bytes read through it.
+/// Counts and caps the bytes read through it, and every [`CHECK_EVERY`] bytes checks that
+/// the destination's filesystem keeps its free-space reserve.
 struct Capped<R> {
     inner: R,
     read: u64,
     limit: u64,
+    /// The destination and the reserve to keep on its filesystem.
+    reserve: Option<(OwnedFd, u64)>,
+    next_check: u64,
+}
+
+/// How many bytes are unpacked between two free-space checks (and entries: every 4096).
+const CHECK_EVERY: u64 = 16 << 20;
+
+/// The free bytes on `fd`'s filesystem when they are below `reserve`.
+fn below_reserve(fd: &OwnedFd, reserve: u64) -> Option<u64> {
+    crate::store::limits::free_space(fd)
+        .ok()
+        .map(|(free, _)| free)
+        .filter(|free| *free < reserve)
+}
+
+impl<R> Capped<R> {
+    fn check_reserve(&self) -> io::Result<()> {
+        match &self.reserve {
+            Some((fd, reserve)) if below_reserve(fd, *reserve).is_some() => Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "the filesystem's free-space reserve is reached",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl<R: Read> Read for Capped<R> {
@@ -108,6 +133,10 @@ impl<R: Read> Read for Capped<R> {
                 io::ErrorKind::FileTooLarge,
                 "layer exceeds its size limit",
             ));
+        }
+        if self.read >= self.next_check {
+            self.next_check = self.read + CHECK_EVERY;
+            self.check_reserve()?;
         }
         Ok(n)
     }
@@ -560,26 +589,56 @@ pub fn unpack(
         whiteouts,
         created: Default::default(),
     };
+    // The reserve: free space this unpack must leave on the destination's filesystem.
+    let reserve = match crate::store::limits::free_space(&u.root) {
+        Ok((_, total)) => Some(limits.reserve_bytes(total)).filter(|r| *r > 0),
+        Err(_) => None,
+    };
+    let reserve_fd = match reserve {
+        Some(r) => u.root.try_clone().ok().map(|fd| (fd, r)),
+        None => None,
+    };
+    let out_of_space = |fd: &OwnedFd, reserve: u64| UnpackError::DiskReserve {
+        layer: layer.to_string(),
+        free: crate::store::limits::free_space(fd).map_or(0, |(f, _)| f),
+        reserve,
+    };
+    if let Some((fd, r)) = &reserve_fd
+        && below_reserve(fd, *r).is_some()
+    {
+        return Err(out_of_space(fd, *r));
+    }
+    let watch = reserve_fd
+        .as_ref()
+        .and_then(|(fd, r)| fd.try_clone().ok().map(|fd| (fd, *r)));
     let mut archive = tar::Archive::new(Capped {
         inner: tar,
         read: 0,
         limit: limits.max_bytes,
+        reserve: reserve_fd,
+        next_check: CHECK_EVERY,
     });
     let mut stats = UnpackStats::default();
-    let read_err = |source: io::Error| {
-        if source.kind() == io::ErrorKind::FileTooLarge {
-            UnpackError::TooLarge {
-                layer: layer.to_string(),
-                limit: limits.max_bytes,
-            }
-        } else {
-            UnpackError::Sys {
-                layer: layer.to_string(),
-                entry: String::new(),
-                what: "read the tar stream for",
-                source,
-            }
-        }
+    let reserve_err = || match &watch {
+        Some((fd, r)) => out_of_space(fd, *r),
+        None => UnpackError::DiskReserve {
+            layer: layer.to_string(),
+            free: 0,
+            reserve: 0,
+        },
+    };
+    let read_err = |source: io::Error| match source.kind() {
+        io::ErrorKind::FileTooLarge => UnpackError::TooLarge {
+            layer: layer.to_string(),
+            limit: limits.max_bytes,
+        },
+        io::ErrorKind::StorageFull if source.get_ref().is_some() => reserve_err(),
+        _ => UnpackError::Sys {
+            layer: layer.to_string(),
+            entry: String::new(),
+            what: "read the tar stream for",
+            source,
+        },
     };
     for e in archive.entries().map_err(read_err)? {
         let e = e.map_err(read_err)?;
@@ -590,7 +649,21 @@ pub fn unpack(
                 limit: limits.max_entries,
             });
         }
-        u.entry(e)?;
+        // Many small entries fill a disk too (blocks for metadata and directories).
+        if stats.entries % 4096 == 0
+            && let Some((fd, r)) = &watch
+            && below_reserve(fd, *r).is_some()
+        {
+            return Err(reserve_err());
+        }
+        match u.entry(e) {
+            Err(UnpackError::Sys { source, .. })
+                if source.kind() == io::ErrorKind::StorageFull && source.get_ref().is_some() =>
+            {
+                return Err(reserve_err());
+            }
+            other => other?,
+        }
     }
     stats.bytes = archive.into_inner().read;
     Ok(stats)
@@ -981,6 +1054,7 @@ mod tests {
             Limits {
                 max_entries: 10,
                 max_bytes: 1 << 30,
+                ..Limits::default()
             },
             Whiteouts::Overlay,
         );
@@ -1003,6 +1077,7 @@ mod tests {
             Limits {
                 max_entries: 10,
                 max_bytes: 64 << 10,
+                ..Limits::default()
             },
             Whiteouts::Overlay,
         );

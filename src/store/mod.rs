@@ -13,6 +13,7 @@ pub mod export;
 pub mod gc;
 pub mod image;
 pub mod index;
+pub mod limits;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
