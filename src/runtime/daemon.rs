@@ -10,6 +10,9 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+/// The `PATH` a helper gets.
+const HELPER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Runs `program` (as `arg0`) with `args` and the ready descriptor's number appended,
 /// detached, logging to `log`. Returns once the helper reported: `Ok` for `ok`, else
 /// what it said (empty if it exited without a word).
@@ -21,10 +24,14 @@ pub fn spawn(
 ) -> io::Result<Result<(), String>> {
     use std::os::unix::process::CommandExt;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let log = File::options().create(true).append(true).open(log)?;
+    let log = super::logs::open_append(log)?;
     let w_fd = w.as_raw_fd();
     let mut cmd = std::process::Command::new(program);
+    // Only what a helper needs: never the caller's environment, which may hold secrets
+    // (registry passwords, `[secrets]` variables) that would show in /proc/PID/environ.
     cmd.arg0(arg0)
+        .env_clear()
+        .env("PATH", HELPER_PATH)
         .args(args)
         .arg(w_fd.to_string())
         .stdin(std::process::Stdio::null())

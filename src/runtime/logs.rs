@@ -44,6 +44,23 @@ pub struct LogWriter {
     partial: [Vec<u8>; 2],
 }
 
+/// Opens a log for appending, created 0640: what a container, a supervisor or a router
+/// prints is for root and the host's admin group, not for every user on the host. A log
+/// an older berth left world-readable is narrowed.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o027 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777 & !0o027))?;
+    }
+    Ok(file)
+}
+
 impl LogWriter {
     /// Opens (appends to) the log of `dir`.
     pub fn open(dir: &Path) -> io::Result<LogWriter> {
@@ -52,10 +69,7 @@ impl LogWriter {
 
     /// As [`LogWriter::open`] with a rotation size.
     pub fn with_max_size(dir: &Path, max_size: u64) -> io::Result<LogWriter> {
-        let file = File::options()
-            .create(true)
-            .append(true)
-            .open(log_path(dir))?;
+        let file = open_append(&log_path(dir))?;
         let size = file.metadata()?.len();
         Ok(LogWriter {
             dir: dir.to_path_buf(),
@@ -124,10 +138,7 @@ impl LogWriter {
             let _ = std::fs::rename(rotated(&self.dir, n), rotated(&self.dir, n + 1));
         }
         std::fs::rename(log_path(&self.dir), rotated(&self.dir, 1))?;
-        self.file = File::options()
-            .create(true)
-            .append(true)
-            .open(log_path(&self.dir))?;
+        self.file = open_append(&log_path(&self.dir))?;
         self.size = 0;
         Ok(())
     }
