@@ -56,13 +56,17 @@ fn get_once(port: u16) -> Result<String, String> {
     Ok(out)
 }
 
+/// `status --env dev` as JSON: the ledger's release, and what the one host runs.
 fn status(p: &TempProject) -> serde_json::Value {
     let out = p
         .berth()
         .args(["--json", "status", "--env", "dev"])
         .run()
         .ok();
-    serde_json::from_str(&out.stdout).unwrap()
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["hosts"][0]["host"], "local", "{v}");
+    assert_eq!(v["ledger"]["release"], v["hosts"][0]["release"], "{v}");
+    v["hosts"][0].clone()
 }
 
 #[test]
@@ -191,10 +195,15 @@ fn deploys_switch_without_a_failed_request_and_a_broken_release_changes_nothing(
         "{}",
         broken.stderr
     );
+    let host_line = broken
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("local"))
+        .unwrap_or("");
     assert!(
-        broken.stderr.contains("previous release"),
-        "{}",
-        broken.stderr
+        host_line.contains("failed") && host_line.contains("release 2 ("),
+        "the table says this machine still runs release 2: {}",
+        broken.stdout
     );
     assert!(http_get(port, "/", 5).unwrap().ends_with("release two\n"));
     assert_eq!(status(&p)["release"], 2);
@@ -301,9 +310,11 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         .args(["--json", "status", "--env", "uat"])
         .run()
         .ok();
-    let st: Vec<serde_json::Value> = serde_json::from_str(&st.stdout).unwrap();
-    assert_eq!(st.len(), 2);
-    assert!(st.iter().all(|h| h["release"] == 1), "{st:?}");
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    let hosts_seen = st["hosts"].as_array().unwrap();
+    assert_eq!(hosts_seen.len(), 2);
+    assert!(hosts_seen.iter().all(|h| h["release"] == 1), "{st}");
+    assert_eq!(st["state"], "live");
 
     // No token, a wrong token, an image not given by digest: refused.
     let agent = format!("http://{}:7443", hosts.addr(0));
@@ -410,16 +421,16 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
     assert_eq!(
         kinds,
         [
-            ("deploy", "succeeded", 1),
-            ("deploy", "succeeded", 2),
-            ("scale", "succeeded", 3),
-            ("rollback", "succeeded", 4),
-            ("rollback", "succeeded", 5),
+            ("rollback", "live", 5),
+            ("rollback", "live", 4),
+            ("scale", "live", 3),
+            ("deploy", "live", 2),
+            ("deploy", "live", 1),
         ],
-        "{listed:?}"
+        "newest first: {listed:?}"
     );
-    assert_eq!(listed[3]["digest"], listed[0]["digest"]);
-    assert_eq!(listed[4]["digest"], listed[1]["digest"]);
+    assert_eq!(listed[1]["digest"], listed[4]["digest"]);
+    assert_eq!(listed[0]["digest"], listed[3]["digest"]);
     for i in 0..2 {
         assert!(get(i).unwrap().ends_with("second on two hosts\n"));
     }
@@ -481,20 +492,24 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
-    // Host 2's agent is gone: the deploy fails naming it, host 1 goes back.
+    // Host 2's agent is gone: the preflight finds it, and nothing changes anywhere.
     hosts.kill_agent(1);
     write_app_on(&p, "8080", "never everywhere\n", None);
     let failed = deploy(&p).code(1);
     assert!(failed.stderr.contains(&addrs[1]), "{}", failed.stderr);
-    assert!(failed.stderr.contains("rolled back"), "{}", failed.stderr);
+    assert!(
+        failed.stderr.contains("nothing changed"),
+        "{}",
+        failed.stderr
+    );
     let page = get(0).unwrap();
     assert!(
         page.ends_with("second on two hosts\n"),
-        "host 1 is back: {page}"
+        "host 1 is untouched: {page}"
     );
 
     // The ledger lives in the registry: a CI runner with an empty store reads the same
-    // history, the failed release included.
+    // history; the refused deploy allocated no release.
     let runner = tempfile::tempdir().unwrap();
     let seen = p
         .berth()
@@ -503,14 +518,7 @@ fn agents_on_two_hosts_take_a_release_and_a_failed_host_rolls_the_other_back() {
         .run()
         .ok();
     let seen: Vec<serde_json::Value> = serde_json::from_str(&seen.stdout).unwrap();
-    assert_eq!(seen.len(), 6, "{seen:?}");
-    assert_eq!(seen[..5], listed[..]);
-    assert_eq!(seen[5]["outcome"], "failed");
-    assert!(
-        seen[5]["error"].as_str().unwrap().contains(&addrs[1]),
-        "{:?}",
-        seen[5]
-    );
+    assert_eq!(seen, listed, "{seen:?}");
 }
 
 #[test]
@@ -569,11 +577,11 @@ fn an_agent_serves_tls_with_a_certificate_it_made() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     write_app(&p, free_port(), "tls\n", None);
+    let reg = util::Registry::start(&[]);
+    let registry = reg.host();
     p.file(
         "environments/prod.toml",
-        &format!(
-            "registry = \"http://127.0.0.1:1/shop\"\nhosts = [\"https://127.0.0.1:{port}\"]\n"
-        ),
+        &format!("registry = \"http://{registry}/shop\"\nhosts = [\"https://127.0.0.1:{port}\"]\n"),
     );
     let status = |ca: Option<&std::path::Path>| {
         let mut b = p.berth().env("BERTH_AGENT_TOKEN", token);
@@ -585,10 +593,10 @@ fn an_agent_serves_tls_with_a_certificate_it_made() {
     let untrusted = status(None);
     assert_eq!(untrusted.code, 1, "{}", untrusted.stdout);
     let trusted = status(Some(&tls.join("agent.crt"))).ok();
-    let v: Vec<serde_json::Value> = serde_json::from_str(&trusted.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&trusted.stdout).unwrap();
     assert!(
-        v[0]["release"].is_null() && v[0]["error"].is_null(),
-        "{v:?}"
+        v["hosts"][0]["release"].is_null() && v["hosts"][0]["error"].is_null(),
+        "{v}"
     );
 
     // The environment file pins the printed fingerprint and names the token's file: no
@@ -603,14 +611,13 @@ fn an_agent_serves_tls_with_a_certificate_it_made() {
         p.file(
             "environments/prod.toml",
             &format!(
-                "registry = \"http://127.0.0.1:1/shop\"\nhosts = [\"https://127.0.0.1:{port}\"]\n[agent]\ntoken = {{ file = \"token\" }}\nfingerprint = \"{fp}\"\n"
+                "registry = \"http://{registry}/shop\"\nhosts = [\"https://127.0.0.1:{port}\"]\n[agent]\ntoken = {{ file = \"token\" }}\nfingerprint = \"{fp}\"\n"
             ),
         );
         p.berth().args(["--json", "status", "--env", "prod"]).run()
     };
-    let v: Vec<serde_json::Value> =
-        serde_json::from_str(&pinned(&fingerprint).ok().stdout).unwrap();
-    assert!(v[0]["error"].is_null(), "{v:?}");
+    let v: serde_json::Value = serde_json::from_str(&pinned(&fingerprint).ok().stdout).unwrap();
+    assert!(v["hosts"][0]["error"].is_null(), "{v}");
     let other = format!("{}00", &fingerprint[..fingerprint.len() - 2]);
     let other = if other == fingerprint {
         fingerprint.replace('A', "B")
@@ -705,8 +712,8 @@ fn an_agent_killed_mid_rollout_leaves_its_host_consistent_and_the_next_deploy_wo
         .args(["--json", "status", "--env", "uat"])
         .run()
         .ok();
-    let st: Vec<serde_json::Value> = serde_json::from_str(&st.stdout).unwrap();
-    assert_eq!(st[0]["release"], 1, "{st:?}");
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(st["hosts"][0]["release"], 1, "{st}");
     assert!(page().unwrap().ends_with("before the crash\n"));
 
     // And the next deploy goes through.
@@ -723,5 +730,5 @@ fn an_agent_killed_mid_rollout_leaves_its_host_consistent_and_the_next_deploy_wo
         .iter()
         .map(|r| r["outcome"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(outcomes, ["succeeded", "failed", "succeeded"]);
+    assert_eq!(outcomes, ["live", "failed", "live"], "newest first");
 }

@@ -28,7 +28,7 @@ fn running_on(p: &TempProject, token: &str, env: &str) -> Vec<String> {
         .args(["--json", "status", "--env", env])
         .run()
         .ok();
-    json(&st)
+    json(&st)["hosts"]
         .as_array()
         .unwrap()
         .iter()
@@ -90,7 +90,7 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
                 .run()
                 .ok(),
         );
-        let newest = dev.as_array().unwrap().last().unwrap();
+        let newest = dev.as_array().unwrap().first().unwrap();
         newest["digest"].as_str().unwrap().to_string()
     };
 
@@ -116,7 +116,7 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
             .ok(),
     );
     assert!(
-        dry["blobs"]
+        dry["transfer"]["blobs"]
             .as_array()
             .unwrap()
             .iter()
@@ -129,8 +129,11 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
             .run()
             .ok(),
     );
-    assert_eq!(to_uat["copy"], "within one registry", "{to_uat}");
-    assert_eq!(to_uat["bytes_copied"], 0, "{to_uat}");
+    assert_eq!(
+        to_uat["transfer"]["how"], "copied within one registry",
+        "{to_uat}"
+    );
+    assert_eq!(to_uat["transfer"]["bytes"], 0, "{to_uat}");
     assert_eq!(running_on(&p, token, "uat"), [d1.as_str()]);
     assert!(page(&hosts.addr(0)).unwrap().ends_with("version one\n"));
 
@@ -151,15 +154,18 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
             .run()
             .ok(),
     );
-    assert_eq!(forced["copy"], "between registries");
+    assert_eq!(forced["transfer"]["how"], "copied between registries");
     assert_eq!(forced["forced"], serde_json::json!(["soak"]));
-    let all_bytes: u64 = forced["blobs"]
+    let all_bytes: u64 = forced["transfer"]["blobs"]
         .as_array()
         .unwrap()
         .iter()
         .map(|b| b["size"].as_u64().unwrap())
         .sum();
-    assert_eq!(forced["bytes_copied"], all_bytes, "prod had none of it");
+    assert_eq!(
+        forced["transfer"]["bytes"], all_bytes,
+        "prod had none of it"
+    );
     assert_eq!(running_on(&p, token, "prod"), [d1.as_str()]);
 
     // A one-file change: dev → uat → prod, only the new blobs cross registries.
@@ -175,7 +181,7 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
             .run()
             .ok(),
     );
-    let blobs = to_prod["blobs"].as_array().unwrap();
+    let blobs = to_prod["transfer"]["blobs"].as_array().unwrap();
     let moved: u64 = blobs
         .iter()
         .filter(|b| b["action"] != "present")
@@ -185,7 +191,7 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
         blobs.iter().any(|b| b["action"] == "present"),
         "the base layer was there: {to_prod}"
     );
-    assert_eq!(to_prod["bytes_copied"], moved, "{to_prod}");
+    assert_eq!(to_prod["transfer"]["bytes"], moved, "{to_prod}");
     assert!(to_prod["forced"].as_array().unwrap().is_empty());
     // The same bytes everywhere, as the hosts see them.
     assert_eq!(running_on(&p, token, "uat"), [d2.as_str()]);
@@ -203,12 +209,13 @@ fn one_digest_goes_from_dev_to_uat_to_prod_through_the_gates() {
     );
     let ledger = ledger.as_array().unwrap();
     assert_eq!(ledger.len(), 2, "{ledger:?}");
-    assert_eq!(ledger[0]["kind"], "promote");
-    assert_eq!(ledger[0]["source"], "uat");
-    assert_eq!(ledger[0]["digest"], d1.as_str());
-    assert_eq!(ledger[0]["reason"], "hotfix for INC-7");
-    assert_eq!(ledger[1]["digest"], d2.as_str());
-    assert!(ledger[1]["forced"].is_null());
+    // Newest first, as the text form lists them.
+    assert_eq!(ledger[1]["kind"], "promote");
+    assert_eq!(ledger[1]["source"], "uat");
+    assert_eq!(ledger[1]["digest"], d1.as_str());
+    assert_eq!(ledger[1]["reason"], "hotfix for INC-7");
+    assert_eq!(ledger[0]["digest"], d2.as_str());
+    assert!(ledger[0]["forced"].is_null());
     // The record is attached to the image (referrers tag scheme on this registry).
     assert!(
         other.requests("PUT", &format!("/v2/shop/manifests/sha256-{}", &d2[7..])) >= 1,

@@ -54,7 +54,7 @@ fn side(
         && project.environments().iter().any(|e| e == name)
     {
         let config = project.resolve(name)?;
-        let history = super::deploy::history(store, &config)?;
+        let history = super::status::history(store, &config, rt)?;
         let Some(release) = crate::promote::ledger::current(&history).cloned() else {
             return Err(CliError::failed(miette!(
                 help = format!("berth deploy --env {name}"),
@@ -287,7 +287,7 @@ pub fn run(g: &GlobalOpts, args: &DiffArgs, out: &mut Output) -> Result<(), CliE
                 format!(
                     ", release {} of {}{}",
                     r.number,
-                    super::deploy::to_the_second(&r.time),
+                    super::status::to_the_second(&r.time),
                     r.source
                         .as_ref()
                         .map(|x| format!(" (promoted from {x})"))

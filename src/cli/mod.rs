@@ -14,10 +14,12 @@ mod images;
 mod init;
 mod network;
 mod output;
+mod pipeline;
 mod progress;
 mod promote;
 mod registry;
 mod run;
+mod status;
 mod tty;
 
 use std::path::PathBuf;
@@ -150,14 +152,14 @@ pub enum Command {
     /// Build, then roll the app out to an environment's hosts with health checks and no
     /// downtime.
     Deploy(deploy::DeployArgs),
-    /// What runs in an environment: release, digest, replicas.
-    Status(deploy::EnvArgs),
+    /// What every host of an environment runs, compared with its ledger.
+    Status(status::StatusArgs),
     /// Stop and remove everything an environment runs.
     Down(deploy::EnvArgs),
     /// Roll an environment back to an earlier release.
     Rollback(deploy::RollbackArgs),
     /// An environment's releases, newest first.
-    Releases(deploy::EnvArgs),
+    Releases(status::ReleasesArgs),
     /// Move the image an environment runs into the next one: gates, digest-exact copy,
     /// rollout.
     Promote(promote::PromoteArgs),
@@ -245,10 +247,10 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Run(args) => run::run(g, args, out),
         Command::Ps(args) => containers::ps(g, args, out),
         Command::Logs(args) => match &args.env {
-            Some(env) => deploy::env_logs(
+            Some(env) => status::env_logs(
                 g,
                 env,
-                &deploy::EnvLogsArgs {
+                &status::EnvLogsArgs {
                     service: args.container.clone(),
                     tail: args.tail,
                     follow: args.follow,
@@ -269,11 +271,11 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Login(args) => registry::login(g, args, out),
         Command::Logout(args) => registry::logout(g, args, out),
         Command::Deploy(args) => deploy::deploy(g, args, out),
-        Command::Status(args) => deploy::status(g, args, out),
+        Command::Status(args) => status::status(g, args, out),
         Command::Down(args) => deploy::down(g, args, out),
         Command::Rollback(args) => deploy::rollback(g, args, out),
         Command::Agent(args) => agents::agent(g, args, out),
-        Command::Releases(args) => deploy::releases(g, args, out),
+        Command::Releases(args) => status::releases(g, args, out),
         Command::Promote(args) => promote::promote(g, args, out),
         Command::Diff(args) => diff::run(g, args, out),
         Command::Scale(args) => deploy::scale(g, args, out),

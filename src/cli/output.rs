@@ -10,7 +10,9 @@ pub struct Output {
     pub json: bool,
     /// `-q` was given: only results, no commentary.
     pub quiet: bool,
-    stdout: std::io::Stdout,
+    /// Results go to stderr instead (a command run as one step of another, whose own
+    /// result is what stdout carries).
+    to_stderr: bool,
 }
 
 impl Output {
@@ -19,18 +21,36 @@ impl Output {
         Output {
             json,
             quiet,
-            stdout: std::io::stdout(),
+            to_stderr: false,
+        }
+    }
+
+    /// An output whose results go to stderr (`deploy` running `build`: with `--json`,
+    /// stdout holds the deploy's one document and nothing else).
+    pub fn stderr(quiet: bool) -> Self {
+        Output {
+            json: false,
+            quiet,
+            to_stderr: true,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.to_stderr {
+            std::io::stderr().lock().write_all(bytes)
+        } else {
+            std::io::stdout().lock().write_all(bytes)
         }
     }
 
     /// Prints a result line (always printed, also with `-q`).
     pub fn line(&mut self, text: impl std::fmt::Display) -> std::io::Result<()> {
-        writeln!(self.stdout.lock(), "{text}")
+        self.write(format!("{text}\n").as_bytes())
     }
 
     /// Prints text as is.
     pub fn text(&mut self, text: &str) -> std::io::Result<()> {
-        self.stdout.lock().write_all(text.as_bytes())
+        self.write(text.as_bytes())
     }
 
     /// Prints commentary (suppressed by `-q`).
@@ -43,8 +63,8 @@ impl Output {
 
     /// Prints a value as pretty JSON.
     pub fn json_value<T: Serialize>(&mut self, value: &T) -> std::io::Result<()> {
-        let mut lock = self.stdout.lock();
-        serde_json::to_writer_pretty(&mut lock, value)?;
-        writeln!(lock)
+        let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+        text.push(b'\n');
+        self.write(&text)
     }
 }

@@ -2,17 +2,21 @@
 //! or CI applies releases to the host. Every request needs the bearer token (compared in
 //! constant time; 401 otherwise); TLS is optional. A release names its image **by
 //! digest**; the agent pulls what its store lacks from the registry (verified) and applies
-//! it with the same engine as `hosts = ["local"]`.
+//! it with the same engine as `hosts = ["local"]`. Requests and answers are the types of
+//! [`super::api`], shared with [`super::client::AgentClient`].
 //!
-//! - `POST /v1/apply` `{plan, image, username?, password?}` → the live release record
-//! - `POST /v1/rollback` `{deployment, to?, digest?}` → back to the release before the live
-//!   one, to release `to`, or to the newest release of `digest` that served
-//! - `GET /v1/status?deployment=D` → the live release with `services` (running/total
-//!   replicas), or `null`
-//! - `GET /v1/releases?deployment=D` → the host's ledger
-//! - `GET /v1/logs?deployment=D[&service=S][&tail=N][&since=T]` → the live replicas' log
-//!   lines (since an RFC 3339 time)
-//! - `POST /v1/down` `{deployment}`
+//! - `POST /v1/preflight` `ApplyRequest` → `PreflightAnswer`: what would stop it here
+//! - `POST /v1/apply` `ApplyRequest` → `HostState`: the release live here
+//! - `POST /v1/rollback` `RollbackRequest` → `HostState`: an earlier release's plan again
+//! - `POST /v1/revert` `RevertRequest` → `HostState`: a release undone
+//! - `GET /v1/status?deployment=D` → `HostState`
+//! - `GET /v1/releases?deployment=D` → `[HostRelease]`, oldest first
+//! - `GET /v1/logs?deployment=D[&service=S][&tail=N][&since=T]` → the live replicas' lines
+//! - `POST /v1/down` `DeploymentRequest` → `DownAnswer`
+//!
+//! Failures answer `ErrorAnswer`: 400 invalid, 401 token, 404 no route, 409 locked or
+//! nothing to roll back to, 413 body too large, 422 unhealthy or a replica that would not
+//! start, 502 the image could not be pulled, 500 anything else.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,10 +26,13 @@ use std::sync::Arc;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::json;
+use serde::Serialize;
 
-use super::api::{ApplyRequest, DeploymentQuery, DeploymentRequest, LogsQuery, MAX_BODY};
-use super::{DeployError, Outcome, local};
+use super::api::{
+    ApplyRequest, DeploymentQuery, DeploymentRequest, DownAnswer, ErrorAnswer, HostRelease,
+    LogsQuery, MAX_BODY, PreflightAnswer, RevertRequest, RollbackRequest,
+};
+use super::{DeployError, Outcome, ReleasePlan, local};
 use crate::registry_client::auth::{Credential, Secret};
 use crate::registry_client::{Client, ClientOptions, Reference, pull};
 use crate::store::Store;
@@ -68,12 +75,26 @@ pub fn same_token(presented: &[u8], token: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+fn reply<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(body).expect("an answer serialises"),
+        )))
         .expect("a valid response")
+}
+
+fn refuse(status: StatusCode, kind: &str, error: impl Into<String>) -> Response<Full<Bytes>> {
+    reply(
+        status,
+        &ErrorAnswer {
+            error: error.into(),
+            kind: kind.to_string(),
+            service: None,
+            logs: String::new(),
+        },
+    )
 }
 
 fn error_reply(e: &DeployError) -> Response<Full<Bytes>> {
@@ -100,14 +121,21 @@ fn error_reply(e: &DeployError) -> Response<Full<Bytes>> {
     };
     reply(
         status,
-        json!({ "error": e.to_string(), "kind": kind, "service": service, "logs": logs }),
+        &ErrorAnswer {
+            error: e.to_string(),
+            kind: kind.to_string(),
+            service,
+            logs,
+        },
     )
 }
 
 /// A request the agent understood: its route and its decoded, checked arguments.
 enum Route {
+    Preflight(Box<ApplyRequest>),
     Apply(Box<ApplyRequest>),
-    Rollback(DeploymentRequest),
+    Rollback(RollbackRequest),
+    Revert(RevertRequest),
     Status(DeploymentQuery),
     Releases(DeploymentQuery),
     Logs(LogsQuery),
@@ -129,14 +157,19 @@ fn route(
     };
     let json = |what: &'static str| move |e: serde_json::Error| bad(what, &e);
     let form = |e: serde_urlencoded::de::Error| bad("query", &e);
+    let apply = |what: &'static str| -> Result<Box<ApplyRequest>, (StatusCode, String)> {
+        let r: ApplyRequest = serde_json::from_slice(body).map_err(json(what))?;
+        r.plan.validate().map_err(|e| bad(what, &e))?;
+        Ok(Box::new(r))
+    };
     Ok(match (method, path) {
-        (&Method::POST, "/v1/apply") => {
-            let r: ApplyRequest = serde_json::from_slice(body).map_err(json("apply request"))?;
-            r.plan.validate().map_err(|e| bad("apply request", &e))?;
-            Route::Apply(Box::new(r))
-        }
+        (&Method::POST, "/v1/preflight") => Route::Preflight(apply("preflight request")?),
+        (&Method::POST, "/v1/apply") => Route::Apply(apply("apply request")?),
         (&Method::POST, "/v1/rollback") => {
             Route::Rollback(serde_json::from_slice(body).map_err(json("rollback request"))?)
+        }
+        (&Method::POST, "/v1/revert") => {
+            Route::Revert(serde_json::from_slice(body).map_err(json("revert request"))?)
         }
         (&Method::POST, "/v1/down") => {
             Route::Down(serde_json::from_slice(body).map_err(json("down request"))?)
@@ -163,9 +196,10 @@ async fn handle(
         .and_then(|h| h.as_bytes().strip_prefix(b"Bearer "))
         .filter(|t| !t.is_empty());
     if !presented.is_some_and(|t| same_token(t, cfg.token.as_bytes())) {
-        return Ok(reply(
+        return Ok(refuse(
             StatusCode::UNAUTHORIZED,
-            json!({ "error": "a valid bearer token is required" }),
+            "token",
+            "a valid bearer token is required",
         ));
     }
     let (parts, body) = req.into_parts();
@@ -178,7 +212,7 @@ async fn handle(
             } else {
                 StatusCode::BAD_REQUEST
             };
-            return Ok(reply(status, json!({ "error": format!("the body: {e}") })));
+            return Ok(refuse(status, "invalid", format!("the body: {e}")));
         }
     };
     let route = match route(
@@ -188,138 +222,152 @@ async fn handle(
         &body,
     ) {
         Ok(r) => r,
-        Err((status, message)) => return Ok(reply(status, json!({ "error": message }))),
+        Err((status, message)) => return Ok(refuse(status, "invalid", message)),
     };
     let store = match Store::open(&cfg.state) {
         Ok(s) => s,
         Err(e) => {
-            return Ok(reply(
+            return Ok(refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                json!({ "error": e.to_string() }),
+                "local",
+                e.to_string(),
             ));
         }
     };
     Ok(serve_route(cfg, store, route).await)
 }
 
+/// The registry client an apply or preflight request asks for, with its credentials.
+fn registry_client(r: &ApplyRequest) -> Result<(Client, Reference), String> {
+    let image: Reference = r.image.parse()?;
+    if image.digest.as_ref() != Some(&r.plan.digest) {
+        return Err(format!(
+            "the image must be given by digest, and it must be the plan's ({})",
+            r.plan.digest
+        ));
+    }
+    let client = Client::new(&image, &ClientOptions::default()).map_err(|e| e.to_string())?;
+    let client = match (&r.username, &r.password) {
+        (Some(u), Some(p)) => client.with_credential(Credential::Basic {
+            username: u.clone(),
+            password: Secret(p.clone()),
+        }),
+        _ => client,
+    };
+    Ok((client, image))
+}
+
+/// Applies `plan` in a blocking task; the live release's state, the previous release
+/// draining after the answer.
+async fn apply_plan(cfg: &Arc<AgentConfig>, plan: ReleasePlan) -> Response<Full<Bytes>> {
+    let cfg2 = cfg.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&cfg2.state).map_err(|e| DeployError::Local {
+            what: "open the store".into(),
+            message: e.to_string(),
+        })?;
+        let (record, retire) = local::apply(&store, &cfg2.program, &cfg2.state, &plan, &mut |l| {
+            eprintln!("{l}")
+        })?;
+        Ok::<_, DeployError>((local::status(&store, &plan.deployment()), record, retire))
+    })
+    .await
+    .expect("the apply task");
+    match done {
+        Ok((state, _, retire)) => {
+            // Live: answer now; the previous release drains and stops after.
+            finish_in_background(cfg, retire);
+            reply(StatusCode::OK, &state)
+        }
+        Err(e) => error_reply(&e),
+    }
+}
+
 async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Response<Full<Bytes>> {
-    let bad = |m: String| reply(StatusCode::BAD_REQUEST, json!({ "error": m }));
+    let bad = |m: String| refuse(StatusCode::BAD_REQUEST, "invalid", m);
     match route {
+        Route::Preflight(r) => {
+            let mut problems = local::preflight(&store, &r.plan, false);
+            if !store.has_blob(&r.plan.digest) {
+                // The image must be pullable from here, with the credentials sent.
+                match registry_client(&r) {
+                    Err(e) => problems.push(e),
+                    // The image may not be there yet (a deploy pushes it after the
+                    // preflight): the registry must answer, with the credentials sent.
+                    Ok((client, image)) => {
+                        if let Err(e) = client.check().await {
+                            problems.push(format!(
+                                "cannot reach {} from this host: {e}",
+                                image.registry
+                            ));
+                        }
+                    }
+                }
+            }
+            reply(StatusCode::OK, &PreflightAnswer { problems })
+        }
         Route::Apply(r) => {
-            let r = *r;
-            let image: Reference = match r.image.parse() {
-                Ok(i) => i,
+            let (client, image) = match registry_client(&r) {
+                Ok(c) => c,
                 Err(e) => return bad(e),
             };
-            if image.digest.as_ref() != Some(&r.plan.digest) {
-                return bad(format!(
-                    "the image must be given by digest, and it must be the plan's ({})",
-                    r.plan.digest
-                ));
+            if !store.has_blob(&r.plan.digest)
+                && let Err(e) = pull::pull(&client, &store, &image, &|_, _, _| {}, None).await
+            {
+                return refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "pull",
+                    format!("cannot pull {image}: {e}"),
+                );
             }
-            if !store.has_blob(&r.plan.digest) {
-                let client = match Client::new(&image, &ClientOptions::default()) {
-                    Ok(c) => c,
-                    Err(e) => return bad(e.to_string()),
-                };
-                let client = match (r.username, r.password) {
-                    (Some(u), Some(p)) => client.with_credential(Credential::Basic {
-                        username: u,
-                        password: Secret(p),
-                    }),
-                    _ => client,
-                };
-                if let Err(e) = pull::pull(&client, &store, &image, &|_, _, _| {}, None).await {
-                    return reply(
-                        StatusCode::BAD_GATEWAY,
-                        json!({ "error": format!("cannot pull {image}: {e}"), "kind": "pull" }),
-                    );
-                }
-            }
-            let cfg2 = cfg.clone();
-            let plan = r.plan;
-            let done = tokio::task::spawn_blocking(move || {
-                let store = Store::open(&cfg2.state).map_err(|e| DeployError::Local {
-                    what: "open the store".into(),
-                    message: e.to_string(),
-                })?;
-                local::apply(&store, &cfg2.program, &cfg2.state, &plan, &mut |line| {
-                    eprintln!("{line}");
-                })
-            })
-            .await
-            .expect("the apply task");
-            match done {
-                Ok((record, retire)) => {
-                    // Live: answer now; the previous release drains and stops after.
-                    finish_in_background(&cfg, retire);
-                    reply(StatusCode::OK, serde_json::to_value(&record).expect("json"))
-                }
-                Err(e) => error_reply(&e),
-            }
+            apply_plan(&cfg, r.plan).await
         }
         Route::Rollback(r) => {
             let all = local::releases(&store, &r.deployment);
-            let live = all
-                .iter()
-                .rev()
-                .find(|x| x.outcome == Outcome::Live)
-                .map(|x| x.number);
             let target = match (r.to, &r.digest) {
-                (_, Some(d)) => all
+                (Some(n), _) => all
+                    .iter()
+                    .find(|x| x.number == n && x.outcome != Outcome::Failed)
+                    .cloned(),
+                (None, Some(d)) => all
                     .iter()
                     .rev()
                     .find(|x| x.digest == *d && x.outcome != Outcome::Failed)
                     .cloned(),
-                (Some(n), None) => all
-                    .iter()
-                    .find(|x| x.number == n && x.outcome != Outcome::Failed)
-                    .cloned(),
-                (None, None) => all
-                    .iter()
-                    .rev()
-                    .find(|x| x.outcome == Outcome::Retired && Some(x.number) != live)
-                    .cloned(),
+                (None, None) => None,
             };
             let Some(target) = target else {
-                return reply(
+                return refuse(
                     StatusCode::CONFLICT,
-                    json!({ "error": format!("{} has no earlier release", r.deployment) }),
+                    "conflict",
+                    format!("this host never ran that release of {}", r.deployment),
                 );
             };
+            let mut plan = target.plan;
+            plan.release = r.release;
+            apply_plan(&cfg, plan).await
+        }
+        Route::Revert(r) => {
             let cfg2 = cfg.clone();
             let done = tokio::task::spawn_blocking(move || {
-                let store = Store::open(&cfg2.state).map_err(|e| DeployError::Local {
-                    what: "open the store".into(),
-                    message: e.to_string(),
-                })?;
-                local::apply(
+                local::revert(
                     &store,
                     &cfg2.program,
                     &cfg2.state,
-                    &target.plan,
-                    &mut |_| {},
+                    &r.deployment,
+                    r.release,
+                    &r.why,
+                    &mut |l| eprintln!("{l}"),
                 )
             })
             .await
-            .expect("the rollback task");
+            .expect("the revert task");
             match done {
-                Ok((record, retire)) => {
-                    // Live: answer now; the previous release drains and stops after.
-                    finish_in_background(&cfg, retire);
-                    reply(StatusCode::OK, serde_json::to_value(&record).expect("json"))
-                }
+                Ok(state) => reply(StatusCode::OK, &state),
                 Err(e) => error_reply(&e),
             }
         }
-        Route::Status(q) => {
-            let live = local::current(&store, &q.deployment);
-            let mut v = serde_json::to_value(&live).expect("json");
-            if let Some(live) = &live {
-                v["services"] = json!(local::replica_health(&store, live));
-            }
-            reply(StatusCode::OK, v)
-        }
+        Route::Status(q) => reply(StatusCode::OK, &local::status(&store, &q.deployment)),
         Route::Logs(q) => {
             let since = match q.since.as_deref().map(str::parse::<jiff::Timestamp>) {
                 None => None,
@@ -327,28 +375,29 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
                 Some(Err(e)) => return bad(format!("since: {e}")),
             };
             match local::replica_logs(&store, &q.deployment, q.service.as_deref(), q.tail, since) {
-                Ok(lines) => reply(StatusCode::OK, serde_json::to_value(&lines).expect("json")),
+                Ok(lines) => reply(StatusCode::OK, &lines),
                 Err(e) => error_reply(&e),
             }
         }
         Route::Releases(q) => {
-            let list: Vec<serde_json::Value> = local::releases(&store, &q.deployment)
-                .iter()
-                .map(|r| {
-                    json!({
-                        "release": r.number, "digest": r.digest, "revision": r.revision,
-                        "time": r.time, "actor": r.actor, "outcome": r.outcome, "error": r.error,
-                    })
+            let list: Vec<HostRelease> = local::releases(&store, &q.deployment)
+                .into_iter()
+                .map(|r| HostRelease {
+                    release: r.number,
+                    digest: r.digest,
+                    time: r.time,
+                    outcome: r.outcome,
+                    error: r.error,
                 })
                 .collect();
-            reply(StatusCode::OK, json!(list))
+            reply(StatusCode::OK, &list)
         }
         Route::Down(r) => {
             let done = tokio::task::spawn_blocking(move || local::down(&store, &r.deployment))
                 .await
                 .expect("the down task");
             match done {
-                Ok(n) => reply(StatusCode::OK, json!({ "removed": n })),
+                Ok(removed) => reply(StatusCode::OK, &DownAnswer { removed }),
                 Err(e) => error_reply(&e),
             }
         }

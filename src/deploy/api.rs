@@ -3,9 +3,12 @@
 //! are checked as they are decoded (a request that names `../x`, an absolute path, a NUL
 //! byte or 10 kB of text never reaches the filesystem), and bodies are bounded.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::ReleasePlan;
+use super::local::ReplicaCount;
 use crate::store::Digest;
 
 /// The largest request body the agent reads (a release plan is a few kilobytes).
@@ -109,17 +112,105 @@ pub struct ApplyRequest {
     pub password: Option<String>,
 }
 
-/// `POST /v1/rollback` and `/v1/down`.
+/// `POST /v1/down`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeploymentRequest {
     /// `app-environment`.
     pub deployment: DeploymentName,
-    /// For a rollback: the release to go back to [default: the one before the live one].
+}
+
+/// `POST /v1/rollback`: run again what release `to` ran on this host (else the newest
+/// release of `digest` that served), as release `release`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// `app-environment`.
+    pub deployment: DeploymentName,
+    /// The new release's number (the ledger's).
+    pub release: u32,
+    /// The release whose plan runs again.
     #[serde(default)]
     pub to: Option<u32>,
-    /// For a rollback: the newest release of this image that served.
+    /// Or: the newest release of this image that served.
     #[serde(default)]
     pub digest: Option<Digest>,
+}
+
+/// `POST /v1/revert`: undo release `release` on this host — back to the release that
+/// served before it, or to nothing when it was the first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevertRequest {
+    /// `app-environment`.
+    pub deployment: DeploymentName,
+    /// The release to undo.
+    pub release: u32,
+    /// Why (recorded on the host with the undone release).
+    #[serde(default)]
+    pub why: String,
+}
+
+/// What a host runs of a deployment (the answer to `status`, `apply`, `rollback` and
+/// `revert`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostState {
+    /// The live release's number, if one serves.
+    pub release: Option<u32>,
+    /// Its image.
+    pub digest: Option<Digest>,
+    /// Its git revision.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Since when it serves (RFC 3339).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// Each service's replicas: running, of how many.
+    #[serde(default)]
+    pub services: BTreeMap<String, ReplicaCount>,
+}
+
+/// The answer to `POST /v1/preflight`: every problem found (none: go).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreflightAnswer {
+    /// What would stop the release on this host.
+    pub problems: Vec<String>,
+}
+
+/// The answer to `POST /v1/down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownAnswer {
+    /// Containers removed.
+    pub removed: usize,
+}
+
+/// One release as a host recorded it (`GET /v1/releases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRelease {
+    /// Its number.
+    pub release: u32,
+    /// Its image.
+    pub digest: Digest,
+    /// When (RFC 3339).
+    pub time: String,
+    /// What happened to it on this host.
+    pub outcome: super::Outcome,
+    /// Why it failed, if it did.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Every refusal or failure an agent answers with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    /// What went wrong.
+    pub error: String,
+    /// `unhealthy`, `start`, `locked`, `local`, `pull`, `invalid`, `conflict`.
+    #[serde(default)]
+    pub kind: String,
+    /// The service, for `unhealthy` and `start`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The replica's last log lines, for `unhealthy`.
+    #[serde(default)]
+    pub logs: String,
 }
 
 /// `GET /v1/status` and `/v1/releases`.
@@ -208,6 +299,13 @@ mod tests {
         }
         let r: Result<DeploymentRequest, _> =
             serde_json::from_str(r#"{"deployment":"../../../../tmp/x"}"#);
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("not a valid deployment name")
+        );
+        let r: Result<RevertRequest, _> =
+            serde_json::from_str(r#"{"deployment":"/tmp/x","release":1}"#);
         assert!(
             r.unwrap_err()
                 .to_string()

@@ -15,7 +15,7 @@ use super::router::Router;
 use super::{DeployError, Outcome, ReleasePlan, ReleaseRecord, ServicePlan, state_dir};
 use crate::runtime::container::{ContainerState, Containers, Status, now};
 use crate::runtime::network::Networks;
-use crate::runtime::spec::{ContainerSpec, NetworkMode};
+use crate::runtime::spec::{ContainerSpec, NetworkMode, PortSpec};
 use crate::runtime::{bundle, caps, exec, instance, logs, supervisor};
 use crate::store::Store;
 
@@ -322,12 +322,23 @@ pub fn apply(
         let _ = std::fs::write(state_dir(store, &deployment).join("network-created"), "");
     }
     let mut list = releases(store, &deployment);
-    let number = list.iter().map(|r| r.number).max().unwrap_or(0) + 1;
+    // The ledger's number; a plan without one (from an older client) gets the next.
+    let number = match plan.release {
+        0 => list.iter().map(|r| r.number).max().unwrap_or(0) + 1,
+        n => n,
+    };
     let previous = list
         .iter()
         .rev()
         .find(|r| r.outcome == Outcome::Live)
         .cloned();
+    if let Some(live) = &previous
+        && live.number == number
+        && live.digest == plan.digest
+    {
+        // Applied already (a retried request): nothing to do.
+        return Ok((live.clone(), Retire::nothing(lock)));
+    }
     let mut record = ReleaseRecord {
         number,
         digest: plan.digest.clone(),
@@ -352,8 +363,12 @@ pub fn apply(
             .collect();
         stop_all(store, &containers, &ids, true);
         record.error = Some(e.to_string());
-        list.push(record.clone());
-        let _ = save_releases(store, &deployment, list);
+        // A release that failed here keeps an earlier record of the same number (one
+        // being put back) as it was.
+        if !list.iter().any(|r| r.number == record.number) {
+            list.push(record.clone());
+            let _ = save_releases(store, &deployment, list);
+        }
         e
     };
     for svc in &plan.services {
@@ -503,6 +518,8 @@ pub fn apply(
             r.outcome = Outcome::Retired;
         }
     }
+    // A release applied again (put back after a later one failed) replaces its record.
+    list.retain(|r| r.number != number);
     list.push(record.clone());
     save_releases(store, &deployment, &list)?;
 
@@ -514,6 +531,7 @@ pub fn apply(
             list,
             drain: plan.rollout.drain,
             keep: plan.rollout.keep,
+            remove_previous: false,
         },
     ))
 }
@@ -528,9 +546,23 @@ pub struct Retire {
     list: Vec<ReleaseRecord>,
     drain: Duration,
     keep: u32,
+    /// Remove the previous release's replicas rather than keep them (it is being undone).
+    remove_previous: bool,
 }
 
 impl Retire {
+    /// Nothing to retire (the release was live already).
+    fn nothing(lock: Lock) -> Retire {
+        Retire {
+            lock,
+            previous: None,
+            list: Vec::new(),
+            drain: Duration::ZERO,
+            keep: u32::MAX,
+            remove_previous: false,
+        }
+    }
+
     /// Drains and stops the previous release; removes releases beyond `keep`.
     pub fn run(mut self, store: &Store, say: &mut dyn FnMut(String)) {
         let Ok(containers) = Containers::new(store) else {
@@ -547,7 +579,8 @@ impl Retire {
             self.lock
                 .retiring(prev.number, self.drain + grace + Duration::from_secs(2));
             std::thread::sleep(self.drain);
-            stop_all(store, &containers, &graceful_stops(prev), self.keep == 0);
+            let remove = self.keep == 0 || self.remove_previous;
+            stop_all(store, &containers, &graceful_stops(prev), remove);
             say(format!("stopped release {}", prev.number));
         }
         let retired: Vec<&ReleaseRecord> = self
@@ -562,6 +595,127 @@ impl Retire {
             .map(|id| (id.clone(), libc::SIGKILL, Duration::ZERO))
             .collect();
         stop_all(store, &containers, &ids, true);
+    }
+}
+
+/// What this machine runs of a deployment.
+pub fn status(store: &Store, deployment: &str) -> super::api::HostState {
+    let Some(live) = current(store, deployment) else {
+        return super::api::HostState::default();
+    };
+    super::api::HostState {
+        release: Some(live.number),
+        digest: Some(live.digest.clone()),
+        revision: live.revision.clone(),
+        since: Some(live.time.clone()),
+        services: replica_health(store, &live),
+    }
+}
+
+/// Undoes release `number` on this machine after it failed elsewhere (or was
+/// interrupted): the release that served before it serves again, its replicas started
+/// anew and the traffic switched back; with none before it (a first release), everything
+/// of the deployment stops. The undone release is recorded as failed with `why`. Returns
+/// what the machine runs afterwards.
+pub fn revert(
+    store: &Store,
+    program: &Path,
+    store_dir: &Path,
+    deployment: &str,
+    number: u32,
+    why: &str,
+    say: &mut dyn FnMut(String),
+) -> Result<super::api::HostState, DeployError> {
+    let list = releases(store, deployment);
+    let Some(pos) = list.iter().position(|r| r.number == number) else {
+        return Ok(status(store, deployment));
+    };
+    if list[pos].outcome != Outcome::Live {
+        return Ok(status(store, deployment));
+    }
+    let before = list[..pos]
+        .iter()
+        .rev()
+        .find(|r| r.outcome == Outcome::Retired)
+        .cloned();
+    match before {
+        Some(prev) => {
+            let mut plan = prev.plan.clone();
+            plan.release = prev.number;
+            let (_, mut retire) = apply(store, program, store_dir, &plan, say)?;
+            retire.remove_previous = true;
+            retire.run(store, say);
+        }
+        None => {
+            down(store, deployment)?;
+        }
+    }
+    let _lock = lock(store, deployment)?;
+    let mut list = releases(store, deployment);
+    if let Some(r) = list.iter_mut().find(|r| r.number == number) {
+        r.outcome = Outcome::Failed;
+        r.error = Some(why.to_string());
+    }
+    save_releases(store, deployment, &list)?;
+    Ok(status(store, deployment))
+}
+
+/// What would stop `plan` on this machine, every problem at once: another deploy holding
+/// the deployment's lock, a published port another program holds, an image the store
+/// lacks (when `need_image`).
+pub fn preflight(store: &Store, plan: &ReleasePlan, need_image: bool) -> Vec<String> {
+    let deployment = plan.deployment();
+    let mut problems = Vec::new();
+    if let Ok(holder) = std::fs::read_to_string(state_dir(store, &deployment).join("lock"))
+        && try_lock_now(store, &deployment).is_none()
+        && retiring_until(&holder).is_none()
+    {
+        problems.push(format!(
+            "another deploy of {deployment} is running: {}",
+            holder.trim()
+        ));
+    }
+    let routers = state_dir(store, &deployment).join("routers");
+    for svc in &plan.services {
+        // Ports this deployment's own router holds are handed over, not taken.
+        let router = Router::new(routers.join(&svc.name));
+        let owned: Vec<PortSpec> = match router.process() {
+            Some(_) => router.ports(),
+            None => Vec::new(),
+        };
+        let all_owned: Vec<PortSpec> = std::fs::read_dir(&routers)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| Router::new(e.path()))
+            .filter(|r| r.process().is_some())
+            .flat_map(|r| r.ports())
+            .collect();
+        for port in &svc.ports {
+            if owned.contains(port) || all_owned.contains(port) {
+                continue;
+            }
+            if let Err(e) = port_free(port) {
+                problems.push(format!(
+                    "{}: port {} is not free on this host: {e}",
+                    svc.name,
+                    port.listen_addr()
+                ));
+            }
+        }
+    }
+    if need_image && !store.has_blob(&plan.digest) {
+        problems.push(format!("the image {} is not in the store", plan.digest));
+    }
+    problems
+}
+
+/// Whether a published port can be bound right now.
+fn port_free(port: &PortSpec) -> std::io::Result<()> {
+    let addr = std::net::SocketAddr::new(port.host_ip, port.host_port);
+    match port.proto {
+        crate::runtime::spec::Proto::Tcp => std::net::TcpListener::bind(addr).map(drop),
+        crate::runtime::spec::Proto::Udp => std::net::UdpSocket::bind(addr).map(drop),
     }
 }
 

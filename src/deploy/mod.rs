@@ -8,8 +8,12 @@
 
 pub mod agent;
 pub mod api;
+pub mod client;
 pub mod health;
+pub mod host;
 pub mod local;
+pub mod plan;
+pub mod rollout;
 pub mod router;
 
 use std::collections::BTreeMap;
@@ -68,6 +72,10 @@ pub struct ReleasePlan {
     pub app: String,
     /// The environment.
     pub environment: String,
+    /// The release's number in the environment's ledger, which every host uses for it
+    /// (0 in plans from before numbers were the ledger's: the host numbers it).
+    #[serde(default)]
+    pub release: u32,
     /// The image's manifest digest.
     pub digest: Digest,
     /// The git revision it was built from, if known.

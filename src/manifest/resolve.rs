@@ -187,9 +187,17 @@ fn decode_config(
                     Some("add `hosts = [\"local\"]` to run on this machine, or agent URLs".into());
                 d.diags.push(diag);
             }
-            Some(Vec::new())
+            Some((Vec::new(), BTreeMap::new()))
         }
     };
+    let (hosts, pins) = match hosts {
+        Some((h, p)) => (Some(h), p),
+        None => (None, BTreeMap::new()),
+    };
+    let agent = agent.map(|mut a| {
+        a.pins = pins;
+        a
+    });
     let promote_from = get("promote_from").and_then(|n| env_name(d, n, "promote_from"));
     let soak = get("soak").and_then(|n| d.parsed::<Duration>(n, "soak"));
     let require = get("require").map_or(Some(Vec::new()), |n| d.list(n, "require", env_name));
@@ -449,6 +457,29 @@ fn decode_agent(d: &mut Decoder, node: &Node) -> Option<AgentAccess> {
         a.fingerprint = d.parsed::<super::values::Fingerprint>(n, "agent.fingerprint");
         ok &= a.fingerprint.is_some();
     }
+    if let Some(n) = t.get("ca") {
+        // `ca = { file = "ca.pem" }`, or the path as a string.
+        let path = match &n.value {
+            Value::Table(ct) => {
+                d.known_keys(ct, &["file"], "agent.ca");
+                match ct.get("file") {
+                    Some(f) => d.string(f, "agent.ca.file"),
+                    None => {
+                        d.invalid(
+                            n,
+                            "agent.ca",
+                            "needs `file`",
+                            Some("ca = { file = \"agents-ca.pem\" }".into()),
+                        );
+                        None
+                    }
+                }
+            }
+            _ => d.string(n, "agent.ca"),
+        };
+        a.ca = path.map(PathBuf::from);
+        ok &= a.ca.is_some();
+    }
     ok.then_some(a)
 }
 
@@ -479,8 +510,45 @@ fn decode_rollout(d: &mut Decoder, node: &Node) -> Option<Rollout> {
     ok.then_some(r)
 }
 
-fn decode_hosts(d: &mut Decoder, node: &Node) -> Option<Vec<HostUrl>> {
-    let hosts = d.list(node, "hosts", |d, n, p| d.parsed::<HostUrl>(n, p))?;
+/// `hosts`: each a URL (or `local`), or a table `{ url = "…", fingerprint = "…" }` pinning
+/// that host's certificate. Returns the hosts and the pins by URL.
+fn decode_hosts(
+    d: &mut Decoder,
+    node: &Node,
+) -> Option<(Vec<HostUrl>, BTreeMap<String, super::values::Fingerprint>)> {
+    let mut pins = BTreeMap::new();
+    let hosts = d.list(node, "hosts", |d, n, p| match &n.value {
+        Value::Table(t) => {
+            d.known_keys(t, HOST_KEYS, p);
+            let Some(url) = t.get("url") else {
+                d.invalid(
+                    n,
+                    p,
+                    "a host table needs `url`",
+                    Some(
+                        "{ url = \"https://198.18.0.12:7443\", fingerprint = \"AB:CD:…\" }".into(),
+                    ),
+                );
+                return None;
+            };
+            let host = d.parsed::<HostUrl>(url, &format!("{p}.url"))?;
+            if let Some(f) = t.get("fingerprint") {
+                let fp = d.parsed::<super::values::Fingerprint>(f, &format!("{p}.fingerprint"))?;
+                if matches!(host, HostUrl::Local) {
+                    d.invalid(
+                        f,
+                        &format!("{p}.fingerprint"),
+                        "`local` has no certificate to pin",
+                        None,
+                    );
+                    return None;
+                }
+                pins.insert(host.to_string(), fp);
+            }
+            Some(host)
+        }
+        _ => d.parsed::<HostUrl>(n, p),
+    })?;
     if hosts.is_empty() {
         d.invalid(
             node,
@@ -500,7 +568,7 @@ fn decode_hosts(d: &mut Decoder, node: &Node) -> Option<Vec<HostUrl>> {
             return None;
         }
     }
-    Some(hosts)
+    Some((hosts, pins))
 }
 
 /// A published port with where it was written, for the duplicate check.

@@ -28,7 +28,9 @@ pub const ENV_KEYS: &[&str] = &[
     "agent",
 ];
 /// Keys of an environment's `[agent]` table.
-pub const AGENT_KEYS: &[&str] = &["token", "fingerprint"];
+pub const AGENT_KEYS: &[&str] = &["token", "fingerprint", "ca"];
+/// Keys of a host written as a table in `hosts`.
+pub const HOST_KEYS: &[&str] = &["url", "fingerprint"];
 /// Keys of `[app]`.
 pub const APP_KEYS: &[&str] = &["name"];
 /// Keys of `[image]`.
@@ -123,6 +125,14 @@ pub struct AgentAccess {
     /// it): trusted by that alone, with no CA.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<Fingerprint>,
+    /// A CA certificate (PEM file, relative to the project) that signed the agents'
+    /// certificates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Fingerprints pinned per host (`hosts = [{ url = "…", fingerprint = "…" }]`), by
+    /// the host's URL; over the environment-wide `fingerprint`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pins: BTreeMap<String, Fingerprint>,
 }
 
 impl AgentAccess {

@@ -45,16 +45,43 @@ pub enum Kind {
     Rollback,
     /// `berth scale`.
     Scale,
+    /// `berth down`: the environment stopped.
+    Down,
 }
 
-/// How it ended.
+/// Where a release stands. A release is recorded twice: `started` before anything rolls
+/// out (which allocates its number), then with how it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
-    /// Every host runs it.
-    Succeeded,
+    /// Allocated; rolling out (or berth died before it could record the end: `status`
+    /// says so and `status --reconcile` records what the hosts run).
+    Started,
+    /// Every host it reached runs it (for `down`: the environment is stopped).
+    #[serde(alias = "succeeded")]
+    Live,
     /// It did not go live (the hosts kept, or went back to, the release before).
     Failed,
+    /// An interrupt stopped it; the hosts went back to the release before.
+    Interrupted,
+}
+
+/// What one host ran when a release ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// The host.
+    pub host: String,
+    /// How it ended there (`live`, `failed`, `put-back`, `kept`, `not-started`).
+    pub end: String,
+    /// The release it runs now, if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u32>,
+    /// Its image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    /// What went wrong there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One release of an environment.
@@ -94,6 +121,16 @@ pub struct Release {
     /// The hosts it went to.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// What each host ran when it ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_states: Vec<HostRecord>,
+    /// The plan every host was sent (what a rollback runs again). Never holds secret
+    /// values: those travel to hosts apart from the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<crate::deploy::ReleasePlan>,
+    /// The highest release number allocated up to this record (the next is one more).
+    #[serde(default)]
+    pub highest: u32,
     /// The record before this one (its id in the ledger).
     #[serde(default)]
     pub previous: Option<Digest>,
@@ -112,11 +149,14 @@ impl Release {
             revision: None,
             time: String::new(),
             actor: crate::deploy::local::actor(),
-            outcome: Verdict::Succeeded,
+            outcome: Verdict::Started,
             error: None,
             forced: Vec::new(),
             reason: None,
             hosts: Vec::new(),
+            host_states: Vec::new(),
+            plan: None,
+            highest: 0,
             previous: None,
         }
     }
@@ -320,8 +360,9 @@ impl Ledger {
         serde_json::from_slice(&bytes).map_err(|e| self.corrupt(id, e))
     }
 
-    /// Every record, oldest first.
-    pub async fn history(&self) -> Result<Vec<Release>, LedgerError> {
+    /// Every record as written, oldest first (a release appears once started and again
+    /// with its end).
+    pub async fn records(&self) -> Result<Vec<Release>, LedgerError> {
         let mut out = Vec::new();
         let mut next = self.head().await?;
         while let Some(id) = next {
@@ -336,9 +377,38 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Appends `release` (numbered after the newest record, linked to it, stamped now);
-    /// returns it as recorded.
-    pub async fn append(&self, mut release: Release) -> Result<Release, LedgerError> {
+    /// Every release, oldest first by number, each as its newest record says.
+    pub async fn history(&self) -> Result<Vec<Release>, LedgerError> {
+        Ok(fold(self.records().await?))
+    }
+
+    /// Records the start of `release`: allocates its number (one above every number
+    /// allocated so far) before anything rolls out. Returns it as recorded.
+    pub async fn start(&self, mut release: Release) -> Result<Release, LedgerError> {
+        release.outcome = Verdict::Started;
+        self.append(release, true).await
+    }
+
+    /// Records how release `release.number` ended (a second record with the same
+    /// number), retrying with backoff a few times before giving up.
+    pub async fn finish(&self, release: Release) -> Result<Release, LedgerError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.append(release.clone(), false).await {
+                Ok(r) => return Ok(r),
+                Err(e) if attempt >= 5 => return Err(e),
+                Err(_) => {
+                    let wait = std::time::Duration::from_millis(250 << attempt);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Appends `release` (linked to the newest record and stamped now; with `number`, also
+    /// numbered one above the highest number allocated); returns it as recorded.
+    async fn append(&self, mut release: Release, number: bool) -> Result<Release, LedgerError> {
         // Local appends are serialised by a lock; a registry has no compare-and-swap, so
         // two appends to one environment at the same instant could both build on the same
         // head (the hosts' deploy locks make that rare, not impossible).
@@ -358,10 +428,17 @@ impl Ledger {
             Backend::Registry { .. } => None,
         };
         let head = self.head().await?;
-        release.number = match &head {
-            Some(id) => self.read(id).await?.number + 1,
-            None => 1,
+        let highest = match &head {
+            Some(id) => {
+                let h = self.read(id).await?;
+                h.highest.max(h.number)
+            }
+            None => 0,
         };
+        if number {
+            release.number = highest + 1;
+        }
+        release.highest = highest.max(release.number);
         release.previous = head;
         release.environment = self.environment.clone();
         release.time = jiff::Timestamp::now().to_string();
@@ -398,10 +475,7 @@ impl Ledger {
                     "org.opencontainers.image.created": release.time,
                     "dev.berth.release.environment": release.environment,
                     "dev.berth.release.number": release.number.to_string(),
-                    "dev.berth.release.outcome": match release.outcome {
-                        Verdict::Succeeded => "succeeded",
-                        Verdict::Failed => "failed",
-                    },
+                    "dev.berth.release.outcome": release.outcome.as_str(),
                 });
                 let mut manifest = json!({
                     "schemaVersion": 2,
@@ -460,23 +534,65 @@ fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), LedgerError>
         .map_err(Ledger::local_error(path))
 }
 
-/// The release serving now: the newest that succeeded.
+impl Verdict {
+    /// Its name, as the ledger writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Started => "started",
+            Verdict::Live => "live",
+            Verdict::Failed => "failed",
+            Verdict::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Deploy => "deploy",
+            Kind::Promote => "promote",
+            Kind::Rollback => "rollback",
+            Kind::Scale => "scale",
+            Kind::Down => "down",
+        })
+    }
+}
+
+/// One release per number, as its newest record says, ordered by number.
+pub fn fold(records: Vec<Release>) -> Vec<Release> {
+    let mut by_number: std::collections::BTreeMap<u32, Release> = Default::default();
+    for r in records {
+        by_number.insert(r.number, r);
+    }
+    by_number.into_values().collect()
+}
+
+/// The release in effect: the newest that went live. `None` when there is none or the
+/// newest is a `down` (the environment is stopped).
 pub fn current(history: &[Release]) -> Option<&Release> {
     history
         .iter()
         .rev()
-        .find(|r| r.outcome == Verdict::Succeeded)
+        .find(|r| r.outcome == Verdict::Live)
+        .filter(|r| r.kind != Kind::Down)
 }
 
 /// Since when `digest` has served without interruption at the end of `history`: the time
-/// of the first of the newest run of succeeded records with that digest.
+/// of the first of the newest run of live records with that digest (a `down` ends a run).
 pub fn serving_since<'a>(history: &'a [Release], digest: &Digest) -> Option<&'a str> {
     let mut since = None;
     for r in history.iter().rev() {
         match r.outcome {
-            Verdict::Failed => continue,
-            Verdict::Succeeded if r.digest == *digest => since = Some(r.time.as_str()),
-            Verdict::Succeeded => break,
+            Verdict::Live if r.kind == Kind::Down => break,
+            Verdict::Live if r.digest == *digest => since = Some(r.time.as_str()),
+            Verdict::Live => break,
+            _ => continue,
         }
     }
     since
@@ -500,6 +616,9 @@ pub(crate) fn sample(number: u32, digest: &Digest, time: &str, outcome: Verdict)
         forced: vec![],
         reason: None,
         hosts: vec![],
+        host_states: vec![],
+        plan: None,
+        highest: number,
         previous: None,
     }
 }
@@ -515,7 +634,7 @@ mod tests {
     #[test]
     fn the_current_release_is_the_newest_that_succeeded() {
         let h = vec![
-            rec(1, "a", Verdict::Succeeded, "t1"),
+            rec(1, "a", Verdict::Live, "t1"),
             rec(2, "b", Verdict::Failed, "t2"),
         ];
         assert_eq!(current(&h).map(|r| r.number), Some(1));
@@ -526,13 +645,74 @@ mod tests {
     fn serving_since_counts_from_the_start_of_the_newest_run() {
         let a = Digest::of(b"a");
         let h = vec![
-            rec(1, "a", Verdict::Succeeded, "t1"),
-            rec(2, "b", Verdict::Succeeded, "t2"),
-            rec(3, "a", Verdict::Succeeded, "t3"),
+            rec(1, "a", Verdict::Live, "t1"),
+            rec(2, "b", Verdict::Live, "t2"),
+            rec(3, "a", Verdict::Live, "t3"),
             rec(4, "c", Verdict::Failed, "t4"),
-            rec(5, "a", Verdict::Succeeded, "t5"),
+            rec(5, "a", Verdict::Live, "t5"),
         ];
         assert_eq!(serving_since(&h, &a), Some("t3"));
         assert_eq!(serving_since(&h, &Digest::of(b"b")), None);
+        // A `down` ends the run: the soak starts again with the next release.
+        let mut down = rec(6, "a", Verdict::Live, "t6");
+        down.kind = Kind::Down;
+        let mut h2 = h.clone();
+        h2.push(down);
+        assert_eq!(current(&h2), None, "a stopped environment runs nothing");
+        assert_eq!(serving_since(&h2, &a), None);
+        h2.push(rec(7, "a", Verdict::Live, "t7"));
+        assert_eq!(serving_since(&h2, &a), Some("t7"));
+    }
+
+    #[test]
+    fn a_release_is_its_newest_record_and_numbers_never_repeat() {
+        let d = Digest::of(b"a");
+        let started = sample(5, &d, "t1", Verdict::Started);
+        let other = sample(6, &d, "t2", Verdict::Started);
+        let ended = sample(5, &d, "t3", Verdict::Live);
+        let h = fold(vec![started, other, ended]);
+        assert_eq!(
+            h.iter().map(|r| (r.number, r.outcome)).collect::<Vec<_>>(),
+            [(5, Verdict::Live), (6, Verdict::Started)]
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_local_ledger_allocates_first_and_records_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger {
+            environment: "uat".into(),
+            backend: Backend::Local(dir.path().join("l")),
+            cache: dir.path().join("c"),
+        };
+        let d = Digest::of(b"a");
+        let a = ledger
+            .start(sample(0, &d, "", Verdict::Live))
+            .await
+            .unwrap();
+        let b = ledger
+            .start(sample(0, &d, "", Verdict::Live))
+            .await
+            .unwrap();
+        assert_eq!((a.number, b.number), (1, 2));
+        let mut end = a.clone();
+        end.outcome = Verdict::Failed;
+        ledger.finish(end).await.unwrap();
+        // The next number is above every allocated one, though the head is release 1.
+        let c = ledger
+            .start(sample(0, &d, "", Verdict::Live))
+            .await
+            .unwrap();
+        assert_eq!(c.number, 3);
+        let h = ledger.history().await.unwrap();
+        assert_eq!(
+            h.iter().map(|r| (r.number, r.outcome)).collect::<Vec<_>>(),
+            [
+                (1, Verdict::Failed),
+                (2, Verdict::Started),
+                (3, Verdict::Started)
+            ]
+        );
+        assert_eq!(ledger.records().await.unwrap().len(), 4);
     }
 }

@@ -7,6 +7,8 @@
 
 pub mod diff;
 pub mod ledger;
+pub mod promotion;
+pub mod release;
 
 use std::time::Duration;
 
@@ -140,9 +142,9 @@ pub fn check(e: &Evidence<'_>) -> Vec<Gate> {
         });
     }
     for (env, history) in e.required {
-        let passed = history
-            .iter()
-            .find(|r| r.digest == *e.digest && r.outcome == Verdict::Succeeded);
+        let passed = history.iter().find(|r| {
+            r.digest == *e.digest && r.outcome == Verdict::Live && r.kind != ledger::Kind::Down
+        });
         gates.push(Gate {
             name: "require",
             passed: passed.is_some(),
@@ -214,7 +216,7 @@ mod tests {
     #[test]
     fn a_healthy_current_soaked_required_release_passes_every_gate() {
         let d = Digest::of(b"image");
-        let h = vec![rec(1, &d, "2026-11-30T11:00:00Z", Verdict::Succeeded)];
+        let h = vec![rec(1, &d, "2026-11-30T11:00:00Z", Verdict::Live)];
         let req = vec![("uat".to_string(), h.clone())];
         assert_eq!(
             gates(&h, &d, &healthy(&d), Some(Duration::from_secs(600)), &req),
@@ -231,7 +233,7 @@ mod tests {
     fn each_gate_fails_for_its_own_reason() {
         let (d, other) = (Digest::of(b"image"), Digest::of(b"other"));
         let h = vec![
-            rec(1, &d, "2026-11-30T11:55:00Z", Verdict::Succeeded),
+            rec(1, &d, "2026-11-30T11:55:00Z", Verdict::Live),
             rec(2, &other, "2026-11-30T11:58:00Z", Verdict::Failed),
         ];
         // A failed later release does not make the image stop being current.

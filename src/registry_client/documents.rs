@@ -17,6 +17,21 @@ pub const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// The OCI image manifest media type.
 pub const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
+/// Names the manifest `digest` (already in `repository`) `tag` too: its exact bytes put
+/// again under the tag.
+pub async fn tag_manifest(
+    client: &Client,
+    repository: &str,
+    digest: &Digest,
+    tag: &str,
+) -> Result<(), RegistryError> {
+    let (bytes, _, _) =
+        super::pull::fetch_manifest(client, repository, digest.as_str(), Some(digest)).await?;
+    let media = super::push::manifest_media_type(&bytes);
+    put_manifest(client, repository, tag, &media, &bytes).await?;
+    Ok(())
+}
+
 /// Reads a blob of at most `max` bytes, verified against its digest.
 pub async fn get_blob(
     client: &Client,

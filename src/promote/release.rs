@@ -1,0 +1,1032 @@
+//! An environment's releases as one procedure, whatever made them — deploy, promote,
+//! rollback, scale, down — so every one keeps the same promises:
+//!
+//! 1. **Nothing changes before everything is checked** ([`Environment::preflight`]):
+//!    every host reachable, authorised, pinned and free to take the release (ports, its
+//!    lock); the registries reachable; the image at hand; nobody else releasing this
+//!    environment from this machine. Every problem is named at once.
+//! 2. **The ledger comes first**: the release's number is allocated by a `started`
+//!    record before anything moves; hosts use that number.
+//! 3. The image is published by digest (pushed or copied), the release rolled out
+//!    ([`crate::deploy::rollout`]), hosts put back if it fails or is interrupted.
+//! 4. **The environment's tag moves only after go-live.**
+//! 5. The end is recorded (`live`, `failed`, `interrupted`) with what each host runs,
+//!    retried with backoff; if it still cannot be written, the caller hears so and
+//!    `status --reconcile` records it later.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use serde_json::json;
+
+use super::ledger::{HostRecord, Kind, Ledger, LedgerError, Release, Verdict, current};
+use crate::deploy::ReleasePlan;
+use crate::deploy::api::{DeploymentName, HostState, RollbackRequest};
+use crate::deploy::client::{AgentClient, ImageSource, Trust};
+use crate::deploy::host::{Host, HostError, LocalHost};
+use crate::deploy::rollout::{
+    HostEnd, Interrupt, Progress, Rollout, RolloutOutcome, RolloutReport,
+};
+use crate::manifest::schema::AppConfig;
+use crate::manifest::values::HostUrl;
+use crate::registry_client::push::BlobReport;
+use crate::registry_client::{Client, ClientOptions, Reference, RegistryError, copy, pull, push};
+use crate::store::{Digest, Store};
+
+/// Why a release could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// The configuration or the request cannot work (exit 2).
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong.
+        message: String,
+        /// What to do about it.
+        help: Option<String>,
+    },
+    /// The preflight found problems; nothing changed.
+    #[error("nothing changed: {} problem(s) found before the release\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Preflight {
+        /// Every problem.
+        problems: Vec<String>,
+    },
+    /// The ledger could not allocate the release; nothing changed.
+    #[error("nothing changed: {0}")]
+    Ledger(#[source] LedgerError),
+    /// Publishing the image failed after the release was allocated; no host changed.
+    #[error("cannot publish the image: {0}")]
+    Publish(#[source] RegistryError),
+    /// The release rolled out and did not go live (or was interrupted).
+    #[error("{}", failure_text(.0))]
+    Rollout(Box<Released>),
+}
+
+fn failure_text(r: &Released) -> String {
+    let what = match r.report.outcome {
+        RolloutOutcome::Interrupted => "was interrupted",
+        _ => "failed",
+    };
+    match r.report.first_error() {
+        Some(e) => format!("release {} {what}: {e}", r.release.number),
+        None => format!("release {} {what}", r.release.number),
+    }
+}
+
+/// Where a release's image comes from.
+#[derive(Debug, Clone)]
+pub enum ImageOrigin {
+    /// The local store (a build, `--image`): pushed by digest to the environment's
+    /// registry, when it has one.
+    Store,
+    /// Another environment's home (a promotion): its registry repository, or the local
+    /// store (`None`); copied by digest.
+    Environment(Option<Reference>),
+    /// The hosts and registry have it already (rollback, scale, down).
+    InPlace,
+}
+
+/// What a release asks for.
+#[derive(Debug, Clone)]
+pub struct ReleaseRequest {
+    /// What makes it.
+    pub kind: Kind,
+    /// The plan (its `release` is set from the ledger).
+    pub plan: ReleasePlan,
+    /// For a rollback to a release whose plan the ledger lacks: the hosts' own records of
+    /// that release (or digest) are used.
+    pub host_rollback: Option<(Option<u32>, Digest)>,
+    /// Where the image comes from.
+    pub origin: ImageOrigin,
+    /// For a promotion: the source environment.
+    pub source: Option<String>,
+    /// Gates overridden.
+    pub forced: Vec<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// Put the hosts already updated back when the rollout stops (else keep them).
+    pub put_back: bool,
+}
+
+/// Bytes and blobs that moved to publish the image.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Transfer {
+    /// How (`pushed`, `copied within one registry`, …).
+    pub how: String,
+    /// Each blob.
+    pub blobs: Vec<BlobReport>,
+    /// Bytes moved.
+    pub bytes: u64,
+}
+
+/// A release that rolled out (live or not).
+#[derive(Debug, Clone, Serialize)]
+pub struct Released {
+    /// The release as recorded (or as berth would have recorded it).
+    pub release: Release,
+    /// The rollout.
+    pub report: RolloutReport,
+    /// What moved to publish the image.
+    pub transfer: Option<Transfer>,
+    /// Whether its end is in the ledger (else `status --reconcile` records it).
+    pub recorded: bool,
+    /// What went wrong after go-live, without undoing it (the ledger, the tag).
+    pub warnings: Vec<String>,
+}
+
+/// An environment: its configuration, hosts and ledger.
+pub struct Environment {
+    /// The resolved configuration.
+    pub config: AppConfig,
+    /// Its hosts.
+    pub hosts: Vec<Arc<dyn Host>>,
+    /// Its ledger.
+    pub ledger: Ledger,
+    rt: tokio::runtime::Handle,
+    store: Store,
+    /// Checked between batches; raised by an interrupt.
+    pub interrupt: Interrupt,
+}
+
+fn invalid(message: impl Into<String>, help: Option<String>) -> ReleaseError {
+    ReleaseError::Invalid {
+        message: message.into(),
+        help,
+    }
+}
+
+/// The agents' token: the environment's `[agent] token` reference, else
+/// `BERTH_AGENT_TOKEN`.
+pub fn agent_token(config: &AppConfig) -> Result<String, ReleaseError> {
+    if let Some(r) = &config.agent.token {
+        return r
+            .resolve("agent.token", &config.project_dir)
+            .map(|s| s.expose().to_string())
+            .map_err(|e| invalid(e.to_string(), None));
+    }
+    std::env::var("BERTH_AGENT_TOKEN").map_err(|_| {
+        invalid(
+            format!(
+                "talking to the agents of {} needs their token",
+                config.environment
+            ),
+            Some(format!(
+                "set [agent] token = {{ env = \"VAR\" }} in environments/{}.toml, or export BERTH_AGENT_TOKEN",
+                config.environment
+            )),
+        )
+    })
+}
+
+/// How the agent at `host` is trusted: its own pin, else the environment's, else CAs.
+pub fn agent_trust(config: &AppConfig, host: &HostUrl) -> Trust {
+    if let Some(pin) = config.agent.pins.get(&host.to_string()) {
+        return Trust::Pinned(pin.0);
+    }
+    if let Some(pin) = &config.agent.fingerprint {
+        return Trust::Pinned(pin.0);
+    }
+    let mut cas: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(ca) = &config.agent.ca {
+        cas.push(config.project_dir.join(ca));
+    }
+    cas.extend(std::env::var_os("BERTH_AGENT_CA").map(std::path::PathBuf::from));
+    Trust::Roots(cas)
+}
+
+/// The environment's registry repository tagged with its name (`…/hello:uat`).
+pub fn env_reference(config: &AppConfig) -> Result<Option<Reference>, ReleaseError> {
+    config
+        .registry
+        .as_ref()
+        .map(|r| {
+            format!("{r}:{}", config.environment)
+                .parse()
+                .map_err(|e: String| invalid(format!("registry {r}: {e}"), None))
+        })
+        .transpose()
+}
+
+impl Environment {
+    /// Opens `config`'s environment: its hosts (this machine, agents with their token and
+    /// trust) and its ledger. Fails before anything is asked of a host when the token or
+    /// a trust setting is missing.
+    pub fn open(
+        config: AppConfig,
+        store: &Store,
+        store_dir: &Path,
+        rt: tokio::runtime::Handle,
+        say: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> Result<Environment, ReleaseError> {
+        let mut hosts: Vec<Arc<dyn Host>> = Vec::new();
+        let agents = config
+            .hosts
+            .iter()
+            .any(|h| matches!(h, HostUrl::Agent { .. }));
+        // Without a token the agents cannot be asked anything; commands that only read the
+        // ledger still work, and the rest fail their preflight naming the token.
+        let token = if agents {
+            Some(agent_token(&config))
+        } else {
+            None
+        };
+        let source = match env_reference(&config)? {
+            Some(repository) => {
+                let (username, password) =
+                    match crate::registry_client::auth::credential_for(&repository.registry) {
+                        Ok(Some(crate::registry_client::auth::Credential::Basic {
+                            username,
+                            password,
+                        })) => (Some(username), Some(password.0)),
+                        _ => (None, None),
+                    };
+                Some(ImageSource {
+                    repository,
+                    username,
+                    password,
+                })
+            }
+            None => None,
+        };
+        for h in &config.hosts {
+            match h {
+                HostUrl::Local => {
+                    let program = std::env::current_exe().map_err(|e| {
+                        invalid(format!("cannot find berth's own binary: {e}"), None)
+                    })?;
+                    hosts.push(Arc::new(LocalHost::new(
+                        store_dir.to_path_buf(),
+                        program,
+                        say.clone(),
+                    )));
+                }
+                HostUrl::Agent { .. } => match &token {
+                    Some(Ok(token)) => {
+                        let client = AgentClient::new(
+                            h.to_string(),
+                            token.clone(),
+                            &agent_trust(&config, h),
+                            rt.clone(),
+                            source.clone(),
+                        )
+                        .map_err(|e| invalid(format!("{h}: {e}"), None))?;
+                        hosts.push(Arc::new(client));
+                    }
+                    Some(Err(e)) => hosts.push(Arc::new(Unconfigured {
+                        name: h.to_string(),
+                        why: e.to_string(),
+                    })),
+                    None => unreachable!("agents have a token slot"),
+                },
+            }
+        }
+        let ledger = Ledger::open(store, &config).map_err(ReleaseError::Ledger)?;
+        Ok(Environment {
+            config,
+            hosts,
+            ledger,
+            rt,
+            store: Store::open(store.root()).map_err(|e| invalid(e.to_string(), None))?,
+            interrupt: Interrupt::new(),
+        })
+    }
+
+    /// `app-environment`.
+    pub fn deployment(&self) -> DeploymentName {
+        format!("{}-{}", self.config.app.name, self.config.environment)
+            .parse()
+            .expect("app and environment names are DNS labels")
+    }
+
+    /// The host names, as the ledger gives them.
+    pub fn host_names(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.name().to_string()).collect()
+    }
+
+    /// The ledger, oldest first, one entry per release.
+    pub fn history(&self) -> Result<Vec<Release>, LedgerError> {
+        self.rt.block_on(self.ledger.history())
+    }
+
+    /// What each host runs (or why it could not say), in order.
+    pub fn host_states(&self) -> Vec<(String, Result<HostState, HostError>)> {
+        let deployment = self.deployment();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .hosts
+                .iter()
+                .map(|h| {
+                    let d = &deployment;
+                    s.spawn(move || (h.name().to_string(), h.status(d)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a host's thread"))
+                .collect()
+        })
+    }
+
+    fn registry_client(&self, r: &Reference) -> Result<Client, RegistryError> {
+        Client::new(r, &ClientOptions::default())
+    }
+
+    /// Everything that would stop a release of `plan` from `origin`, at once: each host's
+    /// own answer, the registries, the image, and `extra` (the caller's own checks). An
+    /// empty list: go.
+    pub fn preflight(
+        &self,
+        plan: &ReleasePlan,
+        origin: &ImageOrigin,
+        extra: Vec<String>,
+    ) -> Vec<String> {
+        let mut problems = extra;
+        let answers: Vec<(String, Result<Vec<String>, HostError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .hosts
+                .iter()
+                .map(|h| s.spawn(move || (h.name().to_string(), h.preflight(plan))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a host's thread"))
+                .collect()
+        });
+        for (host, answer) in answers {
+            match answer {
+                Ok(list) => problems.extend(list.into_iter().map(|p| format!("{host}: {p}"))),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let home = env_reference(&self.config).ok().flatten();
+        let mut registries: Vec<Reference> = home.iter().cloned().collect();
+        if let ImageOrigin::Environment(Some(from)) = origin {
+            registries.push(from.clone());
+        }
+        for r in registries {
+            let checked = self
+                .registry_client(&r)
+                .and_then(|c| self.rt.block_on(c.check()));
+            if let Err(e) = checked {
+                problems.push(format!("registry {}: {e}", r.registry));
+            }
+        }
+        if matches!(origin, ImageOrigin::Store) && !self.store.has_blob(&plan.digest) {
+            problems.push(format!(
+                "the image {} is not in the local store",
+                plan.digest
+            ));
+        }
+        problems
+    }
+
+    /// Publishes the image by digest where the hosts pull it from (never moving a tag).
+    fn publish(
+        &self,
+        digest: &Digest,
+        origin: &ImageOrigin,
+        dry_run: bool,
+    ) -> Result<Option<Transfer>, RegistryError> {
+        let home = env_reference(&self.config).ok().flatten();
+        let by_digest = home.as_ref().map(|h| h.with_digest(digest));
+        Ok(match (origin, by_digest) {
+            (ImageOrigin::InPlace, _) => None,
+            (ImageOrigin::Store, None) => None,
+            (ImageOrigin::Store, Some(to)) => {
+                let client = self.registry_client(&to)?;
+                let r = self.rt.block_on(push::push(
+                    &client,
+                    &self.store,
+                    digest,
+                    &to,
+                    dry_run,
+                    &|_| {},
+                    None,
+                ))?;
+                Some(Transfer {
+                    how: "pushed from the local store".into(),
+                    blobs: r.blobs,
+                    bytes: r.bytes_sent,
+                })
+            }
+            (ImageOrigin::Environment(Some(from)), Some(to)) => {
+                let from = from.with_digest(digest);
+                let (s, d) = (self.registry_client(&from)?, self.registry_client(&to)?);
+                let r = self.rt.block_on(copy::copy(&s, &d, &from, &to, dry_run))?;
+                Some(Transfer {
+                    how: if s.registry() == d.registry() {
+                        "copied within one registry".into()
+                    } else {
+                        "copied between registries".into()
+                    },
+                    blobs: r.blobs,
+                    bytes: r.bytes_copied,
+                })
+            }
+            (ImageOrigin::Environment(None), Some(to)) => {
+                let client = self.registry_client(&to)?;
+                let r = self.rt.block_on(push::push(
+                    &client,
+                    &self.store,
+                    digest,
+                    &to,
+                    dry_run,
+                    &|_| {},
+                    None,
+                ))?;
+                Some(Transfer {
+                    how: "pushed from the local store".into(),
+                    blobs: r.blobs,
+                    bytes: r.bytes_sent,
+                })
+            }
+            (ImageOrigin::Environment(Some(from)), None) => {
+                if dry_run {
+                    return Ok(Some(Transfer {
+                        how: "pulled into the local store".into(),
+                        ..Transfer::default()
+                    }));
+                }
+                let from = from.with_digest(digest);
+                let s = self.registry_client(&from)?;
+                let r =
+                    self.rt
+                        .block_on(pull::pull(&s, &self.store, &from, &|_, _, _| {}, None))?;
+                Some(Transfer {
+                    how: "pulled into the local store".into(),
+                    blobs: Vec::new(),
+                    bytes: r.bytes,
+                })
+            }
+            (ImageOrigin::Environment(None), None) => None,
+        })
+    }
+
+    /// What publishing would move (`--dry-run`): HEADs only.
+    pub fn publish_plan(
+        &self,
+        digest: &Digest,
+        origin: &ImageOrigin,
+    ) -> Result<Option<Transfer>, RegistryError> {
+        self.publish(digest, origin, true)
+    }
+
+    /// Reads the manifest back from the environment's registry and checks its digest.
+    fn read_back(&self, digest: &Digest) -> Result<(), RegistryError> {
+        let Some(home) = env_reference(&self.config).ok().flatten() else {
+            return Ok(());
+        };
+        let client = self.registry_client(&home)?;
+        self.rt
+            .block_on(pull::fetch_manifest(
+                &client,
+                &home.repository,
+                digest.as_str(),
+                Some(digest),
+            ))
+            .map(drop)
+    }
+
+    /// Points the environment's tag (`:uat`) at `digest`: after go-live only.
+    fn move_tag(&self, digest: &Digest) -> Result<(), RegistryError> {
+        let Some(home) = env_reference(&self.config).ok().flatten() else {
+            return Ok(());
+        };
+        let client = self.registry_client(&home)?;
+        self.rt
+            .block_on(crate::registry_client::documents::tag_manifest(
+                &client,
+                &home.repository,
+                digest,
+                &self.config.environment,
+            ))
+    }
+
+    /// Makes a release: preflight (with the caller's `extra` problems), a `started`
+    /// record, the image published, the rollout, the tag, the end recorded.
+    pub fn release(
+        &self,
+        request: ReleaseRequest,
+        extra: Vec<String>,
+        progress: &dyn ReleaseProgress,
+    ) -> Result<Released, ReleaseError> {
+        let problems = self.preflight(&request.plan, &request.origin, extra);
+        if !problems.is_empty() {
+            return Err(ReleaseError::Preflight { problems });
+        }
+        let _lock = self.lock()?;
+        let mut release = Release::new(&self.config, request.plan.digest.clone(), request.kind);
+        release.revision = request.plan.revision.clone();
+        release.source = request.source.clone();
+        release.forced = request.forced.clone();
+        release.reason = request.reason.clone();
+        release.hosts = self.host_names();
+        let started = self
+            .rt
+            .block_on(self.ledger.start(release))
+            .map_err(ReleaseError::Ledger)?;
+        progress.note(&format!(
+            "release {} of {} allocated in the ledger",
+            started.number,
+            self.deployment()
+        ));
+        let mut plan = request.plan.clone();
+        plan.release = started.number;
+        let mut release = started.clone();
+        release.plan = Some(plan.clone());
+        // The image, by digest, where the hosts pull it (no tag moves yet).
+        let transfer = match self
+            .publish(&plan.digest, &request.origin, false)
+            .and_then(|t| {
+                if matches!(request.origin, ImageOrigin::Environment(_)) {
+                    self.read_back(&plan.digest)?;
+                }
+                Ok(t)
+            }) {
+            Ok(t) => t,
+            Err(e) => {
+                release.outcome = Verdict::Failed;
+                release.error = Some(format!("cannot publish the image: {e}"));
+                let _ = self.rt.block_on(self.ledger.finish(release));
+                return Err(ReleaseError::Publish(e));
+            }
+        };
+        if let Some(t) = &transfer {
+            progress.note(&format!("{}: {} bytes moved", t.how, t.bytes));
+        }
+        let deployment = self.deployment();
+        let rollout = Rollout {
+            hosts: &self.hosts,
+            batch: self.config.rollout.batch.max(1) as usize,
+            max_failures: self.config.rollout.max_failures as usize,
+            put_back: request.put_back,
+            interrupt: self.interrupt.clone(),
+        };
+        let report = match &request.host_rollback {
+            Some((to, digest)) => {
+                let req = RollbackRequest {
+                    deployment: deployment.clone(),
+                    release: plan.release,
+                    to: *to,
+                    digest: Some(digest.clone()),
+                };
+                rollout.run(
+                    &deployment,
+                    plan.release,
+                    &|h| h.rollback(&req),
+                    progress.rollout(),
+                )
+            }
+            None => rollout.run(
+                &deployment,
+                plan.release,
+                &|h| h.apply(&plan),
+                progress.rollout(),
+            ),
+        };
+        release.outcome = match report.outcome {
+            RolloutOutcome::Live => Verdict::Live,
+            RolloutOutcome::Failed => Verdict::Failed,
+            RolloutOutcome::Interrupted => Verdict::Interrupted,
+        };
+        release.error = match report.outcome {
+            RolloutOutcome::Live => None,
+            _ => Some(failure_text(&Released {
+                release: release.clone(),
+                report: report.clone(),
+                transfer: None,
+                recorded: false,
+                warnings: Vec::new(),
+            })),
+        };
+        release.host_states = host_records(&report);
+        let mut warnings = Vec::new();
+        if report.outcome == RolloutOutcome::Live
+            && let Err(e) = self.move_tag(&plan.digest)
+        {
+            warnings.push(format!(
+                "the release is live, but the tag {}:{} could not be moved: {e}",
+                self.config
+                    .registry
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                self.config.environment
+            ));
+        }
+        let recorded = match self.rt.block_on(self.ledger.finish(release.clone())) {
+            Ok(r) => {
+                release = r;
+                true
+            }
+            Err(e) => {
+                warnings.push(format!(
+                    "the end of release {} could not be recorded ({e}); `berth status --env {} --reconcile` records what the hosts run",
+                    release.number, self.config.environment
+                ));
+                false
+            }
+        };
+        let released = Released {
+            release,
+            report,
+            transfer,
+            recorded,
+            warnings,
+        };
+        if released.report.outcome == RolloutOutcome::Live {
+            Ok(released)
+        } else {
+            Err(ReleaseError::Rollout(Box::new(released)))
+        }
+    }
+
+    /// Stops the environment on every host, recorded as a `down` release.
+    pub fn down(&self, progress: &dyn ReleaseProgress) -> Result<Released, ReleaseError> {
+        let deployment = self.deployment();
+        // Reachable and authorised: a host that cannot be asked is a problem up front.
+        let mut problems = Vec::new();
+        for (host, state) in self.host_states() {
+            if let Err(e) = state {
+                problems.push(format!("{host}: {}", e.message));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ReleaseError::Preflight { problems });
+        }
+        let _lock = self.lock()?;
+        let history = self.history().map_err(ReleaseError::Ledger)?;
+        let digest = super::ledger::current(&history)
+            .map(|r| r.digest.clone())
+            .or_else(|| history.last().map(|r| r.digest.clone()))
+            .unwrap_or_else(|| Digest::of(b""));
+        let release = Release::new(&self.config, digest, Kind::Down);
+        let mut release = self
+            .rt
+            .block_on(self.ledger.start(release))
+            .map_err(ReleaseError::Ledger)?;
+        progress.note(&format!("release {} (down) allocated", release.number));
+        let results: Vec<(String, Result<usize, HostError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .hosts
+                .iter()
+                .map(|h| {
+                    let d = &deployment;
+                    s.spawn(move || (h.name().to_string(), h.down(d)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a host's thread"))
+                .collect()
+        });
+        let hosts: Vec<crate::deploy::rollout::HostReport> = results
+            .into_iter()
+            .map(|(host, r)| match r {
+                Ok(_) => crate::deploy::rollout::HostReport {
+                    host,
+                    end: HostEnd::Live,
+                    now: Some(HostState::default()),
+                    error: None,
+                },
+                Err(e) => crate::deploy::rollout::HostReport {
+                    host,
+                    end: HostEnd::Failed,
+                    now: None,
+                    error: Some(e.message),
+                },
+            })
+            .collect();
+        let failed = hosts.iter().any(|h| h.end == HostEnd::Failed);
+        let report = RolloutReport {
+            outcome: if failed {
+                RolloutOutcome::Failed
+            } else {
+                RolloutOutcome::Live
+            },
+            hosts,
+        };
+        release.outcome = if failed {
+            Verdict::Failed
+        } else {
+            Verdict::Live
+        };
+        release.error = report.first_error();
+        release.host_states = host_records(&report);
+        let mut warnings = Vec::new();
+        let recorded = match self.rt.block_on(self.ledger.finish(release.clone())) {
+            Ok(r) => {
+                release = r;
+                true
+            }
+            Err(e) => {
+                warnings.push(format!("the down could not be recorded: {e}"));
+                false
+            }
+        };
+        let done = Released {
+            release,
+            report,
+            transfer: None,
+            recorded,
+            warnings,
+        };
+        if failed {
+            Err(ReleaseError::Rollout(Box::new(done)))
+        } else {
+            Ok(done)
+        }
+    }
+
+    /// This machine's lock on releasing the environment (held for the whole release).
+    fn lock(&self) -> Result<std::fs::File, ReleaseError> {
+        let dir = self.store.state_dir().join("releasing");
+        let path = dir.join(format!("{}.lock", self.deployment()));
+        let file = std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+            })
+            .map_err(|e| invalid(format!("cannot open {}: {e}", path.display()), None))?;
+        match file.try_lock() {
+            Ok(()) => {
+                use std::io::Write;
+                let _ = file.set_len(0);
+                let _ = write!(
+                    &file,
+                    "{} (pid {})",
+                    crate::deploy::local::actor(),
+                    std::process::id()
+                );
+                Ok(file)
+            }
+            Err(_) => Err(ReleaseError::Preflight {
+                problems: vec![format!(
+                    "another berth command is releasing {} from this machine: {}",
+                    self.deployment(),
+                    std::fs::read_to_string(&path).unwrap_or_default().trim()
+                )],
+            }),
+        }
+    }
+}
+
+/// One host, as `status` shows it.
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    /// The host.
+    pub host: String,
+    /// The release it runs.
+    pub release: Option<u32>,
+    /// Its image.
+    pub digest: Option<crate::store::Digest>,
+    /// Since when.
+    pub since: Option<String>,
+    /// Each service's replicas.
+    pub services: std::collections::BTreeMap<String, crate::deploy::local::ReplicaCount>,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// An environment compared with its ledger.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// The environment.
+    pub environment: String,
+    /// `app-environment`.
+    pub deployment: String,
+    /// `live`, `down`, `nothing` (never released), `degraded` (problems below).
+    pub state: &'static str,
+    /// The ledger's release in effect.
+    pub ledger: Option<serde_json::Value>,
+    /// Each host.
+    pub hosts: Vec<HostView>,
+    /// Every way the hosts and the ledger disagree, or something is down.
+    pub problems: Vec<String>,
+}
+
+fn ledger_view(r: &Release) -> serde_json::Value {
+    json!({
+        "release": r.number, "kind": r.kind, "outcome": r.outcome, "digest": r.digest,
+        "revision": r.revision, "time": r.time,
+    })
+}
+
+impl Environment {
+    /// Compares what the hosts run with the ledger (`history`, oldest first).
+    pub fn status(&self, history: &[Release]) -> StatusView {
+        let env = self;
+        let live = current(history);
+        let down = history
+            .iter()
+            .rev()
+            .find(|r| r.outcome == Verdict::Live)
+            .is_some_and(|r| r.kind == Kind::Down);
+        let mut problems = Vec::new();
+        for r in history.iter().filter(|r| r.outcome == Verdict::Started) {
+            problems.push(format!(
+            "release {} was started at {} and has no recorded end (a deploy running, or one that died: `--reconcile` records it)",
+            r.number,
+            r.time.split_once('.').map_or(r.time.clone(), |(s, _)| format!("{s}Z"))
+        ));
+        }
+        let mut hosts = Vec::new();
+        for (host, state) in env.host_states() {
+            match state {
+                Ok(s) => {
+                    match (live, s.release) {
+                        (Some(l), Some(n))
+                            if n != l.number || s.digest.as_ref() != Some(&l.digest) =>
+                        {
+                            problems.push(format!(
+                                "{host} runs release {n} ({}), the ledger says release {} ({})",
+                                s.digest.as_ref().map_or("?", |d| d.short()),
+                                l.number,
+                                l.digest.short()
+                            ))
+                        }
+                        (Some(l), None) => problems.push(format!(
+                            "{host} runs nothing, the ledger says release {} ({})",
+                            l.number,
+                            l.digest.short()
+                        )),
+                        (None, Some(n)) => problems.push(format!(
+                            "{host} runs release {n}, the ledger says the environment {}",
+                            if down { "is down" } else { "has no release" }
+                        )),
+                        _ => {}
+                    }
+                    for (svc, c) in &s.services {
+                        if c.running < c.total {
+                            problems.push(format!(
+                                "{host}: {svc} has {}/{} replicas running",
+                                c.running, c.total
+                            ));
+                        }
+                    }
+                    hosts.push(HostView {
+                        host,
+                        release: s.release,
+                        digest: s.digest,
+                        since: s.since,
+                        services: s.services,
+                        error: None,
+                    });
+                }
+                Err(e) => {
+                    problems.push(format!("{host} did not answer: {}", e.message));
+                    hosts.push(HostView {
+                        host,
+                        release: None,
+                        digest: None,
+                        since: None,
+                        services: Default::default(),
+                        error: Some(e.message),
+                    });
+                }
+            }
+        }
+        let state = if !problems.is_empty() {
+            "degraded"
+        } else if live.is_some() {
+            "live"
+        } else if down {
+            "down"
+        } else {
+            "nothing"
+        };
+        StatusView {
+            environment: env.config.environment.clone(),
+            deployment: env.deployment().to_string(),
+            state,
+            ledger: live.map(ledger_view),
+            hosts,
+            problems,
+        }
+    }
+
+    /// Records how releases without an end ended, from what the hosts run now: live where
+    /// every host runs them, failed otherwise. Returns a line per release recorded.
+    pub fn reconcile(&self, history: &[Release]) -> Vec<String> {
+        let (env, rt) = (self, &self.rt);
+        let states = env.host_states();
+        let mut done = Vec::new();
+        for r in history.iter().filter(|r| r.outcome == Verdict::Started) {
+            let runs_it = |s: &Result<HostState, _>| {
+                s.as_ref().is_ok_and(|s| {
+                    s.release == Some(r.number) && s.digest.as_ref() == Some(&r.digest)
+                })
+            };
+            let mut end = r.clone();
+            let everywhere = !states.is_empty() && states.iter().all(|(_, s)| runs_it(s));
+            end.outcome = if everywhere {
+                Verdict::Live
+            } else {
+                Verdict::Failed
+            };
+            end.error =
+                (!everywhere).then(|| "not running on every host when reconciled".to_string());
+            end.host_states = states
+                .iter()
+                .map(|(host, s)| HostRecord {
+                    host: host.clone(),
+                    end: if runs_it(s) { "live" } else { "failed" }.into(),
+                    release: s.as_ref().ok().and_then(|s| s.release),
+                    digest: s.as_ref().ok().and_then(|s| s.digest.clone()),
+                    error: s.as_ref().err().map(|e| e.message.clone()),
+                })
+                .collect();
+            match rt.block_on(env.ledger.finish(end.clone())) {
+                Ok(_) => done.push(format!("release {} recorded as {}", r.number, end.outcome)),
+                Err(e) => done.push(format!("release {} could not be recorded: {e}", r.number)),
+            }
+        }
+        done
+    }
+}
+
+/// An agent berth cannot talk to (no token): every request fails with why.
+struct Unconfigured {
+    name: String,
+    why: String,
+}
+
+impl Unconfigured {
+    fn fail<T>(&self) -> Result<T, HostError> {
+        Err(HostError::new(
+            &self.name,
+            crate::deploy::host::HostErrorKind::Unauthorized,
+            self.why.clone(),
+        ))
+    }
+}
+
+impl Host for Unconfigured {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn preflight(&self, _: &ReleasePlan) -> Result<Vec<String>, HostError> {
+        self.fail()
+    }
+    fn apply(&self, _: &ReleasePlan) -> Result<HostState, HostError> {
+        self.fail()
+    }
+    fn rollback(&self, _: &RollbackRequest) -> Result<HostState, HostError> {
+        self.fail()
+    }
+    fn revert(&self, _: &DeploymentName, _: u32, _: &str) -> Result<HostState, HostError> {
+        self.fail()
+    }
+    fn status(&self, _: &DeploymentName) -> Result<HostState, HostError> {
+        self.fail()
+    }
+    fn down(&self, _: &DeploymentName) -> Result<usize, HostError> {
+        self.fail()
+    }
+    fn logs(
+        &self,
+        _: &crate::deploy::api::LogsQuery,
+    ) -> Result<Vec<crate::deploy::local::ReplicaLine>, HostError> {
+        self.fail()
+    }
+}
+
+/// The ledger's view of a rollout's hosts.
+fn host_records(report: &RolloutReport) -> Vec<HostRecord> {
+    report
+        .hosts
+        .iter()
+        .map(|h| HostRecord {
+            host: h.host.clone(),
+            end: serde_json::to_value(h.end)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            release: h.now.as_ref().and_then(|n| n.release),
+            digest: h.now.as_ref().and_then(|n| n.digest.clone()),
+            error: h.error.clone(),
+        })
+        .collect()
+}
+
+/// What a release tells its caller as it goes.
+pub trait ReleaseProgress: Sync {
+    /// A step worth a line.
+    fn note(&self, _text: &str) {}
+    /// The rollout's progress.
+    fn rollout(&self) -> &dyn Progress;
+}
+
+/// Progress nobody listens to.
+pub struct Quiet;
+
+impl ReleaseProgress for Quiet {
+    fn rollout(&self) -> &dyn Progress {
+        &crate::deploy::rollout::Silent
+    }
+}
