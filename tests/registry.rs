@@ -327,6 +327,7 @@ fn pushes_and_pulls_survive_throttling_errors_and_broken_connections() {
             reset_upload_after: Some(5 << 20),
             cut_download_after: None,
             stall_uploads_after: None,
+            ..Faults::default()
         },
     );
     let dst = format!("{}/app:big", proxy.host());
@@ -358,6 +359,7 @@ fn pushes_and_pulls_survive_throttling_errors_and_broken_connections() {
             reset_upload_after: None,
             cut_download_after: Some(3 << 20),
             stall_uploads_after: None,
+            ..Faults::default()
         },
     );
     let q = TempProject::new();

@@ -24,7 +24,12 @@ pub struct ManArgs {
 }
 
 /// Prints the completion script.
-pub fn run_completions(args: &CompletionsArgs, _out: &mut Output) -> Result<(), CliError> {
+pub fn run_completions(args: &CompletionsArgs, out: &mut Output) -> Result<(), CliError> {
+    if out.json {
+        return Err(super::no_json(
+            "`completions` (its output is a shell script)",
+        ));
+    }
     let mut cmd = Cli::command();
     clap_complete::generate(args.shell, &mut cmd, "berth", &mut std::io::stdout().lock());
     Ok(())
@@ -32,6 +37,9 @@ pub fn run_completions(args: &CompletionsArgs, _out: &mut Output) -> Result<(), 
 
 /// Prints or writes man pages.
 pub fn run_man(args: &ManArgs, out: &mut Output) -> Result<(), CliError> {
+    if out.json {
+        return Err(super::no_json("`man` (its output is a man page)"));
+    }
     let cmd = Cli::command();
     let Some(dir) = &args.out_dir else {
         clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;

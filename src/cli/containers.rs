@@ -380,6 +380,13 @@ pub fn logs(g: &GlobalOpts, args: &LogsArgs, out: &mut Output) -> Result<(), Cli
         .map_err(|e| CliError::failed(miette!("cannot read the log of {}: {e}", st.name)))?;
     let timestamps = args.timestamps;
     let json = out.json;
+    // One document: the records so far; following, one object per line (JSON Lines).
+    if json && !args.follow {
+        return Ok(out.json_value(&records)?);
+    }
+    if json {
+        out.streamed();
+    }
     let mut print = |r: &logs::LogRecord| -> std::io::Result<()> {
         if json {
             let mut o = std::io::stdout().lock();
@@ -415,7 +422,10 @@ pub fn logs(g: &GlobalOpts, args: &LogsArgs, out: &mut Output) -> Result<(), Cli
 }
 
 /// `berth exec [-i] [-t] [-e K=V] [-u USER] [-w DIR] NAME CMD...`.
-pub fn exec_cmd(g: &GlobalOpts, args: &ExecArgs, _out: &mut Output) -> Result<(), CliError> {
+pub fn exec_cmd(g: &GlobalOpts, args: &ExecArgs, out: &mut Output) -> Result<(), CliError> {
+    if out.json {
+        return Err(super::no_json("`exec` (its output is the command's)"));
+    }
     let (_, containers) = open(g)?;
     let st = get(&containers, &args.container)?;
     let Some(p) = st.process().filter(|p| p.alive()) else {

@@ -348,8 +348,23 @@ pub fn down(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliE
     let (env, _store) = open(g, &args.env, &rt, &shown)?;
     let result = env.down(shown.as_ref());
     shown.finish();
-    match &result {
-        Ok(r) if !out.json => {
+    match result {
+        Ok(None) => {
+            if out.json {
+                out.json_value(&json!({
+                    "environment": env.config.environment,
+                    "deployment": env.deployment(),
+                    "outcome": "nothing to stop",
+                }))?;
+            } else {
+                out.note(format!(
+                    "{}: nothing runs, nothing to stop",
+                    env.deployment()
+                ))?;
+            }
+            Ok(())
+        }
+        Ok(Some(r)) if !out.json => {
             out.note(format!(
                 "{} is down (release {}) on {} host(s)",
                 env.deployment(),
@@ -361,7 +376,7 @@ pub fn down(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliE
             }
             Ok(())
         }
-        Ok(r) => Ok(out.json_value(&pipeline::release_json(&env.config, r))?),
-        Err(_) => finish(&env.config, result, Some("down"), out),
+        Ok(Some(r)) => Ok(out.json_value(&pipeline::release_json(&env.config, &r))?),
+        Err(e) => finish(&env.config, Err(e), Some("down"), out),
     }
 }

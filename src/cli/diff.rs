@@ -56,6 +56,18 @@ fn side(
         let config = project.resolve(name)?;
         let history = super::status::history(store, &config, rt)?;
         let Some(release) = crate::promote::ledger::current(&history).cloned() else {
+            let down = history
+                .iter()
+                .rev()
+                .find(|r| r.outcome == crate::promote::ledger::Verdict::Live);
+            if let Some(d) = down.filter(|d| d.kind == crate::promote::ledger::Kind::Down) {
+                return Err(CliError::failed(miette!(
+                    help = format!("berth deploy --env {name} (or promote into it) runs it again"),
+                    "environment {name} is down since release {} ({}): it runs nothing to compare",
+                    d.number,
+                    super::status::to_the_second(&d.time)
+                )));
+            }
             return Err(CliError::failed(miette!(
                 help = format!("berth deploy --env {name}"),
                 "environment {name} has no release to compare"

@@ -51,17 +51,30 @@ impl CliError {
         CliError { kind, report: None }
     }
 
+    /// The exit code.
+    pub fn code(&self) -> u8 {
+        match self.kind {
+            ExitKind::Success => 0,
+            ExitKind::Code(c) => c,
+            ExitKind::Failed => 1,
+            ExitKind::Invalid => 2,
+        }
+    }
+
+    /// The report's first line (for a JSON document).
+    pub fn message(&self) -> String {
+        self.report
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default()
+    }
+
     /// Prints the report (unless it is a broken pipe) and returns the exit code.
     pub fn report(self) -> ExitCode {
         if let Some(report) = &self.report {
             eprintln!("{report:?}");
         }
-        ExitCode::from(match self.kind {
-            ExitKind::Success => 0,
-            ExitKind::Code(c) => c,
-            ExitKind::Failed => 1,
-            ExitKind::Invalid => 2,
-        })
+        ExitCode::from(self.code())
     }
 }
 

@@ -191,11 +191,11 @@ pub fn tag(g: &GlobalOpts, args: &TagArgs, out: &mut Output) -> Result<(), CliEr
     let store = open(g)?;
     let img = store.load_image(&args.source)?;
     store.set_tag(&args.target, &img.descriptor())?;
-    out.note(format!(
-        "{} → {}",
-        crate::store::normalize_tag(&args.target)?,
-        img.digest
-    ))?;
+    let name = crate::store::normalize_tag(&args.target)?;
+    if out.json {
+        return Ok(out.json_value(&json!({ "name": name, "digest": img.digest }))?);
+    }
+    out.note(format!("{name} → {}", img.digest))?;
     Ok(())
 }
 
@@ -203,6 +203,7 @@ pub fn tag(g: &GlobalOpts, args: &TagArgs, out: &mut Output) -> Result<(), CliEr
 pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliError> {
     let store = open(g)?;
     let mut removed = Vec::new();
+    let mut untagged = Vec::new();
     for reference in &args.images {
         let img = store.load_image(reference)?;
         let tags = store.tags()?;
@@ -216,13 +217,16 @@ pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliEr
         };
         for n in names {
             store.remove_tag(&n)?;
-            out.note(format!("untagged {n}"))?;
+            if !out.json {
+                out.note(format!("untagged {n}"))?;
+            }
+            untagged.push(n);
         }
         removed.push(img);
     }
     let report = store.remove_unreferenced(&removed)?;
     if out.json {
-        out.json_value(&report)?;
+        out.json_value(&json!({ "untagged": untagged, "removed": report }))?;
     } else {
         out.note(format!(
             "deleted {} blobs, {} freed",
@@ -308,6 +312,11 @@ pub fn export(g: &GlobalOpts, args: &ExportArgs, out: &mut Output) -> Result<(),
     )?;
     tmp.persist(&args.output)
         .map_err(|e| CliError::from(e.error))?;
+    if out.json {
+        return Ok(out.json_value(&json!({
+            "path": args.output, "digest": img.digest, "format": format!("{:?}", args.format).to_lowercase(),
+        }))?);
+    }
     out.note(format!("wrote {} ({})", args.output.display(), img.digest))?;
     Ok(())
 }

@@ -219,7 +219,20 @@ pub fn main() -> ExitCode {
     };
     error::install_report_handler();
     let mut out = Output::new(cli.global.json, cli.global.quiet);
-    match run(&cli, &mut out) {
+    let result = run(&cli, &mut out);
+    // With --json, stdout holds exactly one document: a command that wrote none (it
+    // only had lines to say, or it failed) gets one saying so.
+    let error = result
+        .as_ref()
+        .err()
+        .filter(|e| e.kind != ExitKind::Success);
+    let _ = out.finish(
+        error
+            .map(|e| (e.message(), e.code()))
+            .as_ref()
+            .map(|(m, c)| (m.as_str(), *c)),
+    );
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
     }
@@ -292,6 +305,11 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Completions(args) => completions::run_completions(args, out),
         Command::Man(args) => completions::run_man(args, out),
     }
+}
+
+/// `--json` given to a command whose output is not berth's to shape.
+pub(crate) fn no_json(what: &str) -> CliError {
+    CliError::invalid(miette::miette!("--json does not apply to {what}"))
 }
 
 /// `1.2 MB`-style sizes (decimal units, as Docker prints them).

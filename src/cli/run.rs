@@ -268,6 +268,11 @@ fn build_spec(
 /// Runs `berth run`: attached (exits with the container's code) or detached (`-d`: prints
 /// the id and leaves the container to its supervisor).
 pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliError> {
+    if out.json && !args.detach {
+        return Err(super::no_json(
+            "an attached `run` (its output is the container's)",
+        ));
+    }
     let store = Store::open(&g.store_dir())?;
     let image = store.load_image(&args.image)?;
     let containers = Containers::new(&store).map_err(failed)?;

@@ -218,6 +218,16 @@ pub fn head_tag(environment: &str) -> String {
 }
 
 impl Ledger {
+    /// A ledger of records in directory `dir` (what an environment without a registry
+    /// uses; tests too).
+    pub fn in_dir(dir: PathBuf, environment: &str) -> Ledger {
+        Ledger {
+            environment: environment.to_string(),
+            cache: dir.join(".cache"),
+            backend: Backend::Local(dir),
+        }
+    }
+
     /// The ledger of `config`'s environment: in its registry, or in the local store when
     /// it has none.
     pub fn open(store: &Store, config: &AppConfig) -> Result<Ledger, LedgerError> {

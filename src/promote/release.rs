@@ -53,10 +53,10 @@ pub enum ReleaseError {
         problems: Vec<String>,
     },
     /// The ledger could not allocate the release; nothing changed.
-    #[error("nothing changed: {0}")]
+    #[error("nothing changed: the release ledger cannot be read or written")]
     Ledger(#[source] LedgerError),
     /// Publishing the image failed after the release was allocated; no host changed.
-    #[error("cannot publish the image: {0}")]
+    #[error("no host changed: the image could not be published where the hosts pull it")]
     Publish(#[source] RegistryError),
     /// The release rolled out and did not go live (or was interrupted).
     #[error("{}", failure_text(.0))]
@@ -290,6 +290,24 @@ impl Environment {
             store: Store::open(store.root()).map_err(|e| invalid(e.to_string(), None))?,
             interrupt: Interrupt::new(),
         })
+    }
+
+    /// An environment made of given parts (tests drive releases with fake hosts).
+    pub fn from_parts(
+        config: AppConfig,
+        hosts: Vec<Arc<dyn Host>>,
+        ledger: Ledger,
+        store: Store,
+        rt: tokio::runtime::Handle,
+    ) -> Environment {
+        Environment {
+            config,
+            hosts,
+            ledger,
+            rt,
+            store,
+            interrupt: Interrupt::new(),
+        }
     }
 
     /// `app-environment`.
@@ -642,14 +660,17 @@ impl Environment {
         }
     }
 
-    /// Stops the environment on every host, recorded as a `down` release.
-    pub fn down(&self, progress: &dyn ReleaseProgress) -> Result<Released, ReleaseError> {
+    /// Stops the environment on every host, recorded as a `down` release; `None` when it
+    /// runs nothing anywhere and the ledger has nothing in effect (nothing to stop).
+    pub fn down(&self, progress: &dyn ReleaseProgress) -> Result<Option<Released>, ReleaseError> {
         let deployment = self.deployment();
         // Reachable and authorised: a host that cannot be asked is a problem up front.
         let mut problems = Vec::new();
+        let mut running = false;
         for (host, state) in self.host_states() {
-            if let Err(e) = state {
-                problems.push(format!("{host}: {}", e.message));
+            match state {
+                Err(e) => problems.push(format!("{host}: {}", e.message)),
+                Ok(s) => running |= s.release.is_some(),
             }
         }
         if !problems.is_empty() {
@@ -657,6 +678,9 @@ impl Environment {
         }
         let _lock = self.lock()?;
         let history = self.history().map_err(ReleaseError::Ledger)?;
+        if !running && current(&history).is_none() {
+            return Ok(None);
+        }
         let digest = super::ledger::current(&history)
             .map(|r| r.digest.clone())
             .or_else(|| history.last().map(|r| r.digest.clone()))
@@ -735,7 +759,7 @@ impl Environment {
         if failed {
             Err(ReleaseError::Rollout(Box::new(done)))
         } else {
-            Ok(done)
+            Ok(Some(done))
         }
     }
 
@@ -1028,5 +1052,227 @@ pub struct Quiet;
 impl ReleaseProgress for Quiet {
     fn rollout(&self) -> &dyn Progress {
         &crate::deploy::rollout::Silent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::rollout::tests::FakeHost;
+
+    /// A project whose `uat` runs on the given hosts (fakes stand in for them).
+    fn config(dir: &Path) -> AppConfig {
+        std::fs::write(
+            dir.join("berth.toml"),
+            "[app]\nname = \"app\"\n[image]\nfrom = \"scratch\"\n[services.web]\ncommand = [\"x\"]\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("environments")).unwrap();
+        std::fs::write(dir.join("environments/uat.toml"), "hosts = [\"local\"]\n").unwrap();
+        crate::manifest::Project::load(dir)
+            .unwrap()
+            .resolve("uat")
+            .unwrap()
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        _rt: tokio::runtime::Runtime,
+        hosts: Vec<Arc<FakeHost>>,
+        env: Environment,
+    }
+
+    fn fixture(hosts: Vec<FakeHost>, ledger_dir: Option<std::path::PathBuf>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = crate::registry_client::runtime().unwrap();
+        let hosts: Vec<Arc<FakeHost>> = hosts.into_iter().map(Arc::new).collect();
+        let dyn_hosts = hosts.iter().map(|h| h.clone() as Arc<dyn Host>).collect();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let ledger = Ledger::in_dir(
+            ledger_dir.unwrap_or_else(|| dir.path().join("ledger")),
+            "uat",
+        );
+        let env = Environment::from_parts(
+            config(dir.path()),
+            dyn_hosts,
+            ledger,
+            store,
+            rt.handle().clone(),
+        );
+        Fixture {
+            _dir: dir,
+            _rt: rt,
+            hosts,
+            env,
+        }
+    }
+
+    fn request(digest: &Digest) -> ReleaseRequest {
+        ReleaseRequest {
+            kind: Kind::Deploy,
+            plan: crate::deploy::rollout::tests::plan(0, digest),
+            host_rollback: None,
+            origin: ImageOrigin::InPlace,
+            source: None,
+            forced: Vec::new(),
+            reason: None,
+            put_back: true,
+        }
+    }
+
+    fn applied(h: &FakeHost) -> Vec<String> {
+        h.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| !c.starts_with("preflight"))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_host_that_cannot_be_reached_stops_the_release_before_anything_moves() {
+        let mut down = FakeHost::new("h2");
+        down.unreachable = true;
+        let f = fixture(vec![FakeHost::new("h1"), down], None);
+        let e = f
+            .env
+            .release(request(&Digest::of(b"a")), Vec::new(), &Quiet)
+            .unwrap_err();
+        let ReleaseError::Preflight { problems } = e else {
+            panic!("{e}")
+        };
+        assert_eq!(problems, ["h2: connection refused"]);
+        assert!(applied(&f.hosts[0]).is_empty(), "h1 was touched");
+        assert!(
+            f.env.history().unwrap().is_empty(),
+            "no release was allocated"
+        );
+    }
+
+    #[test]
+    fn a_ledger_that_cannot_be_written_first_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocked = dir.path().join("not-a-dir");
+        std::fs::write(&blocked, "a file where the ledger's directory should be").unwrap();
+        let f = fixture(vec![FakeHost::new("h1")], Some(blocked));
+        let e = f
+            .env
+            .release(request(&Digest::of(b"a")), Vec::new(), &Quiet)
+            .unwrap_err();
+        assert!(matches!(e, ReleaseError::Ledger(_)), "{e}");
+        assert!(applied(&f.hosts[0]).is_empty(), "h1 was touched");
+    }
+
+    #[test]
+    fn hosts_get_the_ledgers_numbers_and_a_failure_is_recorded_with_each_hosts_state() {
+        let mut two = FakeHost::new("h2");
+        two.fail_apply = true;
+        let f = fixture(vec![FakeHost::new("h1"), two], None);
+        // A first release that fails on host 2: host 1 ends running nothing.
+        let e = f
+            .env
+            .release(request(&Digest::of(b"a")), Vec::new(), &Quiet)
+            .unwrap_err();
+        let ReleaseError::Rollout(r) = e else {
+            panic!("{e}")
+        };
+        assert_eq!(r.release.outcome, Verdict::Failed);
+        assert_eq!(f.hosts[0].state(), HostState::default());
+        let h = f.env.history().unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].outcome, Verdict::Failed);
+        assert_eq!(h[0].host_states[0].end, "put-back");
+        assert_eq!(h[0].host_states[0].release, None);
+        assert_eq!(h[0].host_states[1].end, "failed");
+        assert!(h[0].plan.is_some(), "the plan is recorded");
+        assert_eq!(applied(&f.hosts[0]), ["apply 1", "revert 1"]);
+    }
+
+    #[test]
+    fn numbers_are_the_ledgers_on_every_host() {
+        let f = fixture(vec![FakeHost::new("h1"), FakeHost::new("h2")], None);
+        for d in [b"a", b"b"] {
+            f.env
+                .release(request(&Digest::of(d)), Vec::new(), &Quiet)
+                .unwrap();
+        }
+        for h in &f.hosts {
+            assert_eq!(h.state().release, Some(2));
+            assert_eq!(applied(h), ["apply 1", "apply 2"]);
+        }
+        let h = f.env.history().unwrap();
+        assert_eq!(
+            h.iter().map(|r| (r.number, r.outcome)).collect::<Vec<_>>(),
+            [(1, Verdict::Live), (2, Verdict::Live)]
+        );
+    }
+
+    #[test]
+    fn an_interrupt_is_recorded_and_the_updated_hosts_go_back() {
+        let interrupt = Interrupt::new();
+        let mut first = FakeHost::new("h1");
+        first.on_apply = Some(interrupt.clone());
+        let mut f = fixture(vec![first, FakeHost::new("h2")], None);
+        f.env.config.rollout.batch = 1;
+        f.env.interrupt = interrupt;
+        let e = f
+            .env
+            .release(request(&Digest::of(b"a")), Vec::new(), &Quiet)
+            .unwrap_err();
+        let ReleaseError::Rollout(r) = e else {
+            panic!("{e}")
+        };
+        assert_eq!(r.report.outcome, RolloutOutcome::Interrupted);
+        assert!(applied(&f.hosts[1]).is_empty(), "h2 never started");
+        assert_eq!(f.env.history().unwrap()[0].outcome, Verdict::Interrupted);
+        assert_eq!(f.hosts[0].state(), HostState::default());
+    }
+
+    #[test]
+    fn a_down_is_a_release_and_the_environment_then_runs_nothing() {
+        let f = fixture(vec![FakeHost::new("h1")], None);
+        f.env
+            .release(request(&Digest::of(b"a")), Vec::new(), &Quiet)
+            .unwrap();
+        let down = f.env.down(&Quiet).unwrap().unwrap();
+        assert_eq!(down.release.number, 2);
+        let h = f.env.history().unwrap();
+        assert_eq!(h[1].kind, Kind::Down);
+        assert_eq!(current(&h), None);
+        let st = f.env.status(&h);
+        assert_eq!(st.state, "down", "{:?}", st.problems);
+        // A host that runs something the ledger does not know of is a problem.
+        *f.hosts[0].live.lock().unwrap() = Some(0);
+        let st = f.env.status(&h);
+        assert_eq!(st.state, "degraded");
+        assert!(st.problems[0].contains("is down"), "{:?}", st.problems);
+    }
+
+    #[test]
+    fn a_promotion_refused_by_a_gate_touches_nothing_unless_forced_with_a_reason() {
+        use crate::promote::promotion::{self, PromoteError};
+        let source = fixture(vec![FakeHost::new("s1")], None);
+        source
+            .env
+            .release(request(&Digest::of(b"a")), Vec::new(), &Quiet)
+            .unwrap();
+        let target = fixture(vec![FakeHost::new("t1")], None);
+        // The fakes report no replicas: the `healthy` gate refuses.
+        let plan = promotion::plan(&source.env, &target.env, &[]).unwrap();
+        assert_eq!(
+            plan.refused().iter().map(|g| g.name).collect::<Vec<_>>(),
+            ["healthy"]
+        );
+        let e = promotion::run(&target.env, &plan, None, true, Vec::new(), &Quiet).unwrap_err();
+        assert!(matches!(e, PromoteError::Refused { .. }), "{e}");
+        assert!(applied(&target.hosts[0]).is_empty());
+        assert!(target.env.history().unwrap().is_empty());
+        let done =
+            promotion::run(&target.env, &plan, Some("INC-7"), true, Vec::new(), &Quiet).unwrap();
+        assert_eq!(done.release.forced, ["healthy"]);
+        assert_eq!(done.release.reason.as_deref(), Some("INC-7"));
+        assert_eq!(done.release.source.as_deref(), Some("uat"));
+        assert_eq!(target.hosts[0].state().digest, Some(Digest::of(b"a")));
     }
 }

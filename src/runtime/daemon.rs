@@ -10,6 +10,16 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+/// The variables a helper inherits: berth's settings, never credentials.
+const PASSED: &[&str] = &[
+    "BERTH_LAYER_MAX_BYTES",
+    "BERTH_LAYER_MAX_ENTRIES",
+    "BERTH_DISK_RESERVE",
+    "BERTH_LOW_SPEED_LIMIT",
+    "BERTH_LOW_SPEED_TIME",
+    "RUST_BACKTRACE",
+];
+
 /// The `PATH` a helper gets.
 const HELPER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -28,11 +38,15 @@ pub fn spawn(
     let w_fd = w.as_raw_fd();
     let mut cmd = std::process::Command::new(program);
     // Only what a helper needs: never the caller's environment, which may hold secrets
-    // (registry passwords, `[secrets]` variables) that would show in /proc/PID/environ.
-    cmd.arg0(arg0)
-        .env_clear()
-        .env("PATH", HELPER_PATH)
-        .args(args)
+    // (registry passwords, `[secrets]` variables) that would show in /proc/PID/environ;
+    // berth's own settings (limits) pass, so a helper unpacks under the caller's limits.
+    cmd.arg0(arg0).env_clear().env("PATH", HELPER_PATH);
+    for (k, v) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| PASSED.contains(&k)) {
+            cmd.env(k, v);
+        }
+    }
+    cmd.args(args)
         .arg(w_fd.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

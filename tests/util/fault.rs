@@ -23,6 +23,11 @@ pub struct Faults {
     pub cut_download_after: Option<usize>,
     /// Requests with a body after the first N hang (a stalled upload), for a minute.
     pub stall_uploads_after: Option<u32>,
+    /// Requests whose request line contains this get `403 Forbidden` (after the first
+    /// `refuse_after` of them pass), until [`FaultProxy::heal`].
+    pub refuse_containing: Option<String>,
+    /// How many matching requests pass before the refusals start.
+    pub refuse_after: u32,
 }
 
 /// What the proxy did.
@@ -34,6 +39,10 @@ pub struct Counters {
     pub uploads_reset: AtomicU32,
     pub downloads_cut: AtomicU32,
     pub uploads: AtomicU32,
+    pub matched: AtomicU32,
+    pub refused: AtomicU32,
+    /// Set by [`FaultProxy::heal`]: no more refusals.
+    pub healed: AtomicBool,
 }
 
 /// A running proxy; stops accepting when dropped.
@@ -141,6 +150,11 @@ impl FaultProxy {
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// Stops refusing requests.
+    pub fn heal(&self) {
+        self.counters.healed.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Drop for FaultProxy {
@@ -173,6 +187,14 @@ fn handle(
             "HTTP/1.1 {status}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
     };
+    if let Some(pattern) = &f.refuse_containing
+        && head[0].contains(pattern.as_str())
+        && !c.healed.load(Ordering::SeqCst)
+        && c.matched.fetch_add(1, Ordering::SeqCst) >= f.refuse_after
+    {
+        c.refused.fetch_add(1, Ordering::SeqCst);
+        return answer(&mut writer, "403 Forbidden", "");
+    }
     if n <= f.throttle_first {
         c.throttled.fetch_add(1, Ordering::SeqCst);
         return answer(&mut writer, "429 Too Many Requests", "Retry-After: 1\r\n");

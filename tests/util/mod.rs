@@ -78,6 +78,12 @@ impl Berth {
         self
     }
 
+    /// Adds one argument.
+    pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.cmd.arg(a);
+        self
+    }
+
     /// Sets an environment variable.
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.cmd.env(k, v);
@@ -277,6 +283,23 @@ pub fn http_get(port: u16, path: &str, secs: u64) -> Option<String> {
     }
 }
 
+/// `GET path` of a registry at `host` (`IP:PORT`) asking for OCI and Docker manifests:
+/// the whole response (status line, headers with `Docker-Content-Digest`, body).
+pub fn http_get_at(host: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 /// One `GET /` to `addr:port` over HTTP/1.0, no retry: the whole response, or `None`.
 pub fn get_once_at(addr: &str, port: u16) -> Option<String> {
     use std::io::{Read, Write};
@@ -458,6 +481,17 @@ impl TestHosts {
 
     /// Starts `berth agent` in host i's network namespace on port 7443.
     pub fn start_agent(&mut self, i: usize, token_file: &Path) {
+        self.start_agent_with(i, token_file, &[], &[]);
+    }
+
+    /// [`TestHosts::start_agent`] with extra arguments (`--tls-cert …`) and environment.
+    pub fn start_agent_with(
+        &mut self,
+        i: usize,
+        token_file: &Path,
+        extra: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+    ) {
         use std::os::unix::process::CommandExt;
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.names[i])).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&ns);
@@ -468,6 +502,8 @@ impl TestHosts {
             .arg(self.states[i].path().join("store"))
             .arg("--token-file")
             .arg(token_file)
+            .args(extra)
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         // SAFETY: setns(2) between fork and exec, on a descriptor kept open by the parent.
