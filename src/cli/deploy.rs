@@ -121,33 +121,7 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
     let plan = ReleasePlan::for_environment(&config, &digest, revision);
     let origin = ImageOrigin::Store;
     if args.dry_run {
-        let problems = env.preflight(&plan, &origin, Vec::new());
-        let transfer = env
-            .publish_plan(&digest, &origin)
-            .map_err(super::registry::registry_error)?;
-        if out.json {
-            out.json_value(&json!({
-                "environment": config.environment, "digest": digest, "plan": plan,
-                "hosts": env.host_names(), "transfer": transfer, "problems": problems,
-            }))?;
-        } else {
-            out.line(format!(
-                "deploy {} to {}: {digest}",
-                plan.app, plan.environment
-            ))?;
-            print_plan(&env.host_names(), &plan, transfer.as_ref(), out)?;
-            for p in &problems {
-                out.line(format!("  problem: {p}"))?;
-            }
-        }
-        return if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(CliError::failed(miette!(
-                "{} problem(s) would stop this deploy",
-                problems.len()
-            )))
-        };
+        return dry_run(&env, &plan, &origin, out);
     }
     let mut env = env;
     env.interrupt = pipeline::interrupt_on_signals(&shown);
@@ -183,6 +157,43 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// `deploy --dry-run`: the checks and the plan, nothing changed; exit 1 if a check fails.
+fn dry_run(
+    env: &crate::promote::release::Environment,
+    plan: &ReleasePlan,
+    origin: &ImageOrigin,
+    out: &mut Output,
+) -> Result<(), CliError> {
+    let digest = &plan.digest;
+    let problems = env.preflight(plan, origin, Vec::new());
+    let transfer = env
+        .publish_plan(digest, origin)
+        .map_err(super::registry::registry_error)?;
+    if out.json {
+        out.json_value(&json!({
+            "environment": env.config.environment, "digest": digest, "plan": plan,
+            "hosts": env.host_names(), "transfer": transfer, "problems": problems,
+        }))?;
+    } else {
+        out.line(format!(
+            "deploy {} to {}: {digest}",
+            plan.app, plan.environment
+        ))?;
+        print_plan(&env.host_names(), plan, transfer.as_ref(), out)?;
+        for p in &problems {
+            out.line(format!("  problem: {p}"))?;
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::failed(miette!(
+            "{} problem(s) would stop this deploy",
+            problems.len()
+        )))
+    }
 }
 
 /// Prints a plan's hosts, the blobs that would move, and its services.
@@ -236,9 +247,7 @@ pub fn rollback(g: &GlobalOpts, args: &RollbackArgs, out: &mut Output) -> Result
     let rt = runtime()?;
     let shown = Arc::new(Shown::new(out));
     let (mut env, _store) = open(g, &args.env, &rt, &shown)?;
-    let history = env
-        .history()
-        .map_err(|e| CliError::failed(miette!("{e}")))?;
+    let history = env.history()?;
     let live = current(&history).map(|r| r.digest.clone());
     let target = match args.to {
         Some(n) => history.iter().find(|r| r.number == n),
@@ -298,9 +307,7 @@ pub fn scale(g: &GlobalOpts, args: &ScaleArgs, out: &mut Output) -> Result<(), C
     let rt = runtime()?;
     let shown = Arc::new(Shown::new(out));
     let (mut env, _store) = open(g, &args.env, &rt, &shown)?;
-    let history = env
-        .history()
-        .map_err(|e| CliError::failed(miette!("{e}")))?;
+    let history = env.history()?;
     let deployment = env.deployment();
     let Some(live) = current(&history).cloned() else {
         return Err(CliError::failed(miette!(

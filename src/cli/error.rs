@@ -165,3 +165,27 @@ impl From<crate::store::StoreError> for CliError {
         }
     }
 }
+
+impl From<crate::promote::ledger::LedgerError> for CliError {
+    fn from(e: crate::promote::ledger::LedgerError) -> Self {
+        CliError::failed(Report::from_err(e))
+    }
+}
+
+impl From<crate::deploy::host::HostError> for CliError {
+    fn from(e: crate::deploy::host::HostError) -> Self {
+        CliError::failed(Report::from_err(e))
+    }
+}
+
+impl From<crate::deploy::api::RequestError> for CliError {
+    fn from(e: crate::deploy::api::RequestError) -> Self {
+        CliError::invalid(Report::from_err(e))
+    }
+}
+
+impl From<crate::promote::release::ReleaseError> for CliError {
+    fn from(e: crate::promote::release::ReleaseError) -> Self {
+        super::pipeline::release_error(e)
+    }
+}

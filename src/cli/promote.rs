@@ -84,8 +84,7 @@ pub fn promote(g: &GlobalOpts, args: &PromoteArgs, out: &mut Output) -> Result<(
             source.history()
         } else {
             open(g, env, &rt, &shown)?.0.history()
-        }
-        .map_err(|e| CliError::failed(miette!("{e}")))?;
+        }?;
         required.push((env.clone(), h));
     }
     let plan = promotion::plan(&source, &target, &required).map_err(promote_error)?;

@@ -39,9 +39,7 @@ pub fn status(g: &GlobalOpts, args: &StatusArgs, out: &mut Output) -> Result<(),
         for line in env.reconcile(&history) {
             shown.line(&line);
         }
-        history = env
-            .history()
-            .map_err(|e| CliError::failed(miette!("{e}")))?;
+        history = env.history()?;
     }
     let mut v = env.status(&history);
     if let Some(p) = ledger_problem {
@@ -126,9 +124,7 @@ pub fn releases(g: &GlobalOpts, args: &ReleasesArgs, out: &mut Output) -> Result
     let rt = runtime()?;
     let shown = Arc::new(Shown::new(out));
     let (env, _store) = open(g, &args.env, &rt, &shown)?;
-    let mut hist = env
-        .history()
-        .map_err(|e| CliError::failed(miette!("{e}")))?;
+    let mut hist = env.history()?;
     hist.reverse();
     if out.json {
         return Ok(out.json_value(&hist)?);
@@ -204,12 +200,7 @@ pub fn env_logs(
     let shown = Arc::new(Shown::new(out));
     let (env, _store) = open(g, env_name, &rt, &shown)?;
     let deployment = env.deployment();
-    let service = args
-        .service
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .map_err(|e| CliError::invalid(miette!("{e}")))?;
+    let service = args.service.as_deref().map(str::parse).transpose()?;
     if args.follow && out.json {
         return Err(CliError::invalid(miette!(
             "--follow and --json do not go together: --json writes one document"
@@ -226,7 +217,7 @@ pub fn env_logs(
             };
             let mut lines = Vec::new();
             for h in &env.hosts {
-                let got = h.logs(&q).map_err(|e| CliError::failed(miette!("{e}")))?;
+                let got = h.logs(&q)?;
                 let host = h.name().split("://").nth(1).unwrap_or(h.name()).to_string();
                 lines.extend(got.into_iter().map(|l| EnvLine {
                     time: l.time,
@@ -300,8 +291,6 @@ pub(super) fn history(
     config: &crate::manifest::AppConfig,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Vec<Release>, CliError> {
-    let ledger = crate::promote::ledger::Ledger::open(store, config)
-        .map_err(|e| CliError::failed(miette!("{e}")))?;
-    rt.block_on(ledger.history())
-        .map_err(|e| CliError::failed(miette!("{e}")))
+    let ledger = crate::promote::ledger::Ledger::open(store, config)?;
+    Ok(rt.block_on(ledger.history())?)
 }
