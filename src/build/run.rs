@@ -95,6 +95,7 @@ pub fn run(
         mounts: Vec::new(),
         interface: None,
         cgroup_join: Vec::new(),
+        secret_files: Vec::new(),
         process: Process {
             args: cmd.argv.clone(),
             env: cmd.env.clone(),

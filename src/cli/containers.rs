@@ -435,7 +435,8 @@ pub fn exec_cmd(g: &GlobalOpts, args: &ExecArgs, out: &mut Output) -> Result<(),
         )));
     };
     let spec = containers.spec(&st.id).map_err(failed)?;
-    let mut env = spec.env.clone();
+    let mut env = crate::runtime::instance::process_env(&spec)
+        .map_err(|e| CliError::failed(miette::Report::from_err(e)))?;
     for kv in &args.env {
         let Some((k, _)) = kv.split_once('=') else {
             return Err(CliError::invalid(miette!("`{kv}` is not K=V")));

@@ -262,6 +262,8 @@ fn build_spec(
         tty: args.tty,
         interactive: args.interactive,
         auto_remove: args.rm,
+        secrets: Vec::new(),
+        secrets_file: None,
     })
 }
 

@@ -32,7 +32,7 @@ use super::api::{
     ApplyRequest, DeploymentQuery, DeploymentRequest, DownAnswer, ErrorAnswer, HostRelease,
     LogsQuery, MAX_BODY, PreflightAnswer, RevertRequest, RollbackRequest,
 };
-use super::{DeployError, Outcome, ReleasePlan, local};
+use super::{DeployError, Outcome, ReleasePlan, SecretValues, local};
 use crate::registry_client::auth::{Credential, Secret};
 use crate::registry_client::{Client, ClientOptions, Reference, pull};
 use crate::store::Store;
@@ -259,16 +259,25 @@ fn registry_client(r: &ApplyRequest) -> Result<(Client, Reference), String> {
 
 /// Applies `plan` in a blocking task; the live release's state, the previous release
 /// draining after the answer.
-async fn apply_plan(cfg: &Arc<AgentConfig>, plan: ReleasePlan) -> Response<Full<Bytes>> {
+async fn apply_plan(
+    cfg: &Arc<AgentConfig>,
+    plan: ReleasePlan,
+    secrets: SecretValues,
+) -> Response<Full<Bytes>> {
     let cfg2 = cfg.clone();
     let done = tokio::task::spawn_blocking(move || {
         let store = Store::open(&cfg2.state).map_err(|e| DeployError::Local {
             what: "open the store".into(),
             message: e.to_string(),
         })?;
-        let (record, retire) = local::apply(&store, &cfg2.program, &cfg2.state, &plan, &mut |l| {
-            eprintln!("{l}")
-        })?;
+        let (record, retire) = local::apply(
+            &store,
+            &cfg2.program,
+            &cfg2.state,
+            &plan,
+            Some(&secrets),
+            &mut |l| eprintln!("{l}"),
+        )?;
         Ok::<_, DeployError>((local::status(&store, &plan.deployment()), record, retire))
     })
     .await
@@ -320,7 +329,7 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
                     format!("cannot pull {image}: {e}"),
                 );
             }
-            apply_plan(&cfg, r.plan).await
+            apply_plan(&cfg, r.plan, r.secrets).await
         }
         Route::Rollback(r) => {
             let all = local::releases(&store, &r.deployment);
@@ -345,7 +354,7 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
             };
             let mut plan = target.plan;
             plan.release = r.release;
-            apply_plan(&cfg, plan).await
+            apply_plan(&cfg, plan, r.secrets).await
         }
         Route::Revert(r) => {
             let cfg2 = cfg.clone();

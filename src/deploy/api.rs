@@ -110,6 +110,9 @@ pub struct ApplyRequest {
     /// Registry password (kept in memory only, never logged).
     #[serde(default)]
     pub password: Option<String>,
+    /// The values of the secrets the plan names (kept on the host in one 0600 file).
+    #[serde(default)]
+    pub secrets: super::SecretValues,
 }
 
 /// `POST /v1/down`.
@@ -133,6 +136,9 @@ pub struct RollbackRequest {
     /// Or: the newest release of this image that served.
     #[serde(default)]
     pub digest: Option<Digest>,
+    /// The values of the secrets that release's plan names, as they are now.
+    #[serde(default)]
+    pub secrets: super::SecretValues,
 }
 
 /// `POST /v1/revert`: undo release `release` on this host — back to the release that

@@ -10,13 +10,13 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::ReleasePlan;
 use super::api::{
     ApplyRequest, DeploymentName, DeploymentQuery, DeploymentRequest, DownAnswer, ErrorAnswer,
     HostState, LogsQuery, PreflightAnswer, RevertRequest, RollbackRequest,
 };
 use super::host::{Host, HostError, HostErrorKind};
 use super::local::ReplicaLine;
+use super::{ReleasePlan, SecretValues};
 use crate::registry_client::Reference;
 
 /// How an agent's TLS certificate is trusted.
@@ -194,7 +194,11 @@ impl AgentClient {
         self.call(reqwest::Method::POST, path, None, Some(bytes), timeout)
     }
 
-    fn apply_request(&self, plan: &ReleasePlan) -> Result<ApplyRequest, HostError> {
+    fn apply_request(
+        &self,
+        plan: &ReleasePlan,
+        secrets: &SecretValues,
+    ) -> Result<ApplyRequest, HostError> {
         let source = self.source.as_ref().ok_or_else(|| {
             self.error(
                 HostErrorKind::Refused,
@@ -206,6 +210,7 @@ impl AgentClient {
             image: source.image(&plan.digest),
             username: source.username.clone(),
             password: source.password.clone(),
+            secrets: secrets.clone(),
         })
     }
 }
@@ -221,13 +226,13 @@ impl Host for AgentClient {
     }
 
     fn preflight(&self, plan: &ReleasePlan) -> Result<Vec<String>, HostError> {
-        let req = self.apply_request(plan)?;
+        let req = self.apply_request(plan, &SecretValues::default())?;
         let a: PreflightAnswer = self.post("/v1/preflight", &req, SHORT)?;
         Ok(a.problems)
     }
 
-    fn apply(&self, plan: &ReleasePlan) -> Result<HostState, HostError> {
-        let req = self.apply_request(plan)?;
+    fn apply(&self, plan: &ReleasePlan, secrets: &SecretValues) -> Result<HostState, HostError> {
+        let req = self.apply_request(plan, secrets)?;
         // Pulling and health checks take their time on the host.
         self.post(
             "/v1/apply",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::api::{DeploymentName, HostState, LogsQuery, RollbackRequest};
 use super::local::{self, ReplicaLine};
-use super::{DeployError, Outcome, ReleasePlan};
+use super::{DeployError, Outcome, ReleasePlan, SecretValues};
 use crate::store::Store;
 
 /// What kind of failure a host reported.
@@ -58,8 +58,9 @@ pub trait Host: Send + Sync {
     /// What would stop `plan` there (reachable, authorised and pinned are checked by
     /// asking; an empty list: go).
     fn preflight(&self, plan: &ReleasePlan) -> Result<Vec<String>, HostError>;
-    /// Applies `plan` (new replicas, health checks, the switch); what runs afterwards.
-    fn apply(&self, plan: &ReleasePlan) -> Result<HostState, HostError>;
+    /// Applies `plan` with its secrets' values (new replicas, health checks, the switch);
+    /// what runs afterwards.
+    fn apply(&self, plan: &ReleasePlan, secrets: &SecretValues) -> Result<HostState, HostError>;
     /// Runs an earlier release's plan again as a new release.
     fn rollback(&self, request: &RollbackRequest) -> Result<HostState, HostError>;
     /// Undoes `release` (back to the release before it, or to nothing); what runs now.
@@ -124,14 +125,18 @@ impl Host for LocalHost {
         Ok(local::preflight(&self.store()?, plan, true))
     }
 
-    fn apply(&self, plan: &ReleasePlan) -> Result<HostState, HostError> {
+    fn apply(&self, plan: &ReleasePlan, secrets: &SecretValues) -> Result<HostState, HostError> {
         let store = self.store()?;
         let say = self.say.clone();
-        let (record, retire) =
-            local::apply(&store, &self.program, &self.store_dir, plan, &mut |l| {
-                say(l)
-            })
-            .map_err(|e| deploy_error("local", &e))?;
+        let (record, retire) = local::apply(
+            &store,
+            &self.program,
+            &self.store_dir,
+            plan,
+            Some(secrets),
+            &mut |l| say(l),
+        )
+        .map_err(|e| deploy_error("local", &e))?;
         // This process is all there is: the previous release drains and stops now.
         retire.run(&store, &mut |l| say(l));
         let _ = record;
@@ -163,7 +168,7 @@ impl Host for LocalHost {
         };
         let mut plan = target.plan.clone();
         plan.release = request.release;
-        self.apply(&plan)
+        self.apply(&plan, &request.secrets)
     }
 
     fn revert(

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::health;
 use super::router::Router;
-use super::{DeployError, Outcome, ReleasePlan, ReleaseRecord, ServicePlan, state_dir};
+use super::{
+    DeployError, Outcome, ReleasePlan, ReleaseRecord, SecretValues, ServicePlan, state_dir,
+};
 use crate::runtime::container::{ContainerState, Containers, Status, now};
 use crate::runtime::network::Networks;
 use crate::runtime::spec::{ContainerSpec, NetworkMode, PortSpec};
@@ -194,6 +196,7 @@ fn replica_spec(
     svc: &ServicePlan,
     network: &str,
     hostname: &str,
+    secrets_file: Option<&Path>,
 ) -> ContainerSpec {
     let cfg = image.config.oci.config().clone().unwrap_or_default();
     let mut args = svc
@@ -247,6 +250,10 @@ fn replica_spec(
         tty: false,
         interactive: false,
         auto_remove: false,
+        secrets: svc.secrets.clone(),
+        secrets_file: (!svc.secrets.is_empty())
+            .then(|| secrets_file.map(Path::to_path_buf))
+            .flatten(),
     }
 }
 
@@ -286,7 +293,7 @@ fn exec_in(containers: &Containers, st: &ContainerState, argv: &[String]) -> Res
     let pid = st.pid.ok_or("not running")?;
     let process = crate::runtime::process::Process {
         args: argv.to_vec(),
-        env: spec.env,
+        env: instance::process_env(&spec).map_err(|e| e.to_string())?,
         cwd: spec.cwd,
         user: spec.user,
         capabilities: spec.capabilities,
@@ -297,12 +304,75 @@ fn exec_in(containers: &Containers, st: &ContainerState, argv: &[String]) -> Res
     started.wait().map_err(|e| e.to_string())
 }
 
+/// Where release `number`'s secrets are kept: `deploy/<deployment>/secrets/<n>.json`, the
+/// one 0600 file (in a 0700 directory) that holds secret values on a host.
+pub fn secrets_path(store: &Store, deployment: &str, number: u32) -> std::path::PathBuf {
+    state_dir(store, deployment)
+        .join("secrets")
+        .join(format!("{number}.json"))
+}
+
+/// The secrets file of release `number`: written from `values` (only the names the plan
+/// uses; each must be there), or, without values, the one already kept for it. `None`
+/// when the plan uses no secrets; the flag says whether it was written now.
+fn secrets_for(
+    store: &Store,
+    deployment: &str,
+    number: u32,
+    plan: &ReleasePlan,
+    values: Option<&SecretValues>,
+) -> Result<(Option<std::path::PathBuf>, bool), DeployError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let names = plan.secret_names();
+    if names.is_empty() {
+        return Ok((None, false));
+    }
+    let path = secrets_path(store, deployment, number);
+    let Some(values) = values else {
+        return if path.is_file() {
+            Ok((Some(path), false))
+        } else {
+            Err(DeployError::local("find the release's secrets")(format!(
+                "release {number} of {deployment} has no secrets on this host"
+            )))
+        };
+    };
+    let mut kept = BTreeMap::new();
+    for n in &names {
+        let v = values.0.get(n).ok_or_else(|| {
+            DeployError::local("write the release's secrets")(format!("no value for secret `{n}`"))
+        })?;
+        kept.insert(n.clone(), v.clone());
+    }
+    let dir = path.parent().expect("a file in a directory");
+    let err = |e: std::io::Error| DeployError::local("write the release's secrets")(e.to_string());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    let tmp = dir.join(format!(".{number}.json.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    serde_json::to_writer(&mut f, &kept).map_err(|e| err(std::io::Error::other(e)))?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok((Some(path), true))
+}
+
 /// Applies `plan` on this machine. `say` hears each step. Returns the live release.
 pub fn apply(
     store: &Store,
     program: &Path,
     store_dir: &Path,
     plan: &ReleasePlan,
+    secrets: Option<&SecretValues>,
     say: &mut dyn FnMut(String),
 ) -> Result<(ReleaseRecord, Retire), DeployError> {
     let deployment = plan.deployment();
@@ -339,6 +409,9 @@ pub fn apply(
         // Applied already (a retried request): nothing to do.
         return Ok((live.clone(), Retire::nothing(lock)));
     }
+    // The secrets' values in one 0600 file the replicas read at each start: given with
+    // the release, or (putting an earlier release back) the one it was given.
+    let (secrets_file, wrote_secrets) = secrets_for(store, &deployment, number, plan, secrets)?;
     let mut record = ReleaseRecord {
         number,
         digest: plan.digest.clone(),
@@ -363,6 +436,9 @@ pub fn apply(
             .collect();
         stop_all(store, &containers, &ids, true);
         record.error = Some(e.to_string());
+        if wrote_secrets && let Some(f) = &secrets_file {
+            let _ = std::fs::remove_file(f);
+        }
         // A release that failed here keeps an earlier record of the same number (one
         // being put back) as it was.
         if !list.iter().any(|r| r.number == record.number) {
@@ -398,7 +474,13 @@ pub fn apply(
                 Ok(st) => st,
                 Err(e) => return Err(fail(&mut record, &mut list, &started, e)),
             };
-            let spec = replica_spec(&image, svc, &deployment, &format!("{}-{i}", svc.name));
+            let spec = replica_spec(
+                &image,
+                svc,
+                &deployment,
+                &format!("{}-{i}", svc.name),
+                secrets_file.as_deref(),
+            );
             let _ = containers.update(&st.id, |s| s.command = spec.args.clone());
             if let Err(e) = containers.save_spec(&st.id, &spec) {
                 let e = DeployError::Start {
@@ -595,6 +677,15 @@ impl Retire {
             .map(|id| (id.clone(), libc::SIGKILL, Duration::ZERO))
             .collect();
         stop_all(store, &containers, &ids, true);
+        // Releases no longer kept need no secrets; one being undone neither.
+        for r in &retired[..excess] {
+            let _ = std::fs::remove_file(secrets_path(store, &r.plan.deployment(), r.number));
+        }
+        if self.remove_previous
+            && let Some(prev) = &self.previous
+        {
+            let _ = std::fs::remove_file(secrets_path(store, &prev.plan.deployment(), prev.number));
+        }
     }
 }
 
@@ -642,7 +733,7 @@ pub fn revert(
         Some(prev) => {
             let mut plan = prev.plan.clone();
             plan.release = prev.number;
-            let (_, mut retire) = apply(store, program, store_dir, &plan, say)?;
+            let (_, mut retire) = apply(store, program, store_dir, &plan, None, say)?;
             retire.remove_previous = true;
             retire.run(store, say);
         }
@@ -657,6 +748,7 @@ pub fn revert(
         r.error = Some(why.to_string());
     }
     save_releases(store, deployment, &list)?;
+    let _ = std::fs::remove_file(secrets_path(store, deployment, number));
     Ok(status(store, deployment))
 }
 
@@ -740,6 +832,7 @@ pub fn down(store: &Store, deployment: &str) -> Result<usize, DeployError> {
             let _ = Router::new(e.path()).remove();
         }
     }
+    let _ = std::fs::remove_dir_all(state_dir(store, deployment).join("secrets"));
     let marker = state_dir(store, deployment).join("network-created");
     if marker.exists()
         && let Ok(networks) = Networks::new(store)

@@ -52,6 +52,40 @@ pub struct ServicePlan {
     pub stop_signal: Option<i32>,
     /// Grace time before SIGKILL.
     pub stop_timeout: Duration,
+    /// The environment's secrets this service receives, by name; their values travel
+    /// beside the plan ([`SecretValues`]), never in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::runtime::spec::SecretUse>,
+}
+
+/// The values of a release's secrets, by name: resolved on the deploying machine, sent to
+/// a host beside the plan (over TLS), kept there in one 0600 file. `Debug` shows only the
+/// names.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretValues(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for SecretValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl SecretValues {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl ReleasePlan {
+    /// Every secret some service of the plan receives.
+    pub fn secret_names(&self) -> std::collections::BTreeSet<String> {
+        self.services
+            .iter()
+            .flat_map(|s| s.secrets.iter().map(|u| u.name.clone()))
+            .collect()
+    }
 }
 
 /// How a rollout proceeds.

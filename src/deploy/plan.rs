@@ -4,9 +4,12 @@
 
 use super::health::{Check, Probe};
 use super::{ReleasePlan, RolloutPlan, ServicePlan};
+use crate::manifest::schema::Delivery;
 use crate::manifest::schema::{self, AppConfig, CommandLine};
 use crate::manifest::values::{Protocol, RestartPolicy, VolumeSource};
-use crate::runtime::spec::{MountSpec, PortSpec, Proto, Resources, Restart};
+use crate::runtime::spec::{
+    MountSpec, PortSpec, Proto, Resources, Restart, SecretDelivery, SecretUse,
+};
 use crate::store::Digest;
 
 fn argv(c: &CommandLine) -> Vec<String> {
@@ -93,6 +96,17 @@ pub fn service_plan(config: &AppConfig, name: &str, svc: &schema::Service) -> Se
         },
         stop_signal: svc.stop_signal.map(|s| s.0),
         stop_timeout: svc.stop_timeout.0,
+        secrets: config
+            .secrets
+            .iter()
+            .map(|(name, spec)| SecretUse {
+                name: name.clone(),
+                delivery: match spec.delivery {
+                    Delivery::Env => SecretDelivery::Env,
+                    Delivery::File => SecretDelivery::File,
+                },
+            })
+            .collect(),
     }
 }
 

@@ -312,7 +312,11 @@ pub(crate) mod tests {
             }
             Ok(Vec::new())
         }
-        fn apply(&self, plan: &ReleasePlan) -> Result<HostState, HostError> {
+        fn apply(
+            &self,
+            plan: &ReleasePlan,
+            _secrets: &crate::deploy::SecretValues,
+        ) -> Result<HostState, HostError> {
             self.calls
                 .lock()
                 .unwrap()
@@ -399,7 +403,7 @@ pub(crate) mod tests {
         r.run(
             &"app-uat".parse().unwrap(),
             p.release,
-            &|h| h.apply(p),
+            &|h| h.apply(p, &Default::default()),
             &Silent,
         )
     }
@@ -508,7 +512,12 @@ pub(crate) mod tests {
             interrupt: interrupt.clone(),
         };
         let p = plan(1, &d);
-        let report = r.run(&"app-uat".parse().unwrap(), 1, &|h| h.apply(&p), &Silent);
+        let report = r.run(
+            &"app-uat".parse().unwrap(),
+            1,
+            &|h| h.apply(&p, &Default::default()),
+            &Silent,
+        );
         assert_eq!(report.outcome, RolloutOutcome::Interrupted);
         assert_eq!(
             report.hosts.iter().map(|h| h.end).collect::<Vec<_>>(),
@@ -530,7 +539,12 @@ pub(crate) mod tests {
             interrupt: Interrupt::new(),
         };
         let p = plan(1, &d);
-        let report = r.run(&"app-uat".parse().unwrap(), 1, &|h| h.apply(&p), &Silent);
+        let report = r.run(
+            &"app-uat".parse().unwrap(),
+            1,
+            &|h| h.apply(&p, &Default::default()),
+            &Silent,
+        );
         assert_eq!(report.hosts[0].end, HostEnd::Kept);
         assert_eq!(report.hosts[0].now.as_ref().unwrap().release, Some(1));
         assert_eq!(report.hosts[1].end, HostEnd::Failed);

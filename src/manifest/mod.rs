@@ -6,6 +6,7 @@
 
 pub mod decode;
 pub mod diag;
+pub mod dotenv;
 pub mod node;
 pub mod resolve;
 pub mod schema;
@@ -175,12 +176,12 @@ impl Project {
         match &self.base {
             Err(e) => diags.extend(e.clone()),
             Ok(base) => {
-                diags.extend(resolve::resolve(base, None).1.diags);
+                diags.extend(resolve::resolve(base, None, &self.dir).1.diags);
                 for name in &names {
                     match &self.envs[name] {
                         Err(e) => diags.extend(e.clone()),
                         Ok(env) => diags.extend(
-                            resolve::resolve(base, Some(EnvInput { name, node: env }))
+                            resolve::resolve(base, Some(EnvInput { name, node: env }), &self.dir)
                                 .1
                                 .diags,
                         ),
@@ -212,7 +213,8 @@ impl Project {
         let (Ok(base), Ok(env)) = (&self.base, env) else {
             return Err(InvalidConfig { diagnostics: diags }.into());
         };
-        let (config, decoder) = resolve::resolve(base, Some(EnvInput { name, node: env }));
+        let (config, decoder) =
+            resolve::resolve(base, Some(EnvInput { name, node: env }), &self.dir);
         diags.extend(decoder.diags);
         diags.extend(self.check_promotion(name));
         match config {
@@ -232,7 +234,7 @@ impl Project {
         let base = self.base.as_ref().map_err(|d| InvalidConfig {
             diagnostics: d.clone(),
         })?;
-        let (config, decoder) = resolve::resolve(base, None);
+        let (config, decoder) = resolve::resolve(base, None, &self.dir);
         match config {
             Some(c) if decoder.diags.is_empty() => Ok(c),
             _ => {

@@ -67,7 +67,11 @@ impl Decoder {
 /// Resolves the configuration for `env`, or for `berth.toml` alone when `env` is `None`
 /// (what `berth check` does for the shared file). Returns the config only when there
 /// were no problems.
-pub fn resolve(base: &Node, env: Option<EnvInput<'_>>) -> (Option<AppConfig>, Decoder) {
+pub fn resolve(
+    base: &Node,
+    env: Option<EnvInput<'_>>,
+    project_dir: &std::path::Path,
+) -> (Option<AppConfig>, Decoder) {
     let mut d = Decoder::default();
     let Some(base_table) = d.table(base, "berth.toml") else {
         return (None, d);
@@ -81,7 +85,133 @@ pub fn resolve(base: &Node, env: Option<EnvInput<'_>>) -> (Option<AppConfig>, De
         None => base.clone(),
     };
     let config = decode_config(&mut d, base, &merged, env.as_ref().map(|e| e.name));
+    let config = config.and_then(|mut c| {
+        apply_env_layers(
+            &mut d,
+            &mut c,
+            base,
+            env.as_ref().map(|e| e.node),
+            project_dir,
+        )
+        .then_some(c)
+    });
     (config.filter(|_| d.diags.is_empty()), d)
+}
+
+/// `file:line` of a node, for messages about where something is declared.
+fn origin(node: &Node) -> String {
+    let (line, _) = node.file.line_col(node.span.start);
+    format!("{}:{line}", node.file.name)
+}
+
+/// One level's variables: its `env_file`s (each read from the project, in order), then
+/// its `env` table over them. The table was already checked when the merged tree was
+/// decoded; the files are read and checked here.
+fn layer(
+    d: &mut Decoder,
+    table: Option<&Node>,
+    path: &str,
+    project_dir: &std::path::Path,
+) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let Some(t) = table.and_then(Node::as_table) else {
+        return Some(out);
+    };
+    let mut ok = true;
+    if let Some(files) = t.get("env_file") {
+        let key = if path.is_empty() {
+            "env_file".to_string()
+        } else {
+            format!("{path}.env_file")
+        };
+        let list = match &files.value {
+            Value::String(_) => d.string(files, &key).map(|f| vec![(f, files)]),
+            Value::Array(items) => items
+                .iter()
+                .map(|n| d.string(n, &key).map(|f| (f, n)))
+                .collect::<Option<Vec<_>>>(),
+            _ => {
+                d.type_error(files, &key, "a path or a list of paths");
+                None
+            }
+        };
+        for (file, node) in list.into_iter().flatten() {
+            let full = project_dir.join(&file);
+            match std::fs::read_to_string(&full) {
+                Ok(text) => match super::dotenv::parse(&text) {
+                    Ok(vars) => out.extend(vars),
+                    Err(e) => {
+                        d.invalid(node, &key, format!("{file}: {e}"), None);
+                        ok = false;
+                    }
+                },
+                Err(e) => {
+                    d.invalid(
+                        node,
+                        &key,
+                        format!("cannot read the env file {file}: {e}"),
+                        Some("env files are read from the project directory".into()),
+                    );
+                    ok = false;
+                }
+            }
+        }
+    }
+    if let Some(env) = t.get("env") {
+        // Checked once already (on the merged tree): errors here are not reported twice.
+        let mut quiet = Decoder::default();
+        out.extend(
+            quiet
+                .env_table(env, &format!("{path}.env"))
+                .unwrap_or_default(),
+        );
+    }
+    ok.then_some(out)
+}
+
+/// Sets every service's effective environment, in the documented precedence (later
+/// wins): `berth.toml`'s top level, its `[services.S]`, the environment file's top level,
+/// its `[services.S]` — each level's `env_file`s first, then its `env`.
+fn apply_env_layers(
+    d: &mut Decoder,
+    config: &mut AppConfig,
+    base: &Node,
+    env: Option<&Node>,
+    project_dir: &std::path::Path,
+) -> bool {
+    let svc = |root: Option<&Node>, name: &str| -> Option<Node> {
+        root?
+            .as_table()?
+            .get("services")?
+            .as_table()?
+            .get(name)
+            .cloned()
+    };
+    let base_top = layer(d, Some(base), "", project_dir);
+    let env_top = layer(d, env, "", project_dir);
+    let (Some(base_top), Some(env_top)) = (base_top, env_top) else {
+        return false;
+    };
+    let mut ok = true;
+    for (name, service) in config.services.iter_mut() {
+        let path = format!("services.{name}");
+        let (b, e) = (svc(Some(base), name), svc(env, name));
+        let base_svc = layer(d, b.as_ref(), &path, project_dir);
+        let env_svc = layer(d, e.as_ref(), &path, project_dir);
+        let (Some(base_svc), Some(env_svc)) = (base_svc, env_svc) else {
+            ok = false;
+            continue;
+        };
+        let mut all = base_top.clone();
+        all.extend(base_svc);
+        all.extend(env_top.clone());
+        all.extend(env_svc);
+        service.env = all;
+    }
+    let mut top = base_top;
+    top.extend(env_top);
+    config.env = top;
+    ok
 }
 
 /// Checks of an environment file on its own: its keys, and that it overrides only services
@@ -372,7 +502,7 @@ fn decode_image(d: &mut Decoder, node: &Node) -> Option<ImageSpec> {
     })
 }
 
-fn decode_secrets(d: &mut Decoder, node: &Node) -> Option<BTreeMap<String, SecretRef>> {
+fn decode_secrets(d: &mut Decoder, node: &Node) -> Option<BTreeMap<String, SecretSpec>> {
     let t = d.table(node, "secrets")?;
     let mut out = BTreeMap::new();
     let mut ok = true;
@@ -387,10 +517,35 @@ fn decode_secrets(d: &mut Decoder, node: &Node) -> Option<BTreeMap<String, Secre
             ok = false;
             continue;
         }
+        // `as = "env" | "file"`: how it reaches containers.
+        let mut delivery = Delivery::Env;
+        if let Some(a) = value.as_table().and_then(|t| t.get("as")) {
+            match d.string(a, &format!("{path}.as")).as_deref() {
+                Some("env") => delivery = Delivery::Env,
+                Some("file") => delivery = Delivery::File,
+                Some(other) => {
+                    d.invalid(
+                        a,
+                        &format!("{path}.as"),
+                        format!("`{other}` is neither `env` nor `file`"),
+                        Some("as = \"env\" (a variable, the default) or as = \"file\" (/run/secrets/NAME)".into()),
+                    );
+                    ok = false;
+                }
+                None => ok = false,
+            }
+        }
         let source = decode_secret_ref(d, value, &path, &key.name, &key.name);
         match source {
-            Some(s) => {
-                out.insert(key.name.clone(), s);
+            Some(source) => {
+                out.insert(
+                    key.name.clone(),
+                    SecretSpec {
+                        source,
+                        delivery,
+                        origin: origin(value),
+                    },
+                );
             }
             None => ok = false,
         }
@@ -409,7 +564,12 @@ fn decode_secret_ref(
 ) -> Option<SecretRef> {
     match &value.value {
         Value::Table(st) => {
-            d.known_keys(st, &["env", "file"], path);
+            let allowed: &[&str] = if path.starts_with("secrets.") {
+                SECRET_KEYS
+            } else {
+                &["env", "file"]
+            };
+            d.known_keys(st, allowed, path);
             match (st.get("env"), st.get("file")) {
                 (Some(e), None) => d.string(e, &format!("{path}.env")).map(SecretRef::Env),
                 (None, Some(f)) => d
@@ -479,6 +639,12 @@ fn decode_agent(d: &mut Decoder, node: &Node) -> Option<AgentAccess> {
         };
         a.ca = path.map(PathBuf::from);
         ok &= a.ca.is_some();
+    }
+    if let Some(n) = t.get("insecure") {
+        match d.bool(n, "agent.insecure") {
+            Some(b) => a.insecure = b,
+            None => ok = false,
+        }
     }
     ok.then_some(a)
 }

@@ -13,7 +13,7 @@ use super::values::{
 };
 
 /// Keys allowed at the top of `berth.toml`.
-pub const BASE_KEYS: &[&str] = &["app", "image", "services", "env", "rollout"];
+pub const BASE_KEYS: &[&str] = &["app", "image", "services", "env", "env_file", "rollout"];
 /// Keys allowed at the top of an environment file.
 pub const ENV_KEYS: &[&str] = &[
     "registry",
@@ -22,13 +22,16 @@ pub const ENV_KEYS: &[&str] = &[
     "soak",
     "require",
     "env",
+    "env_file",
     "secrets",
     "services",
     "rollout",
     "agent",
 ];
 /// Keys of an environment's `[agent]` table.
-pub const AGENT_KEYS: &[&str] = &["token", "fingerprint", "ca"];
+pub const AGENT_KEYS: &[&str] = &["token", "fingerprint", "ca", "insecure"];
+/// Keys of a secret's table.
+pub const SECRET_KEYS: &[&str] = &["env", "file", "as"];
 /// Keys of a host written as a table in `hosts`.
 pub const HOST_KEYS: &[&str] = &["url", "fingerprint"];
 /// Keys of `[app]`.
@@ -53,6 +56,7 @@ pub const SERVICE_KEYS: &[&str] = &[
     "health",
     "volumes",
     "env",
+    "env_file",
     "replicas",
     "resources",
     "restart",
@@ -96,11 +100,13 @@ pub struct AppConfig {
     /// Environments a release must have passed before it may run here.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub require: Vec<String>,
-    /// Variables for every service.
+    /// Variables for every service: the `[env]` tables and top-level `env_file`s of
+    /// `berth.toml` and the environment file, in that order of precedence (a service's
+    /// own `env` is in [`Service::env`], which holds its effective environment).
     pub env: BTreeMap<String, String>,
     /// Secrets for every service, by reference; values are read only when needed.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub secrets: BTreeMap<String, SecretRef>,
+    pub secrets: BTreeMap<String, SecretSpec>,
     /// How releases roll out.
     pub rollout: Rollout,
     /// How berth reaches the environment's agents.
@@ -133,6 +139,36 @@ pub struct AgentAccess {
     /// the host's URL; over the environment-wide `fingerprint`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub pins: BTreeMap<String, Fingerprint>,
+    /// Send secrets to agents reached over plain `http://` (only where the network is
+    /// trusted; the deploy says so each time).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+/// How a secret reaches a container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// As an environment variable of its name (the default).
+    #[default]
+    Env,
+    /// As the file `/run/secrets/NAME` (tmpfs, mode 0400, owned by the container's user).
+    File,
+}
+
+/// A secret: where its value comes from, how it reaches containers, and where it is
+/// declared (for messages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretSpec {
+    /// The source.
+    #[serde(flatten)]
+    pub source: SecretRef,
+    /// How it is delivered.
+    #[serde(rename = "as")]
+    pub delivery: Delivery,
+    /// `environments/uat.toml:7`.
+    #[serde(skip)]
+    pub origin: String,
 }
 
 impl AgentAccess {
@@ -216,7 +252,9 @@ pub struct Service {
     /// Volumes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
-    /// Variables for this service (over the environment's `[env]`).
+    /// The variables this service runs with, over the image's `ENV`, later winning:
+    /// `berth.toml`'s `env_file`s and `[env]`, its `[services.S]` `env_file`s and `env`,
+    /// then the same four of the environment file. (Secrets come last, at deploy time.)
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Number of replicas.
@@ -352,12 +390,10 @@ impl Service {
     /// Default grace time before SIGKILL (Docker's).
     pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-    /// The variables this service runs with: the environment's `[env]`, then the service's
-    /// own `env` over it. Secrets are not included; they are resolved when needed.
-    pub fn effective_env(&self, config: &AppConfig) -> BTreeMap<String, String> {
-        let mut env = config.env.clone();
-        env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        env
+    /// The variables this service runs with, over the image's (see [`Service::env`]).
+    /// Secrets are not included; they are resolved when needed.
+    pub fn effective_env(&self, _config: &AppConfig) -> BTreeMap<String, String> {
+        self.env.clone()
     }
 
     /// Container ports this service listens on: published and exposed.

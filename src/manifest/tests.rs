@@ -392,3 +392,68 @@ fn the_repository_demo_and_every_environment_file_stay_valid() {
         p.resolve(&env).unwrap();
     }
 }
+
+/// Regression (issue 17): a service's own `env` lost to the global `[env]`. The order,
+/// later winning: berth.toml env_file < [env] < [services.S] env_file < env, then the
+/// environment file's four the same way.
+#[test]
+fn environment_precedence_is_one_documented_order() {
+    let (_dir, p) = project(&[
+        (
+            "berth.toml",
+            "env_file = \"base.env\"\n[app]\nname = \"hello\"\n[image]\nfrom = \"base:1\"\n[env]\nA = \"base-env\"\nB = \"base-env\"\nC = \"base-env\"\nD = \"base-env\"\nE = \"base-env\"\n[services.web]\nenv_file = [\"web.env\"]\nenv = { C = \"base-svc\", D = \"base-svc\", E = \"base-svc\" }\n[services.worker]\ncommand = \"sleep 1\"\n",
+        ),
+        ("base.env", "A=base-file\nZ=base-file\n"),
+        ("web.env", "B=web-file\nC=web-file\n"),
+        ("uat.env", "Y=uat-file\n"),
+        (
+            "environments/uat.toml",
+            "hosts = [\"local\"]\nenv_file = [\"uat.env\"]\n[env]\nD = \"env-env\"\nE = \"env-env\"\n[services.web]\nenv = { E = \"env-svc\" }\n",
+        ),
+    ]);
+    let c = p.resolve("uat").unwrap();
+    let web = &c.services["web"].env;
+    let want = [
+        ("A", "base-env"),
+        ("B", "web-file"),
+        ("C", "base-svc"),
+        ("D", "env-env"),
+        ("E", "env-svc"),
+        ("Y", "uat-file"),
+        ("Z", "base-file"),
+    ];
+    for (k, v) in want {
+        assert_eq!(web.get(k).map(String::as_str), Some(v), "{k} in {web:?}");
+    }
+    let worker = &c.services["worker"].env;
+    assert_eq!(worker["C"], "base-env", "web's own variables stay web's");
+    assert_eq!(worker["E"], "env-env");
+}
+
+#[test]
+fn a_missing_env_file_is_an_error_naming_it() {
+    let found = with_env("hosts = [\"local\"]\nenv_file = [\"nope.env\"]\n");
+    assert_one(
+        found,
+        "environments/uat.toml:2",
+        "berth::invalid-value",
+        "env_file",
+    );
+}
+
+#[test]
+fn secrets_say_how_they_are_delivered_and_where_they_are_declared() {
+    let (_dir, p) = project(&[
+        ("berth.toml", BASE),
+        (
+            "environments/uat.toml",
+            "hosts = [\"local\"]\n[secrets]\nDB = { env = \"X\" }\nKEY = { file = \"k\", as = \"file\" }\n",
+        ),
+    ]);
+    let c = p.resolve("uat").unwrap();
+    assert_eq!(c.secrets["DB"].delivery, schema::Delivery::Env);
+    assert_eq!(c.secrets["KEY"].delivery, schema::Delivery::File);
+    assert_eq!(c.secrets["KEY"].origin, "environments/uat.toml:4");
+    let found = with_env("hosts = [\"local\"]\n[secrets]\nDB = { env = \"X\", as = \"disk\" }\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+}

@@ -131,6 +131,14 @@ pub struct Release {
     /// The highest release number allocated up to this record (the next is one more).
     #[serde(default)]
     pub highest: u32,
+    /// The secrets the release delivered: their names and a salted MAC of their values
+    /// (never the values, never an unsalted hash), so a later release can tell whether
+    /// they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretsRecord>,
+    /// What changed from the release in effect before: `image`, `config`, `secrets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
     /// The record before this one (its id in the ledger).
     #[serde(default)]
     pub previous: Option<Digest>,
@@ -157,8 +165,55 @@ impl Release {
             host_states: Vec::new(),
             plan: None,
             highest: 0,
+            secrets: None,
+            changes: Vec::new(),
             previous: None,
         }
+    }
+}
+
+/// The secrets of a release, as the ledger may keep them: names, a random salt, and
+/// SHA-256 over the salt and every `name`/`value` pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsRecord {
+    /// The secrets' names.
+    pub names: Vec<String>,
+    /// 16 random bytes, hex.
+    pub salt: String,
+    /// The MAC, hex.
+    pub mac: String,
+}
+
+fn secrets_mac(salt: &[u8], values: &crate::deploy::SecretValues) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(salt);
+    for (k, v) in &values.0 {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+impl SecretsRecord {
+    /// The record of `values`, with a fresh salt.
+    pub fn of(values: &crate::deploy::SecretValues) -> SecretsRecord {
+        let mut salt = [0u8; 16];
+        // SAFETY: getrandom into a buffer we own, of the length given.
+        let n = unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+        assert_eq!(n, salt.len() as isize, "the kernel gives random bytes");
+        SecretsRecord {
+            names: values.0.keys().cloned().collect(),
+            salt: hex::encode(salt),
+            mac: secrets_mac(&salt, values),
+        }
+    }
+
+    /// Whether `values` are the ones this record was made from.
+    pub fn matches(&self, values: &crate::deploy::SecretValues) -> bool {
+        hex::decode(&self.salt).is_ok_and(|salt| secrets_mac(&salt, values) == self.mac)
     }
 }
 
@@ -629,6 +684,8 @@ pub(crate) fn sample(number: u32, digest: &Digest, time: &str, outcome: Verdict)
         host_states: vec![],
         plan: None,
         highest: number,
+        secrets: None,
+        changes: vec![],
         previous: None,
     }
 }

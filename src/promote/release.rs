@@ -529,12 +529,26 @@ impl Environment {
         extra: Vec<String>,
         progress: &dyn ReleaseProgress,
     ) -> Result<Released, ReleaseError> {
+        // Secrets first: one that cannot be read is bad input (exit 2), before anything.
+        let secrets = self.secrets(&request.plan)?;
+        for h in self.plain_http_agents() {
+            if !secrets.is_empty() {
+                progress.note(&format!(
+                    "warning: secrets go to {h} over plain HTTP ([agent] insecure = true)"
+                ));
+            }
+        }
         let problems = self.preflight(&request.plan, &request.origin, extra);
         if !problems.is_empty() {
             return Err(ReleaseError::Preflight { problems });
         }
         let _lock = self.lock()?;
+        let before = self.history().ok().and_then(|h| current(&h).cloned());
         let mut release = Release::new(&self.config, request.plan.digest.clone(), request.kind);
+        if !secrets.is_empty() {
+            release.secrets = Some(super::ledger::SecretsRecord::of(&secrets));
+        }
+        release.changes = changes(before.as_ref(), &request.plan, &secrets);
         release.revision = request.plan.revision.clone();
         release.source = request.source.clone();
         release.forced = request.forced.clone();
@@ -588,6 +602,7 @@ impl Environment {
                     release: plan.release,
                     to: *to,
                     digest: Some(digest.clone()),
+                    secrets: secrets.clone(),
                 };
                 rollout.run(
                     &deployment,
@@ -599,7 +614,7 @@ impl Environment {
             None => rollout.run(
                 &deployment,
                 plan.release,
-                &|h| h.apply(&plan),
+                &|h| h.apply(&plan, &secrets),
                 progress.rollout(),
             ),
         };
@@ -658,6 +673,68 @@ impl Environment {
         } else {
             Err(ReleaseError::Rollout(Box::new(released)))
         }
+    }
+
+    /// Agents reached over plain `http://`.
+    fn plain_http_agents(&self) -> Vec<String> {
+        self.config
+            .hosts
+            .iter()
+            .filter(|h| matches!(h, HostUrl::Agent { tls: false, .. }))
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// The values of the secrets `plan` uses, read now on this machine. Every secret that
+    /// cannot be read is named, with its source and where it is declared; and secrets go
+    /// to agents only over TLS unless `[agent] insecure = true`.
+    pub fn secrets(&self, plan: &ReleasePlan) -> Result<crate::deploy::SecretValues, ReleaseError> {
+        let names = plan.secret_names();
+        let mut values = std::collections::BTreeMap::new();
+        let mut problems = Vec::new();
+        for name in &names {
+            let Some(spec) = self.config.secrets.get(name) else {
+                problems.push(format!(
+                    "secret `{name}` (named by the release) is not declared in environments/{}.toml",
+                    self.config.environment
+                ));
+                continue;
+            };
+            match spec.source.resolve(name, &self.config.project_dir) {
+                Ok(v) => {
+                    values.insert(name.clone(), v.expose().to_string());
+                }
+                Err(e) => problems.push(format!("{e} (declared at {})", spec.origin)),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(invalid(
+                format!(
+                    "nothing changed: {} secret(s) cannot be read\n{}",
+                    problems.len(),
+                    problems
+                        .iter()
+                        .map(|p| format!("  - {p}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+                Some("set the variables, or fix the files, the environment file names".into()),
+            ));
+        }
+        let plain = self.plain_http_agents();
+        if !values.is_empty() && !plain.is_empty() && !self.config.agent.insecure {
+            return Err(invalid(
+                format!(
+                    "secrets go to agents only over TLS, and {} is plain http://",
+                    plain.join(", ")
+                ),
+                Some(
+                    "run the agents with --tls-cert/--tls-key and use https:// hosts; or, on a trusted network only, set [agent] insecure = true"
+                        .into(),
+                ),
+            ));
+        }
+        Ok(crate::deploy::SecretValues(values))
     }
 
     /// Stops the environment on every host, recorded as a `down` release; `None` when it
@@ -997,7 +1074,11 @@ impl Host for Unconfigured {
     fn preflight(&self, _: &ReleasePlan) -> Result<Vec<String>, HostError> {
         self.fail()
     }
-    fn apply(&self, _: &ReleasePlan) -> Result<HostState, HostError> {
+    fn apply(
+        &self,
+        _: &ReleasePlan,
+        _: &crate::deploy::SecretValues,
+    ) -> Result<HostState, HostError> {
         self.fail()
     }
     fn rollback(&self, _: &RollbackRequest) -> Result<HostState, HostError> {
@@ -1018,6 +1099,39 @@ impl Host for Unconfigured {
     ) -> Result<Vec<crate::deploy::local::ReplicaLine>, HostError> {
         self.fail()
     }
+}
+
+/// What a release changes from the one in effect: its image, its configuration (the plan
+/// without its number), its secrets' values.
+fn changes(
+    before: Option<&Release>,
+    plan: &ReleasePlan,
+    secrets: &crate::deploy::SecretValues,
+) -> Vec<String> {
+    let Some(before) = before else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if before.digest != plan.digest {
+        out.push("image".to_string());
+    }
+    let same_plan = before.plan.as_ref().is_some_and(|p| {
+        let (mut a, mut b) = (p.clone(), plan.clone());
+        (a.release, b.release) = (0, 0);
+        (a.digest, b.digest) = (b.digest.clone(), b.digest.clone());
+        a == b
+    });
+    if !same_plan {
+        out.push("config".to_string());
+    }
+    let same_secrets = match &before.secrets {
+        Some(r) => r.matches(secrets),
+        None => secrets.is_empty(),
+    };
+    if !same_secrets {
+        out.push("secrets".to_string());
+    }
+    out
 }
 
 /// The ledger's view of a rollout's hosts.

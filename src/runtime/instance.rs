@@ -99,6 +99,71 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> StartError {
     move |source| StartError::Io { what, source }
 }
 
+/// The secrets `spec` names, read from its 0600 secrets file: `K=V` entries for those
+/// delivered as variables, `(name, value)` for those delivered as files.
+type SecretParts = (Vec<String>, Vec<(String, process::SecretBytes)>);
+
+fn secrets_of(spec: &ContainerSpec) -> Result<SecretParts, StartError> {
+    use std::os::unix::fs::MetadataExt;
+    if spec.secrets.is_empty() {
+        return Ok(Default::default());
+    }
+    let Some(path) = &spec.secrets_file else {
+        return Err(io("find the container's secrets")(std::io::Error::other(
+            "the spec names secrets but no secrets file",
+        )));
+    };
+    let md = std::fs::metadata(path).map_err(io("read the container's secrets file"))?;
+    if md.mode() & 0o077 != 0 {
+        return Err(io("read the container's secrets file")(
+            std::io::Error::other(format!(
+                "{} is readable by others (mode {:o})",
+                path.display(),
+                md.mode() & 0o777
+            )),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(io("read the container's secrets file"))?;
+    let values: std::collections::BTreeMap<String, String> = serde_json::from_slice(&bytes)
+        .map_err(|e| io("read the container's secrets file")(std::io::Error::other(e)))?;
+    let (mut env, mut files) = (Vec::new(), Vec::new());
+    for s in &spec.secrets {
+        let Some(v) = values.get(&s.name) else {
+            return Err(io("read the container's secrets file")(
+                std::io::Error::other(format!("it has no value for secret `{}`", s.name)),
+            ));
+        };
+        match s.delivery {
+            super::spec::SecretDelivery::Env => env.push(format!("{}={v}", s.name)),
+            super::spec::SecretDelivery::File => {
+                files.push((s.name.clone(), process::SecretBytes(v.clone().into_bytes())))
+            }
+        }
+    }
+    Ok((env, files))
+}
+
+/// `env` with `vars` set over it (a later value of a name replaces the earlier).
+fn with_vars(env: &[String], vars: Vec<String>) -> Vec<String> {
+    let mut env = env.to_vec();
+    for kv in vars {
+        let k = kv
+            .split_once('=')
+            .map_or(kv.as_str(), |(k, _)| k)
+            .to_string();
+        env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k.as_str()));
+        env.push(kv);
+    }
+    env
+}
+
+/// The environment a process of the container runs with (`exec` too): the spec's, and
+/// the secrets delivered as variables over it.
+pub fn process_env(spec: &ContainerSpec) -> Result<Vec<String>, StartError> {
+    let (vars, _) = secrets_of(spec)?;
+    Ok(with_vars(&spec.env, vars))
+}
+
 /// Starts container `st` as `spec` says.
 pub fn start(
     store: &Store,
@@ -196,6 +261,8 @@ pub fn start(
         Stdio::Fds(fds) => (None, true, Some(fds)),
         Stdio::Tty(fd) => (Some(fd), true, None),
     };
+    let (secret_env, secret_files) = secrets_of(spec)?;
+    let env = with_vars(&spec.env, secret_env);
     let launch = Launch {
         overlay,
         rootfs: fs.path.clone(),
@@ -208,9 +275,10 @@ pub fn start(
             .as_ref()
             .map(|(rec, ip)| Networks::interface(rec, &st.id, *ip)),
         cgroup_join: Vec::new(),
+        secret_files,
         process: Process {
             args: spec.args.clone(),
-            env: spec.env.clone(),
+            env,
             cwd: spec.cwd.clone(),
             user: spec.user.clone(),
             capabilities: spec.capabilities.clone(),

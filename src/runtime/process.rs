@@ -104,6 +104,19 @@ pub struct Launch {
     /// Files the container's first process writes `0` into, before anything else, to move
     /// itself into its cgroup ([`super::cgroup::Cgroup::self_join_files`]).
     pub cgroup_join: Vec<PathBuf>,
+    /// Secrets delivered as files: `/run/secrets/NAME` on a tmpfs, mode 0400, owned by the
+    /// command's user, the mount read-only once written.
+    pub secret_files: Vec<(String, SecretBytes)>,
+}
+
+/// A secret's value: never printed (`Debug` shows `<redacted>`).
+#[derive(Clone, Default)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Open-file limit given to containers (soft = hard), capped by the host's hard limit.
@@ -673,6 +686,9 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
     for (m, source) in l.mounts.iter().zip(&sources) {
         extra_mount(m, source.as_ref())?;
     }
+    if !l.secret_files.is_empty() {
+        secret_files(l)?;
+    }
     nix::unistd::sethostname(&l.hostname).map_err(fail("set the host name"))?;
     // The working directory, created if missing (Docker does), before privileges drop.
     let cwd = &l.process.cwd;
@@ -689,6 +705,47 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
         )?;
     }
     Ok(())
+}
+
+/// Writes the secrets delivered as files into a fresh tmpfs at `/run/secrets`: each file
+/// mode 0400 and owned by the command's user (resolved in the container's own
+/// `/etc/passwd`), then the mount is made read-only. The values never touch a disk.
+fn secret_files(l: &Launch) -> Result<(), Fail> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const DIR: &str = "/run/secrets";
+    target(DIR, true)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("tmpfs"),
+        Some("secrets"),
+        DIR,
+        flags,
+        Some("mode=0755,size=4m"),
+    )?;
+    let user = super::users::resolve_user(Path::new("/"), &l.process.user).map_err(|e| (125, e))?;
+    for (name, value) in &l.secret_files {
+        let path = format!("{DIR}/{name}");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)
+            .map_err(fail("write a secret file"))?;
+        f.write_all(&value.0).map_err(fail("write a secret file"))?;
+        nix::unistd::fchown(
+            &f,
+            Some(Uid::from_raw(user.uid)),
+            Some(Gid::from_raw(user.gid)),
+        )
+        .map_err(fail("give a secret file to the container's user"))?;
+    }
+    mount(
+        None,
+        None,
+        DIR,
+        flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+    )
 }
 
 /// Mounts a bind source (opened before `pivot_root`) or a tmpfs at its target inside the

@@ -231,6 +231,33 @@ pub struct ContainerSpec {
     /// Remove the container when it stops for good (`--rm`).
     #[serde(default)]
     pub auto_remove: bool,
+    /// Secrets it receives, by name (their values are in `secrets_file`, never here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretUse>,
+    /// The 0600 file holding the secrets' values (`{"NAME": "value"}`), read at each start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_file: Option<PathBuf>,
+}
+
+/// How a secret reaches a container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretDelivery {
+    /// As an environment variable of its name.
+    #[default]
+    Env,
+    /// As the file `/run/secrets/NAME`: a tmpfs, mode 0400, owned by the container's user.
+    File,
+}
+
+/// A secret a container receives: its name and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretUse {
+    /// The secret's (and the variable's, or the file's) name.
+    pub name: String,
+    /// How.
+    #[serde(default)]
+    pub delivery: SecretDelivery,
 }
 
 #[cfg(test)]
@@ -289,6 +316,11 @@ mod tests {
             tty: false,
             interactive: false,
             auto_remove: false,
+            secrets: vec![SecretUse {
+                name: "DB".into(),
+                delivery: SecretDelivery::File,
+            }],
+            secrets_file: Some("/x/secrets.json".into()),
         };
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<ContainerSpec>(&json).unwrap(), spec);
