@@ -76,7 +76,8 @@ pub fn valid_domain(d: &str) -> bool {
             None => (d, ""),
         },
     };
-    let port_ok = port.is_empty() || (port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok = port.is_empty()
+        || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0));
     let host_ok = host.is_empty() && d.starts_with('[')
         || (!host.is_empty()
             && host.split('.').all(|c| {

@@ -28,21 +28,41 @@ struct Agent {
 
 impl Agent {
     fn start(token: &str) -> Agent {
+        Agent::start_with_files(token, None)
+    }
+
+    /// An agent allowed at most `nofile` open descriptors (soft and hard).
+    fn start_with_files(token: &str, nofile: Option<u64>) -> Agent {
+        use std::os::unix::process::CommandExt;
         let state = tempfile::tempdir().unwrap();
         let token_file = state.path().join("token");
         std::fs::write(&token_file, token).unwrap();
         let port = free_port();
         let log = std::fs::File::create(state.path().join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.args(["agent", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--state")
             .arg(state.path().join("store"))
             .arg("--token-file")
             .arg(&token_file)
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit(2) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
         let until = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < until, "the agent did not start");
@@ -242,13 +262,67 @@ fn agent_requests_cannot_name_paths() {
     assert!(made.is_empty(), "no deployment state was made: {made:?}");
 }
 
+/// A TCP connection to 127.0.0.1:`port` from 127.0.0.2 (another peer address).
+fn connect_from_other_address(port: u16) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns; the sockaddr structs
+    // outlive the calls that read them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut local: libc::sockaddr_in = std::mem::zeroed();
+        local.sin_family = libc::AF_INET as u16;
+        local.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 2]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return None;
+        }
+        let mut remote: libc::sockaddr_in = std::mem::zeroed();
+        remote.sin_family = libc::AF_INET as u16;
+        remote.sin_port = port.to_be();
+        remote.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return None;
+        }
+        libc::write(fd, b"GET /v1/sta".as_ptr().cast(), 11);
+        Some(owned)
+    }
+}
+
+/// Found by attacking the agent: connections that never finish their request headers
+/// held descriptors for ever, until the agent could serve nobody. Now each peer holds at
+/// most its share, and headers must arrive in time.
+#[test]
+fn slow_unfinished_requests_do_not_starve_the_agent() {
+    let token = "0123456789abcdef0123456789abcdef";
+    // 256 descriptors: the 300 stalled connections would take them all.
+    let agent = Agent::start_with_files(token, Some(256));
+    let held: Vec<_> = (0..300)
+        .filter_map(|_| connect_from_other_address(agent.port))
+        .collect();
+    assert!(!held.is_empty(), "could not connect from 127.0.0.2");
+    let auth = format!("Authorization: Bearer {token}");
+    let (status, body) = request(
+        agent.port,
+        "GET",
+        b"/v1/status?deployment=app-dev",
+        &[auth.as_bytes()],
+        b"",
+    );
+    assert_eq!(status, 200, "another client was not served: {body}");
+    drop(held);
+}
+
 // ---------------------------------------------------------------------------------------
 // Host devices.
 
 /// The attack of issue 15.2, as a shell script: for each device, mknod then open for
 /// writing; prints `DEV blocked` when the open failed with EPERM, `DEV OPEN` when it
 /// worked; then checks that the harmless devices work.
-const DEVICE_PROBE: &str = "for d in 'c 1 11 kmsg' 'b 7 0 loop0' 'c 10 237 loopctl'; do \
+const DEVICE_PROBE: &str = "for d in 'c 1 11 kmsg' 'b 7 0 loop0' 'c 10 237 loopctl' 'c 5 1 console'; do \
     set -- $d; mknod /dev/probe-$4 $1 $2 $3 2>/dev/null; \
     if out=$( (echo x > /dev/probe-$4) 2>&1 ); then echo \"$4 OPEN\"; \
     else case \"$out\" in *'not permitted'*) echo \"$4 blocked\";; *) echo \"$4 other: $out\";; esac; fi; \
@@ -259,7 +333,7 @@ const DEVICE_PROBE: &str = "for d in 'c 1 11 kmsg' 'b 7 0 loop0' 'c 10 237 loopc
     test -c /dev/pts/ptmx && echo harmless-ok";
 
 fn assert_devices_blocked(out: &str, context: &str) {
-    for dev in ["kmsg", "loop0", "loopctl"] {
+    for dev in ["kmsg", "loop0", "loopctl", "console"] {
         assert!(
             out.contains(&format!("{dev} blocked")) && out.contains(&format!("{dev} noread")),
             "{context}: {dev} is not blocked with EPERM:\n{out}"
@@ -298,7 +372,7 @@ fn containers_execs_and_builds_cannot_open_host_devices() {
     // A build's RUN step: it fails unless every probe was blocked.
     let script = format!(
         "out=$({DEVICE_PROBE}); echo \"$out\"; \
-         test $(echo \"$out\" | grep -c -e ' blocked$' -e ' noread$') = 6 && echo \"$out\" | grep -q harmless-ok"
+         test $(echo \"$out\" | grep -c -e ' blocked$' -e ' noread$') = 8 && echo \"$out\" | grep -q harmless-ok"
     );
     p.file(
         "berth.toml",
@@ -994,5 +1068,159 @@ fn tags_follow_the_distribution_grammar() {
     }
     for good in ["app", "team/app:1.0", "127.0.0.1:5000/x/y:latest"] {
         p.berth().args(["tag", "base:1", good]).run().ok();
+    }
+}
+
+/// Found by attacking berth: `BERTH_REGISTRY_USER`/`_PASSWORD` went to any registry, so
+/// a branch whose berth.toml names `FROM attacker:5000/x` received a CI runner's
+/// credentials. They go only to the registries the environments (or the command line)
+/// name, or `BERTH_REGISTRY_HOST`.
+#[test]
+fn ci_credentials_do_not_follow_a_base_image_elsewhere() {
+    let reg = Hostile::start(Arc::new(|_, _: &str| {
+        Answer::Whole(
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"x\"".into(),
+            Vec::new(),
+        )
+    }));
+    let p = TempProject::new();
+    p.file(
+        "berth.toml",
+        &format!(
+            "[app]\nname = \"ci\"\n[image]\nfrom = \"127.0.0.1:{}/base:1\"\n[[image.steps]]\ncmd = [\"true\"]\n",
+            reg.port
+        ),
+    );
+    p.file(
+        "environments/dev.toml",
+        "hosts = [\"local\"]\nregistry = \"http://127.0.0.1:1/ci\"\n",
+    );
+    let r = p
+        .berth()
+        .env("BERTH_REGISTRY_USER", "ci-user")
+        .env("BERTH_REGISTRY_PASSWORD", "ci-password")
+        .args(["build"])
+        .run();
+    assert_ne!(r.code, 0);
+    let seen = reg.seen();
+    assert!(!seen.is_empty(), "the base was asked for");
+    assert!(
+        seen.iter()
+            .all(|l| !l.to_ascii_lowercase().contains("authorization")),
+        "the CI credentials went to the base's registry: {seen:?}"
+    );
+}
+
+/// Found by attacking berth: the disk reserve held for unpacking but not for pulls, so a
+/// registry that claims (and sends) a 5 GB layer filled the store's disk.
+#[test]
+fn a_pull_keeps_the_disk_reserve() {
+    let fs = Tmpfs::new(64);
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
+    let config_digest = format!("sha256:{}", sha256_hex(&config));
+    let layer_digest = format!("sha256:{}", "7".repeat(64));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":5000000000}}]}}"#,
+        config.len()
+    );
+    let cd = config_digest.clone();
+    let reg = Hostile::start(Arc::new(move |_, path: &str| {
+        if path == "/v2/" {
+            Answer::Whole("HTTP/1.1 200 OK".into(), Vec::new())
+        } else if path.contains("/manifests/") {
+            Answer::Whole(OK_JSON.into(), manifest.clone().into_bytes())
+        } else if path.ends_with(&cd) {
+            Answer::Whole("HTTP/1.1 200 OK".into(), config.clone())
+        } else {
+            Answer::Flood("HTTP/1.1 200 OK".into(), 5_000_000_000)
+        }
+    }));
+    let store = fs.0.path().join("store");
+    let r = Berth::new()
+        .env("BERTH_STORE", store.to_str().unwrap())
+        .args(["pull", &format!("127.0.0.1:{}/big:1", reg.port)])
+        .run();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("reserve"), "{}", r.stderr);
+    assert!(
+        free_bytes(fs.0.path()) > 32 << 20,
+        "the store's filesystem was filled"
+    );
+}
+
+/// Found by attacking berth: the reserve counted bytes only; a small layer of many empty
+/// files used up every inode of the store's filesystem.
+#[test]
+fn a_layer_of_many_empty_files_keeps_the_inode_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    util::run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256m,nr_inodes=20000", "tmpfs"])
+            .arg(dir.path()),
+    );
+    let fs = Tmpfs(dir);
+    let store = fs.0.path().join("store");
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for i in 0..30_000u32 {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, format!("f{i}"), &b""[..]).unwrap();
+    }
+    let gz = tar.into_inner().unwrap().finish().unwrap();
+    put_image(&store, "inodes:1", &[(gz.clone(), diff_id_of_gzip(&gz))]);
+    let r = Berth::new()
+        .env("BERTH_STORE", store.to_str().unwrap())
+        .args(["run", "--rm", "inodes:1"])
+        .run();
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("below its reserve"), "{}", r.stderr);
+    let st = nix::sys::statvfs::statvfs(fs.0.path()).unwrap();
+    assert!(st.files_available() > 1000, "the inodes were used up");
+}
+
+/// Found by attacking berth: under `umask 000` the store's directories, the routers'
+/// files and sockets were world-writable.
+#[test]
+fn nothing_is_world_writable_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let p = TempProject::new();
+    let _cleanup = p.cleanup();
+    p.with_busybox_base();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+    cmd.env("BERTH_STORE", p.store())
+        .args(["run", "-d", "--name", "umask", "base:1", "sleep", "30"]);
+    // SAFETY: umask(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    assert!(cmd.status().unwrap().success());
+    let mut stack = vec![p.store()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            if md.file_type().is_symlink() || e.path().to_string_lossy().contains("/snapshots/") {
+                continue;
+            }
+            let mode = md.permissions().mode();
+            let sticky_tmp = mode & 0o1000 != 0;
+            assert!(
+                mode & 0o002 == 0 || sticky_tmp,
+                "{} is world-writable ({:o})",
+                e.path().display(),
+                mode & 0o7777
+            );
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
     }
 }

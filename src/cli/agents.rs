@@ -96,6 +96,16 @@ pub fn agent(_g: &GlobalOpts, args: &AgentArgs, out: &mut Output) -> Result<(), 
             "--listen, --state and --token-file are required"
         )));
     };
+    if let Ok(md) = std::fs::metadata(token_file) {
+        use std::os::unix::fs::PermissionsExt;
+        if md.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "warning: {} is readable by other users (mode {:o}); chmod 600 it",
+                token_file.display(),
+                md.permissions().mode() & 0o777
+            );
+        }
+    }
     let token = std::fs::read_to_string(token_file)
         .map_err(|e| CliError::failed(miette!("cannot read {}: {e}", token_file.display())))?
         .trim()

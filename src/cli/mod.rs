@@ -209,6 +209,10 @@ pub enum Command {
 
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn main() -> ExitCode {
+    // Nothing berth writes is ever group- or world-writable, whatever the caller's umask
+    // (state that root acts on later must not be replaceable by another user).
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    nix::sys::stat::umask(old | nix::sys::stat::Mode::from_bits_truncate(0o022));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -238,9 +242,48 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Where `BERTH_REGISTRY_USER`/`_PASSWORD` may go in this command: the registries the
+/// project's environments name, and those the command line names.
+fn scope_registry_credentials(cli: &Cli) {
+    use crate::registry_client::Reference;
+    let mut hosts = Vec::new();
+    if let Ok(project) = crate::manifest::Project::load(&cli.global.project_dir()) {
+        for env in project.environments() {
+            if let Ok(c) = project.resolve(&env)
+                && let Some(r) = c.registry
+            {
+                hosts.push(r.host.clone());
+            }
+        }
+    }
+    let named: Vec<&str> = match &cli.command {
+        Command::Push(a) => vec![a.destination.as_str()],
+        Command::Pull(a) => vec![a.reference.as_str()],
+        Command::Copy(a) => vec![a.source.as_str(), a.destination.as_str()],
+        Command::Login(a) => {
+            hosts.push(
+                a.registry
+                    .trim_start_matches("https://")
+                    .trim_start_matches("http://")
+                    .to_string(),
+            );
+            vec![]
+        }
+        _ => vec![],
+    };
+    hosts.extend(
+        named
+            .into_iter()
+            .filter_map(|r| r.parse::<Reference>().ok())
+            .map(|r| r.registry),
+    );
+    crate::registry_client::auth::scope_env_credentials(hosts);
+}
+
 /// Runs one parsed command.
 pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
     let g = &cli.global;
+    scope_registry_credentials(cli);
     match &cli.command {
         Command::Init(args) => init::run(g, args, out),
         Command::Check(args) => check::run(g, args, out),

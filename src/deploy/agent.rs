@@ -160,6 +160,17 @@ fn route(
     let apply = |what: &'static str| -> Result<Box<ApplyRequest>, (StatusCode, String)> {
         let r: ApplyRequest = serde_json::from_slice(body).map_err(json(what))?;
         r.plan.validate().map_err(|e| bad(what, &e))?;
+        if let Some(k) = r
+            .secrets
+            .0
+            .keys()
+            .find(|k| !crate::manifest::values::valid_env_name(k))
+        {
+            return Err(bad(
+                what,
+                &format!("`{}` is not a secret name", k.escape_debug()),
+            ));
+        }
         Ok(Box::new(r))
     };
     Ok(match (method, path) {
@@ -445,6 +456,13 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
             std::thread::sleep(std::time::Duration::from_secs(2));
         }
     });
+    // A server's share of descriptors: the hard limit, not the login shell's soft one.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     let rt = crate::registry_client::runtime()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
@@ -454,18 +472,38 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
         };
         ready(listener.local_addr()?);
         let cfg = Arc::new(cfg);
+        let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+            Default::default();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors (or another passing error): wait instead of
+                    // spinning, so the connections being served can finish.
+                    eprintln!("berth agent: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // No peer holds more than its share of connections: one client cannot starve
+            // the others (or the descriptors) by opening and never finishing requests.
+            let Some(slot) = PeerSlot::take(&per_peer, peer.ip()) else {
+                drop(stream);
                 continue;
             };
             let cfg = cfg.clone();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| handle(cfg.clone(), req));
-                let http = hyper::server::conn::http1::Builder::new();
+                let mut http = hyper::server::conn::http1::Builder::new();
+                // A request's headers must arrive within HEADERS (slow clients cut off).
+                http.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADERS);
                 match acceptor {
                     Some(a) => {
-                        if let Ok(tls) = a.accept(stream).await {
+                        let handshake = tokio::time::timeout(HEADERS, a.accept(stream)).await;
+                        if let Ok(Ok(tls)) = handshake {
                             let _ = http
                                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                                 .await;
@@ -480,6 +518,47 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
             });
         }
     })
+}
+
+/// How long a client may take to finish a TLS handshake, and each request's headers.
+const HEADERS: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections one peer address may hold at once.
+const PER_PEER: usize = 64;
+
+/// One of a peer's connection slots, given back when dropped.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        peers: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut map = peers.lock().expect("not poisoned");
+        let n = map.entry(ip).or_default();
+        if *n >= PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.peers.lock().expect("not poisoned");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -261,6 +261,20 @@ impl ReleasePlan {
         label("environment", &self.environment)?;
         for s in &self.services {
             label("service", &s.name)?;
+            if s.replicas > 1000 {
+                return Err(RequestError::BadPlan(format!(
+                    "{} replicas of {} (at most 1000)",
+                    s.replicas, s.name
+                )));
+            }
+            for u in &s.secrets {
+                if !crate::manifest::values::valid_env_name(&u.name) {
+                    return Err(RequestError::BadName {
+                        what: "secret",
+                        value: shown(&u.name),
+                    });
+                }
+            }
             for m in &s.mounts {
                 if let crate::runtime::spec::MountSpec::Volume { name, .. } = m
                     && !crate::names::valid_object_name(name)
@@ -270,10 +284,11 @@ impl ReleasePlan {
                         value: shown(name),
                     });
                 }
-                if !m.target().starts_with('/') || m.target().contains('\0') {
+                let t = m.target();
+                if !t.starts_with('/') || t.contains('\0') || t.split('/').any(|c| c == "..") {
                     return Err(RequestError::BadPlan(format!(
-                        "mount target `{}` is not an absolute path",
-                        shown(m.target())
+                        "mount target `{}` is not an absolute path without `..`",
+                        shown(t)
                     )));
                 }
             }

@@ -679,6 +679,23 @@ impl Indexes {
     }
 }
 
+/// A diff keeps at most as many paths per side as one layer may hold (memory grows with
+/// them): beyond, it stops and asks for a narrower `--path`.
+fn bounded(effect: &Effect, layer: &Layer) -> Result<(), DiffError> {
+    let max = crate::store::limits::LayerLimits::configured()
+        .map(|l| l.max_entries)
+        .unwrap_or(2_000_000) as usize;
+    if effect.paths.len() > max {
+        return Err(DiffError::Bad {
+            what: format!("layer {}", layer.digest),
+            message: format!(
+                "the layers that differ hold more than {max} paths; compare part of the tree with --path"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Applies `layers` in order, bottom first, keeping the paths `want` asks for. Each layer
 /// streamed whole (no prefix, every path) leaves its index behind.
 fn apply_layers(
@@ -695,6 +712,7 @@ fn apply_layers(
             ix.save(layer, &ops);
         }
         apply_ops(&mut effect, ops, want);
+        bounded(&effect, layer)?;
     }
     Ok(effect)
 }
@@ -720,6 +738,7 @@ fn lower_state(
             }
         };
         apply_ops(&mut effect, ops, want);
+        bounded(&effect, layer)?;
     }
     Ok(effect)
 }

@@ -166,11 +166,37 @@ fn from_helper(helper: &str, server: &str) -> Result<Option<Credential>, Credent
     }))
 }
 
-/// The credentials for `registry`: the environment first (CI), then Docker's config file.
+/// The registries `BERTH_REGISTRY_USER`/`_PASSWORD` may be sent to in this process, when
+/// `BERTH_REGISTRY_HOST` does not say: those the project's environments name and those
+/// the command line names. A registry named only by a build's `FROM` (which an untrusted
+/// branch can change) never gets them.
+static ENV_SCOPE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Lets the environment's credentials go to `registries` (hosts, `host:port`).
+pub fn scope_env_credentials(registries: impl IntoIterator<Item = String>) {
+    ENV_SCOPE.lock().expect("not poisoned").extend(registries);
+}
+
+/// Whether `BERTH_REGISTRY_USER`/`_PASSWORD` are meant for `registry`:
+/// `BERTH_REGISTRY_HOST` (a comma-separated list) when set, else the scope above.
+fn env_credentials_for(registry: &str) -> bool {
+    match std::env::var("BERTH_REGISTRY_HOST") {
+        Ok(hosts) => hosts.split(',').any(|h| h.trim() == registry),
+        Err(_) => ENV_SCOPE
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .any(|h| h == registry),
+    }
+}
+
+/// The credentials for `registry`: the environment first (CI; only for the registries
+/// they are meant for), then Docker's config file.
 pub fn credential_for(registry: &str) -> Result<Option<Credential>, CredentialError> {
-    if let (Ok(username), Ok(password)) = (
+    if let (Ok(username), Ok(password), true) = (
         std::env::var("BERTH_REGISTRY_USER"),
         std::env::var("BERTH_REGISTRY_PASSWORD"),
+        env_credentials_for(registry),
     ) {
         return Ok(Some(Credential::Basic {
             username,

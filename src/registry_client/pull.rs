@@ -142,6 +142,26 @@ async fn fetch_blob(
     progress: Option<&BytesProgress>,
 ) -> Result<u64, RegistryError> {
     let url = client.url(&format!("{repository}/blobs/{digest}"));
+    // The store's filesystem keeps its free-space reserve: a descriptor that claims more
+    // than there is room for is refused up front, and the room is checked as bytes come.
+    let limits = crate::store::limits::LayerLimits::configured()
+        .map_err(|e| RegistryError::Protocol(e.to_string()))?;
+    let room = |need: u64| -> Result<(), RegistryError> {
+        let Ok((free, total)) =
+            std::fs::File::open(store.root()).and_then(crate::store::limits::free_space)
+        else {
+            return Ok(());
+        };
+        let reserve = limits.reserve_bytes(total);
+        if free < reserve.saturating_add(need) {
+            return Err(RegistryError::Protocol(format!(
+                "blob {digest} needs {need} more bytes, and the store's filesystem has {free} free with a reserve of {reserve} (BERTH_DISK_RESERVE)"
+            )));
+        }
+        Ok(())
+    };
+    room(size)?;
+    let mut next_check = 16u64 << 20;
     let mut writer = store.blob_writer()?;
     let mut have = 0u64;
     let mut downloaded = 0u64;
@@ -194,6 +214,10 @@ async fn fetch_blob(
                         })?;
                     have += bytes.len() as u64;
                     downloaded += bytes.len() as u64;
+                    if downloaded >= next_check {
+                        next_check = downloaded + (16 << 20);
+                        room(0)?;
+                    }
                     if let Some(p) = progress {
                         p(digest, size, bytes.len() as u64);
                     }

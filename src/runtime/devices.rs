@@ -1,8 +1,10 @@
-//! The device policy of every container (and every build's RUN step): Docker's. Every
-//! device is denied except `mknod` of any character or block device (so images that make
-//! their own nodes still unpack and run) and read/write/mknod of the harmless ones —
-//! null, zero, full, random, urandom, tty, console, ptmx and the pty slaves. Opening a
-//! node made with mknod (`/dev/sda`, `/dev/kmsg`, `/dev/loop-control`) fails with EPERM.
+//! The device policy of every container (and every build's RUN step): Docker's, less the
+//! console. Every device is denied except `mknod` of any character or block device (so
+//! images that make their own nodes still unpack and run) and read/write/mknod of the
+//! harmless ones — null, zero, full, random, urandom, tty, ptmx and the pty slaves.
+//! Opening a node made with mknod (`/dev/sda`, `/dev/kmsg`, `/dev/loop-control`) fails
+//! with EPERM. `/dev/console` (5:1) is not allowed: berth gives containers no console, and
+//! a node made for it would reach the host's.
 //!
 //! On cgroup v1 the rules go to the devices controller (`devices.deny` `a`, then each
 //! allow). On v2, which has no devices controller, a `BPF_PROG_TYPE_CGROUP_DEVICE`
@@ -56,7 +58,7 @@ const fn dev(kind: Kind, major: u32, minor: Option<u32>, access: u32) -> Rule {
     }
 }
 
-/// Docker's default allow list; everything else is denied.
+/// Docker's default allow list less the console; everything else is denied.
 pub const DEFAULT_ALLOW: &[Rule] = &[
     Rule {
         kind: Kind::Char,
@@ -76,7 +78,6 @@ pub const DEFAULT_ALLOW: &[Rule] = &[
     dev(Kind::Char, 1, Some(8), access::ALL), // random
     dev(Kind::Char, 1, Some(9), access::ALL), // urandom
     dev(Kind::Char, 5, Some(0), access::ALL), // tty
-    dev(Kind::Char, 5, Some(1), access::ALL), // console
     dev(Kind::Char, 5, Some(2), access::ALL), // ptmx
     dev(Kind::Char, 136, None, access::ALL),  // pts/*
 ];
@@ -424,7 +425,6 @@ mod tests {
             (1, 8),
             (1, 9),
             (5, 0),
-            (5, 1),
             (5, 2),
             (136, 7),
         ] {
@@ -437,6 +437,7 @@ mod tests {
             (Kind::Char, 10, 237),
             (Kind::Block, 8, 0),
             (Kind::Char, 1, 1),
+            (Kind::Char, 5, 1),
         ] {
             assert!(!allowed(k, maj, min, READ), "{k:?} {maj}:{min} read");
             assert!(!allowed(k, maj, min, WRITE), "{k:?} {maj}:{min} write");

@@ -514,6 +514,10 @@ fn container_init(
                 CString::new(exec_w.as_raw_fd().to_string()).expect("digits"),
             ];
             let env: [CString; 0] = [];
+            // The init runs under the same filter as the command: a process of the
+            // container that may ptrace (--cap-add SYS_PTRACE) cannot use PID 1 to make
+            // the calls the filter denies it.
+            super::seccomp::install().map_err(fail("install the seccomp filter"))?;
             let e = nix::unistd::fexecve(init_binary, &argv, &env).unwrap_err();
             drop(exec_w);
             Err((125, format!("start the container's init: {e}")))

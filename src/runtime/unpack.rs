@@ -65,7 +65,7 @@ pub enum UnpackError {
     },
     /// Unpacking further would leave less free space than the reserve.
     #[error(
-        "layer {layer}: stopped unpacking with {free} bytes free on the store's filesystem, below its reserve of {reserve} (a decompression bomb, or a full disk?)"
+        "layer {layer}: stopped unpacking with {free} bytes free on the store's filesystem, below its reserve of {reserve} bytes or 5% of its inodes (a decompression bomb, or a full disk?)"
     )]
     DiskReserve {
         /// The layer.
@@ -101,15 +101,16 @@ struct Capped<R> {
     next_check: u64,
 }
 
-/// How many bytes are unpacked between two free-space checks (and entries: every 4096).
+/// How many bytes are unpacked between two free-space checks (and entries: every 256).
 const CHECK_EVERY: u64 = 16 << 20;
 
-/// The free bytes on `fd`'s filesystem when they are below `reserve`.
+/// The free bytes on `fd`'s filesystem when they (or its free inodes, against 5% of
+/// them) are below the reserve.
 fn below_reserve(fd: &OwnedFd, reserve: u64) -> Option<u64> {
-    crate::store::limits::free_space(fd)
-        .ok()
-        .map(|(free, _)| free)
-        .filter(|free| *free < reserve)
+    let (free, _) = crate::store::limits::free_space(fd).ok()?;
+    let inodes_low = crate::store::limits::free_inodes(fd)
+        .is_ok_and(|(avail, total)| total > 0 && avail < total / 20);
+    (free < reserve || inodes_low).then_some(free)
 }
 
 impl<R> Capped<R> {
@@ -649,8 +650,8 @@ pub fn unpack(
                 limit: limits.max_entries,
             });
         }
-        // Many small entries fill a disk too (blocks for metadata and directories).
-        if stats.entries % 4096 == 0
+        // Many small entries fill a disk too (inodes, and blocks for metadata).
+        if stats.entries % 256 == 0
             && let Some((fd, r)) = &watch
             && below_reserve(fd, *r).is_some()
         {

@@ -122,6 +122,13 @@ impl LayerLimits {
     }
 }
 
+/// Free inodes on the filesystem of `fd`, and how many it has (0 where it does not count
+/// them).
+pub fn free_inodes(fd: impl AsFd) -> io::Result<(u64, u64)> {
+    let st = nix::sys::statvfs::fstatvfs(fd).map_err(io::Error::from)?;
+    Ok((st.files_available() as u64, st.files() as u64))
+}
+
 /// Free space on the filesystem of `fd`, and its size, in bytes (what an unprivileged
 /// writer can use: `f_bavail`).
 pub fn free_space(fd: impl AsFd) -> io::Result<(u64, u64)> {

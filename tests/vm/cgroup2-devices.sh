@@ -8,7 +8,7 @@ set -u
 export BERTH_STORE=/var/tmp/store
 grep -q cgroup2 /proc/mounts && ! grep -q " cgroup " /proc/mounts && echo "cgroup: v2 only"
 ./make-rootfs /tmp/rootfs >/dev/null && berth import /tmp/rootfs --tag base:1 >/dev/null || exit 1
-probe='for d in "c 1 11 kmsg" "b 7 0 loop0" "c 10 237 loopctl"; do set -- $d;
+probe='for d in "c 1 11 kmsg" "b 7 0 loop0" "c 10 237 loopctl" "c 5 1 console"; do set -- $d;
   mknod /dev/probe-$4 $1 $2 $3 2>/dev/null;
   if out=$( (echo x > /dev/probe-$4) 2>&1 ); then echo "$4 OPEN"; else case "$out" in *"not permitted"*) echo "$4 blocked";; *) echo "$4 other: $out";; esac; fi;
   if out=$( (head -c 1 /dev/probe-$4 >/dev/null) 2>&1 ); then echo "$4 READ"; else case "$out" in *"not permitted"*) echo "$4 noread";; *) echo "$4 other: $out";; esac; fi;
@@ -16,7 +16,7 @@ done;
 head -c 4 /dev/zero >/dev/null && head -c 4 /dev/urandom >/dev/null && echo x > /dev/null && test -c /dev/pts/ptmx && echo harmless-ok'
 check() { # $1: what, $2: output
   n=$(printf '%s\n' "$2" | grep -c -e ' blocked$' -e ' noread$')
-  if [ "$n" = 6 ] && printf '%s\n' "$2" | grep -q harmless-ok; then echo "$1: PASS"; else echo "$1: FAIL"; printf '%s\n' "$2"; fail=1; fi
+  if [ "$n" = 8 ] && printf '%s\n' "$2" | grep -q harmless-ok; then echo "$1: PASS"; else echo "$1: FAIL"; printf '%s\n' "$2"; fail=1; fi
 }
 fail=0
 check run "$(berth run --rm base:1 sh -c "$probe" 2>&1)"
@@ -33,7 +33,7 @@ from = "base:1"
 [[image.steps]]
 copy = ["probe.sh", "/probe.sh"]
 [[image.steps]]
-run = "sh /probe.sh > /dev/shm/out; cat /dev/shm/out; test $(grep -c -e ' blocked$' -e ' noread$' /dev/shm/out) = 6 && grep -q harmless-ok /dev/shm/out"
+run = "sh /probe.sh > /dev/shm/out; cat /dev/shm/out; test $(grep -c -e ' blocked$' -e ' noread$' /dev/shm/out) = 8 && grep -q harmless-ok /dev/shm/out"
 TOML
 if berth build >/tmp/build.log 2>&1; then echo "build RUN: PASS"; else echo "build RUN: FAIL"; cat /tmp/build.log; fail=1; fi
 exit $fail
