@@ -362,7 +362,7 @@ fn image_commands_tag_remove_and_collect() {
     assert!(
         listed
             .stdout
-            .contains("no tag reaches: `berth gc` removes them"),
+            .contains("no tag, container or kept release needs: `berth gc` removes them"),
         "{}",
         listed.stdout
     );

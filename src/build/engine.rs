@@ -152,7 +152,7 @@ pub fn build(
         source: e,
     })?;
     let spool = tempfile::Builder::new()
-        .prefix("build-")
+        .prefix(&crate::store::Store::temp_prefix("build-"))
         .tempdir_in(&tmp)
         .map_err(|e| BuildError::Context {
             path: tmp.clone(),

@@ -65,7 +65,7 @@ pub fn run(
     let tmp_base = store.state_dir().join("tmp");
     std::fs::create_dir_all(&tmp_base).map_err(io(&tmp_base))?;
     let tmp = tempfile::Builder::new()
-        .prefix("run-")
+        .prefix(&crate::store::Store::temp_prefix("run-"))
         .tempdir_in(&tmp_base)
         .map_err(io(&tmp_base))?;
     let (fs, overlay) = rootfs::overlay_for_layers(store, layers, tmp.path())

@@ -33,6 +33,18 @@ pub struct RmiArgs {
     /// Images to remove: tags, digests or digest prefixes (a digest removes all its tags).
     #[arg(required = true)]
     pub images: Vec<String>,
+    /// Remove the names even of an image a container or a kept release uses (its blobs
+    /// stay while they do).
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// Arguments of `berth gc`.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    /// Say what would be removed, and list what is kept and why; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Arguments of `berth import`.
@@ -117,11 +129,11 @@ pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
         ))?;
     }
     // What rebuilds and removed tags left behind (docker shows it as <none> images).
-    let garbage = store.unreachable()?;
+    let garbage = store.unreachable(&crate::deploy::local::roots(&store))?;
     if !garbage.is_empty() && !out.quiet {
         let bytes: u64 = garbage.iter().map(|(_, size)| size).sum();
         out.line(format!(
-            "{} in {} blob(s) no tag reaches: `berth gc` removes them",
+            "{} in {} blob(s) no tag, container or kept release needs: `berth gc` removes them",
             human_size(bytes),
             garbage.len()
         ))?;
@@ -202,10 +214,24 @@ pub fn tag(g: &GlobalOpts, args: &TagArgs, out: &mut Output) -> Result<(), CliEr
 /// `berth rmi IMG...`: untag, then delete the blobs no remaining tag uses.
 pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliError> {
     let store = open(g)?;
+    let roots = crate::deploy::local::roots(&store);
     let mut removed = Vec::new();
     let mut untagged = Vec::new();
     for reference in &args.images {
         let img = store.load_image(reference)?;
+        // As Docker: an image in use stays, naming its users, unless forced.
+        let users: Vec<&str> = roots
+            .iter()
+            .filter(|r| r.digest == img.digest)
+            .map(|r| r.why.as_str())
+            .collect();
+        if !users.is_empty() && !args.force {
+            return Err(CliError::failed(miette::miette!(
+                help = "stop and remove those first, or -f to remove only its names (its blobs stay while they are needed)",
+                "{reference} is in use: {}",
+                users.join(", ")
+            )));
+        }
         let tags = store.tags()?;
         let names: Vec<String> = match crate::store::normalize_tag(reference) {
             Ok(n) if tags.iter().any(|t| t.name == n) => vec![n],
@@ -224,7 +250,7 @@ pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliEr
         }
         removed.push(img);
     }
-    let report = store.remove_unreferenced(&removed)?;
+    let report = store.remove_unreferenced(&removed, &roots)?;
     if out.json {
         out.json_value(&json!({ "untagged": untagged, "removed": report }))?;
     } else {
@@ -237,18 +263,30 @@ pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliEr
     Ok(())
 }
 
-/// `berth gc`.
-pub fn gc(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
-    let report = open(g)?.gc()?;
+/// `berth gc [--dry-run]`: every blob and unpacked layer no tag, container or kept release
+/// needs goes (with `--dry-run`: what would go, and what is kept and why).
+pub fn gc(g: &GlobalOpts, args: &GcArgs, out: &mut Output) -> Result<(), CliError> {
+    let store = open(g)?;
+    let report = store.gc(&crate::deploy::local::roots(&store), args.dry_run)?;
     if out.json {
-        out.json_value(&report)?;
-    } else {
-        out.line(format!(
-            "removed {} blobs, {} freed",
-            report.blobs,
-            human_size(report.bytes)
-        ))?;
+        return Ok(out.json_value(&report)?);
     }
+    if args.dry_run {
+        for r in &report.kept {
+            out.line(format!("keep {} ({})", r.digest.short(), r.why))?;
+        }
+    }
+    out.line(format!(
+        "{} {} blob(s) and {} unpacked layer(s), {} freed",
+        if args.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        },
+        report.blobs,
+        report.snapshots,
+        human_size(report.bytes + report.snapshot_bytes)
+    ))?;
     Ok(())
 }
 

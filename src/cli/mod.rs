@@ -115,8 +115,8 @@ pub enum Command {
     Tag(images::TagArgs),
     /// Remove images (their tags, and blobs nothing else uses).
     Rmi(images::RmiArgs),
-    /// Remove every blob no tag reaches.
-    Gc,
+    /// Remove every blob and unpacked layer no tag, container or kept release needs.
+    Gc(images::GcArgs),
     /// Make a one-layer base image from a root filesystem directory or tar.
     Import(images::ImportArgs),
     /// Write an image as an OCI or Docker archive.
@@ -222,6 +222,11 @@ pub fn main() -> ExitCode {
         }
     };
     error::install_report_handler();
+    // Every retry of a registry request is a line on stderr (what failed, the attempt,
+    // the wait), unless -q.
+    if !cli.global.quiet {
+        crate::registry_client::retry::observe(std::sync::Arc::new(|r| eprintln!("berth: {r}")));
+    }
     let mut out = Output::new(cli.global.json, cli.global.quiet);
     let result = run(&cli, &mut out);
     // With --json, stdout holds exactly one document: a command that wrote none (it
@@ -296,7 +301,7 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         },
         Command::Tag(args) => images::tag(g, args, out),
         Command::Rmi(args) => images::rmi(g, args, out),
-        Command::Gc => images::gc(g, out),
+        Command::Gc(args) => images::gc(g, args, out),
         Command::Import(args) => images::import(g, args, out),
         Command::Export(args) => images::export(g, args, out),
         Command::Bundle(args) => images::bundle(g, args, out),

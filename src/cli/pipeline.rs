@@ -228,6 +228,7 @@ pub fn release_json(config: &AppConfig, r: &Released) -> serde_json::Value {
         "recorded": r.recorded,
         "warnings": r.warnings,
         "transfer": r.transfer,
+        "retries": crate::registry_client::retry::count(),
         "hosts": r.report.hosts.iter().map(|h| json!({
             "host": h.host,
             "end": h.end,

@@ -308,7 +308,7 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
     match route {
         Route::Preflight(r) => {
             let mut problems = local::preflight(&store, &r.plan, false);
-            if !store.has_blob(&r.plan.digest) {
+            if !store.has_image(&r.plan.digest) {
                 // The image must be pullable from here, with the credentials sent.
                 match registry_client(&r) {
                     Err(e) => problems.push(e),
@@ -331,7 +331,9 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
                 Ok(c) => c,
                 Err(e) => return bad(e),
             };
-            if !store.has_blob(&r.plan.digest)
+            // Pulled when any part of it is missing (gc'd by hand, a disk replaced): a host
+            // gets back what a release needs before it reports failure.
+            if !store.has_image(&r.plan.digest)
                 && let Err(e) = pull::pull(&client, &store, &image, &|_, _, _| {}, None).await
             {
                 return refuse(

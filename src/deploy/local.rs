@@ -686,7 +686,73 @@ impl Retire {
         {
             let _ = std::fs::remove_file(secrets_path(store, &prev.plan.deployment(), prev.number));
         }
+        // Images and unpacked layers no kept release or container needs.
+        drop(self.lock);
+        if let Some(r) = prune(store)
+            && r.blobs + r.snapshots > 0
+        {
+            say(format!(
+                "pruned {} blob(s) and {} unpacked layer(s), {} bytes",
+                r.blobs,
+                r.snapshots,
+                r.bytes + r.snapshot_bytes
+            ));
+        }
     }
+}
+
+/// What the store must keep besides its tags: every container's image, and the images of
+/// each deployment's live release and of the releases kept for rollback (`keep`).
+pub fn roots(store: &Store) -> Vec<crate::store::Root> {
+    let mut roots = Vec::new();
+    if let Ok(containers) = Containers::new(store) {
+        for c in containers.list().unwrap_or_default() {
+            if let Ok(digest) = c.image_digest.parse() {
+                roots.push(crate::store::Root {
+                    digest,
+                    why: format!("container {} ({:?})", c.name, c.status).to_lowercase(),
+                });
+            }
+        }
+    }
+    let deployments = std::fs::read_dir(store.state_dir().join("deploy"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string));
+    for deployment in deployments {
+        let list = releases(store, &deployment);
+        let keep = list
+            .iter()
+            .rev()
+            .find(|r| r.outcome == Outcome::Live)
+            .map_or(1, |r| r.plan.rollout.keep as usize);
+        let live = list.iter().filter(|r| r.outcome == Outcome::Live);
+        let kept = list
+            .iter()
+            .rev()
+            .filter(|r| r.outcome == Outcome::Retired)
+            .take(keep);
+        for r in live {
+            roots.push(crate::store::Root {
+                digest: r.digest.clone(),
+                why: format!("release {} of {deployment} (live)", r.number),
+            });
+        }
+        for r in kept {
+            roots.push(crate::store::Root {
+                digest: r.digest.clone(),
+                why: format!("release {} of {deployment} (kept for rollback)", r.number),
+            });
+        }
+    }
+    roots
+}
+
+/// Removes what no root needs (old images, unused unpacked layers), unless a build or pull
+/// is writing: what a host does after each release so it does not fill up over time.
+pub fn prune(store: &Store) -> Option<crate::store::GcReport> {
+    store.try_gc(&roots(store)).ok().flatten()
 }
 
 /// What this machine runs of a deployment.

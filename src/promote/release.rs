@@ -587,6 +587,24 @@ impl Environment {
         if let Some(t) = &transfer {
             progress.note(&format!("{}: {} bytes moved", t.how, t.bytes));
         }
+        // This machine among the hosts, without the image (pruned, or gc'd): pulled back
+        // by digest from the environment's registry.
+        if self.config.hosts.contains(&HostUrl::Local)
+            && !self.store.has_image(&plan.digest)
+            && let Some(home) = env_reference(&self.config).ok().flatten()
+        {
+            let from = home.with_digest(&plan.digest);
+            let pulled = self.registry_client(&from).and_then(|c| {
+                self.rt
+                    .block_on(pull::pull(&c, &self.store, &from, &|_, _, _| {}, None))
+            });
+            if let Err(e) = pulled {
+                release.outcome = Verdict::Failed;
+                release.error = Some(format!("cannot pull the image back: {e}"));
+                let _ = self.rt.block_on(self.ledger.finish(release));
+                return Err(ReleaseError::Publish(e));
+            }
+        }
         let deployment = self.deployment();
         let rollout = Rollout {
             hosts: &self.hosts,

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::pull::fetch_manifest;
 use super::push::{BlobAction, BlobReport, PARALLEL, blob_exists, manifest_blobs};
-use super::{Client, Reference, RegistryError, pull_scope, push_scope};
+use super::{Client, Reference, RegistryError, pull_scope, push_scope, retry};
 use crate::store::Digest;
 
 /// The outcome of a copy.
@@ -33,6 +33,8 @@ pub struct CopyReport {
     pub dry_run: bool,
     /// Wall time.
     pub seconds: f64,
+    /// Requests retried in this process (each also printed on stderr).
+    pub retries: u64,
 }
 
 fn same_registry(a: &Client, b: &Client) -> bool {
@@ -50,7 +52,8 @@ async fn stream_blob(
 ) -> Result<(), RegistryError> {
     let get_url = src.url(&format!("{src_repo}/blobs/{digest}"));
     let post_url = dst.url(&format!("{dst_repo}/blobs/uploads/"));
-    for attempt in 0..3 {
+    let attempts = 6;
+    for attempt in 1..=attempts {
         let resp = dst
             .send(&push_scope(dst_repo), &|| {
                 Ok(dst.http().post(&post_url).header(CONTENT_LENGTH, "0"))
@@ -81,14 +84,25 @@ async fn stream_blob(
             req = req.header(reqwest::header::AUTHORIZATION, auth);
         }
         let result = req.body(reqwest::Body::wrap_stream(stream)).send().await;
-        match result {
+        let (why, wait) = match result {
             Ok(r) if r.status() == StatusCode::CREATED => return Ok(()),
-            Ok(r) if attempt == 2 => {
+            Ok(r) if attempt == attempts => {
                 return Err(dst.fail(r, dst_repo, &format!("upload of {digest}")).await);
             }
-            Err(e) if attempt == 2 => return Err(dst.transport_error(&e)),
-            _ => continue,
-        }
+            Err(e) if attempt == attempts => return Err(dst.transport_error(&e)),
+            // The same policy as every other request: Retry-After, else backoff.
+            Ok(r) => (r.status().to_string(), retry::wait_for(Some(&r), attempt)),
+            Err(e) => (dst.transport_error(&e).to_string(), retry::backoff(attempt)),
+        };
+        retry::retry(retry::Retry {
+            registry: dst.registry().to_string(),
+            what: format!("the copy of {}", digest.short()),
+            attempt,
+            of: attempts,
+            wait,
+            why,
+        })
+        .await;
     }
     unreachable!("the loop returns on its last attempt")
 }
@@ -267,5 +281,6 @@ pub async fn copy(
         bytes_copied,
         dry_run,
         seconds: began.elapsed().as_secs_f64(),
+        retries: super::retry::count(),
     })
 }

@@ -11,13 +11,14 @@ pub mod documents;
 pub mod pull;
 pub mod push;
 pub mod reference;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 
 use self::auth::{Challenge, Credential, CredentialError, Secret};
 pub use self::reference::Reference;
@@ -129,6 +130,12 @@ impl RegistryError {
             _ => None,
         }
     }
+}
+
+/// Why one attempt at a request failed.
+enum Failure {
+    Transport(reqwest::Error),
+    Stalled(String),
 }
 
 /// How a client connects.
@@ -273,17 +280,6 @@ fn retryable_transport(e: &reqwest::Error, attempt: u32) -> bool {
     !e.is_connect() || attempt < 3
 }
 
-fn jitter(d: Duration) -> Duration {
-    let mut b = [0u8; 1];
-    // SAFETY: getrandom into a one-byte buffer we own.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 1, libc::GRND_NONBLOCK) };
-    d + d * u32::from(b[0]) / 512
-}
-
-fn backoff(attempt: u32) -> Duration {
-    jitter(Duration::from_millis(200 * (1u64 << attempt.min(6))).min(Duration::from_secs(10)))
-}
-
 impl Client {
     /// A client for `reference`'s registry, with the user's credentials for it.
     pub fn new(reference: &Reference, options: &ClientOptions) -> Result<Client, RegistryError> {
@@ -335,6 +331,55 @@ impl Client {
     /// The minimum speed of this client's transfers.
     pub fn low_speed(&self) -> bounds::LowSpeed {
         self.low_speed
+    }
+
+    /// Sends one request: its answer, or why not. A body that is streamed (an upload) is
+    /// watched: when it stops moving for the low-speed window, or its answer does not come
+    /// within the document deadline after it went, the request is a stall.
+    async fn execute(
+        &self,
+        http: &reqwest::Client,
+        mut req: reqwest::Request,
+    ) -> Result<reqwest::Response, Failure> {
+        let streamed = req.body().is_some_and(|b| b.as_bytes().is_none());
+        if !streamed {
+            let deadline = self
+                .answer_deadline(&req)
+                .unwrap_or(bounds::DOCUMENT_DEADLINE);
+            return match tokio::time::timeout(deadline, http.execute(req)).await {
+                Ok(r) => r.map_err(Failure::Transport),
+                Err(_) => Err(Failure::Stalled(format!(
+                    "no answer within {} s",
+                    deadline.as_secs()
+                ))),
+            };
+        }
+        let movement = retry::Movement::new();
+        let body = req.body_mut().take().expect("a streamed body");
+        *req.body_mut() = Some(reqwest::Body::wrap(retry::Watched::new(
+            body,
+            movement.clone(),
+        )));
+        let sent = http.execute(req);
+        tokio::pin!(sent);
+        loop {
+            tokio::select! {
+                r = &mut sent => return r.map_err(Failure::Transport),
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let idle = movement.idle();
+                    if movement.done() && idle > bounds::DOCUMENT_DEADLINE {
+                        return Err(Failure::Stalled(format!(
+                            "no answer within {} s of the upload", idle.as_secs()
+                        )));
+                    }
+                    if !movement.done() && idle > self.low_speed.window {
+                        return Err(Failure::Stalled(format!(
+                            "the upload stalled: nothing sent for {} s", idle.as_secs()
+                        )));
+                    }
+                }
+            }
+        }
     }
 
     /// How long `req` may take until its answer's headers arrive: a fixed time, plus the
@@ -574,27 +619,34 @@ impl Client {
                 })?;
                 req.headers_mut().insert(AUTHORIZATION, value);
             }
-            let deadline = self.answer_deadline(&req);
-            let sent = http.execute(req);
-            let outcome = match deadline {
-                Some(d) => tokio::time::timeout(d, sent).await.map_err(|_| d),
-                None => Ok(sent.await),
+            let what = format!("{} {}", req.method(), req.url().path());
+            let again = |why: String, wait: Duration| retry::Retry {
+                registry: self.registry.clone(),
+                what: what.clone(),
+                attempt,
+                of: self.attempts,
+                wait,
+                why,
             };
+            let outcome = self.execute(&http, req).await;
             let resp = match outcome {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) if attempt < self.attempts && retryable_transport(&e, attempt) => {
-                    tokio::time::sleep(backoff(attempt)).await;
+                Ok(r) => r,
+                Err(Failure::Transport(e))
+                    if attempt < self.attempts && retryable_transport(&e, attempt) =>
+                {
+                    let why = self.transport(&e).to_string();
+                    retry::retry(again(why, retry::backoff(attempt))).await;
                     continue;
                 }
-                Ok(Err(e)) => return Err(self.transport(&e)),
-                Err(_) if attempt < self.attempts => {
-                    tokio::time::sleep(backoff(attempt)).await;
+                Err(Failure::Transport(e)) => return Err(self.transport(&e)),
+                Err(Failure::Stalled(why)) if attempt < self.attempts => {
+                    retry::retry(again(why, retry::backoff(attempt))).await;
                     continue;
                 }
-                Err(d) => {
+                Err(Failure::Stalled(why)) => {
                     return Err(RegistryError::Transport {
                         registry: self.registry.clone(),
-                        message: format!("no answer within {} s", d.as_secs()),
+                        message: why,
                         hint: Some("the registry accepts connections but does not answer".into()),
                     });
                 }
@@ -639,14 +691,8 @@ impl Client {
                 || status == StatusCode::TOO_MANY_REQUESTS
                 || status.is_server_error();
             if retryable && attempt < self.attempts {
-                let wait = resp
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|h| h.to_str().ok())
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .map(|s| Duration::from_secs(s.min(60)))
-                    .unwrap_or_else(|| backoff(attempt));
-                tokio::time::sleep(wait).await;
+                let wait = retry::wait_for(Some(&resp), attempt);
+                retry::retry(again(status.to_string(), wait)).await;
                 continue;
             }
             return Ok(resp);

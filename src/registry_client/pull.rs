@@ -34,6 +34,8 @@ pub struct PullReport {
     pub bytes: u64,
     /// Wall time.
     pub seconds: f64,
+    /// Requests retried in this process (each also printed on stderr).
+    pub retries: u64,
 }
 
 /// The architecture name OCI uses for this machine.
@@ -131,7 +133,52 @@ pub fn pick_platform(index: &[u8]) -> Result<Digest, RegistryError> {
         .ok_or_else(|| RegistryError::Protocol("an index entry without a digest".into()))
 }
 
-/// Downloads one blob into the store, verified; resumes with Range when the stream breaks.
+/// Where a download goes.
+enum Sink {
+    /// The blob's partial file: continued across processes.
+    Partial(crate::store::partial::PartialBlob),
+    /// A private ingest file (another process holds the partial file).
+    Private(crate::store::BlobWriter),
+}
+
+impl Sink {
+    fn len(&self) -> u64 {
+        match self {
+            Sink::Partial(p) => p.len(),
+            Sink::Private(_) => 0,
+        }
+    }
+
+    fn restart(&mut self, store: &Store) -> Result<(), RegistryError> {
+        match self {
+            Sink::Partial(p) => p.restart().map_err(|source| RegistryError::Io {
+                what: "restart a partial download".into(),
+                source,
+            }),
+            Sink::Private(w) => {
+                *w = store.blob_writer()?;
+                Ok(())
+            }
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Partial(p) => p.write_all(bytes),
+            Sink::Private(w) => w.write_all(bytes),
+        }
+    }
+
+    fn commit(self, digest: &Digest, size: u64) -> Result<(), crate::store::StoreError> {
+        match self {
+            Sink::Partial(p) => p.commit(digest, size),
+            Sink::Private(w) => w.commit(Some((digest, size))).map(drop),
+        }
+    }
+}
+
+/// Downloads one blob into the store, verified; resumes with Range when the stream breaks
+/// and where a killed pull stopped.
 /// Returns the bytes downloaded.
 async fn fetch_blob(
     client: &Client,
@@ -160,13 +207,22 @@ async fn fetch_blob(
         }
         Ok(())
     };
-    room(size)?;
+    // Into the blob's partial file, continuing what a killed pull left (else, when another
+    // process is downloading the same blob, into a private ingest file).
+    let mut writer = match store.partial(digest)? {
+        Some(p) => Sink::Partial(p),
+        None => Sink::Private(store.blob_writer()?),
+    };
+    let mut have = writer.len();
+    if have > size {
+        writer.restart(store)?;
+        have = 0;
+    }
+    room(size - have)?;
     let mut next_check = 16u64 << 20;
-    let mut writer = store.blob_writer()?;
-    let mut have = 0u64;
     let mut downloaded = 0u64;
     let mut attempts = 0;
-    loop {
+    while have < size || size == 0 {
         attempts += 1;
         let from = have;
         let resp = client
@@ -184,7 +240,7 @@ async fn fetch_blob(
             StatusCode::OK => {
                 if from > 0 {
                     // No ranges here: start over.
-                    writer = store.blob_writer()?;
+                    writer.restart(store)?;
                     have = 0;
                 }
             }
@@ -242,8 +298,19 @@ async fn fetch_blob(
                 hint: None,
             });
         }
+        super::retry::retry(super::retry::Retry {
+            registry: client.registry().to_string(),
+            what: format!("the download of {} from byte {have}", digest.short()),
+            attempt: attempts,
+            of: 8,
+            wait: super::retry::backoff(attempts),
+            why: broken
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "the stream ended early".into()),
+        })
+        .await;
     }
-    writer.commit(Some((digest, size))).map_err(|e| match e {
+    writer.commit(digest, size).map_err(|e| match e {
         crate::store::StoreError::DigestMismatch {
             actual,
             actual_size,
@@ -335,5 +402,6 @@ pub async fn pull(
         blobs_present: present,
         bytes: total,
         seconds: began.elapsed().as_secs_f64(),
+        retries: super::retry::count(),
     })
 }

@@ -26,8 +26,9 @@ pub type BytesProgress = std::sync::Arc<dyn Fn(&Digest, u64, u64) + Send + Sync>
 
 /// Largest blob sent in one PUT.
 pub const MONOLITHIC_MAX: u64 = 32 << 20;
-/// Size of a PATCH chunk.
-pub const CHUNK: u64 = 32 << 20;
+/// Size of a PATCH chunk: what a push killed midway may have to send again (registries
+/// such as ECR want chunks of at least 5 MiB).
+pub const CHUNK: u64 = 8 << 20;
 /// Blobs in flight at once.
 pub const PARALLEL: usize = 4;
 
@@ -73,6 +74,8 @@ pub struct PushReport {
     pub dry_run: bool,
     /// Wall time.
     pub seconds: f64,
+    /// Requests retried in this process (each also printed on stderr).
+    pub retries: u64,
 }
 
 /// What the store remembers about which repositories of a registry hold a blob, for
@@ -257,16 +260,69 @@ async fn upload_offset(
     Ok((next, loc))
 }
 
-/// Uploads one blob from the store; returns the bytes sent.
+/// An upload session kept in the store while a large blob goes up in chunks, so a push
+/// killed halfway continues from the registry's offset (`GET` on the session, then `PATCH`
+/// from there) instead of from zero.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UploadRecord {
+    location: String,
+    offset: u64,
+}
+
+impl UploadRecord {
+    fn path(
+        store: &Store,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+    ) -> std::path::PathBuf {
+        let key = Digest::of(format!("{registry}/{repository}/{digest}").as_bytes());
+        store
+            .state_dir()
+            .join("ingest")
+            .join("uploads")
+            .join(format!("{}.json", key.hex()))
+    }
+
+    fn read(path: &std::path::Path) -> Option<(reqwest::Url, u64)> {
+        let r: UploadRecord = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        Some((r.location.parse().ok()?, r.offset))
+    }
+
+    fn write(path: &std::path::Path, location: &reqwest::Url, offset: u64) {
+        let record = UploadRecord {
+            location: location.to_string(),
+            offset,
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(
+            &tmp,
+            serde_json::to_vec(&record).expect("a record serialises"),
+        )
+        .is_ok()
+        {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+/// Uploads one blob from the store, into `session` from its offset; returns the bytes
+/// sent. Large blobs go in chunks, each recorded in `record` until the blob is complete.
+#[allow(clippy::too_many_arguments)]
 async fn upload(
     client: &Client,
     store: &Store,
     repository: &str,
     digest: &Digest,
     size: u64,
-    session: reqwest::Url,
+    session: (reqwest::Url, u64),
+    record: &std::path::Path,
     progress: Option<&BytesProgress>,
 ) -> Result<u64, RegistryError> {
+    let (session, start_offset) = session;
     let progress = progress.map(|p| (p, digest, size));
     let path = store.blob_path(digest);
     let scope = push_scope(repository);
@@ -304,7 +360,7 @@ async fn upload(
         unreachable!("the loop returns on its last attempt");
     }
     let mut url = session;
-    let mut offset = 0u64;
+    let mut offset = start_offset;
     let mut resumes = 0;
     while offset < size {
         let n = CHUNK.min(size - offset);
@@ -325,6 +381,7 @@ async fn upload(
             Ok(r) if r.status() == StatusCode::ACCEPTED => {
                 url = location(client, &r)?;
                 offset += n;
+                UploadRecord::write(record, &url, offset);
             }
             other => {
                 // Broken or refused (416 after a partial chunk): ask where it stands.
@@ -367,6 +424,7 @@ async fn upload(
             .fail(resp, repository, &format!("upload of {digest}"))
             .await);
     }
+    let _ = std::fs::remove_file(record);
     Ok(sent)
 }
 
@@ -451,17 +509,54 @@ pub async fn push(
                     "blob {digest} is not in the local store (was it pulled without its layers?)"
                 )));
             }
-            let (action, sent) = match start_upload(client, repo, &digest, from.as_deref()).await? {
-                Started::Mounted => (
-                    BlobAction::Mount {
-                        from: from.expect("only mounts answer 201"),
-                    },
-                    0,
-                ),
-                Started::Session(url) => (
-                    BlobAction::Upload,
-                    upload(client, store, repo, &digest, size, url, progress.as_ref()).await?,
-                ),
+            // An upload a killed push left halfway continues where the registry has it.
+            let record = UploadRecord::path(store, client.registry(), repo, &digest);
+            let resumed = match UploadRecord::read(&record) {
+                Some((location, _)) if size > MONOLITHIC_MAX => {
+                    upload_offset(client, repo, &location)
+                        .await
+                        .ok()
+                        .filter(|(next, _)| *next <= size)
+                }
+                _ => None,
+            };
+            let (action, sent) = match resumed {
+                Some((offset, url)) => {
+                    let sent = upload(
+                        client,
+                        store,
+                        repo,
+                        &digest,
+                        size,
+                        (url, offset),
+                        &record,
+                        progress.as_ref(),
+                    )
+                    .await?;
+                    (BlobAction::Upload, sent)
+                }
+                None => match start_upload(client, repo, &digest, from.as_deref()).await? {
+                    Started::Mounted => (
+                        BlobAction::Mount {
+                            from: from.expect("only mounts answer 201"),
+                        },
+                        0,
+                    ),
+                    Started::Session(url) => (
+                        BlobAction::Upload,
+                        upload(
+                            client,
+                            store,
+                            repo,
+                            &digest,
+                            size,
+                            (url, 0),
+                            &record,
+                            progress.as_ref(),
+                        )
+                        .await?,
+                    ),
+                },
             };
             known.record(&digest, repo);
             let r = report(action);
@@ -516,5 +611,6 @@ pub async fn push(
         bytes_sent,
         dry_run,
         seconds: began.elapsed().as_secs_f64(),
+        retries: super::retry::count(),
     })
 }

@@ -95,7 +95,7 @@ pub fn snapshot(
     }
     std::fs::create_dir_all(&base).map_err(io_err("create", &base))?;
     let tmp = tempfile::Builder::new()
-        .prefix(".unpack-")
+        .prefix(&Store::temp_prefix(".unpack-"))
         .tempdir_in(&base)
         .map_err(io_err("create a directory in", &base))?;
     let tmp_fs = tmp.path().join("fs");

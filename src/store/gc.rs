@@ -1,4 +1,7 @@
-//! Garbage collection: remove every blob that no tag reaches.
+//! Garbage collection: remove every blob, and every unpacked layer (snapshot), that no
+//! root reaches. Roots are the tags, and what the caller adds: the images of containers
+//! and of the releases kept for rollback ([`Root`]), so nothing a host runs or may roll
+//! back to is ever deleted.
 //!
 //! Builds and pulls hold the store's *use* lock shared while they write blobs that no tag
 //! reaches yet; GC takes it exclusively, so it never deletes a layer a build is about to
@@ -7,19 +10,37 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
 
 use oci_spec::image::{ImageIndex, MediaType};
 
 use super::{Digest, Result, Store, StoreError};
 
-/// What a collection removed.
+/// What a collection removed (or, dry, would remove).
 #[derive(Debug, Default, serde::Serialize)]
 pub struct GcReport {
     /// Blobs removed.
     pub blobs: usize,
     /// Bytes freed.
     pub bytes: u64,
+    /// Unpacked layers removed.
+    #[serde(default)]
+    pub snapshots: usize,
+    /// Their bytes.
+    #[serde(default)]
+    pub snapshot_bytes: u64,
+    /// What was kept, and why (every root).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<Root>,
+}
+
+/// An image that must stay, and why (`tag hello:latest`, `container web-1 (running)`,
+/// `release 4 of shop-uat (kept for rollback)`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Root {
+    /// The image's manifest digest.
+    pub digest: Digest,
+    /// Why it stays.
+    pub why: String,
 }
 
 /// A shared hold on the store that keeps GC away; released on drop.
@@ -59,43 +80,73 @@ impl Store {
         Ok((lock, self.lock()?))
     }
 
-    /// Every blob a tag reaches: manifests (and the manifests of indexes), configs, layers.
-    pub fn reachable(&self) -> Result<HashSet<Digest>> {
+    /// The tags as roots.
+    pub fn tag_roots(&self) -> Result<Vec<Root>> {
+        Ok(self
+            .tags()?
+            .into_iter()
+            .map(|t| Root {
+                digest: t.digest(),
+                why: format!("tag {}", t.name),
+            })
+            .collect())
+    }
+
+    /// Every blob the tags and `roots` reach: manifests (and the manifests of indexes),
+    /// configs, layers; and the diff_ids of the images they reach.
+    pub fn reachable_from(&self, roots: &[Root]) -> Result<(HashSet<Digest>, HashSet<String>)> {
         let mut seen = HashSet::new();
+        let mut diff_ids = HashSet::new();
         let mut todo: Vec<(Digest, MediaType)> = self
             .tags()?
             .into_iter()
             .map(|t| (t.digest(), t.descriptor.media_type().clone()))
             .collect();
+        todo.extend(
+            roots
+                .iter()
+                .map(|r| (r.digest.clone(), MediaType::ImageManifest)),
+        );
         while let Some((digest, media_type)) = todo.pop() {
             if !seen.insert(digest.clone()) || !self.has_blob(&digest) {
                 continue;
             }
-            match media_type {
-                MediaType::ImageIndex => {
-                    let bytes = self.read_blob(&digest)?;
-                    if let Ok(index) = serde_json::from_slice::<ImageIndex>(&bytes) {
-                        for m in index.manifests() {
-                            if let Ok(d) = Digest::try_from(m.digest()) {
-                                todo.push((d, m.media_type().clone()));
-                            }
+            let bytes = self.read_blob(&digest)?;
+            let is_index = media_type == MediaType::ImageIndex
+                || serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .is_ok_and(|v| v["manifests"].is_array());
+            if is_index {
+                if let Ok(index) = serde_json::from_slice::<ImageIndex>(&bytes) {
+                    for m in index.manifests() {
+                        if let Ok(d) = Digest::try_from(m.digest()) {
+                            todo.push((d, m.media_type().clone()));
                         }
                     }
                 }
-                _ => {
-                    let image = self.image(&digest)?;
-                    seen.insert(image.config_digest.clone());
-                    seen.extend(image.layers().into_iter().map(|(d, _)| d));
-                }
+                continue;
             }
+            let image = self.image(&digest)?;
+            seen.insert(image.config_digest.clone());
+            seen.extend(image.layers().into_iter().map(|(d, _)| d));
+            diff_ids.extend(image.config.oci.rootfs().diff_ids().iter().cloned());
         }
-        Ok(seen)
+        Ok((seen, diff_ids))
     }
 
-    /// Removes the blobs of `images` that no remaining tag reaches (what `rmi` frees).
-    pub fn remove_unreferenced(&self, images: &[super::StoredImage]) -> Result<GcReport> {
+    /// Every blob a tag reaches.
+    pub fn reachable(&self) -> Result<HashSet<Digest>> {
+        Ok(self.reachable_from(&[])?.0)
+    }
+
+    /// Removes the blobs of `images` that neither a remaining tag nor `roots` reach (what
+    /// `rmi` frees).
+    pub fn remove_unreferenced(
+        &self,
+        images: &[super::StoredImage],
+        roots: &[Root],
+    ) -> Result<GcReport> {
         let _locks = self.exclusive()?;
-        let keep = self.reachable()?;
+        let (keep, _) = self.reachable_from(roots)?;
         let mut report = GcReport::default();
         let mut candidates: Vec<Digest> = Vec::new();
         for image in images {
@@ -116,10 +167,11 @@ impl Store {
         Ok(report)
     }
 
-    /// The blobs no tag reaches, with their sizes: what [`Store::gc`] removes. Without the
-    /// store's lock, a build that is committing its blobs may show in it for a moment.
-    pub fn unreachable(&self) -> Result<Vec<(PathBuf, u64)>> {
-        let keep = self.reachable()?;
+    /// The blobs neither the tags nor `roots` reach, with their sizes: what [`Store::gc`]
+    /// removes. Without the store's lock, a build that is committing its blobs may show in
+    /// it for a moment.
+    pub fn unreachable(&self, roots: &[Root]) -> Result<Vec<(PathBuf, u64)>> {
+        let (keep, _) = self.reachable_from(roots)?;
         let dir = self.root().join("blobs/sha256");
         let mut found = Vec::new();
         for entry in fs::read_dir(&dir).map_err(StoreError::io("cannot list", &dir))? {
@@ -138,28 +190,71 @@ impl Store {
         Ok(found)
     }
 
-    /// Removes unreachable blobs, and ingest files abandoned for over a day.
-    pub fn gc(&self) -> Result<GcReport> {
+    /// The unpacked layers (`berth/snapshots/<diff_id>`) no reachable image uses.
+    fn unused_snapshots(&self, diff_ids: &HashSet<String>) -> Vec<PathBuf> {
+        let dir = self.state_dir().join("snapshots");
+        fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                !name.starts_with('.') && !diff_ids.contains(&format!("sha256:{name}"))
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// Removes every blob and unpacked layer that neither the tags nor `roots` reach, and
+    /// what killed processes left behind; with `dry_run`, only says what it would remove
+    /// and lists what it keeps.
+    pub fn gc(&self, roots: &[Root], dry_run: bool) -> Result<GcReport> {
         let _locks = self.exclusive()?;
+        self.collect(roots, dry_run)
+    }
+
+    /// [`Store::gc`] if no build or pull is writing right now, else `None` (nothing is
+    /// waited for: what a release prunes after itself).
+    pub fn try_gc(&self, roots: &[Root]) -> Result<Option<GcReport>> {
+        let lock = self.use_lock_file()?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::io(
+                    "cannot lock",
+                    self.state_dir().join("use.lock"),
+                )(e));
+            }
+        }
+        let _index = self.lock()?;
+        self.collect(roots, false).map(Some)
+    }
+
+    fn collect(&self, roots: &[Root], dry_run: bool) -> Result<GcReport> {
         let mut report = GcReport::default();
-        for (path, size) in self.unreachable()? {
-            fs::remove_file(&path).map_err(StoreError::io("cannot remove", &path))?;
+        let (_, diff_ids) = self.reachable_from(roots)?;
+        for (path, size) in self.unreachable(roots)? {
+            if !dry_run {
+                fs::remove_file(&path).map_err(StoreError::io("cannot remove", &path))?;
+            }
             report.blobs += 1;
             report.bytes += size;
         }
-        let ingest = self.state_dir().join("ingest");
-        let day_ago = SystemTime::now() - Duration::from_secs(24 * 3600);
-        for entry in fs::read_dir(&ingest)
-            .map_err(StoreError::io("cannot list", &ingest))?
-            .flatten()
-        {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t < day_ago);
-            if old {
-                let _ = fs::remove_file(entry.path());
+        for path in self.unused_snapshots(&diff_ids) {
+            report.snapshots += 1;
+            report.snapshot_bytes += super::owner::size_of(&path);
+            if !dry_run {
+                fs::remove_dir_all(&path).map_err(StoreError::io("cannot remove", &path))?;
             }
+        }
+        if dry_run {
+            report.kept = self.tag_roots()?;
+            report.kept.extend(roots.iter().cloned());
+        } else {
+            self.recover();
+            self.remove_abandoned_partials();
         }
         Ok(report)
     }

@@ -191,7 +191,14 @@ impl Store {
         })
     }
 
-    /// Resolves and reads an image.
+    /// Whether the image `digest` is whole here: its manifest, config and every layer.
+    pub fn has_image(&self, digest: &Digest) -> bool {
+        self.image(digest).is_ok_and(|img| {
+            self.has_blob(&img.config_digest) && img.layers().iter().all(|(d, _)| self.has_blob(d))
+        })
+    }
+
+    /// Loads the image `reference` names (a tag, a digest or a unique digest prefix).
     pub fn load_image(&self, reference: &str) -> Result<StoredImage> {
         self.image(&self.resolve(reference)?)
     }

@@ -14,6 +14,8 @@ pub mod gc;
 pub mod image;
 pub mod index;
 pub mod limits;
+pub mod owner;
+pub mod partial;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -21,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub use digest::{DiffId, Digest, HashingReader, HashingWriter};
 pub use direct::BlobRanges;
-pub use gc::{GcReport, UseGuard};
+pub use gc::{GcReport, Root, UseGuard};
 pub use image::{ImageConfig, StoredImage};
 pub use index::{Tag, canonical_json, normalize_tag};
 
@@ -131,7 +133,43 @@ impl Store {
                 store.write_atomic(&index, index::EMPTY_INDEX.as_bytes())?;
             }
         }
+        store.recover();
         Ok(store)
+    }
+
+    /// Removes what killed berth processes left behind (their ingest files, temp files and
+    /// build directories, half-unpacked snapshots): each carries its owner's id and start
+    /// time ([`owner`]), so only the abandoned ones go. Returns the bytes freed.
+    ///
+    /// Ownership, not the store lock, makes this safe beside other berth processes: an
+    /// entry is removed only once the process that made it is gone.
+    pub fn recover(&self) -> u64 {
+        let state = self.state_dir();
+        let mut freed = owner::sweep(&state.join("ingest"), "blob-")
+            + owner::sweep(&state.join("tmp"), "build-")
+            + owner::sweep(&state.join("tmp"), "run-")
+            + owner::sweep(&state.join("snapshots"), ".unpack-")
+            + owner::sweep(&state.join("containers"), ".new-");
+        // Half-written replacements of records (`replace`), wherever records live.
+        let mut dirs = vec![
+            self.root.clone(),
+            state.clone(),
+            state.join("ingest/uploads"),
+        ];
+        for parent in ["containers", "deploy"] {
+            if let Ok(entries) = fs::read_dir(state.join(parent)) {
+                dirs.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+        for dir in dirs {
+            freed += owner::sweep(&dir, ".tmp-");
+        }
+        freed
+    }
+
+    /// The prefix of a temporary name this process makes: `{what}{owner}-`.
+    pub fn temp_prefix(what: &str) -> String {
+        format!("{what}{}-", owner::tag())
     }
 
     /// The store's root directory (the OCI layout).
@@ -215,7 +253,7 @@ impl Store {
     pub fn blob_writer(&self) -> Result<BlobWriter> {
         let dir = self.state_dir().join("ingest");
         let file = tempfile::Builder::new()
-            .prefix("blob-")
+            .prefix(&Store::temp_prefix("blob-"))
             .tempfile_in(&dir)
             .map_err(StoreError::io("cannot create an ingest file in", &dir))?;
         Ok(BlobWriter {
@@ -255,7 +293,7 @@ impl Store {
     fn replace(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         let dir = path.parent().expect("store paths have a parent");
         let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&Store::temp_prefix(".tmp-"))
             .tempfile_in(dir)
             .map_err(StoreError::io("cannot create a temp file in", dir))?;
         tmp.write_all(bytes)
