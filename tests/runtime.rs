@@ -278,6 +278,31 @@ fn containers_are_listed_and_removed() {
     p.berth().args(["rm", "once"]).run().ok();
     p.berth().args(["rm", "once"]).run().code(2);
     run_in(&p, &["base:1", "true"]).ok();
+    // Detached with --rm: gone once it has stopped, as with Docker; `stop` of one
+    // succeeds though the record goes while it waits.
+    p.berth()
+        .args(["run", "-d", "--rm", "base:1", "true"])
+        .run()
+        .ok();
+    p.berth()
+        .args([
+            "run", "-d", "--rm", "--name", "brief", "base:1", "sleep", "100",
+        ])
+        .run()
+        .ok();
+    p.berth().args(["stop", "-t", "1", "brief"]).run().ok();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(p.store().join("berth/containers"))
+        .unwrap()
+        .next()
+        .is_some()
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "run -d --rm left its container"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let left: Vec<_> = std::fs::read_dir(p.store().join("berth/containers"))
         .unwrap()
         .collect();

@@ -344,7 +344,7 @@ fn the_supervisor_restarts_a_crashing_container_per_policy() {
 }
 
 #[test]
-fn killing_the_supervisor_leaves_an_accurate_record_and_rm_cleans_up() {
+fn a_container_whose_supervisor_was_killed_is_adopted_and_rm_cleans_up() {
     let p = TempProject::new();
     p.with_busybox_base();
     let _cleanup = p.cleanup();
@@ -385,9 +385,14 @@ fn killing_the_supervisor_leaves_an_accurate_record_and_rm_cleans_up() {
         st["status"], "running",
         "the container itself still runs: {st}"
     );
-    assert_eq!(st["supervisor_lost"], true, "{st}");
+    // The command that looked adopted it: the same process, a new supervisor, its
+    // address and cgroup kept.
+    assert_eq!(st["pid"].as_i64(), Some(init as i64), "{st}");
+    assert_eq!(st["supervisor_lost"], false, "{st}");
+    assert_ne!(st["supervisor"]["pid"].as_i64(), Some(sup as i64), "{st}");
+    assert_eq!(st["ip"], "198.18.103.2", "{st}");
     let table = p.berth().args(["ps"]).run().ok().stdout;
-    assert!(table.contains("supervisor lost"), "{table}");
+    assert!(!table.contains("supervisor lost"), "{table}");
 
     p.berth().args(["rm", "-f", "orphan"]).run().ok();
     wait_for("the container's process to end", 5, || {

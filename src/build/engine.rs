@@ -92,6 +92,8 @@ pub struct BuildOutput {
     pub image: StoredImage,
     /// Every step of the stages built, in order.
     pub steps: Vec<StepReport>,
+    /// Keeps the image from gc until the caller has named it (or let it go).
+    pub pin: crate::store::Pin,
 }
 
 struct StageState {
@@ -172,9 +174,12 @@ pub fn build(
     let result = engine.stage(target, true);
     engine.stat.save(store);
     let image = result?;
+    // Pinned before the use guard drops: gc never sees the new image unreferenced.
+    let pin = store.pin(&image.digest)?;
     Ok(BuildOutput {
         image,
         steps: engine.reports,
+        pin,
     })
 }
 

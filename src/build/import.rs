@@ -22,6 +22,8 @@ pub struct Imported {
     pub image: StoredImage,
     /// Entries skipped (devices, FIFOs, sockets).
     pub skipped: usize,
+    /// Keeps the image from gc until the caller has tagged it.
+    pub pin: crate::store::Pin,
 }
 
 fn ctx_err(path: &Path) -> impl Fn(io::Error) -> BuildError + '_ {
@@ -50,7 +52,12 @@ pub fn import(
     };
     let layer = w.finish()?;
     let image = write_config(store, &layer, path, epoch)?;
-    Ok(Imported { image, skipped })
+    let pin = store.pin(&image.digest)?;
+    Ok(Imported {
+        image,
+        skipped,
+        pin,
+    })
 }
 
 fn import_dir(w: &mut LayerWriter, root: &Path, epoch: u64) -> Result<usize, BuildError> {

@@ -96,6 +96,9 @@ pub fn run(
         interface: None,
         cgroup_join: Vec::new(),
         secret_files: Vec::new(),
+        handover: None,
+        // `wait` below, in this thread: a killed build takes its RUN step with it.
+        die_with_parent: true,
         process: Process {
             args: cmd.argv.clone(),
             env: cmd.env.clone(),
@@ -115,6 +118,7 @@ pub fn run(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     );
+    crate::runtime::cgroup::sweep_abandoned("build-run-");
     let cgroup = Cgroup::create(&cgroup_id, &Default::default())
         .map_err(|e| BuildError::Runtime(format!("cannot create the RUN step's cgroup: {e}")))?;
     let launch = Launch {

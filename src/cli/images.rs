@@ -98,6 +98,26 @@ pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
         }
         loaded.push((t.name.clone(), img));
     }
+    // Untagged images something needs (a container's, a kept release's), as Docker's
+    // `<none>`: what gc keeps is never invisible.
+    let roots = crate::deploy::local::roots(&store);
+    let mut untagged: Vec<&Digest> = roots
+        .iter()
+        .map(|r| &r.digest)
+        .filter(|d| !tags.iter().any(|t| t.digest() == **d))
+        .collect();
+    untagged.sort();
+    untagged.dedup();
+    for d in untagged {
+        if let Ok(img) = store.image(d) {
+            let blobs = std::iter::once(img.config_digest.clone())
+                .chain(img.layers().into_iter().map(|(d, _)| d));
+            for b in blobs {
+                users.entry(b).or_default().insert(img.digest.clone());
+            }
+            loaded.push(("<none>".to_string(), img));
+        }
+    }
     let rows: Vec<_> = loaded
         .iter()
         .map(|(name, img)| {
@@ -129,7 +149,7 @@ pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
         ))?;
     }
     // What rebuilds and removed tags left behind (docker shows it as <none> images).
-    let garbage = store.unreachable(&crate::deploy::local::roots(&store))?;
+    let garbage = store.unreachable(&roots)?;
     if !garbage.is_empty() && !out.quiet {
         let bytes: u64 = garbage.iter().map(|(_, size)| size).sum();
         out.line(format!(
@@ -219,28 +239,40 @@ pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliEr
     let mut untagged = Vec::new();
     for reference in &args.images {
         let img = store.load_image(reference)?;
-        // As Docker: an image in use stays, naming its users, unless forced.
+        let tags = store.tags()?;
+        let all: Vec<String> = tags
+            .iter()
+            .filter(|t| t.digest() == img.digest)
+            .map(|t| t.name.clone())
+            .collect();
+        let names: Vec<String> = match crate::store::normalize_tag(reference) {
+            Ok(n) if tags.iter().any(|t| t.name == n) => vec![n],
+            _ => {
+                // As Docker: by id, an image with several names needs -f.
+                if all.len() > 1 && !args.force {
+                    return Err(CliError::failed(miette::miette!(
+                        help = "remove the names one by one, or -f to remove them all",
+                        "{reference} has {} names ({}): not removed",
+                        all.len(),
+                        all.join(", ")
+                    )));
+                }
+                all.clone()
+            }
+        };
+        // As Docker: an image in use keeps its last name, naming its users, unless forced.
         let users: Vec<&str> = roots
             .iter()
             .filter(|r| r.digest == img.digest)
             .map(|r| r.why.as_str())
             .collect();
-        if !users.is_empty() && !args.force {
+        if names.len() == all.len() && !users.is_empty() && !args.force {
             return Err(CliError::failed(miette::miette!(
                 help = "stop and remove those first, or -f to remove only its names (its blobs stay while they are needed)",
                 "{reference} is in use: {}",
                 users.join(", ")
             )));
         }
-        let tags = store.tags()?;
-        let names: Vec<String> = match crate::store::normalize_tag(reference) {
-            Ok(n) if tags.iter().any(|t| t.name == n) => vec![n],
-            _ => tags
-                .into_iter()
-                .filter(|t| t.digest() == img.digest)
-                .map(|t| t.name)
-                .collect(),
-        };
         for n in names {
             store.remove_tag(&n)?;
             if !out.json {

@@ -198,6 +198,8 @@ pub enum Command {
         pid: i32,
         /// Descriptor to signal readiness on.
         ready: i32,
+        /// Descriptor to write the exit code to.
+        status: Option<i32>,
     },
     /// Print an environment's fully resolved configuration, or diff two.
     Config(config::ConfigArgs),
@@ -285,10 +287,44 @@ fn scope_registry_credentials(cli: &Cli) {
     crate::registry_client::auth::scope_env_credentials(hosts);
 }
 
+/// Before a command that looks at or acts on containers: containers whose supervisor died
+/// get a new one (adopted as they run, or started again under their restart policy), so
+/// what the command sees and does is supervised again.
+fn adopt_lost_supervisors(cli: &Cli) {
+    use Command as C;
+    let wanted = matches!(
+        cli.command,
+        C::Run(_)
+            | C::Ps(_)
+            | C::Logs(_)
+            | C::Start(_)
+            | C::Stop(_)
+            | C::Kill(_)
+            | C::Exec(_)
+            | C::Rm(_)
+            | C::Inspect(_)
+            | C::Rmi(_)
+            | C::Gc(_)
+            | C::Deploy(_)
+            | C::Status(_)
+            | C::Down(_)
+            | C::Rollback(_)
+            | C::Scale(_)
+    );
+    let dir = cli.global.store_dir();
+    if !wanted || !dir.join("berth/containers").is_dir() {
+        return;
+    }
+    if let (Ok(store), Ok(exe)) = (crate::store::Store::open(&dir), std::env::current_exe()) {
+        crate::runtime::supervisor::adopt_lost(&store, &exe);
+    }
+}
+
 /// Runs one parsed command.
 pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
     let g = &cli.global;
     scope_registry_credentials(cli);
+    adopt_lost_supervisors(cli);
     match &cli.command {
         Command::Init(args) => init::run(g, args, out),
         Command::Check(args) => check::run(g, args, out),
@@ -348,7 +384,9 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Supervise { id, ready } => {
             std::process::exit(crate::runtime::supervisor::run(&g.store_dir(), id, *ready))
         }
-        Command::ContainerInit { pid, ready } => crate::runtime::init::run(*pid, *ready),
+        Command::ContainerInit { pid, ready, status } => {
+            crate::runtime::init::run(*pid, *ready, *status)
+        }
         Command::Config(args) => config::run(g, args, out),
         Command::Completions(args) => completions::run_completions(args, out),
         Command::Man(args) => completions::run_man(args, out),

@@ -255,12 +255,22 @@ pub fn copy(_g: &GlobalOpts, args: &CopyArgs, out: &mut Output) -> Result<(), Cl
         };
         out.note(format!("{} {what}", b.digest.short()))?;
     }
+    let amount = if args.dry_run {
+        let to_copy: u64 = report
+            .blobs
+            .iter()
+            .filter(|b| b.action == BlobAction::Upload)
+            .map(|b| b.size)
+            .sum();
+        format!("{} to copy", human_size(to_copy))
+    } else {
+        format!("{} copied", human_size(report.bytes_copied))
+    };
     out.note(format!(
-        "{} {} → {} ({} copied) in {:.2} s",
+        "{} {} → {} ({amount}) in {:.2} s",
         if args.dry_run { "would copy" } else { "copied" },
         report.source,
         report.destination,
-        human_size(report.bytes_copied),
         report.seconds
     ))?;
     out.line(&report.digest)?;

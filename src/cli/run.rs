@@ -7,7 +7,9 @@ use serde_json::json;
 
 use super::{CliError, ExitKind, GlobalOpts, Output};
 use crate::manifest::values::{PortMapping, Protocol, RestartPolicy, VolumeMount, VolumeSource};
-use crate::runtime::container::{ContainerState, Containers, Status, now, process_start_time};
+use crate::runtime::container::{
+    ContainerError, ContainerState, Containers, Status, now, process_start_time,
+};
 use crate::runtime::instance::{self, StartError, Stdio};
 use crate::runtime::process::LaunchError;
 use crate::runtime::proxy::ProxyProcess;
@@ -291,7 +293,13 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             image.digest.as_str(),
             Vec::new(),
         )
-        .map_err(|e| CliError::invalid(miette::Report::from_err(e)))?;
+        .map_err(|e| match e {
+            // The user's name: bad input. Anything else (a full disk) is a failure.
+            ContainerError::NameInUse(..) | ContainerError::BadName(_) => {
+                CliError::invalid(miette::Report::from_err(e))
+            }
+            e => failed(e),
+        })?;
     let spec = match build_spec(args, &cfg, st.short_id()) {
         Ok(s) => s,
         Err(e) => {
@@ -299,10 +307,17 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             return Err(e);
         }
     };
-    let st = containers
+    let recorded = containers
         .update(&st.id, |s| s.command = spec.args.clone())
-        .map_err(failed)?;
-    containers.save_spec(&st.id, &spec).map_err(failed)?;
+        .and_then(|st| containers.save_spec(&st.id, &spec).map(|()| st));
+    let st = match recorded {
+        Ok(st) => st,
+        Err(e) => {
+            // Not half a container: one that cannot be recorded whole is not kept.
+            let _ = containers.remove(&st);
+            return Err(failed(e));
+        }
+    };
     let dir = containers.dir(&st.id);
     if g.verbose > 0 {
         eprintln!("container {} ({}) in {}", st.name, st.id, dir.display());
@@ -379,10 +394,10 @@ fn run_attached(
             let _ = remove_container(store, containers, &st);
         }
     };
-    let inst = match instance::start(store, containers, &st, spec, stdio) {
+    let inst = match instance::start(store, containers, &st, spec, stdio, None) {
         Ok(i) => i,
         Err(e) => {
-            finish(None, false);
+            finish(Some(e.exit_code()), false);
             return Err(match e {
                 StartError::Launch(LaunchError::Container { message, code }) => {
                     eprintln!("berth: {message}");

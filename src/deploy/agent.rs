@@ -331,6 +331,8 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
                 Ok(c) => c,
                 Err(e) => return bad(e),
             };
+            // Kept from gc from the pull until its replicas use it.
+            let _pin = store.pin(&r.plan.digest).ok();
             // Pulled when any part of it is missing (gc'd by hand, a disk replaced): a host
             // gets back what a release needs before it reports failure.
             if !store.has_image(&r.plan.digest)
@@ -450,6 +452,10 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
     std::thread::spawn(move || {
         loop {
             if let Ok(store) = Store::open(&state) {
+                let adopted = crate::runtime::supervisor::adopt_lost(&store, &program);
+                if adopted > 0 {
+                    eprintln!("resumed supervision of {adopted} container(s)");
+                }
                 let n = local::recover(&store, &program, &state);
                 if n > 0 {
                     eprintln!("started {n} replica(s) of the live releases again");

@@ -538,6 +538,9 @@ impl Environment {
                 ));
             }
         }
+        // The image stays in this store (gc, a concurrent build moving the tag) until the
+        // release has replicas or is recorded: a local host runs it from here.
+        let _pin = self.store.pin(&request.plan.digest).ok();
         let problems = self.preflight(&request.plan, &request.origin, extra);
         if !problems.is_empty() {
             return Err(ReleaseError::Preflight { problems });

@@ -178,9 +178,27 @@ impl Sink {
 }
 
 /// Downloads one blob into the store, verified; resumes with Range when the stream breaks
-/// and where a killed pull stopped.
-/// Returns the bytes downloaded.
+/// and where a killed pull stopped. Returns the bytes downloaded.
 async fn fetch_blob(
+    client: &Client,
+    store: &Store,
+    repository: &str,
+    digest: &Digest,
+    size: u64,
+    progress: Option<&BytesProgress>,
+) -> Result<u64, RegistryError> {
+    let resumed = store.partial_len(digest) > 0;
+    match fetch_blob_once(client, store, repository, digest, size, progress).await {
+        // What an earlier pull left was not the blob's beginning (a corrupted partial,
+        // now removed): once more, from zero.
+        Err(RegistryError::DigestMismatch { .. }) if resumed => {
+            fetch_blob_once(client, store, repository, digest, size, progress).await
+        }
+        r => r,
+    }
+}
+
+async fn fetch_blob_once(
     client: &Client,
     store: &Store,
     repository: &str,
@@ -218,7 +236,15 @@ async fn fetch_blob(
         writer.restart(store)?;
         have = 0;
     }
-    room(size - have)?;
+    if let Err(e) = room(size - have) {
+        // Refused before a byte came: no empty partial file left behind.
+        if have == 0
+            && let Sink::Partial(p) = writer
+        {
+            p.discard();
+        }
+        return Err(e);
+    }
     let mut next_check = 16u64 << 20;
     let mut downloaded = 0u64;
     let mut attempts = 0;
@@ -334,6 +360,8 @@ pub async fn pull(
     progress: Option<BytesProgress>,
 ) -> Result<PullReport, RegistryError> {
     let began = Instant::now();
+    // No gc while blobs arrive that nothing references yet (until the tag is set).
+    let _guard = store.use_guard()?;
     let repo = src.repository.as_str();
     let (mut bytes, mut media, mut digest) =
         fetch_manifest(client, repo, &src.manifest_ref(), src.digest.as_ref()).await?;

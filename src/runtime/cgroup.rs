@@ -47,6 +47,31 @@ pub fn is_v2() -> bool {
         .is_ok_and(|c| !c.trim().is_empty())
 }
 
+/// Removes the empty cgroups `berth/{prefix}{owner}-…` whose owner process is gone (see
+/// `store::owner`): what the RUN steps of a killed build leave.
+pub fn sweep_abandoned(prefix: &str) {
+    let parents: Vec<PathBuf> = if is_v2() {
+        vec![Path::new(ROOT).join("berth")]
+    } else {
+        V1_CONTROLLERS
+            .iter()
+            .map(|c| Path::new(ROOT).join(c).join("berth"))
+            .collect()
+    };
+    for parent in parents {
+        for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if crate::store::owner::owner_of(name, prefix)
+                .is_some_and(|o| !crate::store::owner::alive(o))
+            {
+                // Fails harmlessly while a process is still inside.
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
 impl Cgroup {
     /// Creates the cgroup `berth/<id>` with `limits`.
     pub fn create(id: &str, limits: &Limits) -> io::Result<Cgroup> {

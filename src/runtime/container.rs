@@ -58,10 +58,15 @@ pub struct ContainerState {
     /// The supervisor process of a detached container, while it runs.
     #[serde(default)]
     pub supervisor: Option<ProcRef>,
-    /// The supervisor died while the container was running (killed, crashed): nobody
-    /// records its exit or restarts it; `rm -f` cleans it up.
+    /// The supervisor died while the container was running or restarting (killed,
+    /// crashed) and no other has taken over yet: the next berth command (or the agent's
+    /// reconciler) adopts the container, or starts it again under its restart policy.
     #[serde(default)]
     pub supervisor_lost: bool,
+    /// Descriptors the container's init holds for a new supervisor: `(stream, fd)`, stream
+    /// 0 stdout (or the pty's master), 1 stderr. See [`super::process::Handover`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<(usize, i32)>,
     /// How many times the restart policy started it again.
     #[serde(default)]
     pub restarts: u32,
@@ -132,8 +137,9 @@ impl ContainerState {
     /// whatever waited for the container); returns whether anything changed.
     ///
     /// A running container whose process is gone has stopped — unless its supervisor lives
-    /// and is about to record the exit itself. A container whose supervisor died keeps
-    /// running, marked `supervisor_lost`; one that was restarting stops.
+    /// and is about to record the exit itself. A container whose supervisor died is marked
+    /// `supervisor_lost`: it keeps running, or, if it was restarting, stops (and is started
+    /// again by whoever adopts it).
     pub fn refresh(&mut self) -> bool {
         let supervised = self.supervised();
         match self.status {
@@ -149,6 +155,7 @@ impl ContainerState {
                     return false;
                 }
                 self.status = Status::Stopped;
+                self.supervisor_lost = self.supervisor.is_some();
                 self.supervisor = None;
                 true
             }
@@ -166,6 +173,8 @@ impl ContainerState {
                 }
                 self.status = Status::Stopped;
                 self.pid = None;
+                self.pid_start = None;
+                self.supervisor_lost = self.supervisor.is_some();
                 self.supervisor = None;
                 self.finished.get_or_insert_with(now);
                 true
@@ -246,6 +255,9 @@ const NAMES: [&str; 16] = [
     "liskov", "lovelace", "noether", "ritchie", "thompson", "turing", "wirth",
 ];
 
+/// The file in a container's directory its init writes the exit code to.
+pub const EXIT_STATUS: &str = "exit-status";
+
 /// The containers of a store.
 pub struct Containers {
     store: Store,
@@ -281,6 +293,10 @@ impl Containers {
             source,
         })?;
         for e in entries.flatten() {
+            if e.file_name().as_encoded_bytes().starts_with(b".") {
+                // A container being created (see `create`).
+                continue;
+            }
             let path = e.path().join("state.json");
             let Ok(bytes) = std::fs::read(&path) else {
                 continue;
@@ -291,8 +307,24 @@ impl Containers {
             if st.clone().refresh() {
                 // Re-read under the lock: the supervisor may have written meanwhile.
                 let before = st.status;
+                let status_file = self.dir(&st.id).join(EXIT_STATUS);
                 st = self.update(&st.id, |s| {
+                    let pid = s.pid;
                     s.refresh();
+                    if before == Status::Running
+                        && s.status == Status::Stopped
+                        && let Some(pid) = pid
+                    {
+                        // It ended while nobody watched; its init left the code behind,
+                        // and the file's time is when.
+                        s.exit_code = super::process::orphan_exit_code(pid, &status_file);
+                        if let Ok(t) = std::fs::metadata(&status_file).and_then(|m| m.modified())
+                            && s.exit_code.is_some()
+                            && let Ok(t) = jiff::Timestamp::try_from(t)
+                        {
+                            s.finished = Some(t.to_string());
+                        }
+                    }
                 })?;
                 if before != Status::Stopped && st.status == Status::Stopped {
                     // Nobody else will: the cgroup of a container whose supervisor died.
@@ -384,16 +416,37 @@ impl Containers {
             oom_killed: false,
             supervisor: None,
             supervisor_lost: false,
+            held: Vec::new(),
             restarts: 0,
             stop_requested: false,
             ip: None,
         };
-        std::fs::create_dir_all(self.dir(&st.id)).map_err(|source| ContainerError::Io {
+        // Made whole under a temporary name, then renamed into place: a failure (a full
+        // disk) or a crash never leaves a directory without a record, which no command
+        // would list or remove. Abandoned ones are swept by owner (`Store::recover`).
+        let staging = tempfile::Builder::new()
+            .prefix(&Store::temp_prefix(".new-"))
+            .tempdir_in(&self.dir)
+            .map_err(|source| ContainerError::Io {
+                what: "create",
+                path: self.dir.clone(),
+                source,
+            })?;
+        let bytes = serde_json::to_vec_pretty(&st).expect("state serialises");
+        std::fs::write(staging.path().join("state.json"), bytes).map_err(|source| {
+            ContainerError::Io {
+                what: "write",
+                path: staging.path().join("state.json"),
+                source,
+            }
+        })?;
+        std::fs::rename(staging.path(), self.dir(&st.id)).map_err(|source| ContainerError::Io {
             what: "create",
             path: self.dir(&st.id),
             source,
         })?;
-        self.save(&st)?;
+        // Renamed away: nothing left for the guard to delete.
+        let _ = staging.keep();
         Ok(st)
     }
 

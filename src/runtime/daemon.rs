@@ -54,6 +54,15 @@ pub fn spawn(
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // The caller's stray descriptors (a shell's, a CI runner's pipes) must not live
+            // on in a helper that outlives it: one would keep the runner waiting for EOF.
+            // (close_range is async-signal-safe; before Linux 5.11 they are inherited.)
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             if libc::setsid() < 0 || libc::fcntl(w_fd, libc::F_SETFD, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }

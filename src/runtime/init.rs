@@ -27,8 +27,9 @@ fn reap(command: Pid) -> Option<i32> {
 
 /// Runs the init loop for `command` (a child of this process) and exits with its status.
 /// `ready` is a descriptor to write one byte to once running: the command's process waits
-/// for it before it moves the root away.
-pub fn run(command: i32, ready: i32) -> ! {
+/// for it before it moves the root away. With `status`, the exit code is written there in
+/// decimal before the init exits (for a supervisor that adopted the container).
+pub fn run(command: i32, ready: i32, status: Option<i32>) -> ! {
     let command = Pid::from_raw(command);
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
@@ -40,6 +41,11 @@ pub fn run(command: i32, ready: i32) -> ! {
     let sfd = SignalFd::new(&SigSet::all()).unwrap_or_else(|_| std::process::exit(125));
     loop {
         if let Some(code) = reap(command) {
+            if let Some(fd) = status {
+                // SAFETY: the descriptor was passed to us for this and is ours.
+                let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+                let _ = std::io::Write::write_all(&mut f, format!("{code}\n").as_bytes());
+            }
             std::process::exit(code);
         }
         if let Ok(Some(info)) = sfd.read_signal()

@@ -62,12 +62,13 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// Docker's exit code for the failure: 127 command not found, 126 not executable, 125
-    /// anything else.
+    /// The exit code for the failure: inside the container, Docker's (127 command not
+    /// found, 126 not executable, 125 anything else); on the host (the store, a full disk,
+    /// the network), 1, berth's code for a failed operation.
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Launch(LaunchError::Container { code, .. }) => *code,
-            _ => 125,
+            _ => 1,
         }
     }
 }
@@ -171,6 +172,7 @@ pub fn start(
     st: &ContainerState,
     spec: &ContainerSpec,
     stdio: Stdio,
+    handover: Option<process::Handover>,
 ) -> Result<Instance, StartError> {
     let image = store.load_image(&st.image_digest)?;
     let dir = containers.dir(&st.id);
@@ -276,6 +278,8 @@ pub fn start(
             .map(|(rec, ip)| Networks::interface(rec, &st.id, *ip)),
         cgroup_join: Vec::new(),
         secret_files,
+        handover,
+        die_with_parent: false,
         process: Process {
             args: spec.args.clone(),
             env,
@@ -479,9 +483,19 @@ pub fn stop_container(
         }
     }
     wait_until(std::time::Duration::from_secs(10), || {
-        containers
-            .get(id)
-            .is_ok_and(|s| s.status == Status::Stopped && !s.supervised())
+        match containers.get(id) {
+            Ok(s) => s.status == Status::Stopped && !s.supervised(),
+            Err(ContainerError::NotFound(_)) => true,
+            Err(_) => false,
+        }
     });
-    containers.get(id)
+    match containers.get(id) {
+        // Removed once stopped (`run -d --rm`): stopped, as asked.
+        Err(ContainerError::NotFound(_)) => Ok(ContainerState {
+            status: Status::Stopped,
+            pid: None,
+            ..st
+        }),
+        other => other,
+    }
 }

@@ -16,7 +16,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -107,6 +107,24 @@ pub struct Launch {
     /// Secrets delivered as files: `/run/secrets/NAME` on a tmpfs, mode 0400, owned by the
     /// command's user, the mount read-only once written.
     pub secret_files: Vec<(String, SecretBytes)>,
+    /// What the init keeps for a supervisor that may have to adopt the container.
+    pub handover: Option<Handover>,
+    /// The container dies with the thread that started it (a build's RUN step: a killed
+    /// build leaves no step running). Only for a caller that waits in that same thread.
+    pub die_with_parent: bool,
+}
+
+/// Descriptors a supervisor leaves with the container's init, so the container outlives
+/// the supervisor's death unharmed and a new supervisor can take it over: the read ends of
+/// the command's output (or the pty's master), which keep its writes from failing with
+/// EPIPE and which the new supervisor takes back with `pidfd_getfd`, and a file the init
+/// writes the exit code to, since only a parent can wait for a process.
+#[derive(Debug, Clone, Default)]
+pub struct Handover {
+    /// Descriptors (in the supervisor, and so in the init) to keep open.
+    pub held: Vec<RawFd>,
+    /// Where the init writes the exit code.
+    pub status: Option<RawFd>,
 }
 
 /// A secret's value: never printed (`Debug` shows `<redacted>`).
@@ -153,6 +171,8 @@ pub struct Started {
     /// Host pid of the container's init.
     pub pid: Pid,
     pidfd: OwnedFd,
+    /// Where to learn the exit code of an init that is not our child (adopted).
+    orphan: Option<PathBuf>,
 }
 
 /// Docker's masked paths: made unreadable inside the container.
@@ -261,7 +281,11 @@ pub fn start(
     }
     // SAFETY: a new descriptor we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    let started = Started { pid, pidfd };
+    let started = Started {
+        pid,
+        pidfd,
+        orphan: None,
+    };
     if let Err(e) = before_start(pid) {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         let _ = started.wait();
@@ -278,9 +302,14 @@ pub fn start(
     if !msg.is_empty() {
         let _ = started.wait();
         let (code, message) = msg.split_once(' ').unwrap_or(("125", &msg));
+        let mut code = code.parse().unwrap_or(125);
+        if code == 125 && out_of_space(message) {
+            // The store's filesystem is full: berth's failure (1), not the container's.
+            code = 1;
+        }
         return Err(LaunchError::Container {
             message: message.to_string(),
-            code: code.parse().unwrap_or(125),
+            code,
         });
     }
     Ok(started)
@@ -296,7 +325,44 @@ impl Started {
         }
         // SAFETY: a new descriptor we own.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-        Ok(Started { pid, pidfd })
+        Ok(Started {
+            pid,
+            pidfd,
+            orphan: None,
+        })
+    }
+
+    /// The init of a container whose supervisor died: `pid`, if it is still the process
+    /// that started at `start` (clock ticks since boot). Its exit code is read from
+    /// `status`, the file [`Handover::status`] names; it is not our child.
+    pub fn adopt_orphan(pid: Pid, start: u64, status: PathBuf) -> io::Result<Started> {
+        // SAFETY: pidfd_open(2) with no flags; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        // Checked after opening: the pidfd now pins the process, so a reused pid is caught.
+        if super::container::process_start_time(pid.as_raw()) != Some(start) {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(Started {
+            pid,
+            pidfd,
+            orphan: Some(status),
+        })
+    }
+
+    /// A copy of descriptor `fd` of the init (`pidfd_getfd`), close-on-exec.
+    pub fn take_fd(&self, fd: RawFd) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd(2) on our pidfd with no flags; the result is checked.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor we own (pidfd_getfd sets close-on-exec).
+        Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
     }
 
     /// A pidfd of the container's init: readable once it has exited.
@@ -304,8 +370,16 @@ impl Started {
         &self.pidfd
     }
 
-    /// Collects the exit status of an init that has exited (128+n for signal n).
-    pub fn reap(&self) -> io::Result<i32> {
+    /// Collects the exit status of an init that has exited (128+n for signal n); `None`
+    /// for an adopted init that died without saying (killed with SIGKILL).
+    pub fn reap(&self) -> io::Result<Option<i32>> {
+        if let Some(status) = &self.orphan {
+            return Ok(orphan_exit_code(self.pid.as_raw(), status));
+        }
+        self.reap_child().map(Some)
+    }
+
+    fn reap_child(&self) -> io::Result<i32> {
         match nix::sys::wait::waitpid(self.pid, None) {
             Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Ok(code),
             Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
@@ -377,7 +451,7 @@ impl Started {
                 }
             }
             if fds[0].revents != 0 {
-                break self.reap();
+                break self.reap_child();
             }
         };
         let _ = old.thread_set_mask();
@@ -386,6 +460,35 @@ impl Started {
 }
 
 /// Sets the pty's window size to berth's terminal's.
+/// Whether a failure the container's set-up reported came from a full disk (ENOSPC,
+/// EDQUOT, as `std::io::Error` or nix's `Errno` print them).
+fn out_of_space(message: &str) -> bool {
+    ["(os error 28)", "(os error 122)", "ENOSPC", "EDQUOT"]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
+/// The exit code of an init that is not our child: what it wrote into `status`, else
+/// what the kernel still shows of it while it is a zombie (field 52 of `/proc/PID/stat`).
+pub fn orphan_exit_code(pid: i32, status: &Path) -> Option<i32> {
+    if let Ok(text) = std::fs::read_to_string(status)
+        && let Ok(code) = text.trim().parse()
+    {
+        return Some(code);
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    if rest.split(' ').next()? != "Z" {
+        return None;
+    }
+    let raw: i32 = rest.split(' ').nth(49)?.trim().parse().ok()?;
+    Some(if raw & 0x7f == 0 {
+        (raw >> 8) & 0xff
+    } else {
+        128 + (raw & 0x7f)
+    })
+}
+
 fn copy_window_size(master: &OwnedFd) {
     let mut ws = nix::pty::Winsize {
         ws_row: 0,
@@ -456,6 +559,11 @@ fn container_init(
     etc: &[(Vec<u8>, &'static str)],
     err_w: &OwnedFd,
 ) -> Result<std::convert::Infallible, Fail> {
+    if l.die_with_parent {
+        // SAFETY: prctl with integer arguments only. Should the parent be gone already,
+        // the read below sees EOF and we give up.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    }
     // Wait until the host has done its part (a bridge's veth), then move into our cgroup
     // ourselves (see `self_join_files`) and make it the root of a new cgroup namespace.
     let mut byte = [0u8; 1];
@@ -501,18 +609,33 @@ fn container_init(
             caps::drop_bounding(c).map_err(fail("drop capabilities"))?;
             caps::set_capabilities(c).map_err(fail("set capabilities"))?;
             caps::set_no_new_privs().map_err(fail("set no_new_privs"))?;
-            // The ready pipe must survive the exec: the init writes to it once it runs.
-            nix::fcntl::fcntl(
-                &exec_w,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-            )
-            .map_err(fail("pass the ready pipe"))?;
-            let argv = [
+            // The ready pipe must survive the exec: the init writes to it once it runs. So
+            // must what the supervisor hands over (the command's process closes them all).
+            // Nothing else of the caller's passes to the init (a shell's or CI runner's
+            // stray descriptors would otherwise live as long as the container).
+            caps::cloexec_from_3().map_err(fail("close inherited descriptors"))?;
+            let handover = l.handover.clone().unwrap_or_default();
+            for fd in [exec_w.as_raw_fd()]
+                .into_iter()
+                .chain(handover.held.iter().copied())
+                .chain(handover.status)
+            {
+                // SAFETY: fcntl on a descriptor of this process.
+                if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+                    return Err(fail("pass descriptors to the init")(
+                        io::Error::last_os_error(),
+                    ));
+                }
+            }
+            let mut argv = vec![
                 CString::new("berth-init").expect("static"),
                 CString::new("__init").expect("static"),
                 CString::new(child.as_raw().to_string()).expect("digits"),
                 CString::new(exec_w.as_raw_fd().to_string()).expect("digits"),
             ];
+            if let Some(fd) = handover.status {
+                argv.push(CString::new(fd.to_string()).expect("digits"));
+            }
             let env: [CString; 0] = [];
             // The init runs under the same filter as the command: a process of the
             // container that may ptrace (--cap-add SYS_PTRACE) cannot use PID 1 to make

@@ -5,8 +5,12 @@
 //! exponential backoff (100 ms doubling to 10 s, reset after 10 s of running).
 //!
 //! It stays single-threaded (it clones containers; the proxy runs in a child process) and
-//! is the container init's parent, so it alone can collect the exit status. If it dies, the
-//! container keeps running; the record says so (`supervisor_lost`) and `rm -f` cleans up.
+//! is the container init's parent, so it alone can wait for it. It leaves the init the
+//! read ends of the output and a file to write the exit code to ([`process::Handover`]):
+//! if the supervisor dies, the container keeps running undisturbed, and the next berth
+//! command (or the agent's reconciler) starts a new supervisor that adopts it — a pidfd on
+//! the init, the output taken back with `pidfd_getfd`, the exit code from that file — or,
+//! if it ended meanwhile, starts it again under its restart policy ([`adopt_lost`]).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -14,9 +18,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::container::{Containers, ProcRef, Status, now, process_start_time};
+use super::container::{Containers, EXIT_STATUS, ProcRef, Status, now, process_start_time};
 use super::instance::{self, Stdio};
 use super::logs::LogWriter;
+use super::process;
 use super::proxy::ProxyProcess;
 use crate::store::Store;
 
@@ -40,7 +45,7 @@ pub fn spawn(program: &Path, store_dir: &Path, dir: &Path, id: &str) -> Result<(
         &args,
         &dir.join("supervisor.log"),
     )
-    .map_err(|e| (125, format!("cannot start the container's supervisor: {e}")))?;
+    .map_err(|e| (1, format!("cannot start the container's supervisor: {e}")))?;
     let Err(status) = status else {
         return Ok(());
     };
@@ -49,13 +54,13 @@ pub fn spawn(program: &Path, store_dir: &Path, dir: &Path, id: &str) -> Result<(
             Err((code.parse().expect("checked"), msg.to_string()))
         }
         _ if status.is_empty() => Err((
-            125,
+            1,
             format!(
                 "the supervisor exited before the container started (see {})",
                 dir.join("supervisor.log").display()
             ),
         )),
-        _ => Err((125, status)),
+        _ => Err((1, status)),
     }
 }
 
@@ -72,33 +77,84 @@ pub fn run(store_dir: &Path, id: &str, ready: RawFd) -> i32 {
     match supervise(store_dir, id, &mut ready) {
         Ok(()) => 0,
         Err((code, msg)) => {
-            eprintln!("{} berth-supervisor {id}: {msg}", now());
+            // The caller first: the log may be on a full disk.
             if let Some(mut r) = ready.take() {
                 let _ = write!(r, "{code} {msg}");
             }
+            note(id, &msg);
             1
         }
     }
+}
+
+/// A line in the supervisor's log; never fails (`eprintln!` panics when stderr is a file
+/// on a full disk).
+fn note(id: &str, msg: &str) {
+    let _ = writeln!(io::stderr(), "{} berth-supervisor {id}: {msg}", now());
 }
 
 fn ready_fd_of(ready: &Option<File>) -> RawFd {
     ready.as_ref().map_or(-1, AsRawFd::as_raw_fd)
 }
 
+/// How one round of supervision begins.
+enum Round {
+    /// Start the container's process.
+    Start,
+    /// Watch a process that already runs (adopted after its supervisor died), with the
+    /// output descriptors taken back from its init.
+    Adopted(Box<instance::Instance>, Vec<(usize, OwnedFd)>),
+    /// The process ended while nobody watched, with this code (if known).
+    Ended(Option<i32>),
+}
+
 fn supervise(store_dir: &Path, id: &str, ready: &mut Option<File>) -> Result<(), (i32, String)> {
-    let err = |e: &dyn std::fmt::Display| (125, e.to_string());
+    // Failures of berth's own (the store, a full disk): exit 1 for whoever started us.
+    let err = |e: &dyn std::fmt::Display| (1, e.to_string());
     let store = Store::open(store_dir).map_err(|e| err(&e))?;
     let containers = Containers::new(&store).map_err(|e| err(&e))?;
     let spec = containers.spec(id).map_err(|e| err(&e))?;
     let dir = containers.dir(id);
     let me = ProcRef::of(std::process::id() as i32);
+    // Take over under the record's lock, never while another supervisor lives. A process
+    // that still runs is adopted as it is; one whose supervisor died while it was
+    // restarting (or that ended unwatched) starts again, counted as a restart.
+    let mut taken = None;
     let st = containers
         .update(id, |s| {
+            if let Some(other) = s.supervisor
+                && other.alive()
+                && Some(other) != me
+            {
+                return;
+            }
+            let running = s.status == Status::Running && s.process().is_some_and(|p| p.alive());
+            if !running {
+                if s.supervisor_lost && s.status == Status::Stopped {
+                    s.restarts += 1;
+                }
+                s.stop_requested = false;
+            }
+            taken = Some(running);
             s.supervisor = me;
             s.supervisor_lost = false;
-            s.stop_requested = false;
         })
         .map_err(|e| err(&e))?;
+    let Some(running) = taken else {
+        return Err((
+            125,
+            format!(
+                "container {} already has a supervisor (pid {})",
+                st.short_id(),
+                st.supervisor.map_or(0, |p| p.pid)
+            ),
+        ));
+    };
+    let mut round = if running {
+        adopt(&containers, &st)
+    } else {
+        Round::Start
+    };
     let mut restarts = st.restarts;
     let mut proxy = if spec.ports.is_empty() {
         None
@@ -109,30 +165,75 @@ fn supervise(store_dir: &Path, id: &str, ready: &mut Option<File>) -> Result<(),
         })?)
     };
     let mut log = LogWriter::open(&dir).map_err(|e| err(&e))?;
+    if let Round::Adopted(..) = round {
+        let _ = log.record(
+            "stderr",
+            "berth: supervision resumed after the supervisor died\n",
+        );
+    }
     let mut backoff = BACKOFF_START;
     loop {
-        let st = containers.get(id).map_err(|e| err(&e))?;
-        let (stdio, readers, keep) = open_stdio(spec.tty).map_err(|e| err(&e))?;
         let started_at = Instant::now();
-        let outcome = instance::start(&store, &containers, &st, &spec, stdio);
-        drop(keep);
-        let code = match outcome {
+        let (inst, readers) = match std::mem::replace(&mut round, Round::Start) {
+            Round::Adopted(inst, readers) => (Ok(*inst), readers),
+            Round::Ended(code) => {
+                let (stopped, st) = record_exit(&containers, id, &spec, code, false)?;
+                if stopped {
+                    break;
+                }
+                restarts = st.restarts;
+                continue;
+            }
+            Round::Start => {
+                let st = containers.get(id).map_err(|e| err(&e))?;
+                let (stdio, readers, keep) = open_stdio(spec.tty).map_err(|e| err(&e))?;
+                let status = status_file(&dir).map_err(|e| err(&e))?;
+                let handover = process::Handover {
+                    held: readers.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+                    status: Some(status.as_raw_fd()),
+                };
+                let held: Vec<(usize, i32)> =
+                    readers.iter().map(|(s, fd)| (*s, fd.as_raw_fd())).collect();
+                let outcome =
+                    instance::start(&store, &containers, &st, &spec, stdio, Some(handover));
+                drop(keep);
+                drop(status);
+                match outcome {
+                    Ok(inst) => {
+                        let pid = inst.started.pid.as_raw();
+                        let recorded = containers.update(id, |s| {
+                            s.status = Status::Running;
+                            s.pid = Some(pid);
+                            s.pid_start = process_start_time(pid);
+                            s.started = Some(now());
+                            s.finished = None;
+                            s.exit_code = None;
+                            s.ip = inst.ip.map(Into::into);
+                            s.restarts = restarts;
+                            s.held = held;
+                        });
+                        if let Err(e) = recorded {
+                            // A container berth cannot record (a full disk) must not run
+                            // on unseen: nothing could stop it.
+                            let _ = nix::sys::signal::kill(
+                                inst.started.pid,
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                            let _ = inst.started.reap();
+                            let _ = inst.cgroup.remove();
+                            let _ = containers.update(id, |s| s.supervisor = None);
+                            return Err(err(&e));
+                        }
+                        (Ok(inst), readers)
+                    }
+                    Err(e) => (Err(e), readers),
+                }
+            }
+        };
+        let code = match inst {
             Ok(inst) => {
-                let pid = inst.started.pid.as_raw();
-                let ip = inst.ip;
-                containers
-                    .update(id, |s| {
-                        s.status = Status::Running;
-                        s.pid = Some(pid);
-                        s.pid_start = process_start_time(pid);
-                        s.started = Some(now());
-                        s.finished = None;
-                        s.ip = ip.map(Into::into);
-                        s.restarts = restarts;
-                    })
-                    .map_err(|e| err(&e))?;
                 if let Some(p) = proxy.as_mut() {
-                    let _ = p.set_hosts(&instance::backend(ip));
+                    let _ = p.set_hosts(&instance::backend(inst.ip));
                 }
                 if let Some(mut r) = ready.take() {
                     let _ = r.write_all(b"ok\n");
@@ -153,27 +254,13 @@ fn supervise(store_dir: &Path, id: &str, ready: &mut Option<File>) -> Result<(),
                     return Err((e.exit_code(), e.to_string()));
                 }
                 let _ = log.record("stderr", &format!("berth: {e}\n"));
-                (e.exit_code(), false)
+                (Some(e.exit_code()), false)
             }
         };
         let (code, oom) = code;
         let _ = log.flush();
-        let st = containers
-            .update(id, |s| {
-                s.pid = None;
-                s.pid_start = None;
-                s.exit_code = Some(code);
-                s.oom_killed = oom;
-                s.finished = Some(now());
-                if !s.stop_requested && spec.restart.should_restart(code, s.restarts) {
-                    s.status = Status::Restarting;
-                    s.restarts += 1;
-                } else {
-                    s.status = Status::Stopped;
-                }
-            })
-            .map_err(|e| err(&e))?;
-        if st.status != Status::Restarting {
+        let (stopped, st) = record_exit(&containers, id, &spec, code, oom)?;
+        if stopped {
             break;
         }
         restarts = st.restarts;
@@ -188,13 +275,139 @@ fn supervise(store_dir: &Path, id: &str, ready: &mut Option<File>) -> Result<(),
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+    if let Some(mut r) = ready.take() {
+        let _ = r.write_all(b"ok\n");
+    }
     drop(proxy.take());
-    containers
+    let st = containers
         .update(id, |s| {
             s.supervisor = None;
         })
         .map_err(|e| err(&e))?;
+    if spec.auto_remove && st.status == Status::Stopped {
+        // `run -d --rm`: gone once it has stopped for good, as with Docker.
+        let _ = instance::remove_container(&store, &containers, &st);
+    }
     Ok(())
+}
+
+/// Records an exit (`code` unknown when an adopted init died without saying) and applies
+/// the restart policy; true when the container stays stopped.
+fn record_exit(
+    containers: &Containers,
+    id: &str,
+    spec: &crate::runtime::spec::ContainerSpec,
+    code: Option<i32>,
+    oom: bool,
+) -> Result<(bool, super::container::ContainerState), (i32, String)> {
+    let st = containers
+        .update(id, |s| {
+            s.pid = None;
+            s.pid_start = None;
+            s.held.clear();
+            s.exit_code = code;
+            s.oom_killed = oom;
+            s.finished = Some(now());
+            // Unknown means the init was killed outright: a failure, as SIGKILL's 137.
+            if !s.stop_requested && spec.restart.should_restart(code.unwrap_or(137), s.restarts) {
+                s.status = Status::Restarting;
+                s.restarts += 1;
+            } else {
+                s.status = Status::Stopped;
+            }
+        })
+        .map_err(|e| (125, e.to_string()))?;
+    Ok((st.status != Status::Restarting, st))
+}
+
+/// Takes over a container whose process runs but whose supervisor died: a pidfd on its
+/// init, its output descriptors back from the init, its cgroup.
+fn adopt(containers: &Containers, st: &super::container::ContainerState) -> Round {
+    let dir = containers.dir(&st.id);
+    let status = dir.join(EXIT_STATUS);
+    let (Some(pid), Some(start)) = (st.pid, st.pid_start) else {
+        return Round::Ended(None);
+    };
+    let started = match process::Started::adopt_orphan(
+        nix::unistd::Pid::from_raw(pid),
+        start,
+        status.clone(),
+    ) {
+        Ok(s) => s,
+        Err(_) => return Round::Ended(process::orphan_exit_code(pid, &status)),
+    };
+    let mut readers = Vec::new();
+    for (stream, fd) in &st.held {
+        match started.take_fd(*fd) {
+            Ok(got) => readers.push((*stream, got)),
+            Err(e) => note(
+                &st.id,
+                &format!("cannot take the output back (it is lost): {e}"),
+            ),
+        }
+    }
+    let ip = match st.ip {
+        Some(std::net::IpAddr::V4(ip)) => Some(ip),
+        _ => None,
+    };
+    let inst = instance::Instance {
+        started,
+        cgroup: super::cgroup::Cgroup::of(&st.id),
+        ip,
+        rootfs_plan: String::new(),
+    };
+    Round::Adopted(Box::new(inst), readers)
+}
+
+/// The file the init writes the exit code to, emptied for a new start.
+fn status_file(dir: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join(EXIT_STATUS))
+}
+
+/// Adopts every container of `store` whose supervisor died: one that still runs gets a new
+/// supervisor without being restarted; one that ended (or was waiting to restart) while
+/// unsupervised starts again if its restart policy says so. `program` is berth's binary.
+/// Returns how many containers got a supervisor.
+pub fn adopt_lost(store: &Store, program: &Path) -> usize {
+    let Ok(containers) = Containers::new(store) else {
+        return 0;
+    };
+    let Ok(list) = containers.list() else {
+        return 0;
+    };
+    let mut n = 0;
+    for st in list {
+        if !st.supervisor_lost || st.supervised() {
+            continue;
+        }
+        let Ok(spec) = containers.spec(&st.id) else {
+            continue;
+        };
+        let wanted = match st.status {
+            Status::Running => true,
+            Status::Stopped if !st.stop_requested => spec
+                .restart
+                .should_restart(st.exit_code.unwrap_or(137), st.restarts),
+            _ => false,
+        };
+        if wanted {
+            if spawn(program, store.root(), &containers.dir(&st.id), &st.id).is_ok() {
+                n += 1;
+            }
+        } else if st.status == Status::Stopped {
+            if spec.auto_remove {
+                // `--rm`, ended while unsupervised: what its supervisor would have done.
+                let _ = instance::remove_container(store, &containers, &st);
+            } else {
+                let _ = containers.update(&st.id, |s| s.supervisor_lost = false);
+            }
+        }
+    }
+    n
 }
 
 /// Sleeps `d` unless a stop is requested meanwhile; false when it was.
@@ -233,6 +446,12 @@ fn open_stdio(tty: bool) -> io::Result<StdioSet> {
     let null: OwnedFd = File::open("/dev/null")?.into();
     let (out_r, out_w) = nix::unistd::pipe2(cloexec)?;
     let (err_r, err_w) = nix::unistd::pipe2(cloexec)?;
+    // Room for a megabyte of output while no supervisor reads (between its death and its
+    // successor's adoption) before the command's writes block.
+    for fd in [&out_w, &err_w] {
+        // SAFETY: fcntl on a pipe we own; failure only leaves the default size.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    }
     Ok((
         Stdio::Fds([null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]),
         vec![(0, out_r), (1, err_r)],
@@ -240,12 +459,13 @@ fn open_stdio(tty: bool) -> io::Result<StdioSet> {
     ))
 }
 
-/// Copies the container's output into the log until it exits; returns its exit code.
+/// Copies the container's output into the log until it exits; returns its exit code
+/// (unknown when an adopted init died without saying).
 fn pump(
     inst: &instance::Instance,
     mut readers: Vec<(usize, OwnedFd)>,
     log: &mut LogWriter,
-) -> io::Result<i32> {
+) -> io::Result<Option<i32>> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut exited = None;
     let mut drain_until = None;
@@ -296,7 +516,9 @@ fn pump(
             // SAFETY: read into our buffer from a descriptor we own.
             let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if r > 0 {
-                log.write(*stream, &buf[..r as usize])?;
+                // A log that cannot be written (a full disk) loses the output, not the
+                // container's supervision.
+                let _ = log.write(*stream, &buf[..r as usize]);
             } else if r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 // EOF, or EIO from a pty whose other side closed.
                 closed.push(i);
@@ -306,6 +528,6 @@ fn pump(
             readers.remove(i);
         }
     }
-    log.flush()?;
-    Ok(exited.unwrap_or(0))
+    let _ = log.flush();
+    Ok(exited.flatten())
 }

@@ -43,6 +43,22 @@ pub struct Root {
     pub why: String,
 }
 
+/// Keeps an image from gc while held, whatever names it: a file
+/// `berth/pins/pin-{owner}-{hex}` that gc counts as a root while its owner lives. What a
+/// command holds from the moment an image is whole until something else references it
+/// (a tag, a container, a recorded release) — a build before it tags, a deploy while it
+/// rolls out, an agent between its pull and its replicas.
+#[derive(Debug)]
+pub struct Pin {
+    path: PathBuf,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 /// A shared hold on the store that keeps GC away; released on drop.
 pub struct UseGuard {
     _file: File,
@@ -80,6 +96,41 @@ impl Store {
         Ok((lock, self.lock()?))
     }
 
+    /// Pins `digest` until the pin drops (see [`Pin`]).
+    pub fn pin(&self, digest: &Digest) -> Result<Pin> {
+        let dir = self.state_dir().join("pins");
+        fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        let path = dir.join(format!("{}{}", Store::temp_prefix("pin-"), digest.hex()));
+        File::create(&path).map_err(StoreError::io("cannot create", &path))?;
+        Ok(Pin { path })
+    }
+
+    /// The images pinned by live processes.
+    fn pin_roots(&self) -> Vec<Root> {
+        let dir = self.state_dir().join("pins");
+        let mut roots = Vec::new();
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(owner) = super::owner::owner_of(name, "pin-") else {
+                continue;
+            };
+            let hex = &name["pin-".len() + owner.len() + 1..];
+            if super::owner::alive(owner)
+                && let Ok(digest) = format!("sha256:{hex}").parse::<Digest>()
+            {
+                roots.push(Root {
+                    digest,
+                    why: format!(
+                        "in use by berth process {}",
+                        owner.split('.').next().unwrap_or(owner)
+                    ),
+                });
+            }
+        }
+        roots
+    }
+
     /// The tags as roots.
     pub fn tag_roots(&self) -> Result<Vec<Root>> {
         Ok(self
@@ -105,6 +156,7 @@ impl Store {
         todo.extend(
             roots
                 .iter()
+                .chain(&self.pin_roots())
                 .map(|r| (r.digest.clone(), MediaType::ImageManifest)),
         );
         while let Some((digest, media_type)) = todo.pop() {
@@ -252,6 +304,7 @@ impl Store {
         if dry_run {
             report.kept = self.tag_roots()?;
             report.kept.extend(roots.iter().cloned());
+            report.kept.extend(self.pin_roots());
         } else {
             self.recover();
             self.remove_abandoned_partials();

@@ -143,6 +143,13 @@ impl Store {
         {
             return Ok(d);
         }
+        // `name@sha256:…` (how `ps` shows a release's image): the digest decides.
+        if let Some((_, digest)) = reference.rsplit_once('@')
+            && let Ok(d) = digest.parse::<Digest>()
+            && self.has_blob(&d)
+        {
+            return Ok(d);
+        }
         let prefix = reference.strip_prefix("sha256:").unwrap_or(reference);
         if prefix.len() >= 4 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
             let mut matches: Vec<Digest> = tags
@@ -150,6 +157,25 @@ impl Store {
                 .map(|t| t.digest())
                 .filter(|d| d.hex().starts_with(prefix))
                 .collect();
+            if matches.is_empty() {
+                // An untagged image (a release's, a container's): any manifest here.
+                let dir = self.root().join("blobs/sha256");
+                matches = std::fs::read_dir(&dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|n| n.starts_with(prefix))
+                    })
+                    // Manifests are small: a layer is never read to find out.
+                    .filter(|e| e.metadata().is_ok_and(|m| m.len() <= 4 << 20))
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .filter_map(|n| format!("sha256:{n}").parse::<Digest>().ok())
+                    .filter(|d| self.image(d).is_ok())
+                    .collect();
+            }
             matches.sort();
             matches.dedup();
             match matches.len() {

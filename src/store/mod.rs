@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub use digest::{DiffId, Digest, HashingReader, HashingWriter};
 pub use direct::BlobRanges;
-pub use gc::{GcReport, Root, UseGuard};
+pub use gc::{GcReport, Pin, Root, UseGuard};
 pub use image::{ImageConfig, StoredImage};
 pub use index::{Tag, canonical_json, normalize_tag};
 
@@ -149,7 +149,8 @@ impl Store {
             + owner::sweep(&state.join("tmp"), "build-")
             + owner::sweep(&state.join("tmp"), "run-")
             + owner::sweep(&state.join("snapshots"), ".unpack-")
-            + owner::sweep(&state.join("containers"), ".new-");
+            + owner::sweep(&state.join("containers"), ".new-")
+            + owner::sweep(&state.join("pins"), "pin-");
         // Half-written replacements of records (`replace`), wherever records live.
         let mut dirs = vec![
             self.root.clone(),

@@ -66,6 +66,11 @@ impl Store {
         }))
     }
 
+    /// Bytes a partial download of `digest` holds (0 without one).
+    pub fn partial_len(&self, digest: &Digest) -> u64 {
+        std::fs::metadata(self.partial_path(digest)).map_or(0, |m| m.len())
+    }
+
     /// Removes the partial downloads no process holds; the bytes freed.
     pub fn remove_abandoned_partials(&self) -> u64 {
         let dir = self.state_dir().join("ingest");
@@ -95,6 +100,11 @@ impl PartialBlob {
     /// True when it holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Removes it (a download refused before it began).
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// Starts over (the registry would not send a range).

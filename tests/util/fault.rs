@@ -23,6 +23,17 @@ pub struct Faults {
     pub cut_download_after: Option<usize>,
     /// Requests with a body after the first N hang (a stalled upload), for a minute.
     pub stall_uploads_after: Option<u32>,
+    /// Only this many of those hang; later ones pass (a stall that a retry gets past).
+    pub stall_uploads_count: Option<u32>,
+    /// Only bodies at least this large count as uploads to stall.
+    pub stall_min_body: usize,
+    /// Read each request's whole body before passing it on, and drop requests whose body
+    /// never arrives whole, as nginx does by default (`proxy_request_buffering on`).
+    pub buffer_requests: bool,
+    /// Pass response bodies back at this many bytes per second.
+    pub download_bytes_per_sec: Option<u64>,
+    /// Read request bodies at this many bytes per second.
+    pub upload_bytes_per_sec: Option<u64>,
     /// Requests whose request line contains this get `403 Forbidden` (after the first
     /// `refuse_after` of them pass), until [`FaultProxy::heal`].
     pub refuse_containing: Option<String>,
@@ -41,6 +52,10 @@ pub struct Counters {
     pub uploads: AtomicU32,
     pub matched: AtomicU32,
     pub refused: AtomicU32,
+    /// Uploads held without an answer.
+    pub stalled: AtomicU32,
+    /// Requests whose body never arrived whole (with `buffer_requests`).
+    pub dropped: AtomicU32,
     /// Set by [`FaultProxy::heal`]: no more refusals.
     pub healed: AtomicBool,
 }
@@ -203,19 +218,48 @@ fn handle(
         c.unavailable.fetch_add(1, Ordering::SeqCst);
         return answer(&mut writer, "503 Service Unavailable", "");
     }
-    if len > 0 {
+    if len > 0 && len >= f.stall_min_body {
         let k = c.uploads.fetch_add(1, Ordering::SeqCst) + 1;
-        if f.stall_uploads_after.is_some_and(|n| k > n) {
+        if f.stall_uploads_after
+            .is_some_and(|n| k > n && f.stall_uploads_count.is_none_or(|count| k <= n + count))
+        {
+            c.stalled.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_secs(60));
             return;
         }
     }
+    let mut buffered = None;
+    if f.buffer_requests && len > 0 {
+        let mut whole = vec![0u8; len];
+        let mut at = 0;
+        while at < len {
+            let k = (len - at).min(64 * 1024);
+            if reader.read_exact(&mut whole[at..at + k]).is_err() {
+                // Cut short: the upstream never hears of it.
+                c.dropped.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            at += k;
+            if let Some(bps) = f.upload_bytes_per_sec {
+                std::thread::sleep(std::time::Duration::from_secs_f64(k as f64 / bps as f64));
+            }
+        }
+        buffered = Some(whole);
+    }
     let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
-        return answer(&mut writer, "502 Bad Gateway", "");
+        let _ = write!(
+            writer,
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return;
     };
     if up.write_all(&with_close(&head)).is_err() {
         return;
     }
+    let mut reader: Box<dyn Read> = match buffered {
+        Some(whole) => Box::new(std::io::Cursor::new(whole)),
+        None => Box::new(reader),
+    };
     let reset_now = f
         .reset_upload_after
         .is_some_and(|t| len > t && !reset_done.swap(true, Ordering::SeqCst));
@@ -267,6 +311,9 @@ fn handle(
                     return;
                 }
                 left -= got;
+                if let Some(bps) = f.download_bytes_per_sec {
+                    std::thread::sleep(std::time::Duration::from_secs_f64(got as f64 / bps as f64));
+                }
             }
         }
     }

@@ -3,7 +3,9 @@
 # examples/base/make-rootfs): the device policy of issue 15 on v2, where it is a
 # BPF_PROG_TYPE_CGROUP_DEVICE program. For each of /dev/kmsg (c 1:11), loop0 (b 7:0) and
 # loop-control (c 10:237): mknod, then open for writing and reading, in `run`, `exec`
-# and a build's RUN step; /dev/null, zero, urandom and pts must keep working.
+# and a build's RUN step; /dev/null, zero, urandom and pts must keep working. Then issue
+# 18 on v2: a container whose supervisor was killed is adopted (same process, its cgroup
+# kept) and its memory limit still holds.
 set -u
 export BERTH_STORE=/var/tmp/store
 grep -q cgroup2 /proc/mounts && ! grep -q " cgroup " /proc/mounts && echo "cgroup: v2 only"
@@ -36,4 +38,21 @@ copy = ["probe.sh", "/probe.sh"]
 run = "sh /probe.sh > /dev/shm/out; cat /dev/shm/out; test $(grep -c -e ' blocked$' -e ' noread$' /dev/shm/out) = 8 && grep -q harmless-ok /dev/shm/out"
 TOML
 if berth build >/tmp/build.log 2>&1; then echo "build RUN: PASS"; else echo "build RUN: FAIL"; cat /tmp/build.log; fail=1; fi
+field() { berth --json inspect adopt | sed -n "s/.*\"$1\": \([0-9]*\).*/\1/p" | head -n 1; }
+berth run -d --name adopt --memory 32M --restart on-failure base:1 sh -c 'trap "exit 7" TERM; while true; do sleep 0.1; done' >/dev/null
+pid=$(field pid)
+kill -9 "$(berth --json ps | tr -d ' \n' | sed -n 's/.*"supervisor":{"pid":\([0-9]*\).*/\1/p')"
+sleep 0.5
+out=$(berth ps)
+id=$(berth --json ps | tr -d ' \n' | sed -n 's/.*"id":"\([0-9a-f]*\)".*/\1/p')
+out="$out $(cat /sys/fs/cgroup/berth/$id/memory.max)"
+same=$(field pid)
+berth stop adopt >/dev/null
+code=$(berth --json ps -a | tr -d ' \n' | sed -n 's/.*"exit_code":\([0-9]*\).*/\1/p')
+if [ "$same" = "$pid" ] && printf '%s' "$out" | grep -q 33554432 && ! printf '%s' "$out" | grep -q "supervisor lost" && [ "$code" = 7 ]; then
+  echo "adopt: PASS"
+else
+  echo "adopt: FAIL (pid $pid, exit $code)"; printf '%s\n' "$out"; fail=1
+fi
+berth rm -f adopt >/dev/null
 exit $fail

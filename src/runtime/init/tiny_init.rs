@@ -7,8 +7,10 @@
 //! It does what `runtime::init` does, as tini does: makes itself non-dumpable, reports
 //! readiness on the descriptor it is given, then forwards every signal to the command and
 //! reaps every child until the command exits, and exits with its status (128+n for signal
-//! n). Arguments, as for berth's `__init`: `berth-init __init COMMAND_PID READY_FD`. Every
-//! signal is already blocked when it starts.
+//! n). Arguments, as for berth's `__init`: `berth-init __init COMMAND_PID READY_FD
+//! [STATUS_FD]`; with STATUS_FD it writes the exit code there, in decimal, before it exits,
+//! for a supervisor that adopted the container and so cannot wait for it. Every signal is
+//! already blocked when it starts.
 
 #![no_std]
 #![no_main]
@@ -120,6 +122,29 @@ fn reap(command: isize) -> Option<i32> {
     }
 }
 
+/// Writes `code` (0..=255, as `status_code` makes it) in decimal and a newline to `fd`.
+/// No indexing or arithmetic that could panic: core's panic paths need an unwinder.
+fn report(fd: usize, code: i32) {
+    let c = (code & 0xff) as u8;
+    let digits = [b'0' + c / 100, b'0' + (c / 10) % 10, b'0' + c % 10, b'\n'];
+    let skip = if c >= 100 {
+        0
+    } else if c >= 10 {
+        1
+    } else {
+        2
+    };
+    unsafe {
+        syscall(
+            nr::WRITE,
+            fd,
+            digits.as_ptr().add(skip) as usize,
+            4 - skip,
+            0,
+        )
+    };
+}
+
 unsafe extern "C" fn main(sp: *const usize) -> ! {
     let (argc, argv) = unsafe { (*sp, sp.add(1) as *const *const u8) };
     if argc < 4 {
@@ -128,6 +153,11 @@ unsafe extern "C" fn main(sp: *const usize) -> ! {
     let (command, ready) = unsafe { (number(*argv.add(2)), number(*argv.add(3))) };
     let (Some(command), Some(ready)) = (command, ready) else {
         exit(125)
+    };
+    let status = if argc > 4 {
+        unsafe { number(*argv.add(4)) }
+    } else {
+        None
     };
     let command = command as isize;
     unsafe {
@@ -144,6 +174,9 @@ unsafe extern "C" fn main(sp: *const usize) -> ! {
     let mut info = [0u32; 32];
     loop {
         if let Some(code) = reap(command) {
+            if let Some(fd) = status {
+                report(fd, code);
+            }
             exit(code);
         }
         let n = unsafe { syscall(nr::READ, sfd as usize, info.as_mut_ptr() as usize, 128, 0) };
