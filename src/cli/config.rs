@@ -29,6 +29,15 @@ pub fn run(g: &GlobalOpts, args: &ConfigArgs, out: &mut Output) -> Result<(), Cl
             out.json_value(&a)?;
         } else {
             out.text(&to_toml(&a)?)?;
+            // `replicas` counts per host: what that makes over the environment.
+            let hosts = a.hosts.len();
+            for (name, svc) in &a.services {
+                out.text(&format!(
+                    "# {name}: {} replica(s) per host × {hosts} host(s) = {}\n",
+                    svc.replicas,
+                    svc.replicas as usize * hosts
+                ))?;
+            }
         }
         return Ok(());
     };

@@ -24,6 +24,13 @@ pub struct PsArgs {
     /// Show stopped containers too.
     #[arg(short, long)]
     pub all: bool,
+    /// An environment: every replica of its live release on every host (through the
+    /// agents).
+    #[arg(long)]
+    pub env: Option<String>,
+    /// With --env: only the hosts whose `hosts` entry contains this.
+    #[arg(long, requires = "env")]
+    pub host: Option<String>,
 }
 
 /// Arguments of `berth rm`.
@@ -85,6 +92,12 @@ pub struct LogsArgs {
     /// An environment: its live release's logs, merged (then the argument is a service).
     #[arg(long)]
     pub env: Option<String>,
+    /// With --env: only the hosts whose `hosts` entry contains this.
+    #[arg(long, requires = "env")]
+    pub host: Option<String>,
+    /// With --env and a service: only its replica N (1-based) on each host.
+    #[arg(long, requires = "container", requires = "env")]
+    pub replica: Option<usize>,
     /// The container (with --env: the service, or all of them when omitted).
     #[arg(required_unless_present = "env")]
     pub container: Option<String>,
@@ -101,15 +114,26 @@ pub struct ExecArgs {
     #[arg(short, long)]
     pub tty: bool,
     /// Set an environment variable.
-    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    #[arg(short = 'e', value_name = "K=V")]
+    pub vars: Vec<String>,
+    /// An environment to run in (then the argument is its service), or, as Docker's
+    /// --env, a variable K=V.
+    #[arg(long = "env", value_name = "ENV|K=V")]
     pub env: Vec<String>,
+    /// With --env ENV: the host whose `hosts` entry contains this [default: the first].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// With --env ENV: the service's replica N on that host (1-based) [default: the first
+    /// running].
+    #[arg(long)]
+    pub replica: Option<usize>,
     /// User (name, uid, name:group or uid:gid) [default: the container's].
     #[arg(short = 'u', long)]
     pub user: Option<String>,
     /// Working directory [default: the container's].
     #[arg(short = 'w', long)]
     pub workdir: Option<String>,
-    /// The container.
+    /// The container (with --env ENV: the service).
     pub container: String,
     /// Command and arguments.
     #[arg(required = true, allow_hyphen_values = true)]
@@ -159,7 +183,14 @@ pub fn status_text(st: &ContainerState) -> String {
             "Up {} (supervisor lost){restarts}",
             ago(st.started.as_deref())
         ),
-        Status::Running => format!("Up {}{restarts}", ago(st.started.as_deref())),
+        Status::Running => format!(
+            "Up {}{}{restarts}",
+            ago(st.started.as_deref()),
+            st.health
+                .as_ref()
+                .map(|h| format!(" ({})", h.status))
+                .unwrap_or_default()
+        ),
         Status::Restarting => format!(
             "Restarting ({}) {} ago{restarts}",
             st.exit_code.map_or("?".into(), |c| c.to_string()),
@@ -212,22 +243,35 @@ pub fn ps(g: &GlobalOpts, args: &PsArgs, out: &mut Output) -> Result<(), CliErro
             .collect();
         return Ok(out.json_value(&rows)?);
     }
-    out.line(format!(
-        "{:<14} {:<20} {:<20} {:<40} {:<28} COMMAND",
-        "ID", "NAME", "IMAGE", "STATUS", "PORTS"
-    ))?;
-    for c in &list {
-        out.line(format!(
-            "{:<14} {:<20} {:<20} {:<40} {:<28} {}",
-            c.short_id(),
-            c.name,
-            c.image,
-            status_text(c),
-            ports(c),
-            c.command.join(" ")
-        ))?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            vec![
+                c.short_id().to_string(),
+                c.name.clone(),
+                short_image(&c.image),
+                status_text(c),
+                ports(c),
+                c.command.join(" "),
+            ]
+        })
+        .collect();
+    for l in super::table::lines(
+        &["ID", "NAME", "IMAGE", "STATUS", "PORTS", "COMMAND"],
+        &rows,
+    ) {
+        out.line(l)?;
     }
     Ok(())
+}
+
+/// An image reference for a table: `name@sha256:` and 12 digits of a digest (`rmi`,
+/// `inspect` and `run` take that form).
+fn short_image(image: &str) -> String {
+    match image.split_once("@sha256:") {
+        Some((name, hex)) if hex.len() > 12 => format!("{name}@sha256:{}", &hex[..12]),
+        _ => image.to_string(),
+    }
 }
 
 fn stop_container(
@@ -422,9 +466,66 @@ pub fn logs(g: &GlobalOpts, args: &LogsArgs, out: &mut Output) -> Result<(), Cli
 }
 
 /// `berth exec [-i] [-t] [-e K=V] [-u USER] [-w DIR] NAME CMD...`.
+/// `exec`'s `-e` and `--env` values: the environment to run in (an `--env` value without
+/// `=`), and the variables. Nothing is silently taken for the other.
+pub fn exec_target(
+    g: &GlobalOpts,
+    args: &ExecArgs,
+) -> Result<(Option<String>, Vec<String>), CliError> {
+    let mut vars = Vec::new();
+    for v in &args.vars {
+        if !v.contains('=') {
+            return Err(CliError::invalid(miette!(
+                help = "-e sets a variable; to run in an environment's replica: `berth exec --env ENV SERVICE -- CMD`",
+                "`-e {v}` is not K=V"
+            )));
+        }
+        vars.push(v.clone());
+    }
+    let mut target: Option<String> = None;
+    for v in &args.env {
+        if v.contains('=') {
+            vars.push(v.clone());
+            continue;
+        }
+        let known = crate::manifest::Project::load(&g.project_dir())
+            .map(|p| p.environments())
+            .unwrap_or_default();
+        if !known.iter().any(|k| k == v) {
+            return Err(CliError::invalid(miette!(
+                help = format!(
+                    "--env takes an environment ({}) or a variable K=V",
+                    if known.is_empty() {
+                        "this directory has none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+                "`--env {v}` is neither an environment of this project nor K=V"
+            )));
+        }
+        if let Some(t) = &target {
+            return Err(CliError::invalid(miette!(
+                "two environments: --env {t} and --env {v}"
+            )));
+        }
+        target = Some(v.clone());
+    }
+    if target.is_none() && (args.host.is_some() || args.replica.is_some()) {
+        return Err(CliError::invalid(miette!(
+            "--host and --replica pick a replica of an environment: give --env ENV"
+        )));
+    }
+    Ok((target, vars))
+}
+
 pub fn exec_cmd(g: &GlobalOpts, args: &ExecArgs, out: &mut Output) -> Result<(), CliError> {
     if out.json {
         return Err(super::no_json("`exec` (its output is the command's)"));
+    }
+    let (target, vars) = exec_target(g, args)?;
+    if let Some(env) = target {
+        return super::status::env_exec(g, &env, args, vars);
     }
     let (_, containers) = open(g)?;
     let st = get(&containers, &args.container)?;
@@ -437,7 +538,7 @@ pub fn exec_cmd(g: &GlobalOpts, args: &ExecArgs, out: &mut Output) -> Result<(),
     let spec = containers.spec(&st.id).map_err(failed)?;
     let mut env = crate::runtime::instance::process_env(&spec)
         .map_err(|e| CliError::failed(miette::Report::from_err(e)))?;
-    for kv in &args.env {
+    for kv in &vars {
         let Some((k, _)) = kv.split_once('=') else {
             return Err(CliError::invalid(miette!("`{kv}` is not K=V")));
         };

@@ -43,13 +43,65 @@ fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::failed(miette!("{e}"))
 }
 
-/// An environment of the project (its current release), else an image reference.
+/// A release of an environment as a side: its digest where that environment pulls it.
+fn release_side(
+    name: &str,
+    config: crate::manifest::AppConfig,
+    release: crate::promote::ledger::Release,
+) -> Result<Side, CliError> {
+    let registry = config
+        .registry
+        .as_ref()
+        .map(|r| {
+            r.to_string()
+                .parse::<Reference>()
+                .map(|x| x.with_digest(&release.digest))
+        })
+        .transpose()
+        .map_err(|e| CliError::invalid(miette!("{e}")))?;
+    Ok(Side {
+        name: name.to_string(),
+        digest: release.digest.clone(),
+        release: Some(release),
+        config: Some(config),
+        registry,
+    })
+}
+
+/// An environment of the project (its current release), `ENV@N` (its release N), an image
+/// reference, or a digest prefix as `releases` prints it (found in the environments'
+/// ledgers when the image is not in the store).
 fn side(
     name: &str,
     project: Option<&Project>,
     store: &Store,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Side, CliError> {
+    if let Some(project) = project
+        && let Some((env, n)) = name.split_once('@')
+        && project.environments().iter().any(|e| e == env)
+    {
+        let n: u32 = n.parse().map_err(|_| {
+            CliError::invalid(miette!(
+                help = "ENV@N names release N of environment ENV (see `berth releases --env ENV`)",
+                "`{name}`: `{n}` is not a release number"
+            ))
+        })?;
+        let config = project.resolve(env)?;
+        let history = super::status::history(store, &config, rt)?;
+        let release = history
+            .iter()
+            .rev()
+            .find(|r| r.number == n)
+            .cloned()
+            .ok_or_else(|| {
+                CliError::failed(miette!(
+                    help = format!("berth releases --env {env}"),
+                    "environment {env} has no release {n}"
+                ))
+            })?;
+        return release_side(name, config, release);
+    }
     if let Some(project) = project
         && project.environments().iter().any(|e| e == name)
     {
@@ -73,23 +125,7 @@ fn side(
                 "environment {name} has no release to compare"
             )));
         };
-        let registry = config
-            .registry
-            .as_ref()
-            .map(|r| {
-                r.to_string()
-                    .parse::<Reference>()
-                    .map(|x| x.with_digest(&release.digest))
-            })
-            .transpose()
-            .map_err(|e| CliError::invalid(miette!("{e}")))?;
-        return Ok(Side {
-            name: name.to_string(),
-            digest: release.digest.clone(),
-            release: Some(release),
-            config: Some(config),
-            registry,
-        });
+        return release_side(name, config, release);
     }
     if let Ok(d) = store.resolve(name) {
         return Ok(Side {
@@ -99,6 +135,28 @@ fn side(
             config: None,
             registry: None,
         });
+    }
+    let hex = name.strip_prefix("sha256:").unwrap_or(name);
+    if let Some(project) = project
+        && hex.len() >= 6
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        for env in project.environments() {
+            let Ok(config) = project.resolve(&env) else {
+                continue;
+            };
+            let Ok(history) = super::status::history(store, &config, rt) else {
+                continue;
+            };
+            if let Some(r) = history
+                .iter()
+                .rev()
+                .find(|r| r.digest.hex().starts_with(hex))
+                .cloned()
+            {
+                return release_side(name, config, r);
+            }
+        }
     }
     let reference: Reference = name.parse().map_err(|e: String| {
         CliError::invalid(miette!(

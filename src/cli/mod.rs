@@ -20,6 +20,7 @@ mod promote;
 mod registry;
 mod run;
 mod status;
+mod table;
 mod tty;
 
 use std::path::PathBuf;
@@ -54,9 +55,11 @@ pub struct GlobalOpts {
     /// Run as if started in DIR (the project directory).
     #[arg(short = 'C', value_name = "DIR", global = true)]
     pub project_dir: Option<PathBuf>,
-    /// Where images, layers and containers live [default: /var/lib/berth as root,
-    /// else $XDG_DATA_HOME/berth].
-    #[arg(long, value_name = "DIR", env = "BERTH_STORE", global = true)]
+    /// Where images, layers and containers live [default: $BERTH_STORE, else
+    /// /var/lib/berth as root, else $XDG_DATA_HOME/berth].
+    // BERTH_STORE is read in `store_dir`, not through clap's `env`: clap would print
+    // `--store <DIR>` in every usage line as if it were required.
+    #[arg(long, value_name = "DIR", global = true)]
     pub store: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -83,6 +86,9 @@ impl GlobalOpts {
     pub fn store_dir(&self) -> PathBuf {
         if let Some(dir) = &self.store {
             return dir.clone();
+        }
+        if let Some(dir) = std::env::var_os("BERTH_STORE").filter(|v| !v.is_empty()) {
+            return PathBuf::from(dir);
         }
         if nix::unistd::geteuid().is_root() {
             return PathBuf::from("/var/lib/berth");
@@ -209,13 +215,44 @@ pub enum Command {
     Man(completions::ManArgs),
 }
 
+/// The command line, parsed. The agent's help leaves out the options it does not take
+/// (it has `--state`, prints no JSON and reads no project).
+fn parse() -> Result<Cli, clap::Error> {
+    use clap::{Arg, ArgAction, CommandFactory, FromArgMatches, value_parser};
+    // Hidden arguments of its own under the global ones' names: clap then does not show
+    // the global ones there (they are accepted, and unused).
+    let cmd = Cli::command().mut_subcommand("agent", |a| {
+        a.arg(
+            Arg::new("project_dir")
+                .short('C')
+                .value_name("DIR")
+                .value_parser(value_parser!(PathBuf))
+                .hide(true),
+        )
+        .arg(
+            Arg::new("store")
+                .long("store")
+                .value_name("DIR")
+                .value_parser(value_parser!(PathBuf))
+                .hide(true),
+        )
+        .arg(
+            Arg::new("json")
+                .long("json")
+                .action(ArgAction::SetTrue)
+                .hide(true),
+        )
+    });
+    Cli::from_arg_matches(&cmd.try_get_matches()?)
+}
+
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn main() -> ExitCode {
     // Nothing berth writes is ever group- or world-writable, whatever the caller's umask
     // (state that root acts on later must not be replaceable by another user).
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     nix::sys::stat::umask(old | nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
             // clap prints help and version to stdout (exit 0) and usage errors to stderr.
@@ -342,13 +379,18 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Export(args) => images::export(g, args, out),
         Command::Bundle(args) => images::bundle(g, args, out),
         Command::Run(args) => run::run(g, args, out),
-        Command::Ps(args) => containers::ps(g, args, out),
+        Command::Ps(args) => match &args.env {
+            Some(env) => status::env_ps(g, env, args.host.as_deref(), out),
+            None => containers::ps(g, args, out),
+        },
         Command::Logs(args) => match &args.env {
             Some(env) => status::env_logs(
                 g,
                 env,
                 &status::EnvLogsArgs {
                     service: args.container.clone(),
+                    replica: args.replica,
+                    host: args.host.clone(),
                     tail: args.tail,
                     follow: args.follow,
                     since: args.since.clone(),
@@ -377,7 +419,7 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Diff(args) => diff::run(g, args, out),
         Command::Scale(args) => deploy::scale(g, args, out),
         Command::Router { dir, ready } => {
-            std::process::exit(crate::deploy::router::run(dir, *ready))
+            std::process::exit(crate::deploy::router::run(dir, &g.store_dir(), *ready))
         }
         Command::Network(cmd) => network::network(g, cmd, out),
         Command::Volume(cmd) => network::volume(g, cmd, out),

@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Remove the container when it exits.
     #[arg(long)]
     pub rm: bool,
+    /// Do not run the image's HEALTHCHECK.
+    #[arg(long)]
+    pub no_healthcheck: bool,
     /// Keep standard input open (otherwise the container reads /dev/null).
     #[arg(short, long)]
     pub interactive: bool,
@@ -101,9 +104,10 @@ pub(crate) fn failed(e: impl std::error::Error + Send + Sync + 'static) -> CliEr
 /// The container's spec from the image's config and the command line.
 fn build_spec(
     args: &RunArgs,
-    cfg: &oci_spec::image::Config,
+    image: &crate::store::ImageConfig,
     short_id: &str,
 ) -> Result<ContainerSpec, CliError> {
+    let cfg = &image.oci.config().clone().unwrap_or_default();
     let invalid = |m: String| CliError::invalid(miette!("{m}"));
     let mut argv = cfg.entrypoint().clone().unwrap_or_default();
     if args.command.is_empty() {
@@ -123,7 +127,12 @@ fn build_spec(
     }
     for kv in &args.env {
         let Some((k, _)) = kv.split_once('=') else {
-            return Err(invalid(format!("`{kv}` is not K=V")));
+            return Err(CliError::invalid(miette!(
+                help = format!(
+                    "on `run`, -e/--env sets a variable K=V; to run a command in a replica of environment `{kv}`: berth exec --env {kv} SERVICE -- CMD"
+                ),
+                "`--env {kv}` is not K=V"
+            )));
         };
         env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k));
         env.push(kv.clone());
@@ -266,6 +275,12 @@ fn build_spec(
         auto_remove: args.rm,
         secrets: Vec::new(),
         secrets_file: None,
+        // The image's HEALTHCHECK, kept running by a detached container's supervisor.
+        health: if args.no_healthcheck {
+            None
+        } else {
+            image.health_check()
+        },
     })
 }
 
@@ -280,7 +295,6 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
     let store = Store::open(&g.store_dir())?;
     let image = store.load_image(&args.image)?;
     let containers = Containers::new(&store).map_err(failed)?;
-    let cfg = image.config.oci.config().clone().unwrap_or_default();
     if args.detach && args.interactive {
         return Err(CliError::invalid(miette!(
             "-d and -i exclude each other: a detached container's stdin is closed"
@@ -300,7 +314,7 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
             }
             e => failed(e),
         })?;
-    let spec = match build_spec(args, &cfg, st.short_id()) {
+    let spec = match build_spec(args, &image.config, st.short_id()) {
         Ok(s) => s,
         Err(e) => {
             let _ = containers.remove(&st);

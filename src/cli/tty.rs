@@ -36,7 +36,7 @@ impl Pty {
     }
 }
 
-fn window_size(fd: &impl AsFd) -> Option<nix::pty::Winsize> {
+pub fn window_size(fd: &impl AsFd) -> Option<nix::pty::Winsize> {
     let mut ws = nix::pty::Winsize {
         ws_row: 0,
         ws_col: 0,

@@ -13,6 +13,8 @@
 //! - `GET /v1/releases?deployment=D` → `[HostRelease]`, oldest first
 //! - `GET /v1/logs?deployment=D[&service=S][&tail=N][&since=T]` → the live replicas' lines
 //! - `POST /v1/down` `DeploymentRequest` → `DownAnswer`
+//! - `POST /v1/exec` (`Upgrade: berth-exec`, `ExecRequest` in `x-berth-exec`) → 101, then
+//!   the command's stdio framed on the connection (see [`super::exec`])
 //!
 //! Failures answer `ErrorAnswer`: 400 invalid, 401 token, 404 no route, 409 locked or
 //! nothing to roll back to, 413 body too large, 422 unhealthy or a replica that would not
@@ -29,10 +31,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use super::api::{
-    ApplyRequest, DeploymentQuery, DeploymentRequest, DownAnswer, ErrorAnswer, HostRelease,
-    LogsQuery, MAX_BODY, PreflightAnswer, RevertRequest, RollbackRequest,
+    ApplyRequest, DeploymentQuery, DeploymentRequest, DownAnswer, ErrorAnswer, ExecRequest,
+    HostRelease, LogsQuery, MAX_BODY, PreflightAnswer, RevertRequest, RollbackRequest,
 };
-use super::{DeployError, Outcome, ReleasePlan, SecretValues, local};
+use super::{DeployError, Outcome, ReleasePlan, SecretValues, exec, local};
 use crate::registry_client::auth::{Credential, Secret};
 use crate::registry_client::{Client, ClientOptions, Reference, pull};
 use crate::store::Store;
@@ -213,6 +215,9 @@ async fn handle(
             "a valid bearer token is required",
         ));
     }
+    if req.uri().path() == "/v1/exec" {
+        return Ok(exec_upgrade(cfg, req));
+    }
     let (parts, body) = req.into_parts();
     // Bounded: a body above MAX_BODY is refused without being read to its end.
     let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
@@ -246,6 +251,64 @@ async fn handle(
         }
     };
     Ok(serve_route(cfg, store, route).await)
+}
+
+/// `POST /v1/exec`: checks the request (in the `x-berth-exec` header, base64 JSON) and
+/// the replica, answers 101 and runs the command on the upgraded connection.
+fn exec_upgrade(cfg: Arc<AgentConfig>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use base64::Engine as _;
+    let wants_upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"berth-exec"));
+    if req.method() != Method::POST || !wants_upgrade {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "exec is a POST with `Upgrade: berth-exec`",
+        );
+    }
+    let decoded = req
+        .headers()
+        .get("x-berth-exec")
+        .ok_or_else(|| "no x-berth-exec header".to_string())
+        .and_then(|h| {
+            base64::engine::general_purpose::STANDARD
+                .decode(h.as_bytes())
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|b| serde_json::from_slice::<ExecRequest>(&b).map_err(|e| e.to_string()))
+        .and_then(|r| r.validate().map(|()| r).map_err(|e| e.to_string()));
+    let r = match decoded {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("the exec request is not valid: {e}"),
+            );
+        }
+    };
+    let id = match Store::open(&cfg.state)
+        .map_err(|e| e.to_string())
+        .and_then(|store| exec::target(&store, &r.deployment, &r.service, r.replica))
+    {
+        Ok(id) => id,
+        Err(e) => return refuse(StatusCode::CONFLICT, "conflict", e),
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(io) = upgrade.await {
+            let io = hyper_util::rt::TokioIo::new(io);
+            exec::serve(&cfg.program, &cfg.state, &r, &id, io).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(hyper::header::UPGRADE, "berth-exec")
+        .body(Full::new(Bytes::new()))
+        .expect("a valid response")
 }
 
 /// The registry client an apply or preflight request asks for, with its credentials.
@@ -398,7 +461,15 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
                 Some(Ok(t)) => Some(t),
                 Some(Err(e)) => return bad(format!("since: {e}")),
             };
-            match local::replica_logs(&store, &q.deployment, q.service.as_deref(), q.tail, since) {
+            let lines = local::replica_logs(
+                &store,
+                &q.deployment,
+                q.service.as_deref(),
+                q.replica,
+                q.tail,
+                since,
+            );
+            match lines {
                 Ok(lines) => reply(StatusCode::OK, &lines),
                 Err(e) => error_reply(&e),
             }
@@ -508,18 +579,21 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
                 // A request's headers must arrive within HEADERS (slow clients cut off).
                 http.timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADERS);
+                // `exec` upgrades its connection to a framed stream.
                 match acceptor {
                     Some(a) => {
                         let handshake = tokio::time::timeout(HEADERS, a.accept(stream)).await;
                         if let Ok(Ok(tls)) = handshake {
                             let _ = http
                                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .with_upgrades()
                                 .await;
                         }
                     }
                     None => {
                         let _ = http
                             .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .with_upgrades()
                             .await;
                     }
                 }

@@ -171,6 +171,12 @@ pub struct HostState {
     /// Each service's replicas: running, of how many.
     #[serde(default)]
     pub services: BTreeMap<String, ReplicaCount>,
+    /// Each replica: status, health, restarts, last exit.
+    #[serde(default)]
+    pub replicas: Vec<super::local::ReplicaView>,
+    /// What is wrong on the host beyond its replicas (a router that is not running).
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 /// The answer to `POST /v1/preflight`: every problem found (none: go).
@@ -226,6 +232,70 @@ pub struct DeploymentQuery {
     pub deployment: DeploymentName,
 }
 
+/// `POST /v1/exec`, upgraded to `berth-exec` (the request rides in the `x-berth-exec`
+/// header, JSON): a command in one replica of a live release, its stdio then framed on
+/// the connection ([`super::frames`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// `app-environment`.
+    pub deployment: DeploymentName,
+    /// The service.
+    pub service: ServiceName,
+    /// Its replica on that host, 1-based (default: the first that runs).
+    #[serde(default)]
+    pub replica: Option<usize>,
+    /// Command and arguments.
+    pub command: Vec<String>,
+    /// Give it a terminal.
+    #[serde(default)]
+    pub tty: bool,
+    /// Keep its stdin open.
+    #[serde(default)]
+    pub interactive: bool,
+    /// Extra variables, `K=V`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Its user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Its working directory.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// The terminal's size (rows, columns), with `tty`.
+    #[serde(default)]
+    pub size: Option<(u16, u16)>,
+}
+
+impl ExecRequest {
+    /// Checks what reaches the host beyond the typed names: a command, variables that are
+    /// `K=V`, no NUL anywhere.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let bad = |m: String| Err(RequestError::BadPlan(m));
+        if self.command.is_empty() {
+            return bad("no command".into());
+        }
+        let texts = self
+            .command
+            .iter()
+            .chain(&self.env)
+            .chain(self.user.iter())
+            .chain(self.workdir.iter());
+        if texts.clone().any(|t| t.contains('\0')) {
+            return bad("a NUL byte in the command".into());
+        }
+        if let Some(kv) = self.env.iter().find(|kv| {
+            kv.split_once('=')
+                .is_none_or(|(k, _)| !crate::manifest::values::valid_env_name(k))
+        }) {
+            return bad(format!("`{}` is not K=V", shown(kv)));
+        }
+        if self.replica == Some(0) {
+            return bad("replicas are numbered from 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// `GET /v1/logs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogsQuery {
@@ -234,6 +304,9 @@ pub struct LogsQuery {
     /// Only this service's replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceName>,
+    /// Only this replica of the service (1-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<usize>,
     /// The last N lines of each replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail: Option<usize>,

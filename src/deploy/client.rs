@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 
 use super::api::{
     ApplyRequest, DeploymentName, DeploymentQuery, DeploymentRequest, DownAnswer, ErrorAnswer,
-    HostState, LogsQuery, PreflightAnswer, RevertRequest, RollbackRequest,
+    ExecRequest, HostState, LogsQuery, PreflightAnswer, RevertRequest, RollbackRequest,
 };
-use super::host::{Host, HostError, HostErrorKind};
+use super::host::{ExecStream, Host, HostError, HostErrorKind};
 use super::local::ReplicaLine;
 use super::{ReleasePlan, SecretValues};
 use crate::registry_client::Reference;
@@ -158,7 +158,14 @@ impl AgentClient {
                     )
                 });
             }
-            let answer: ErrorAnswer = serde_json::from_slice(&bytes).unwrap_or(ErrorAnswer {
+            Err(self.answer_error(&url, status, &bytes))
+        })
+    }
+
+    /// The failure an agent's answer describes (`ErrorAnswer`, or just its status).
+    fn answer_error(&self, url: &str, status: reqwest::StatusCode, bytes: &[u8]) -> HostError {
+        {
+            let answer: ErrorAnswer = serde_json::from_slice(bytes).unwrap_or(ErrorAnswer {
                 error: format!("{url} answered {status}"),
                 kind: String::new(),
                 service: None,
@@ -180,8 +187,8 @@ impl AgentClient {
             if !answer.logs.is_empty() && !message.contains(&answer.logs) {
                 message = format!("{message}\n--- its last log lines:\n{}", answer.logs);
             }
-            Err(self.error(kind, message))
-        })
+            self.error(kind, message)
+        }
     }
 
     fn post<R: Serialize, A: DeserializeOwned>(
@@ -288,6 +295,42 @@ impl Host for AgentClient {
             None,
             SHORT,
         )
+    }
+
+    fn exec(
+        &self,
+        request: &ExecRequest,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<ExecStream, HostError> {
+        use base64::Engine as _;
+        let url = format!("{}/v1/exec", self.url);
+        let header = base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(request).expect("a request serialises"));
+        let req = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, "berth-exec")
+            .header("x-berth-exec", header);
+        rt.block_on(async {
+            let resp = req.send().await.map_err(|e| {
+                self.error(
+                    HostErrorKind::Unreachable,
+                    format!("cannot reach the agent: {e}"),
+                )
+            })?;
+            let status = resp.status();
+            if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+                let bytes = resp.bytes().await.unwrap_or_default();
+                return Err(self.answer_error(&url, status, &bytes));
+            }
+            let io = resp
+                .upgrade()
+                .await
+                .map_err(|e| self.error(HostErrorKind::Failed, format!("the exec stream: {e}")))?;
+            Ok(Box::new(io) as ExecStream)
+        })
     }
 }
 

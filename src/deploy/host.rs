@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::api::{DeploymentName, HostState, LogsQuery, RollbackRequest};
+use super::api::{DeploymentName, ExecRequest, HostState, LogsQuery, RollbackRequest};
 use super::local::{self, ReplicaLine};
 use super::{DeployError, Outcome, ReleasePlan, SecretValues};
 use crate::store::Store;
@@ -51,6 +51,13 @@ impl HostError {
     }
 }
 
+/// A replica's command, its stdio framed both ways ([`super::frames`]).
+pub trait ExecIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ExecIo for T {}
+
+/// A connection to a command running in a replica.
+pub type ExecStream = Box<dyn ExecIo>;
+
 /// One machine a release rolls out to.
 pub trait Host: Send + Sync {
     /// Its name, as the ledger and the output give it (`local`, an agent's URL).
@@ -76,6 +83,19 @@ pub trait Host: Send + Sync {
     fn down(&self, deployment: &DeploymentName) -> Result<usize, HostError>;
     /// The live replicas' log lines.
     fn logs(&self, query: &LogsQuery) -> Result<Vec<ReplicaLine>, HostError>;
+    /// Starts a command in one replica there (on `rt`); its stdio on the stream returned.
+    fn exec(
+        &self,
+        request: &ExecRequest,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<ExecStream, HostError> {
+        let _ = (request, rt);
+        Err(HostError::new(
+            self.name(),
+            HostErrorKind::Refused,
+            "exec is not available on this host",
+        ))
+    }
 }
 
 /// This machine, driven in-process.
@@ -215,9 +235,35 @@ impl Host for LocalHost {
             &self.store()?,
             &q.deployment,
             q.service.as_deref(),
+            q.replica,
             q.tail,
             since,
         )
         .map_err(|e| deploy_error("local", &e))
+    }
+
+    fn exec(
+        &self,
+        request: &ExecRequest,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<ExecStream, HostError> {
+        let store = self.store()?;
+        let id = super::exec::target(
+            &store,
+            &request.deployment,
+            &request.service,
+            request.replica,
+        )
+        .map_err(|e| HostError::new("local", HostErrorKind::Refused, e))?;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (program, store_dir, request) = (
+            self.program.clone(),
+            self.store_dir.clone(),
+            request.clone(),
+        );
+        rt.spawn(async move {
+            super::exec::serve(&program, &store_dir, &request, &id, theirs).await;
+        });
+        Ok(Box::new(ours))
     }
 }

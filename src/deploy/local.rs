@@ -6,12 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::health;
-use super::router::Router;
+use super::router::{Backend, Router};
 use super::{
     DeployError, Outcome, ReleasePlan, ReleaseRecord, SecretValues, ServicePlan, state_dir,
 };
@@ -155,39 +154,112 @@ pub fn actor() -> String {
 
 /// Each service of a release: replicas running, and replicas it should have.
 pub fn replica_health(store: &Store, record: &ReleaseRecord) -> BTreeMap<String, ReplicaCount> {
-    let Ok(containers) = Containers::new(store) else {
-        return BTreeMap::new();
-    };
-    record
-        .replicas
-        .iter()
-        .map(|(name, ids)| {
-            let running = ids
-                .iter()
-                .filter(|id| {
-                    containers
-                        .get(id)
-                        .is_ok_and(|c| c.status == Status::Running)
-                })
-                .count();
-            (
-                name.clone(),
-                ReplicaCount {
-                    running,
-                    total: ids.len(),
-                },
-            )
-        })
-        .collect()
+    let mut counts: BTreeMap<String, ReplicaCount> = BTreeMap::new();
+    for r in replicas(store, record) {
+        let c = counts.entry(r.service.clone()).or_insert(ReplicaCount {
+            running: 0,
+            healthy: 0,
+            total: 0,
+        });
+        c.total += 1;
+        if r.status == "running" {
+            c.running += 1;
+            if r.health != Some(crate::runtime::health::Health::Unhealthy) {
+                c.healthy += 1;
+            }
+        }
+    }
+    counts
 }
 
-/// Replicas of a service: how many run, of how many.
+/// Each replica of a release as it stands on this host, in the release's order.
+pub fn replicas(store: &Store, record: &ReleaseRecord) -> Vec<ReplicaView> {
+    let Ok(containers) = Containers::new(store) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (service, ids) in &record.replicas {
+        for (i, id) in ids.iter().enumerate() {
+            let view = match containers.get(id) {
+                Ok(c) => ReplicaView {
+                    service: service.clone(),
+                    replica: i + 1,
+                    name: c.name.clone(),
+                    id: c.id.clone(),
+                    status: format!("{:?}", c.status).to_lowercase(),
+                    health: c.health.as_ref().map(|h| h.status),
+                    health_error: c
+                        .health
+                        .as_ref()
+                        .filter(|h| h.status != crate::runtime::health::Health::Healthy)
+                        .and_then(|h| h.last_error.clone()),
+                    restarts: c.restarts,
+                    last_exit: c.exit_code,
+                    oom_killed: c.oom_killed,
+                    started: c.started.clone(),
+                },
+                Err(_) => ReplicaView {
+                    service: service.clone(),
+                    replica: i + 1,
+                    name: String::new(),
+                    id: id.clone(),
+                    status: "missing".into(),
+                    health: None,
+                    health_error: None,
+                    restarts: 0,
+                    last_exit: None,
+                    oom_killed: false,
+                    started: None,
+                },
+            };
+            out.push(view);
+        }
+    }
+    out
+}
+
+/// Replicas of a service: how many run, how many of those are not unhealthy, of how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaCount {
     /// Running.
     pub running: usize,
+    /// Running and not unhealthy (healthy, starting, or without a check).
+    #[serde(default)]
+    pub healthy: usize,
     /// Wanted.
     pub total: usize,
+}
+
+/// One replica on a host, for `status` and `ps --env`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaView {
+    /// Its service.
+    pub service: String,
+    /// Its number within the service on this host (1-based).
+    pub replica: usize,
+    /// Its container's name.
+    pub name: String,
+    /// Its container's id.
+    pub id: String,
+    /// `running`, `restarting`, `stopped`, `created`, or `missing`.
+    pub status: String,
+    /// What its health check says, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::runtime::health::Health>,
+    /// What the last failing probe said, while not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_error: Option<String>,
+    /// Times its restart policy started it again.
+    pub restarts: u32,
+    /// Its last exit code.
+    #[serde(default)]
+    pub last_exit: Option<i32>,
+    /// The OOM killer ended it last.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// When it started (RFC 3339).
+    #[serde(default)]
+    pub started: Option<String>,
 }
 
 /// A replica's container spec: the image's config under the service's settings.
@@ -254,6 +326,8 @@ fn replica_spec(
         secrets_file: (!svc.secrets.is_empty())
             .then(|| secrets_file.map(Path::to_path_buf))
             .flatten(),
+        // Kept running after cutover by the replica's supervisor.
+        health: svc.health.clone().or_else(|| image.config.health_check()),
     }
 }
 
@@ -285,6 +359,15 @@ fn last_lines(containers: &Containers, id: &str) -> String {
     logs::read(&containers.dir(id), &filter)
         .map(|(recs, _)| recs.iter().map(|r| r.log.as_str()).collect::<String>())
         .unwrap_or_default()
+}
+
+/// A replica as its router's backend: its id and address.
+fn backend(containers: &Containers, id: &str) -> Option<Backend> {
+    let ip = containers.get(id).ok()?.ip?;
+    Some(Backend {
+        id: Some(id.to_string()),
+        ip,
+    })
 }
 
 /// Runs `argv` in a running container; its exit code.
@@ -560,10 +643,10 @@ pub fn apply(
             let _ = router.remove();
             continue;
         }
-        let ips: Vec<IpAddr> = started
+        let ips: Vec<Backend> = started
             .iter()
             .filter(|(s, _)| s == &svc.name)
-            .filter_map(|(_, st)| containers.get(&st.id).ok().and_then(|c| c.ip))
+            .filter_map(|(_, st)| backend(&containers, &st.id))
             .collect();
         let switched = router
             .ensure(program, store_dir, &svc.ports)
@@ -574,9 +657,9 @@ pub fn apply(
             // Routers already switched go back to the previous replicas.
             if let Some(prev) = &previous {
                 for (name, ids) in &prev.replicas {
-                    let back: Vec<IpAddr> = ids
+                    let back: Vec<Backend> = ids
                         .iter()
-                        .filter_map(|id| containers.get(id).ok().and_then(|c| c.ip))
+                        .filter_map(|id| backend(&containers, id))
                         .collect();
                     let _ = Router::new(routers_dir.join(name)).switch(&back);
                 }
@@ -760,12 +843,30 @@ pub fn status(store: &Store, deployment: &str) -> super::api::HostState {
     let Some(live) = current(store, deployment) else {
         return super::api::HostState::default();
     };
+    // A service whose router is not running publishes nothing, whatever its replicas do.
+    let mut problems = Vec::new();
+    for svc in live.plan.services.iter().filter(|s| !s.ports.is_empty()) {
+        let router = Router::new(state_dir(store, deployment).join("routers").join(&svc.name));
+        if router.process().is_none() {
+            problems.push(format!(
+                "{}: the router of {} is not running",
+                svc.name,
+                svc.ports
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
     super::api::HostState {
         release: Some(live.number),
         digest: Some(live.digest.clone()),
         revision: live.revision.clone(),
         since: Some(live.time.clone()),
         services: replica_health(store, &live),
+        replicas: replicas(store, &live),
+        problems,
     }
 }
 
@@ -951,8 +1052,8 @@ pub fn recover(store: &Store, program: &Path, store_dir: &Path) -> usize {
                 {
                     started += 1;
                 }
-                if let Some(ip) = containers.get(id).ok().and_then(|c| c.ip) {
-                    ips.push(ip);
+                if let Some(b) = backend(&containers, id) {
+                    ips.push(b);
                 }
             }
             let Some(svc) = live.plan.services.iter().find(|s| &s.name == service) else {
@@ -1046,12 +1147,13 @@ pub struct ReplicaLine {
     pub log: String,
 }
 
-/// The logs of the live release's replicas (of `service`, if given; the last `tail` lines
-/// of each), merged by time.
+/// The logs of the live release's replicas (of `service`, and of its replica number
+/// `replica`, if given; the last `tail` lines of each), merged by time.
 pub fn replica_logs(
     store: &Store,
     deployment: &str,
     service: Option<&str>,
+    replica: Option<usize>,
     tail: Option<usize>,
     since: Option<jiff::Timestamp>,
 ) -> Result<Vec<ReplicaLine>, DeployError> {
@@ -1065,7 +1167,10 @@ pub fn replica_logs(
         if service.is_some_and(|s| s != name) {
             continue;
         }
-        for id in ids {
+        for (i, id) in ids.iter().enumerate() {
+            if replica.is_some_and(|n| n != i + 1) {
+                continue;
+            }
             let Ok(st) = containers.get(id) else { continue };
             let filter = logs::Filter { tail, since };
             let (recs, _) = logs::read(&containers.dir(id), &filter).map_err(|e| {

@@ -9,7 +9,9 @@
 pub mod agent;
 pub mod api;
 pub mod client;
-pub mod health;
+pub mod exec;
+pub mod frames;
+pub use crate::runtime::health;
 pub mod host;
 pub mod local;
 pub mod plan;

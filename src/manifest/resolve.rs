@@ -298,6 +298,7 @@ fn decode_config(
     let rollout = get("rollout").map_or(Some(Rollout::default()), |n| decode_rollout(d, n));
     let agent = get("agent").map_or(Some(AgentAccess::default()), |n| decode_agent(d, n));
     let registry = get("registry").and_then(|n| d.parsed::<RegistryRepo>(n, "registry"));
+    let hooks = get("hooks").map_or(Some(BTreeMap::new()), |n| decode_hooks(d, n));
     let hosts = match get("hosts") {
         Some(n) => decode_hosts(d, n),
         None => {
@@ -378,7 +379,28 @@ fn decode_config(
         project_dir: PathBuf::new(),
         image: image?,
         services: services?,
+        hooks: hooks?,
     })
+}
+
+/// `[hooks]`: each a command, as a string (run with `/bin/sh -c`) or an argv.
+fn decode_hooks(d: &mut Decoder, node: &Node) -> Option<BTreeMap<String, CommandLine>> {
+    let t = d.table(node, "hooks")?;
+    d.known_keys(t, HOOK_KEYS, "hooks");
+    let mut out = BTreeMap::new();
+    let mut ok = true;
+    for (key, value) in &t.entries {
+        if !HOOK_KEYS.contains(&key.name.as_str()) {
+            continue;
+        }
+        match d.command_line(value, &format!("hooks.{}", key.name)) {
+            Some(c) => {
+                out.insert(key.name.clone(), c);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
 }
 
 fn env_name(d: &mut Decoder, node: &Node, path: &str) -> Option<String> {

@@ -13,7 +13,9 @@ use super::values::{
 };
 
 /// Keys allowed at the top of `berth.toml`.
-pub const BASE_KEYS: &[&str] = &["app", "image", "services", "env", "env_file", "rollout"];
+pub const BASE_KEYS: &[&str] = &[
+    "app", "image", "services", "env", "env_file", "rollout", "hooks",
+];
 /// Keys allowed at the top of an environment file.
 pub const ENV_KEYS: &[&str] = &[
     "registry",
@@ -27,6 +29,15 @@ pub const ENV_KEYS: &[&str] = &[
     "services",
     "rollout",
     "agent",
+    "hooks",
+];
+/// Keys of `[hooks]`: when each runs.
+pub const HOOK_KEYS: &[&str] = &[
+    "pre_deploy",
+    "post_deploy",
+    "pre_promote",
+    "post_promote",
+    "post_rollback",
 ];
 /// Keys of an environment's `[agent]` table.
 pub const AGENT_KEYS: &[&str] = &["token", "fingerprint", "ca", "insecure"];
@@ -119,6 +130,11 @@ pub struct AppConfig {
     pub image: ImageSpec,
     /// The services, by name.
     pub services: BTreeMap<String, Service>,
+    /// Commands run on the deploying machine around releases (`[hooks]` of `berth.toml`,
+    /// each overridden by the environment file's), by when: `pre_deploy`, `post_deploy`,
+    /// `pre_promote`, `post_promote`, `post_rollback`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub hooks: BTreeMap<String, CommandLine>,
 }
 
 /// An environment's `[agent]` table: how berth reaches and trusts its agents.

@@ -142,6 +142,29 @@ pub struct Release {
     /// The record before this one (its id in the ledger).
     #[serde(default)]
     pub previous: Option<Digest>,
+    /// The hooks that ran around it, and how they ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<HookRecord>,
+}
+
+/// A hook that ran around a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRecord {
+    /// When it ran: `pre_deploy`, `post_deploy`, `pre_promote`, `post_promote`,
+    /// `post_rollback`.
+    pub hook: String,
+    /// Its exit code (`None`: it could not start, or a signal ended it).
+    pub exit_code: Option<i32>,
+    /// Why it failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl HookRecord {
+    /// Whether it succeeded.
+    pub fn ok(&self) -> bool {
+        self.exit_code == Some(0)
+    }
 }
 
 impl Release {
@@ -168,6 +191,7 @@ impl Release {
             secrets: None,
             changes: Vec::new(),
             previous: None,
+            hooks: Vec::new(),
         }
     }
 }
@@ -687,6 +711,7 @@ pub(crate) fn sample(number: u32, digest: &Digest, time: &str, outcome: Verdict)
         secrets: None,
         changes: vec![],
         previous: None,
+        hooks: vec![],
     }
 }
 

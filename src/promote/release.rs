@@ -61,6 +61,29 @@ pub enum ReleaseError {
     /// The release rolled out and did not go live (or was interrupted).
     #[error("{}", failure_text(.0))]
     Rollout(Box<Released>),
+    /// A `pre_*` hook failed; the release is recorded as failed and nothing moved.
+    #[error(
+        "nothing changed: the {hook} hook failed ({message}); release {number} is recorded as failed"
+    )]
+    Hook {
+        /// Which hook.
+        hook: String,
+        /// How it failed.
+        message: String,
+        /// The release it stopped.
+        number: u32,
+    },
+}
+
+/// The hooks around a release of `kind`: what runs before (its failure stops the release)
+/// and after it is live (its failure is reported and recorded, nothing is undone).
+fn hook_names(kind: Kind) -> (Option<&'static str>, Option<&'static str>) {
+    match kind {
+        Kind::Deploy => (Some("pre_deploy"), Some("post_deploy")),
+        Kind::Promote => (Some("pre_promote"), Some("post_promote")),
+        Kind::Rollback => (None, Some("post_rollback")),
+        Kind::Scale | Kind::Down => (None, None),
+    }
 }
 
 fn failure_text(r: &Released) -> String {
@@ -570,6 +593,28 @@ impl Environment {
         plan.release = started.number;
         let mut release = started.clone();
         release.plan = Some(plan.clone());
+        let (pre_hook, post_hook) = hook_names(request.kind);
+        let previous = before.as_ref().map(|r| r.digest.clone());
+        if let Some(h) = pre_hook
+            && let Some(record) = self.run_hook(h, &release, previous.as_ref(), progress)
+        {
+            let ok = record.ok();
+            let message = record
+                .error
+                .clone()
+                .unwrap_or_else(|| "it succeeded".into());
+            release.hooks.push(record);
+            if !ok {
+                release.outcome = Verdict::Failed;
+                release.error = Some(format!("the {h} hook failed: {message}"));
+                let _ = self.rt.block_on(self.ledger.finish(release.clone()));
+                return Err(ReleaseError::Hook {
+                    hook: h.to_string(),
+                    message,
+                    number: release.number,
+                });
+            }
+        }
         // The image, by digest, where the hosts pull it (no tag moves yet).
         let transfer = match self
             .publish(&plan.digest, &request.origin, false)
@@ -669,6 +714,18 @@ impl Environment {
                 self.config.environment
             ));
         }
+        if report.outcome == RolloutOutcome::Live
+            && let Some(h) = post_hook
+            && let Some(record) = self.run_hook(h, &release, previous.as_ref(), progress)
+        {
+            if !record.ok() {
+                warnings.push(format!(
+                    "the release is live, but the {h} hook failed: {} (nothing is undone)",
+                    record.error.as_deref().unwrap_or("?")
+                ));
+            }
+            release.hooks.push(record);
+        }
         let recorded = match self.rt.block_on(self.ledger.finish(release.clone())) {
             Ok(r) => {
                 release = r;
@@ -694,6 +751,64 @@ impl Environment {
         } else {
             Err(ReleaseError::Rollout(Box::new(released)))
         }
+    }
+
+    /// Runs hook `name` if the configuration has one, on this machine in the project
+    /// directory, its output on stderr, with `BERTH_ENV`, `BERTH_APP`, `BERTH_RELEASE`,
+    /// `BERTH_DIGEST`, `BERTH_REVISION`, `BERTH_PREVIOUS_DIGEST` and `BERTH_HOOK` set.
+    fn run_hook(
+        &self,
+        name: &str,
+        release: &Release,
+        previous: Option<&Digest>,
+        progress: &dyn ReleaseProgress,
+    ) -> Option<crate::promote::ledger::HookRecord> {
+        use crate::manifest::schema::CommandLine;
+        let command = self.config.hooks.get(name)?;
+        let argv: Vec<String> = match command {
+            CommandLine::Exec(v) => v.clone(),
+            CommandLine::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
+        };
+        progress.note(&format!("running the {name} hook"));
+        let dir = if self.config.project_dir.as_os_str().is_empty() {
+            std::path::PathBuf::from(".")
+        } else {
+            self.config.project_dir.clone()
+        };
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(dir)
+            .env("BERTH_HOOK", name)
+            .env("BERTH_APP", &self.config.app.name)
+            .env("BERTH_ENV", &self.config.environment)
+            .env("BERTH_RELEASE", release.number.to_string())
+            .env("BERTH_DIGEST", release.digest.to_string())
+            .env(
+                "BERTH_REVISION",
+                release.revision.clone().unwrap_or_default(),
+            )
+            .env(
+                "BERTH_PREVIOUS_DIGEST",
+                previous.map(ToString::to_string).unwrap_or_default(),
+            )
+            .stdin(std::process::Stdio::null());
+        // Its output goes to stderr: stdout is berth's (one JSON document with --json).
+        if let Ok(err) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+            cmd.stdout(std::process::Stdio::from(err));
+        }
+        let (exit_code, error) = match cmd.status() {
+            Ok(s) if s.success() => (Some(0), None),
+            Ok(s) => (
+                s.code(),
+                Some(format!("{} exited with {s}", argv.join(" "))),
+            ),
+            Err(e) => (None, Some(format!("cannot run {}: {e}", argv[0]))),
+        };
+        Some(crate::promote::ledger::HookRecord {
+            hook: name.to_string(),
+            exit_code,
+            error,
+        })
     }
 
     /// Agents reached over plain `http://`.
@@ -911,6 +1026,8 @@ pub struct HostView {
     pub since: Option<String>,
     /// Each service's replicas.
     pub services: std::collections::BTreeMap<String, crate::deploy::local::ReplicaCount>,
+    /// Each replica: status, health, restarts, last exit, OOM.
+    pub replicas: Vec<crate::deploy::local::ReplicaView>,
     /// Why it did not answer.
     pub error: Option<String>,
 }
@@ -991,12 +1108,29 @@ impl Environment {
                             ));
                         }
                     }
+                    for r in &s.replicas {
+                        if r.status == "running"
+                            && r.health == Some(crate::runtime::health::Health::Unhealthy)
+                        {
+                            problems.push(format!(
+                                "{host}: {} replica {} is unhealthy{}",
+                                r.service,
+                                r.replica,
+                                r.health_error
+                                    .as_deref()
+                                    .map(|e| format!(" ({e})"))
+                                    .unwrap_or_default()
+                            ));
+                        }
+                    }
+                    problems.extend(s.problems.iter().map(|p| format!("{host}: {p}")));
                     hosts.push(HostView {
                         host,
                         release: s.release,
                         digest: s.digest,
                         since: s.since,
                         services: s.services,
+                        replicas: s.replicas,
                         error: None,
                     });
                 }
@@ -1008,6 +1142,7 @@ impl Environment {
                         digest: None,
                         since: None,
                         services: Default::default(),
+                        replicas: Vec::new(),
                         error: Some(e.message),
                     });
                 }

@@ -67,6 +67,9 @@ pub struct ContainerState {
     /// 0 stdout (or the pty's master), 1 stderr. See [`super::process::Handover`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<(usize, i32)>,
+    /// Its health, while it runs with a health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<super::health::HealthState>,
     /// How many times the restart policy started it again.
     #[serde(default)]
     pub restarts: u32,
@@ -417,6 +420,7 @@ impl Containers {
             supervisor: None,
             supervisor_lost: false,
             held: Vec::new(),
+            health: None,
             restarts: 0,
             stop_requested: false,
             ip: None,

@@ -3,7 +3,7 @@
 //! applied through one syscall seam ([`mount`]), container root filesystems as overlays or
 //! copies ([`rootfs`]), image users resolved inside the root ([`users`]) and OCI runtime
 //! bundles for runc ([`bundle`]); containers started in their namespaces ([`process`],
-//! [`instance`]), supervised when detached ([`supervisor`], [`logs`]), on bridge networks
+//! [`instance`]), supervised when detached ([`supervisor`], [`logs`], [`health`]), on bridge networks
 //! ([`network`], [`netlink`]) with published ports ([`proxy`]) and volumes ([`volume`]).
 
 pub mod bundle;
@@ -13,6 +13,7 @@ pub mod container;
 pub mod daemon;
 pub mod devices;
 pub mod exec;
+pub mod health;
 pub mod init;
 pub mod instance;
 pub mod logs;

@@ -237,6 +237,10 @@ pub struct ContainerSpec {
     /// The 0600 file holding the secrets' values (`{"NAME": "value"}`), read at each start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets_file: Option<PathBuf>,
+    /// The health check its supervisor keeps running (the service's, else the image's
+    /// HEALTHCHECK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<super::health::Check>,
 }
 
 /// How a secret reaches a container.
@@ -321,6 +325,16 @@ mod tests {
                 delivery: SecretDelivery::File,
             }],
             secrets_file: Some("/x/secrets.json".into()),
+            health: Some(crate::runtime::health::Check {
+                probe: crate::runtime::health::Probe::Http {
+                    path: "/".into(),
+                    port: 80,
+                },
+                interval: std::time::Duration::from_secs(1),
+                timeout: std::time::Duration::from_secs(1),
+                retries: 3,
+                start_period: std::time::Duration::ZERO,
+            }),
         };
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<ContainerSpec>(&json).unwrap(), spec);

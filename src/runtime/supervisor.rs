@@ -207,10 +207,13 @@ fn supervise(store_dir: &Path, id: &str, ready: &mut Option<File>) -> Result<(),
                             s.pid_start = process_start_time(pid);
                             s.started = Some(now());
                             s.finished = None;
-                            s.exit_code = None;
                             s.ip = inst.ip.map(Into::into);
                             s.restarts = restarts;
                             s.held = held;
+                            s.health = spec
+                                .health
+                                .as_ref()
+                                .map(|_| super::health::HealthState::starting());
                         });
                         if let Err(e) = recorded {
                             // A container berth cannot record (a full disk) must not run
@@ -238,7 +241,11 @@ fn supervise(store_dir: &Path, id: &str, ready: &mut Option<File>) -> Result<(),
                 if let Some(mut r) = ready.take() {
                     let _ = r.write_all(b"ok\n");
                 }
-                let code = pump(&inst, readers, &mut log).map_err(|e| err(&e))?;
+                let mut prober = spec
+                    .health
+                    .clone()
+                    .map(|check| Prober::new(check, &containers, id, &spec, restarts));
+                let code = pump(&inst, readers, &mut log, prober.as_mut()).map_err(|e| err(&e))?;
                 let oom = inst.cgroup.oom_killed();
                 let _ = inst.cgroup.remove();
                 (code, oom)
@@ -305,6 +312,7 @@ fn record_exit(
             s.pid = None;
             s.pid_start = None;
             s.held.clear();
+            s.health = None;
             s.exit_code = code;
             s.oom_killed = oom;
             s.finished = Some(now());
@@ -459,17 +467,159 @@ fn open_stdio(tty: bool) -> io::Result<StdioSet> {
     ))
 }
 
+/// The health check a supervisor runs beside its container, between reads of the output
+/// (the supervisor stays single-threaded). Each change is recorded; a container that turns
+/// unhealthy is killed a moment later — once the router has seen it and sends it nothing
+/// more — when its restart policy would start it again, and left running (unhealthy, out
+/// of rotation) otherwise, as Docker leaves it.
+struct Prober<'a> {
+    check: super::health::Check,
+    containers: &'a Containers,
+    id: &'a str,
+    spec: &'a crate::runtime::spec::ContainerSpec,
+    restarts: u32,
+    started: Instant,
+    next: Instant,
+    state: super::health::HealthState,
+    kill_at: Option<Instant>,
+}
+
+/// How long an unhealthy container stays up after it is marked, so a router stops sending
+/// it connections before it goes.
+const UNHEALTHY_GRACE: Duration = Duration::from_millis(1000);
+
+impl<'a> Prober<'a> {
+    fn new(
+        check: super::health::Check,
+        containers: &'a Containers,
+        id: &'a str,
+        spec: &'a crate::runtime::spec::ContainerSpec,
+        restarts: u32,
+    ) -> Prober<'a> {
+        let now = Instant::now();
+        Prober {
+            // The first probe soon after the start (Docker waits an interval; a deploy has
+            // already seen it pass), then every interval.
+            next: now + check.interval.min(Duration::from_secs(1)),
+            check,
+            containers,
+            id,
+            spec,
+            restarts,
+            started: now,
+            state: super::health::HealthState::starting(),
+            kill_at: None,
+        }
+    }
+
+    /// Milliseconds until something is due.
+    fn wait_ms(&self) -> i32 {
+        let next = self.kill_at.map_or(self.next, |k| k.min(self.next));
+        next.saturating_duration_since(Instant::now())
+            .as_millis()
+            .min(i32::MAX as u128) as i32
+    }
+
+    /// Runs what is due: a probe, or the kill of an unhealthy container.
+    fn due(&mut self, inst: &instance::Instance, log: &mut LogWriter) {
+        let now = Instant::now();
+        if self.kill_at.is_some_and(|k| now >= k) {
+            self.kill_at = None;
+            let _ = log.record(
+                "stderr",
+                &format!(
+                    "berth: unhealthy ({}): restarting\n",
+                    self.state.last_error.as_deref().unwrap_or("")
+                ),
+            );
+            let _ = nix::sys::signal::kill(inst.started.pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if now < self.next {
+            return;
+        }
+        let ip = inst.ip.map(std::net::IpAddr::V4).or_else(|| {
+            matches!(self.spec.network, crate::runtime::spec::NetworkMode::Host)
+                .then_some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+        });
+        let exec = |argv: &[String]| probe_exec(inst, self.spec, argv, self.check.timeout);
+        let result = super::health::probe(&self.check, ip, &exec);
+        let was = self.state.status;
+        let in_start = self.started.elapsed() < self.check.start_period;
+        if self.state.record(result, &self.check, in_start) {
+            let state = self.state.clone();
+            let _ = self.containers.update(self.id, |s| s.health = Some(state));
+        }
+        if was != super::health::Health::Unhealthy
+            && self.state.status == super::health::Health::Unhealthy
+            && self.spec.restart.should_restart(137, self.restarts)
+        {
+            self.kill_at = Some(Instant::now() + UNHEALTHY_GRACE);
+        }
+        self.next = Instant::now() + self.check.interval;
+    }
+}
+
+/// Runs a probe command in the container (as `exec` does), its output discarded; its exit
+/// code, or an error once `timeout` passes (the command is killed).
+fn probe_exec(
+    inst: &instance::Instance,
+    spec: &crate::runtime::spec::ContainerSpec,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<i32, String> {
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| e.to_string())?;
+    let fd = null.as_raw_fd();
+    let process = process::Process {
+        args: argv.to_vec(),
+        env: instance::process_env(spec).map_err(|e| e.to_string())?,
+        cwd: spec.cwd.clone(),
+        user: spec.user.clone(),
+        capabilities: spec.capabilities.clone(),
+        stdio: Some([fd, fd, fd]),
+        ..Default::default()
+    };
+    let started = super::exec::exec(inst.started.pid.as_raw(), &inst.cgroup, &process)
+        .map_err(|e| e.to_string())?;
+    let mut pfd = libc::pollfd {
+        fd: started.pidfd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: poll on one descriptor we own.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n <= 0 {
+        let _ = nix::sys::signal::kill(started.pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = started.reap();
+        return Err(format!("{} timed out after {timeout:?}", argv.join(" ")));
+    }
+    started
+        .reap()
+        .map_err(|e| e.to_string())
+        .map(|c| c.unwrap_or(137))
+}
+
 /// Copies the container's output into the log until it exits; returns its exit code
 /// (unknown when an adopted init died without saying).
 fn pump(
     inst: &instance::Instance,
     mut readers: Vec<(usize, OwnedFd)>,
     log: &mut LogWriter,
+    mut prober: Option<&mut Prober<'_>>,
 ) -> io::Result<Option<i32>> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut exited = None;
     let mut drain_until = None;
     loop {
+        if exited.is_none()
+            && let Some(p) = prober.as_deref_mut()
+        {
+            p.due(inst, log);
+        }
         if readers.is_empty() {
             if exited.is_some() {
                 break;
@@ -493,7 +643,11 @@ fn pump(
                 revents: 0,
             });
         }
-        let timeout = if exited.is_some() { 100 } else { -1 };
+        let timeout = match (&exited, prober.as_deref()) {
+            (Some(_), _) => 100,
+            (None, Some(p)) => p.wait_ms(),
+            (None, None) => -1,
+        };
         // SAFETY: poll on descriptors we own, in a local array.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {

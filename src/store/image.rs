@@ -33,6 +33,16 @@ pub struct ImageConfig {
 }
 
 impl ImageConfig {
+    /// The health check the image declares (Docker's HEALTHCHECK), run with its shell.
+    pub fn health_check(&self) -> Option<crate::runtime::health::Check> {
+        let shell: Vec<String> = self
+            .extra
+            .get("Shell")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        crate::runtime::health::Check::from_image(&Value::Object(self.extra.clone()), &shell)
+    }
+
     /// Parses a config blob.
     pub fn parse(bytes: &[u8], digest: &str) -> Result<Self> {
         let bad = |e: serde_json::Error| StoreError::BadDocument {
@@ -143,12 +153,13 @@ impl Store {
         {
             return Ok(d);
         }
-        // `name@sha256:…` (how `ps` shows a release's image): the digest decides.
-        if let Some((_, digest)) = reference.rsplit_once('@')
-            && let Ok(d) = digest.parse::<Digest>()
-            && self.has_blob(&d)
-        {
-            return Ok(d);
+        // `name@sha256:…` (how `ps` shows a release's image, also shortened): the digest
+        // (or its prefix) decides.
+        if let Some((_, digest)) = reference.rsplit_once('@') {
+            return self.resolve(digest).map_err(|e| match e {
+                StoreError::UnknownImage(_) => StoreError::UnknownImage(reference.to_string()),
+                e => e,
+            });
         }
         let prefix = reference.strip_prefix("sha256:").unwrap_or(reference);
         if prefix.len() >= 4 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
