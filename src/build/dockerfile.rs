@@ -15,11 +15,48 @@ use crate::manifest::steps::{CopySpec, ImageHealthcheck, RunNetwork, StepSpec};
 use crate::manifest::values::{Duration, ExposedPort, Signal};
 use crate::manifest::{ConfigDiagnostic, Diagnostics, SourceFile};
 
-/// A logical line: an instruction with its continuation lines joined.
+/// A logical line: an instruction with its continuation lines joined, and the bodies of
+/// the heredocs it opens (`RUN <<EOF`, `COPY <<EOF /file`).
 struct Line {
     span: Range<usize>,
     keyword: String,
     args: String,
+    heredocs: Vec<Heredoc>,
+}
+
+/// A heredoc's body.
+#[derive(Debug, Clone)]
+struct Heredoc {
+    /// Its delimiter word.
+    name: String,
+    /// The lines between the instruction and the delimiter.
+    body: String,
+    /// The delimiter was quoted: no variable expansion.
+    quoted: bool,
+}
+
+/// The heredocs an instruction's arguments open: `<<WORD`, `<<-WORD`, `<<"WORD"`.
+fn heredoc_markers(args: &str) -> Vec<(String, bool, bool)> {
+    let mut out = Vec::new();
+    let mut rest = args;
+    while let Some(at) = rest.find("<<") {
+        let mut after = &rest[at + 2..];
+        let strip = after.starts_with('-');
+        if strip {
+            after = &after[1..];
+        }
+        let quote = after.chars().next().filter(|c| *c == '"' || *c == '\'');
+        let body = quote.map_or(after, |q| &after[q.len_utf8()..]);
+        let word: String = body
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !word.is_empty() {
+            out.push((word.clone(), strip, quote.is_some()));
+        }
+        rest = &body[word.len()..];
+    }
+    out
 }
 
 struct Parser<'a> {
@@ -91,6 +128,37 @@ pub fn parse(file: &SourceFile) -> Result<BuildPlan, Diagnostics> {
     }
 }
 
+/// A RUN with heredocs as a shell command. `RUN <<EOF` alone runs the body as a script
+/// (with its `#!` interpreter if it names one); otherwise the line and the bodies with their
+/// delimiters are one shell script, as the shell reads here-documents itself.
+fn heredoc_command(args: &str, docs: &[Heredoc]) -> CommandLine {
+    let only = args.trim();
+    if docs.len() == 1
+        && heredoc_markers(only).len() == 1
+        && only
+            .trim_start_matches("<<")
+            .trim_start_matches('-')
+            .trim_matches(['"', '\''])
+            == docs[0].name
+    {
+        let body = &docs[0].body;
+        if body.starts_with("#!") {
+            let script = format!(
+                "f=$(mktemp) && cat > \"$f\" <<'BERTH_HEREDOC_END'\n{body}BERTH_HEREDOC_END\nchmod +x \"$f\" && \"$f\"; r=$?; rm -f \"$f\"; exit $r"
+            );
+            return CommandLine::Shell(script);
+        }
+        return CommandLine::Shell(body.clone());
+    }
+    let mut script = args.to_string();
+    for d in docs {
+        script.push('\n');
+        script.push_str(&d.body);
+        script.push_str(&d.name);
+    }
+    CommandLine::Shell(script)
+}
+
 impl Parser<'_> {
     fn error(&mut self, span: &Range<usize>, message: String, label: &str, help: Option<String>) {
         self.diags.push(ConfigDiagnostic {
@@ -135,17 +203,24 @@ impl Parser<'_> {
         offset
     }
 
-    /// Joins continuation lines and drops comments and blank lines.
+    /// Joins continuation lines and drops comments and blank lines; a RUN, COPY or ADD
+    /// that opens heredocs takes the lines up to each delimiter as their bodies.
     fn logical_lines(&mut self, text: &str, start: usize) -> Vec<Line> {
-        let mut lines = Vec::new();
+        let mut lines: Vec<Line> = Vec::new();
         let mut current: Option<(usize, String)> = None;
         let mut offset = start;
-        for raw in text[start..].split_inclusive('\n') {
+        let raws: Vec<&str> = text[start..].split_inclusive('\n').collect();
+        let mut i = 0;
+        while i < raws.len() {
+            let raw = raws[i];
+            i += 1;
             let line_start = offset;
             offset += raw.len();
             let content = raw.trim_end_matches(['\n', '\r']);
             let trimmed = content.trim_start();
-            if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_none()) {
+            // Comments, and blank lines (also inside a continuation, which Docker skips
+            // with a warning), are no part of an instruction.
+            if trimmed.starts_with('#') || trimmed.is_empty() {
                 continue;
             }
             let (continues, piece) = match content.trim_end().strip_suffix(self.escape) {
@@ -160,6 +235,45 @@ impl Parser<'_> {
                 current = Some((begin, acc));
             } else {
                 self.push_line(&mut lines, begin, offset, acc);
+                let Some(line) = lines.last_mut() else {
+                    continue;
+                };
+                if !matches!(line.keyword.as_str(), "RUN" | "COPY" | "ADD") {
+                    continue;
+                }
+                for (name, strip, quoted) in heredoc_markers(&line.args) {
+                    let mut body = String::new();
+                    let mut closed = false;
+                    while i < raws.len() {
+                        let raw = raws[i];
+                        i += 1;
+                        offset += raw.len();
+                        let content = raw.trim_end_matches(['\n', '\r']);
+                        let content = if strip {
+                            content.trim_start_matches('\t')
+                        } else {
+                            content
+                        };
+                        if content == name {
+                            closed = true;
+                            break;
+                        }
+                        body.push_str(content);
+                        body.push('\n');
+                    }
+                    if !closed {
+                        let span = line.span.clone();
+                        self.error(
+                            &span,
+                            format!("the heredoc `{name}` is never closed"),
+                            "opened here",
+                            Some(format!("end it with a line holding only {name}")),
+                        );
+                        break;
+                    }
+                    line.span.end = offset.min(self.file.text.len());
+                    line.heredocs.push(Heredoc { name, body, quoted });
+                }
             }
         }
         if let Some((begin, acc)) = current {
@@ -179,6 +293,7 @@ impl Parser<'_> {
             span: begin..end,
             keyword: kw.to_ascii_uppercase(),
             args: args.trim().to_string(),
+            heredocs: Vec::new(),
         });
     }
 
@@ -193,6 +308,17 @@ impl Parser<'_> {
         while let Some(after) = rest.strip_prefix("--") {
             let (flag, tail) = after.split_once(char::is_whitespace).unwrap_or((after, ""));
             let (name, value) = flag.split_once('=').unwrap_or((flag, ""));
+            let takes_value = !matches!(name, "link" | "parents");
+            if !flag.contains('=') && takes_value && allowed.contains(&name) {
+                let next = tail.split_whitespace().next().unwrap_or("VALUE");
+                self.error(
+                    &line.span,
+                    format!("{} --{name} needs `=`", line.keyword),
+                    "flag without a value",
+                    Some(format!("write --{name}={next}")),
+                );
+                return None;
+            }
             if !allowed.contains(&name) {
                 let help = if allowed.is_empty() {
                     None
@@ -237,7 +363,8 @@ impl Parser<'_> {
         if s.trim_start().starts_with('[')
             && let Ok(v) = serde_json::from_str::<Vec<String>>(s)
         {
-            if v.is_empty() {
+            // `CMD []` and `ENTRYPOINT []` clear what the base set, as in Docker.
+            if v.is_empty() && line.keyword == "RUN" {
                 self.error(
                     &line.span,
                     format!("{} has an empty command", line.keyword),
@@ -317,7 +444,8 @@ impl Parser<'_> {
             return None;
         }
         if !words[0].contains('=') {
-            if words.len() < 2 || line.keyword != "ENV" {
+            // The legacy `ENV key value` / `LABEL key value`: the rest of the line is the value.
+            if words.len() < 2 {
                 self.error(
                     &line.span,
                     format!("{} needs key=value pairs", line.keyword),
@@ -366,7 +494,11 @@ impl Parser<'_> {
                         return None;
                     }
                 };
-                let command = self.command(line, rest)?;
+                let command = if line.heredocs.is_empty() {
+                    self.command(line, rest)?
+                } else {
+                    heredoc_command(rest, &line.heredocs)
+                };
                 Some(StepSpec::Run { command, network })
             }
             "CMD" => self.command(line, &line.args).map(StepSpec::Cmd),
@@ -386,12 +518,7 @@ impl Parser<'_> {
             "COPY" | "ADD" => self.copy(line),
             "ENV" => self.pairs(line).map(StepSpec::Env),
             "LABEL" => self.pairs(line).map(StepSpec::Label),
-            "MAINTAINER" => self.single(line).map(|m| {
-                StepSpec::Label(vec![(
-                    "maintainer".into(),
-                    format!("'{}'", m.replace('\'', "")),
-                )])
-            }),
+            "MAINTAINER" => self.single(line).map(StepSpec::Maintainer),
             "ARG" => {
                 let words = self.words(line, &line.args)?;
                 if words.is_empty() {
@@ -422,6 +549,35 @@ impl Parser<'_> {
                 let words = self.words(line, &line.args)?;
                 let mut ports = Vec::new();
                 for w in words {
+                    // A range (`8000-8002[/udp]`) exposes each port in it.
+                    if let Some((range, proto)) = w
+                        .split_once('/')
+                        .map_or(Some((w.as_str(), "")), |(r, p)| Some((r, p)))
+                        && let Some((lo, hi)) = range.split_once('-')
+                        && let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>())
+                        && lo <= hi
+                    {
+                        for port in lo..=hi {
+                            let one = if proto.is_empty() {
+                                port.to_string()
+                            } else {
+                                format!("{port}/{proto}")
+                            };
+                            match one.parse::<ExposedPort>() {
+                                Ok(p) => ports.push(p),
+                                Err(e) => {
+                                    self.error(
+                                        &line.span,
+                                        format!("invalid EXPOSE: {e}"),
+                                        "here",
+                                        None,
+                                    );
+                                    return None;
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     match w.parse::<ExposedPort>() {
                         Ok(p) => ports.push(p),
                         Err(e) => {
@@ -523,6 +679,17 @@ impl Parser<'_> {
             return None;
         }
         let dest = args.pop().expect("len >= 2");
+        // Heredoc sources (`<<EOF`) carry their content; they are named after the word.
+        let mut inline = Vec::new();
+        for a in args.iter_mut() {
+            if let Some(m) = heredoc_markers(a).into_iter().next()
+                && a.starts_with("<<")
+                && let Some(d) = line.heredocs.iter().find(|d| d.name == m.0)
+            {
+                inline.push((d.name.clone(), d.body.clone(), !d.quoted));
+                *a = d.name.clone();
+            }
+        }
         let flag = |k: &str| flags.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let chmod = match flag("chmod") {
             None => None,
@@ -540,6 +707,7 @@ impl Parser<'_> {
             },
         };
         let spec = CopySpec {
+            inline,
             sources: args,
             dest,
             chown: flag("chown"),
@@ -584,6 +752,7 @@ impl Parser<'_> {
             timeout: None,
             retries: None,
             start_period: None,
+            start_interval: None,
         };
         for (k, v) in flags {
             let dur = || v.parse::<Duration>();
@@ -591,7 +760,7 @@ impl Parser<'_> {
                 "interval" => dur().map(|d| h.interval = Some(d)).err(),
                 "timeout" => dur().map(|d| h.timeout = Some(d)).err(),
                 "start-period" => dur().map(|d| h.start_period = Some(d)).err(),
-                "start-interval" => dur().map(|_| ()).err(),
+                "start-interval" => dur().map(|d| h.start_interval = Some(d)).err(),
                 _ => v
                     .parse::<u32>()
                     .map(|n| h.retries = Some(n))
@@ -716,6 +885,71 @@ mod tests {
             "{:?}",
             err.0[3].help
         );
+    }
+
+    #[test]
+    fn legacy_and_edge_syntax() {
+        let plan = df("FROM scratch\nMAINTAINER Jane <j@x>\nLABEL version 1.0 beta\nRUN echo a \\\n\n  # comment in a continuation\n  b\nCMD []\nENTRYPOINT []\nEXPOSE 8000-8002 9000-9001/udp\nHEALTHCHECK --start-interval=2s CMD true\n").unwrap();
+        let kinds: Vec<String> = plan.stages[0]
+            .steps
+            .iter()
+            .map(|s| super::super::plan::describe_step(&s.spec))
+            .collect();
+        assert_eq!(kinds[0], "MAINTAINER Jane <j@x>");
+        let StepSpec::Label(l) = &plan.stages[0].steps[1].spec else {
+            panic!()
+        };
+        assert_eq!(l, &[("version".to_string(), "1.0 beta".to_string())]);
+        assert_eq!(kinds[2], "RUN echo a   b");
+        assert_eq!(kinds[3], "CMD []");
+        assert_eq!(kinds[4], "ENTRYPOINT []");
+        let StepSpec::Expose(ports) = &plan.stages[0].steps[5].spec else {
+            panic!()
+        };
+        let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            ports,
+            ["8000/tcp", "8001/tcp", "8002/tcp", "9000/udp", "9001/udp"]
+        );
+        let StepSpec::Healthcheck(h) = &plan.stages[0].steps[6].spec else {
+            panic!()
+        };
+        assert_eq!(h.start_interval.map(|d| d.to_string()), Some("2s".into()));
+
+        let err = df("FROM scratch\nCOPY --chown 1:1 a /b\n").unwrap_err();
+        assert!(
+            err.0[0].message.contains("--chown=")
+                || err.0[0].help.iter().any(|h| h.contains("--chown=")),
+            "{err:#?}"
+        );
+        assert!(df("FROM scratch\nRUN []\n").is_err(), "RUN needs a command");
+    }
+
+    #[test]
+    fn heredocs() {
+        let plan = df("FROM scratch\nRUN <<EOF\necho one\necho two\nEOF\nRUN <<-'END' sh\n\techo $HOME\n\tEND\nCOPY <<A <<-B /dir/\nalpha $X\nA\nbeta\nB\nCMD true\n").unwrap();
+        let steps = &plan.stages[0].steps;
+        assert_eq!(steps.len(), 4, "{steps:#?}");
+        let StepSpec::Copy(c) = &steps[2].spec else {
+            panic!("{:?}", steps[2].spec)
+        };
+        let inline: Vec<(&str, &str, bool)> = c
+            .inline
+            .iter()
+            .map(|(n, b, e)| (n.as_str(), b.as_str(), *e))
+            .collect();
+        assert_eq!(inline, [("A", "alpha $X\n", true), ("B", "beta\n", true)]);
+        assert_eq!(c.dest, "/dir/");
+        assert_eq!(
+            super::super::plan::describe_step(&steps[2].spec),
+            "COPY <<A <<B /dir/"
+        );
+        let StepSpec::Run { command, .. } = &steps[0].spec else {
+            panic!()
+        };
+        assert_eq!(command, &CommandLine::Shell("echo one\necho two\n".into()));
+        let err = df("FROM scratch\nRUN <<EOF\necho never closed\n").unwrap_err();
+        assert_eq!(line_of(&err.0[0]), 2, "{err:#?}");
     }
 
     #[test]

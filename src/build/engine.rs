@@ -183,6 +183,89 @@ pub fn build(
     })
 }
 
+/// `$NAME` and `${NAME}` replaced by `lookup` (empty when unset), as BuildKit expands an
+/// unquoted COPY heredoc; `\$` keeps a dollar.
+fn expand_vars(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&'$') => {
+                out.push('$');
+                chars.next();
+            }
+            '$' => {
+                let braced = chars.peek() == Some(&'{');
+                if braced {
+                    chars.next();
+                }
+                let mut name = String::new();
+                while let Some(&n) = chars.peek() {
+                    if n.is_ascii_alphanumeric() || n == '_' {
+                        name.push(n);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if braced {
+                    if chars.peek() == Some(&'}') {
+                        chars.next();
+                    } else {
+                        out.push_str("${");
+                        out.push_str(&name);
+                        continue;
+                    }
+                }
+                if name.is_empty() {
+                    out.push('$');
+                } else {
+                    out.push_str(&lookup(&name).unwrap_or_default());
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `TARGETPLATFORM`, `TARGETOS`, `TARGETARCH`, `TARGETVARIANT` and their `BUILD*`
+/// counterparts, for this machine (berth builds for the platform it runs on).
+fn platform_args() -> Vec<(&'static str, String)> {
+    let (arch, variant) = match std::env::consts::ARCH {
+        "x86_64" => ("amd64", ""),
+        "aarch64" => ("arm64", ""),
+        "arm" => ("arm", "v7"),
+        "x86" => ("386", ""),
+        other => (other, ""),
+    };
+    let platform = if variant.is_empty() {
+        format!("linux/{arch}")
+    } else {
+        format!("linux/{arch}/{variant}")
+    };
+    let mut out = Vec::new();
+    for side in ["TARGET", "BUILD"] {
+        let name = |k: &str| -> &'static str {
+            match (side, k) {
+                ("TARGET", "PLATFORM") => "TARGETPLATFORM",
+                ("TARGET", "OS") => "TARGETOS",
+                ("TARGET", "ARCH") => "TARGETARCH",
+                ("TARGET", _) => "TARGETVARIANT",
+                (_, "PLATFORM") => "BUILDPLATFORM",
+                (_, "OS") => "BUILDOS",
+                (_, "ARCH") => "BUILDARCH",
+                _ => "BUILDVARIANT",
+            }
+        };
+        out.push((name("PLATFORM"), platform.clone()));
+        out.push((name("OS"), "linux".to_string()));
+        out.push((name("ARCH"), arch.to_string()));
+        out.push((name("VARIANT"), variant.to_string()));
+    }
+    out
+}
+
 fn host_arch() -> Arch {
     match std::env::consts::ARCH {
         "x86_64" => Arch::Amd64,
@@ -222,19 +305,25 @@ impl Engine<'_> {
             return Ok(done.clone());
         }
         let stage = &self.plan.stages[index];
-        let global: BTreeMap<String, String> = self
-            .plan
-            .global_args
-            .iter()
-            .filter_map(|(k, d)| {
-                self.opts
-                    .build_args
-                    .get(k)
-                    .cloned()
-                    .or_else(|| d.clone())
-                    .map(|v| (k.clone(), v))
+        // BuildKit's automatic platform arguments: usable in FROM, and in a stage once it
+        // declares them with ARG (a --build-arg of the same name wins).
+        let mut global: BTreeMap<String, String> = platform_args()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    self.opts.build_args.get(k).cloned().unwrap_or(v),
+                )
             })
             .collect();
+        global.extend(self.plan.global_args.iter().filter_map(|(k, d)| {
+            self.opts
+                .build_args
+                .get(k)
+                .cloned()
+                .or_else(|| d.clone())
+                .map(|v| (k.clone(), v))
+        }));
         let mut st = match &stage.base {
             Base::Scratch => {
                 let mut oci = ImageConfiguration::default();
@@ -332,6 +421,7 @@ impl Engine<'_> {
         Ok(match spec {
             StepSpec::Copy(c) | StepSpec::Add(c) => {
                 let c = CopySpec {
+                    inline: c.inline.clone(),
                     sources: c.sources.iter().map(|s| w(s)).collect::<Result<_, _>>()?,
                     dest: w(&c.dest)?,
                     chown: c.chown.as_deref().map(w).transpose()?,
@@ -428,6 +518,63 @@ impl Engine<'_> {
                 };
                 self.run_step(st, stage, index, command, host, text, origin, parent_missed)
             }
+            StepSpec::Workdir(_) | StepSpec::Volume(_) => {
+                meta::apply(&mut st.config, &spec);
+                // As Docker: the directories exist afterwards (a COPY into them, a RUN
+                // there, a volume seeded from them).
+                let dirs = match &spec {
+                    StepSpec::Volume(v) => v
+                        .iter()
+                        .map(|d| {
+                            if d.starts_with('/') {
+                                d.clone()
+                            } else {
+                                format!("{}/{d}", meta::workdir(&st.config))
+                            }
+                        })
+                        .collect(),
+                    _ => vec![meta::workdir(&st.config)],
+                };
+                let missing = self.missing_dirs(st, &dirs)?;
+                if missing.is_empty() {
+                    st.chain = Digest::of(format!("{}\n{text}", st.chain).as_bytes());
+                    self.push_history(st, &text, true);
+                    return Ok(config_step(text));
+                }
+                let key = Digest::of(
+                    format!(
+                        "{}\n{text}\nmkdir {missing:?}\n{}",
+                        st.chain, self.opts.epoch
+                    )
+                    .as_bytes(),
+                );
+                let (layer, status) = match (!self.opts.no_cache)
+                    .then(|| cache::lookup_step(self.store, &key))
+                    .flatten()
+                {
+                    Some(l) => (l, StepStatus::Hit),
+                    None => {
+                        let mut w =
+                            super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
+                        let entry = super::layer::EntryMeta {
+                            mode: 0o755,
+                            uid: 0,
+                            gid: 0,
+                            mtime: self.opts.epoch,
+                        };
+                        for d in &missing {
+                            w.dir(d, &entry).map_err(|e| {
+                                BuildError::Destination(format!("/{d}"), e.to_string())
+                            })?;
+                        }
+                        let l = w.finish()?;
+                        cache::record_step(self.store, &key, &l);
+                        (l, StepStatus::Miss("creates its directory".into()))
+                    }
+                };
+                st.fs = None;
+                Ok(self.add_layer(st, key, layer, text, origin, status))
+            }
             other => {
                 meta::apply(&mut st.config, other);
                 st.chain = Digest::of(format!("{}\n{text}", st.chain).as_bytes());
@@ -435,6 +582,48 @@ impl Engine<'_> {
                 Ok(config_step(text))
             }
         }
+    }
+
+    /// The directories (relative to the root, parents first) that must be made so every
+    /// path in `dirs` exists, resolving symlinks inside the image as a mkdir -p there
+    /// would; a path through a file is an error.
+    fn missing_dirs(
+        &self,
+        st: &mut StageState,
+        dirs: &[String],
+    ) -> Result<Vec<String>, BuildError> {
+        let fs = st.fs(self.store)?;
+        let mut out: Vec<String> = Vec::new();
+        for d in dirs {
+            let Some(resolved) = fs.resolve(d, true) else {
+                return Err(BuildError::Destination(
+                    d.clone(),
+                    "too many levels of symbolic links".into(),
+                ));
+            };
+            let mut prefix = String::new();
+            for c in resolved.split('/').filter(|c| !c.is_empty()) {
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(c);
+                match fs.get(&prefix).map(|n| &n.kind) {
+                    Some(super::imagefs::FsKind::Dir) => {}
+                    Some(_) => {
+                        return Err(BuildError::Destination(
+                            d.clone(),
+                            format!("/{prefix} is not a directory"),
+                        ));
+                    }
+                    None => {
+                        if !out.contains(&prefix) {
+                            out.push(prefix.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn push_history(&self, st: &mut StageState, created_by: &str, empty: bool) {
@@ -623,6 +812,9 @@ impl Engine<'_> {
                 ""
             }
         );
+        if !c.inline.is_empty() {
+            return self.inline_copy(st, c, &dest, text, origin);
+        }
         let compression = format!(
             "{:?}/{:?}",
             self.opts.compression.algorithm, self.opts.compression.level
@@ -749,6 +941,94 @@ impl Engine<'_> {
         record.key = key.to_string();
         record.layer = Some(layer.digest.clone());
         cache::save_explain(self.store, &slot, &record);
+        Ok(self.add_layer(st, key, layer, text, origin, status))
+    }
+
+    /// `COPY <<EOF /file`: heredoc sources written as files (named after their delimiter
+    /// when the destination is a directory), variables expanded unless the delimiter was
+    /// quoted, mode 0644 unless `--chmod`, owner from `--chown`.
+    fn inline_copy(
+        &mut self,
+        st: &mut StageState,
+        c: &CopySpec,
+        dest: &str,
+        text: String,
+        origin: String,
+    ) -> Result<StepReport, BuildError> {
+        if c.inline.len() != c.sources.len() {
+            return Err(BuildError::Destination(
+                dest.to_string(),
+                "heredoc sources and file sources cannot be mixed in one COPY".into(),
+            ));
+        }
+        let into_dir = dest.ends_with('/') || c.inline.len() > 1;
+        let files: Vec<(String, String)> = c
+            .inline
+            .iter()
+            .map(|(name, body, expand)| {
+                let path = if into_dir {
+                    format!("{}/{name}", dest.trim_end_matches('/'))
+                } else {
+                    dest.to_string()
+                };
+                let body = if *expand {
+                    expand_vars(body, &|k| st.lookup(k))
+                } else {
+                    body.clone()
+                };
+                (path.trim_start_matches('/').to_string(), body)
+            })
+            .collect();
+        let owner = match &c.chown {
+            Some(o) => self.owner(st, o)?,
+            None => super::copy::Owner { uid: 0, gid: 0 },
+        };
+        let parents: Vec<String> = files
+            .iter()
+            .filter_map(|(p, _)| p.rsplit_once('/').map(|(d, _)| format!("/{d}")))
+            .collect();
+        let missing = self.missing_dirs(st, &parents)?;
+        let key = Digest::of(
+            format!(
+                "{}\n{text}\n{files:?}\n{}:{}\n{:?}\n{}",
+                st.chain, owner.uid, owner.gid, c.chmod, self.opts.epoch
+            )
+            .as_bytes(),
+        );
+        let (layer, status) = match (!self.opts.no_cache)
+            .then(|| cache::lookup_step(self.store, &key))
+            .flatten()
+        {
+            Some(l) => (l, StepStatus::Hit),
+            None => {
+                let mut w = super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
+                let dir = super::layer::EntryMeta {
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: self.opts.epoch,
+                };
+                let io =
+                    |e: std::io::Error| BuildError::Destination(dest.to_string(), e.to_string());
+                for d in &missing {
+                    w.dir(d, &dir).map_err(io)?;
+                }
+                let file = super::layer::EntryMeta {
+                    mode: c.chmod.unwrap_or(0o644),
+                    uid: owner.uid,
+                    gid: owner.gid,
+                    mtime: self.opts.epoch,
+                };
+                for (path, body) in &files {
+                    w.file(path, &file, body.len() as u64, body.as_bytes())
+                        .map_err(io)?;
+                }
+                let l = w.finish()?;
+                cache::record_step(self.store, &key, &l);
+                (l, StepStatus::Miss("a heredoc".into()))
+            }
+        };
+        st.fs = None;
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }
 

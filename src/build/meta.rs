@@ -86,6 +86,9 @@ fn healthcheck_json(h: &ImageHealthcheck) -> Value {
     if let Some(d) = h.start_period {
         m.insert("StartPeriod".into(), nanos(d));
     }
+    if let Some(d) = h.start_interval {
+        m.insert("StartInterval".into(), nanos(d));
+    }
     if let Some(r) = h.retries {
         m.insert("Retries".into(), json!(r));
     }
@@ -97,6 +100,11 @@ fn healthcheck_json(h: &ImageHealthcheck) -> Value {
 pub fn apply(config: &mut ImageConfig, spec: &StepSpec) -> bool {
     let mut c = config.oci.config().clone().unwrap_or_default();
     match spec {
+        StepSpec::Maintainer(a) => {
+            // Docker keeps it as the image's author, not a label.
+            config.oci.set_author(Some(a.clone()));
+            return true;
+        }
         StepSpec::Env(vars) => {
             let mut env = env_pairs(config);
             for (k, v) in vars {
@@ -258,6 +266,7 @@ mod tests {
             timeout: None,
             retries: Some(3),
             start_period: None,
+            start_interval: None,
         };
         apply(&mut c, &StepSpec::Healthcheck(hc));
         assert_eq!(

@@ -83,10 +83,10 @@ pub struct BuildPlan {
 impl BuildPlan {
     /// The plan for `[image]` steps.
     pub fn from_toml(image: &ImageSpec) -> BuildPlan {
-        let base = if image.from.is_scratch() {
-            Base::Scratch
-        } else {
-            Base::Image(image.from.as_str().to_string())
+        let base = match &image.from {
+            None => Base::Scratch,
+            Some(f) if f.is_scratch() => Base::Scratch,
+            Some(f) => Base::Image(f.as_str().to_string()),
         };
         let steps = image
             .steps
@@ -152,7 +152,18 @@ pub fn describe_step(spec: &StepSpec) -> String {
             if let Some(m) = c.chmod {
                 s += &format!(" --chmod={m:04o}");
             }
-            format!("{s} {} {}", c.sources.join(" "), c.dest)
+            let sources: Vec<String> = c
+                .sources
+                .iter()
+                .map(|src| {
+                    if c.inline.iter().any(|(n, _, _)| n == src) {
+                        format!("<<{src}")
+                    } else {
+                        src.clone()
+                    }
+                })
+                .collect();
+            format!("{s} {} {}", sources.join(" "), c.dest)
         }
         StepSpec::Run { command, .. } => format!("RUN {}", cmd(command)),
         StepSpec::Env(v) => format!("ENV {}", pairs(v)),
@@ -165,6 +176,7 @@ pub fn describe_step(spec: &StepSpec) -> String {
                 .join(" ")
         ),
         StepSpec::Workdir(w) => format!("WORKDIR {w}"),
+        StepSpec::Maintainer(a) => format!("MAINTAINER {a}"),
         StepSpec::User(u) => format!("USER {u}"),
         StepSpec::Expose(p) => format!(
             "EXPOSE {}",

@@ -444,8 +444,10 @@ fn decode_app(d: &mut Decoder, node: &Node) -> Option<App> {
 fn decode_image(d: &mut Decoder, node: &Node) -> Option<ImageSpec> {
     let t = d.table(node, "image")?;
     d.known_keys(t, IMAGE_KEYS, "image");
+    // With a Dockerfile, its FROM lines decide: `from` is not needed.
     let from = match t.get("from") {
-        Some(n) => d.parsed::<ImageRef>(n, "image.from"),
+        Some(n) => d.parsed::<ImageRef>(n, "image.from").map(Some),
+        None if t.get("dockerfile").is_some() => Some(None),
         None => {
             d.missing(
                 node,

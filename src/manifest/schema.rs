@@ -214,8 +214,9 @@ pub enum Compression {
 /// The `[image]` table: what to build.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageSpec {
-    /// The base image.
-    pub from: ImageRef,
+    /// The base image (of `steps`; a Dockerfile's FROM lines decide for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<ImageRef>,
     /// The build context, relative to the project directory.
     pub context: PathBuf,
     /// A Dockerfile/Containerfile in the context, instead of `steps`.

@@ -31,7 +31,14 @@ pub const INSTRUCTIONS: &[&str] = &[
 const COPY_OPTIONS: &[&str] = &["chown", "chmod", "from"];
 const ADD_OPTIONS: &[&str] = &["chown", "chmod"];
 const RUN_OPTIONS: &[&str] = &["network"];
-const HEALTHCHECK_KEYS: &[&str] = &["cmd", "interval", "timeout", "retries", "start_period"];
+const HEALTHCHECK_KEYS: &[&str] = &[
+    "cmd",
+    "interval",
+    "timeout",
+    "retries",
+    "start_period",
+    "start_interval",
+];
 
 /// A COPY or ADD.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +53,9 @@ pub struct CopySpec {
     pub chmod: Option<u32>,
     /// Copy from a build stage or another image instead of the context (COPY only).
     pub from: Option<String>,
+    /// Sources that are heredocs (`COPY <<EOF /file`): name, content, and whether the
+    /// content's variables are expanded (an unquoted delimiter).
+    pub inline: Vec<(String, String, bool)>,
 }
 
 /// The image's health check, as Docker's HEALTHCHECK sets it.
@@ -61,6 +71,8 @@ pub struct ImageHealthcheck {
     pub retries: Option<u32>,
     /// Grace time after start.
     pub start_period: Option<Duration>,
+    /// Time between checks during the start period.
+    pub start_interval: Option<Duration>,
 }
 
 /// Network access for a RUN step.
@@ -108,6 +120,8 @@ pub enum StepSpec {
     Entrypoint(CommandLine),
     /// Set the image's health check.
     Healthcheck(ImageHealthcheck),
+    /// `MAINTAINER`: the image's author.
+    Maintainer(String),
     /// Set the shell used by shell-form commands.
     Shell(Vec<String>),
 }
@@ -162,6 +176,7 @@ impl Serialize for StepSpec {
                 m.serialize_entry("arg", &indexmap_like::Pairs(&pairs))?;
             }
             StepSpec::Workdir(w) => m.serialize_entry("workdir", w)?,
+            StepSpec::Maintainer(a) => m.serialize_entry("maintainer", a)?,
             StepSpec::User(u) => m.serialize_entry("user", u)?,
             StepSpec::Expose(p) => m.serialize_entry("expose", p)?,
             StepSpec::Volume(v) => m.serialize_entry("volume", v)?,
@@ -432,6 +447,7 @@ impl Decoder {
             None => None,
         };
         Some(CopySpec {
+            inline: Vec::new(),
             sources: all,
             dest,
             chown,
@@ -502,6 +518,7 @@ impl Decoder {
             interval: dur(self, "interval"),
             timeout: dur(self, "timeout"),
             start_period: dur(self, "start_period"),
+            start_interval: dur(self, "start_interval"),
             retries: table
                 .get("retries")
                 .and_then(|n| self.int_in(n, &format!("{path}.retries"), 0..=1000))

@@ -147,15 +147,21 @@ fn option_path(p: &Path) -> Result<&str, PlanError> {
 /// The overlay mount of a container's root filesystem: `lowers` are the image's snapshots,
 /// bottom first (overlayfs wants the top first), `upper` and `work` the container's own.
 /// An image with no layers still gets an (empty) lower directory of its own.
+///
+/// A layer that appears more than once (two RUN steps that changed the same way, an image
+/// built so) is mounted once, at its topmost place: overlayfs refuses a directory twice in
+/// `lowerdir` (ELOOP), and the topmost copy already covers what the lower one gave.
 pub fn overlay_rootfs(
     lowers: &[PathBuf],
     upper: &Path,
     work: &Path,
     target: &Path,
 ) -> Result<Mount, PlanError> {
+    let mut seen = std::collections::HashSet::new();
     let lowerdir = lowers
         .iter()
         .rev()
+        .filter(|p| seen.insert(p.as_path()))
         .map(|p| option_path(p))
         .collect::<Result<Vec<_>, _>>()?
         .join(":");
@@ -212,6 +218,22 @@ mod tests {
             sys.calls.borrow()[0].starts_with("mount overlay overlay on /c/1/rootfs"),
             "{:?}",
             sys.calls.borrow()
+        );
+    }
+
+    #[test]
+    fn a_layer_twice_is_mounted_once_at_its_top_place() {
+        let (a, b) = (PathBuf::from("/s/a/fs"), PathBuf::from("/s/b/fs"));
+        let m = overlay_rootfs(
+            &[a.clone(), b, a.clone(), a],
+            Path::new("/u"),
+            Path::new("/w"),
+            Path::new("/t"),
+        )
+        .unwrap();
+        assert_eq!(
+            m.data.as_deref(),
+            Some("lowerdir=/s/a/fs:/s/b/fs,upperdir=/u,workdir=/w")
         );
     }
 
