@@ -70,9 +70,15 @@ pub fn clean_relative(path: &str) -> Option<String> {
 }
 
 impl Context {
-    /// Opens a context directory, reading `.berthignore`, else `.dockerignore` (each
-    /// resolved inside the context, like every other file).
+    /// Opens a context directory, reading `.berthignore`, else `.containerignore`, else
+    /// `.dockerignore` (each resolved inside the context, like every other file).
     pub fn open(root: &Path) -> Result<Context, BuildError> {
+        Context::open_with(root, None)
+    }
+
+    /// Opens a context directory whose ignore rules come from `ignore_file` when given (a
+    /// named Dockerfile's own `Dockerfile.dockerignore`, as BuildKit reads it).
+    pub fn open_with(root: &Path, ignore_file: Option<&Path>) -> Result<Context, BuildError> {
         let root = fs::canonicalize(root).map_err(|e| BuildError::Context {
             path: root.to_path_buf(),
             source: e,
@@ -88,7 +94,18 @@ impl Context {
             source: e,
         })?;
         let mut ignore = IgnoreRules::default();
-        for name in [".berthignore", ".dockerignore"] {
+        if let Some(file) = ignore_file {
+            let text = fs::read_to_string(file).map_err(|e| BuildError::Context {
+                path: file.to_path_buf(),
+                source: e,
+            })?;
+            return Ok(Context {
+                root,
+                dir,
+                ignore: IgnoreRules::parse(&text),
+            });
+        }
+        for name in [".berthignore", ".containerignore", ".dockerignore"] {
             match dir.read_to_string(name) {
                 Ok(text) => {
                     ignore = IgnoreRules::parse(&text);

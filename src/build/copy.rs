@@ -74,10 +74,39 @@ pub fn context_inputs(
     ctx: &Context,
     sources: &[String],
     stat: &StatCache,
+    exclude: &super::ignore::IgnoreRules,
 ) -> Result<(Selection, Inputs), BuildError> {
+    // A wildcard that matches nothing is no error while another source matches
+    // (`COPY *.json *.lock ./`), as in BuildKit; a missing plain path always is.
     let mut selected = Vec::new();
+    let mut empty_glob = None;
     for s in sources {
-        selected.extend(ctx.select(s)?);
+        match ctx.select(s) {
+            Ok(found) => selected.extend(found),
+            Err(e @ BuildError::MissingSource(_)) if s.contains(['*', '?', '[']) => {
+                empty_glob.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let (true, Some(e)) = (selected.is_empty(), empty_glob) {
+        return Err(e);
+    }
+    // `--exclude`: patterns relative to each source (a glob's match by its name).
+    if !exclude.is_empty() {
+        selected.retain(|(root, _)| !exclude.is_excluded(&root.name));
+        for (root, children) in &mut selected {
+            let prefix = if root.rel.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", root.rel)
+            };
+            children.retain(|c| {
+                c.rel
+                    .strip_prefix(&prefix)
+                    .is_none_or(|rel| !exclude.is_excluded(rel))
+            });
+        }
     }
     let mut inputs = Inputs {
         files: BTreeMap::new(),
@@ -182,8 +211,12 @@ fn destination(
     Ok((join(&parent, name), false))
 }
 
-/// Adds directories for every missing ancestor of the planned paths (0755, root).
-fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(), BuildError> {
+/// Adds every ancestor of the planned paths: a missing one as a new directory (0755,
+/// root), an existing one with the metadata it has. Layers are unpacked one by one and
+/// stacked by overlayfs, where the topmost copy of a directory decides its owner and mode:
+/// an ancestor a layer left implicit would come back as root's 0755 (BuildKit's layers
+/// carry their ancestors too).
+pub(crate) fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(), BuildError> {
     let paths: Vec<String> = plan.keys().cloned().collect();
     for p in paths {
         let mut cur = p.as_str();
@@ -193,7 +226,20 @@ fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(), BuildErr
                 continue;
             }
             match fs.get(parent) {
-                Some(n) if n.kind == FsKind::Dir => {}
+                Some(n) if n.kind == FsKind::Dir => {
+                    plan.insert(
+                        parent.to_string(),
+                        Planned {
+                            content: Content::Dir,
+                            meta: EntryMeta {
+                                mode: n.mode,
+                                uid: n.uid,
+                                gid: n.gid,
+                                mtime: epoch,
+                            },
+                        },
+                    );
+                }
                 Some(_) => {
                     return Err(BuildError::Destination(
                         format!("/{p}"),
@@ -377,6 +423,7 @@ pub fn plan_from_image(
     store: &Store,
     src: &ImageFs,
     sources: &[String],
+    exclude: &super::ignore::IgnoreRules,
     dest: &str,
     owner: Owner,
     chmod: Option<u32>,
@@ -384,8 +431,11 @@ pub fn plan_from_image(
     epoch: u64,
     spool: &Path,
 ) -> Result<Plan, BuildError> {
-    // Resolve sources (globs in the last component) to image paths.
+    // Resolve sources (globs in the last component) to image paths, each with the name
+    // it is copied under: a followed link keeps its own name (`COPY --from=busybox
+    // /bin/paste /test/` makes /test/paste), as in Docker.
     let mut roots: Vec<String> = Vec::new();
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
     for s in sources {
         let resolved = src
             .resolve(s, true)
@@ -413,6 +463,10 @@ pub fn plan_from_image(
             }
             roots.extend(hits);
         } else if resolved.is_empty() || src.get(&resolved).is_some() {
+            let named = basename(s.trim_end_matches('/'));
+            if !named.is_empty() && named != "." && named != ".." {
+                names.insert(resolved.clone(), named.to_string());
+            }
             roots.push(resolved);
         } else {
             return Err(BuildError::MissingSource(s.clone()));
@@ -431,7 +485,12 @@ pub fn plan_from_image(
         let base = if root_is_dir {
             target.clone()
         } else if is_dir {
-            join(&target, basename(root))
+            join(
+                &target,
+                names
+                    .get(root)
+                    .map_or_else(|| basename(root), String::as_str),
+            )
         } else {
             target.clone()
         };
@@ -459,7 +518,7 @@ pub fn plan_from_image(
                 &path[prefix.len()..]
             };
             let dst = join(&base, rel);
-            if dst.is_empty() {
+            if dst.is_empty() || (!rel.is_empty() && exclude.is_excluded(rel)) {
                 continue;
             }
             let meta = EntryMeta {

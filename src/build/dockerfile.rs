@@ -3,8 +3,9 @@
 //! Covers parser directives (`# escape=`), line continuations, comments, FROM (with `AS`),
 //! COPY and ADD (`--from`, `--chown`, `--chmod`), RUN (exec and shell form, `--network`),
 //! ENV, ARG, LABEL, EXPOSE, USER, WORKDIR, VOLUME, STOPSIGNAL, CMD, ENTRYPOINT (exec and
-//! shell form), HEALTHCHECK, SHELL and MAINTAINER. What it does not support (ONBUILD, ADD
-//! from a URL, RUN --mount) is an error naming the line; every error of the file is reported.
+//! shell form), HEALTHCHECK, SHELL, MAINTAINER and ONBUILD, heredocs and BuildKit's
+//! `RUN --mount`. What it does not support is an error naming the line; every error of
+//! the file is reported.
 
 use std::ops::Range;
 
@@ -308,7 +309,7 @@ impl Parser<'_> {
         while let Some(after) = rest.strip_prefix("--") {
             let (flag, tail) = after.split_once(char::is_whitespace).unwrap_or((after, ""));
             let (name, value) = flag.split_once('=').unwrap_or((flag, ""));
-            let takes_value = !matches!(name, "link" | "parents");
+            let takes_value = !matches!(name, "link" | "parents" | "keep-git-dir");
             if !flag.contains('=') && takes_value && allowed.contains(&name) {
                 let next = tail.split_whitespace().next().unwrap_or("VALUE");
                 self.error(
@@ -475,7 +476,22 @@ impl Parser<'_> {
     fn instruction(&mut self, line: &Line) -> Option<StepSpec> {
         match line.keyword.as_str() {
             "RUN" => {
-                let (flags, rest) = self.flags(line, &["network"])?;
+                let (flags, rest) = self.flags(line, &["network", "mount"])?;
+                let mut mounts = Vec::new();
+                for (_, v) in flags.iter().filter(|(k, _)| k == "mount") {
+                    match crate::manifest::steps::RunMount::parse(v) {
+                        Ok(m) => mounts.push(m),
+                        Err(e) => {
+                            self.error(
+                                &line.span,
+                                format!("RUN --mount={v}: {e}"),
+                                "this mount",
+                                None,
+                            );
+                            return None;
+                        }
+                    }
+                }
                 let network = match flags
                     .iter()
                     .find(|(k, _)| k == "network")
@@ -499,7 +515,11 @@ impl Parser<'_> {
                 } else {
                     heredoc_command(rest, &line.heredocs)
                 };
-                Some(StepSpec::Run { command, network })
+                Some(StepSpec::Run {
+                    command,
+                    network,
+                    mounts,
+                })
             }
             "CMD" => self.command(line, &line.args).map(StepSpec::Cmd),
             "ENTRYPOINT" => self.command(line, &line.args).map(StepSpec::Entrypoint),
@@ -609,8 +629,39 @@ impl Parser<'_> {
             },
             "HEALTHCHECK" => self.healthcheck(line),
             "ONBUILD" => {
-                self.error(&line.span, "ONBUILD is not supported".into(), "unsupported instruction", Some("berth builds images from explicit steps; move the instruction into the image that uses it".into()));
-                None
+                // A trigger for images built FROM this one: kept as written (in the
+                // config's OnBuild, as Docker does), checked now as an instruction.
+                let trigger = line.args.trim();
+                let keyword = trigger
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase();
+                if matches!(keyword.as_str(), "ONBUILD" | "FROM" | "MAINTAINER" | "") {
+                    self.error(
+                        &line.span,
+                        format!(
+                            "ONBUILD cannot trigger {}",
+                            if keyword.is_empty() {
+                                "nothing"
+                            } else {
+                                &keyword
+                            }
+                        ),
+                        "not a trigger",
+                        Some("ONBUILD takes one instruction such as RUN or COPY".into()),
+                    );
+                    return None;
+                }
+                if let Err(e) = parse(&SourceFile {
+                    name: "ONBUILD".into(),
+                    text: std::sync::Arc::new(format!("FROM scratch\n{trigger}\n")),
+                }) {
+                    let why = e.0.first().map(|d| d.message.clone()).unwrap_or_default();
+                    self.error(&line.span, format!("ONBUILD {why}"), "this trigger", None);
+                    return None;
+                }
+                Some(StepSpec::OnBuild(trigger.to_string()))
             }
             other => {
                 let known = [
@@ -648,9 +699,16 @@ impl Parser<'_> {
     fn copy(&mut self, line: &Line) -> Option<StepSpec> {
         let add = line.keyword == "ADD";
         let allowed: &[&str] = if add {
-            &["chown", "chmod", "link", "checksum"]
+            &[
+                "chown",
+                "chmod",
+                "link",
+                "checksum",
+                "exclude",
+                "keep-git-dir",
+            ]
         } else {
-            &["from", "chown", "chmod", "link"]
+            &["from", "chown", "chmod", "link", "exclude", "parents"]
         };
         let (flags, rest) = self.flags(line, allowed)?;
         let mut args = match serde_json::from_str::<Vec<String>>(rest) {
@@ -669,14 +727,51 @@ impl Parser<'_> {
             );
             return None;
         }
-        if add && let Some(url) = args[..args.len() - 1].iter().find(|a| a.contains("://")) {
+        let urls = args[..args.len() - 1]
+            .iter()
+            .filter(|a| a.contains("://"))
+            .count();
+        if let Some(other) = args[..args.len() - 1]
+            .iter()
+            .find(|a| a.contains("://") && !a.starts_with("http://") && !a.starts_with("https://"))
+        {
             self.error(
                 &line.span,
-                format!("ADD from a URL ({url}) is not supported"),
+                format!("ADD from {other} is not supported"),
                 "remote source",
-                Some("download the file in a RUN step or put it in the context".into()),
+                Some(
+                    "ADD fetches http:// and https:// URLs; clone a repository in a RUN step"
+                        .into(),
+                ),
             );
             return None;
+        }
+        if urls > 0 && urls + 1 != args.len() {
+            self.error(
+                &line.span,
+                "ADD cannot mix URLs and local sources".into(),
+                "here",
+                Some("write one ADD for the URLs and one for the local files".into()),
+            );
+            return None;
+        }
+        let checksum = flags
+            .iter()
+            .find(|(n, _)| n == "checksum")
+            .map(|(_, v)| v.clone());
+        if let Some(sum) = &checksum {
+            let valid = sum
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !valid || urls == 0 {
+                self.error(
+                    &line.span,
+                    format!("ADD --checksum={sum} needs a sha256:<64 hex> digest and a URL source"),
+                    "here",
+                    None,
+                );
+                return None;
+            }
         }
         let dest = args.pop().expect("len >= 2");
         // Heredoc sources (`<<EOF`) carry their content; they are named after the word.
@@ -713,6 +808,13 @@ impl Parser<'_> {
             chown: flag("chown"),
             chmod,
             from: flag("from"),
+            exclude: flags
+                .iter()
+                .filter(|(n, _)| n == "exclude")
+                .map(|(_, v)| v.clone())
+                .collect(),
+            parents: flags.iter().any(|(n, v)| n == "parents" && v != "false"),
+            checksum,
         };
         Some(if add {
             StepSpec::Add(spec)
@@ -877,7 +979,7 @@ mod tests {
 
     #[test]
     fn every_error_names_its_line() {
-        let err = df("FROM base:1\nONBUILD RUN x\nADD https://example.com/x /x\nCOPY onlyone\nFRUM x\nRUN --mount=type=cache,target=/x make\nEXPOSE eighty\n").unwrap_err();
+        let err = df("FROM base:1\nONBUILD FROM x\nADD git://example.com/x /x\nCOPY onlyone\nFRUM x\nRUN --mount=type=ssh make\nEXPOSE eighty\n").unwrap_err();
         let lines: Vec<usize> = err.0.iter().map(line_of).collect();
         assert_eq!(lines, [2, 3, 4, 5, 6, 7], "{err:#?}");
         assert!(
@@ -923,6 +1025,49 @@ mod tests {
             "{err:#?}"
         );
         assert!(df("FROM scratch\nRUN []\n").is_err(), "RUN needs a command");
+    }
+
+    #[test]
+    fn buildkit_flags() {
+        let plan = df("FROM base:1\nONBUILD RUN echo child\nRUN --mount=type=cache,target=/root/.cache,sharing=locked --mount=type=secret,id=npm,target=/root/.npmrc make\nCOPY --exclude=*.md --exclude=tmp --parents a/b.txt /dst/\nADD --checksum=sha256:c18243bcea0987f0dabe57a6714acda33fe58db2d6096c58a8b5be13ed378588 https://example.com/f.tgz /f/\n").unwrap();
+        let steps = &plan.stages[0].steps;
+        assert!(matches!(&steps[0].spec, StepSpec::OnBuild(t) if t == "RUN echo child"));
+        let StepSpec::Run { mounts, .. } = &steps[1].spec else {
+            panic!()
+        };
+        let shown: Vec<String> = mounts.iter().map(|m| m.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "type=cache,id=/root/.cache,target=/root/.cache,sharing=locked",
+                "type=secret,id=npm,target=/root/.npmrc",
+            ]
+        );
+        let StepSpec::Copy(c) = &steps[2].spec else {
+            panic!()
+        };
+        assert_eq!(
+            (c.exclude.as_slice(), c.parents),
+            (&["*.md".to_string(), "tmp".to_string()][..], true)
+        );
+        let StepSpec::Add(a) = &steps[3].spec else {
+            panic!()
+        };
+        assert!(
+            a.checksum
+                .as_deref()
+                .is_some_and(|s| s.starts_with("sha256:c182"))
+        );
+        for bad in [
+            "RUN --mount=type=cache make\n",
+            "RUN --mount=type=bogus,target=/x make\n",
+            "ADD --checksum=sha256:00 https://x/y /y\n",
+            "ADD --checksum=sha256:c18243bcea0987f0dabe57a6714acda33fe58db2d6096c58a8b5be13ed378588 local /y\n",
+            "ADD https://x/y local /y\n",
+            "ONBUILD ONBUILD RUN x\n",
+        ] {
+            assert!(df(&format!("FROM base:1\n{bad}")).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Runs a [`BuildPlan`] against the store: stages in dependency order, each step either a
 //! config change or a cached-or-built layer, then the image's config and manifest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use oci_spec::image::{Arch, Descriptor, History, HistoryBuilder, ImageConfiguration, Os};
@@ -37,6 +37,41 @@ pub struct BuildOptions {
     pub project_id: String,
     /// RUN steps get the host's network (`berth build --network host`); default none.
     pub network_host: bool,
+    /// When to pull an image the build names (`FROM`, `COPY --from=IMAGE`).
+    pub pull: PullPolicy,
+    /// How to pull one: given a normalised reference (`docker.io/library/ubuntu:latest`),
+    /// puts it in the store under that name. Without one, nothing is pulled.
+    pub puller: Option<Puller>,
+    /// An ignore file that replaces the context's own (`<Dockerfile>.dockerignore`).
+    pub ignore_file: Option<std::path::PathBuf>,
+    /// Secrets for `RUN --mount=type=secret`, by id.
+    pub secrets: BTreeMap<String, crate::runtime::process::SecretBytes>,
+}
+
+/// When a build pulls the images it names, as `docker build --pull` / `buildah --pull`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Never: an image not in the store is an error.
+    Never,
+    /// When the store lacks it (under its name or its Docker-normalised name).
+    #[default]
+    Missing,
+    /// Always, for a newer version of the tag.
+    Always,
+}
+
+/// Pulls an image into the store under its normalised reference.
+#[derive(Clone)]
+pub struct Puller(pub std::sync::Arc<PullFn>);
+
+/// What a [`Puller`] calls: the reference in, an error message out.
+pub type PullFn = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for Puller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Puller")
+    }
 }
 
 /// How a step went.
@@ -104,6 +139,9 @@ struct StageState {
     fs: Option<ImageFs>,
     fs_layers: Vec<(Digest, String)>,
     args: BTreeMap<String, String>,
+    /// A CMD was set in this stage (an ENTRYPOINT then keeps it; it resets only an
+    /// inherited one, as in Docker).
+    cmd_set: bool,
 }
 
 impl StageState {
@@ -134,6 +172,8 @@ struct Engine<'a> {
     reports: Vec<StepReport>,
     spool: tempfile::TempDir,
     on_event: &'a mut dyn FnMut(BuildEvent<'_>),
+    /// Names pulled during this build (`--pull always` pulls each once).
+    pulled: BTreeSet<String>,
 }
 
 /// Builds the target stage of `plan` with `context_dir` as the build context.
@@ -163,8 +203,9 @@ pub fn build(
     let mut engine = Engine {
         store,
         plan,
-        ctx: Context::open(context_dir)?,
+        ctx: Context::open_with(context_dir, opts.ignore_file.as_deref())?,
         stat: StatCache::load(store),
+        pulled: BTreeSet::new(),
         opts,
         built: BTreeMap::new(),
         reports: Vec::new(),
@@ -181,6 +222,27 @@ pub fn build(
         steps: engine.reports,
         pin,
     })
+}
+
+/// A bind mount's source, before the step runs.
+enum BindPlan {
+    /// Context files.
+    Context(copy::Selection),
+    /// An image or stage, and the path in it.
+    Image(Box<StoredImage>, String),
+}
+
+/// True when a command line looks like it downloads (package managers, fetchers).
+fn fetches(command: &str) -> bool {
+    const TOOLS: &[&str] = &[
+        "apt-get", "apt", "apk", "dnf", "yum", "zypper", "pip", "pip3", "npm", "yarn", "pnpm",
+        "curl", "wget", "git", "go", "cargo", "gem", "bundle", "composer", "mvn", "gradle",
+        "dotnet", "poetry", "uv",
+    ];
+    command
+        .split(|c: char| c.is_whitespace() || ";&|()".contains(c))
+        .map(|w| w.rsplit('/').next().unwrap_or(w))
+        .any(|w| TOOLS.contains(&w))
 }
 
 /// `$NAME` and `${NAME}` replaced by `lookup` (empty when unset), as BuildKit expands an
@@ -294,10 +356,46 @@ impl Engine<'_> {
         {
             return self.stage(i, false);
         }
-        self.store.load_image(name).map_err(|e| match e {
-            crate::store::StoreError::UnknownImage(r) => BuildError::UnknownBase(r),
-            other => other.into(),
-        })
+        // The name as the store has it (`base:1`, imported), else its Docker-normalised
+        // form (`ubuntu` is `docker.io/library/ubuntu:latest`), else pulled.
+        let normalised = name
+            .parse::<crate::registry_client::Reference>()
+            .ok()
+            .map(|r| r.to_string())
+            .map(|full| {
+                if full.contains('@') || full.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+                    full
+                } else {
+                    format!("{full}:latest")
+                }
+            });
+        let always = self.opts.pull == PullPolicy::Always && !self.pulled.contains(name);
+        if !always {
+            match self.store.load_image(name) {
+                Err(crate::store::StoreError::UnknownImage(_)) => {}
+                other => return other.map_err(BuildError::from),
+            }
+            if let Some(full) = &normalised {
+                match self.store.load_image(full) {
+                    Err(crate::store::StoreError::UnknownImage(_)) => {}
+                    other => return other.map_err(BuildError::from),
+                }
+            }
+        }
+        let (Some(full), Some(puller), false) = (
+            &normalised,
+            &self.opts.puller,
+            self.opts.pull == PullPolicy::Never,
+        ) else {
+            return Err(BuildError::UnknownBase(name.to_string()));
+        };
+        (puller.0)(full).map_err(|message| BuildError::PullFailed {
+            name: name.to_string(),
+            reference: full.clone(),
+            message,
+        })?;
+        self.pulled.insert(name.to_string());
+        Ok(self.store.load_image(full)?)
     }
 
     fn stage(&mut self, index: usize, is_target: bool) -> Result<StoredImage, BuildError> {
@@ -340,6 +438,7 @@ impl Engine<'_> {
                     fs: Some(ImageFs::default()),
                     fs_layers: Vec::new(),
                     args: BTreeMap::new(),
+                    cmd_set: false,
                 }
             }
             Base::Image(raw) => {
@@ -370,16 +469,48 @@ impl Engine<'_> {
                     fs: None,
                     fs_layers,
                     args: BTreeMap::new(),
+                    cmd_set: false,
                 }
             }
         };
+        // A stage whose base sets no PATH (scratch, an imported root filesystem) gets the
+        // default one in its config, as BuildKit and buildah give it.
+        if !meta::env_pairs(&st.config).iter().any(|(k, _)| k == "PATH") {
+            let path = crate::runtime::bundle::DEFAULT_PATH.trim_start_matches("PATH=");
+            meta::apply(
+                &mut st.config,
+                &StepSpec::Env(vec![("PATH".into(), path.to_string())]),
+            );
+        }
         let stage_name = stage.name.clone().unwrap_or_else(|| index.to_string());
+        // The base's ONBUILD triggers run first, and the new image does not inherit them
+        // (Docker's rule).
+        let mut steps: Vec<Step> = Vec::new();
+        if let Some(triggers) = st.config.extra.remove("OnBuild")
+            && let Some(list) = triggers.as_array().filter(|l| !l.is_empty())
+        {
+            let text: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
+            let base = st.base.clone().unwrap_or_default();
+            let plan = super::dockerfile::parse(&crate::manifest::SourceFile {
+                name: format!("ONBUILD of {base}"),
+                text: std::sync::Arc::new(format!("FROM scratch\n{}\n", text.join("\n"))),
+            })
+            .map_err(|d| BuildError::Step {
+                origin: stage.origin.describe(),
+                text: "ONBUILD".into(),
+                source: Box::new(BuildError::Word(
+                    d.0.first().map(|d| d.message.clone()).unwrap_or_default(),
+                )),
+            })?;
+            steps.extend(plan.stages.into_iter().flat_map(|s| s.steps));
+        }
+        steps.extend(stage.steps.iter().cloned());
         let mut parent_missed = false;
-        for (i, step) in stage.steps.iter().enumerate() {
+        for (i, step) in steps.iter().enumerate() {
             (self.on_event)(BuildEvent::Started {
                 stage: &stage_name,
                 number: i + 1,
-                of: stage.steps.len(),
+                of: steps.len(),
                 text: describe_step(&step.spec),
             });
             let report = self
@@ -393,7 +524,7 @@ impl Engine<'_> {
             let report = StepReport {
                 stage: stage_name.clone(),
                 number: i + 1,
-                of: stage.steps.len(),
+                of: steps.len(),
                 ..report
             };
             (self.on_event)(BuildEvent::Finished(&report));
@@ -427,6 +558,9 @@ impl Engine<'_> {
                     chown: c.chown.as_deref().map(w).transpose()?,
                     chmod: c.chmod,
                     from: c.from.as_deref().map(w).transpose()?,
+                    exclude: c.exclude.iter().map(|s| w(s)).collect::<Result<_, _>>()?,
+                    parents: c.parents,
+                    checksum: c.checksum.clone(),
                 };
                 if matches!(spec, StepSpec::Copy(_)) {
                     StepSpec::Copy(c)
@@ -510,13 +644,26 @@ impl Engine<'_> {
                 origin,
                 parent_missed,
             ),
-            StepSpec::Run { command, network } => {
+            StepSpec::Run {
+                command,
+                network,
+                mounts,
+            } => {
                 let host = match network {
                     Some(crate::manifest::steps::RunNetwork::Host) => true,
                     Some(crate::manifest::steps::RunNetwork::None) => false,
                     None => self.opts.network_host,
                 };
-                self.run_step(st, stage, index, command, host, text, origin, parent_missed)
+                self.run_step(
+                    st,
+                    stage,
+                    index,
+                    (command, mounts),
+                    host,
+                    text,
+                    origin,
+                    parent_missed,
+                )
             }
             StepSpec::Workdir(_) | StepSpec::Volume(_) => {
                 meta::apply(&mut st.config, &spec);
@@ -543,7 +690,7 @@ impl Engine<'_> {
                 }
                 let key = Digest::of(
                     format!(
-                        "{}\n{text}\nmkdir {missing:?}\n{}",
+                        "{}\n{text}\nmkdir {missing:?}\n{}\nancestors",
                         st.chain, self.opts.epoch
                     )
                     .as_bytes(),
@@ -556,14 +703,10 @@ impl Engine<'_> {
                     None => {
                         let mut w =
                             super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
-                        let entry = super::layer::EntryMeta {
-                            mode: 0o755,
-                            uid: 0,
-                            gid: 0,
-                            mtime: self.opts.epoch,
-                        };
-                        for d in &missing {
-                            w.dir(d, &entry).map_err(|e| {
+                        for (d, meta) in
+                            &self.parent_dirs(st, missing.iter().map(String::as_str), true)?
+                        {
+                            w.dir(d, meta).map_err(|e| {
                                 BuildError::Destination(format!("/{d}"), e.to_string())
                             })?;
                         }
@@ -576,12 +719,64 @@ impl Engine<'_> {
                 Ok(self.add_layer(st, key, layer, text, origin, status))
             }
             other => {
+                let cmd = st
+                    .config
+                    .oci
+                    .config()
+                    .as_ref()
+                    .and_then(|c| c.cmd().clone());
                 meta::apply(&mut st.config, other);
+                match other {
+                    StepSpec::Cmd(_) => st.cmd_set = true,
+                    StepSpec::Entrypoint(_) if st.cmd_set => {
+                        let mut c = st.config.oci.config().clone().unwrap_or_default();
+                        c.set_cmd(cmd);
+                        st.config.oci.set_config(Some(c));
+                    }
+                    _ => {}
+                }
                 st.chain = Digest::of(format!("{}\n{text}", st.chain).as_bytes());
                 self.push_history(st, &text, true);
                 Ok(config_step(text))
             }
         }
+    }
+
+    /// The directories to write with entries at `paths` (relative, no leading `/`): each
+    /// ancestor, parents first, new ones as root's 0755 and existing ones with the metadata
+    /// they have (see [`copy::add_parents`]); for `paths` that are directories, those too.
+    fn parent_dirs<'p>(
+        &self,
+        st: &mut StageState,
+        paths: impl Iterator<Item = &'p str>,
+        leaves_are_dirs: bool,
+    ) -> Result<Vec<(String, super::layer::EntryMeta)>, BuildError> {
+        let fs = st.fs(self.store)?;
+        let mut plan = copy::Plan::new();
+        let mut leaves = Vec::new();
+        for p in paths {
+            let p = p.trim_matches('/').to_string();
+            leaves.push(p.clone());
+            plan.insert(
+                p,
+                copy::Planned {
+                    content: copy::Content::Dir,
+                    meta: super::layer::EntryMeta {
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime: self.opts.epoch,
+                    },
+                },
+            );
+        }
+        copy::add_parents(&mut plan, fs, self.opts.epoch)?;
+        Ok(plan
+            .into_iter()
+            .filter(|(p, planned)| matches!(planned.content, copy::Content::Dir) && !p.is_empty())
+            .filter(|(p, _)| leaves_are_dirs || !leaves.contains(p))
+            .map(|(p, planned)| (p, planned.meta))
+            .collect())
     }
 
     /// The directories (relative to the root, parents first) that must be made so every
@@ -649,7 +844,10 @@ impl Engine<'_> {
         st: &mut StageState,
         stage: usize,
         index: usize,
-        command: &crate::manifest::schema::CommandLine,
+        (command, mounts): (
+            &crate::manifest::schema::CommandLine,
+            &[crate::manifest::steps::RunMount],
+        ),
         host: bool,
         text: String,
         origin: String,
@@ -684,9 +882,34 @@ impl Engine<'_> {
             "{:?}/{:?}",
             self.opts.compression.algorithm, self.opts.compression.level
         );
+        // The mounts' descriptions are part of the key (a secret's id, never its value; a
+        // cache's id, never its contents), as in BuildKit; a bind mount's files are too.
+        let mut mount_key: Vec<String> = mounts.iter().map(|m| m.to_string()).collect();
+        let mut binds: Vec<BindPlan> = Vec::new();
+        for m in mounts
+            .iter()
+            .filter(|m| m.kind == crate::manifest::steps::MountKind::Bind)
+        {
+            let source = m.source.clone().unwrap_or_else(|| ".".into());
+            match &m.from {
+                Some(from) => {
+                    let img = self.image_named(from, stage)?;
+                    mount_key.push(format!("bind from {}", img.digest));
+                    binds.push(BindPlan::Image(Box::new(img), source));
+                }
+                None => {
+                    let none = super::ignore::IgnoreRules::default();
+                    let (sel, mut inputs) =
+                        copy::context_inputs(&self.ctx, &[source], &self.stat, &none)?;
+                    copy::hash_missing(&self.ctx, &sel, &mut self.stat, &mut inputs)?;
+                    mount_key.push(format!("bind {}", copy::inputs_digest(&inputs)));
+                    binds.push(BindPlan::Context(sel));
+                }
+            }
+        }
         let key = Digest::of(
             format!(
-                "{}\n{text}\n{argv:?}\n{env:?}\n{user}\n{cwd}\n{host}\n{compression}",
+                "{}\n{text}\n{argv:?}\n{env:?}\n{user}\n{cwd}\n{host}\n{compression}\n{mount_key:?}",
                 st.chain
             )
             .as_bytes(),
@@ -721,12 +944,50 @@ impl Engine<'_> {
                     .and_then(|l| l.layer.clone())
                     .into_iter()
                     .collect();
+                let scratch = tempfile::Builder::new()
+                    .prefix("bind-")
+                    .tempdir_in(self.spool.path())
+                    .map_err(|e| BuildError::Context {
+                        path: self.spool.path().to_path_buf(),
+                        source: e,
+                    })?;
+                let mut sources = Vec::new();
+                for (i, b) in binds.into_iter().enumerate() {
+                    let dir = scratch.path().join(i.to_string());
+                    sources.push(match b {
+                        BindPlan::Context(sel) => super::mounts::BindSource::Context(
+                            super::mounts::materialize(&self.ctx, &sel, &dir)?,
+                        ),
+                        BindPlan::Image(img, path) => {
+                            let refs: Vec<crate::runtime::snapshot::LayerRef> = img
+                                .layers()
+                                .into_iter()
+                                .map(|(d, desc)| (d, desc.media_type().to_string()))
+                                .zip(img.config.diff_ids()?)
+                                .map(|((d, m), id)| (d, m, id))
+                                .collect();
+                            let lowers = crate::runtime::snapshot::snapshots_of(self.store, &refs)
+                                .map_err(|e| BuildError::Runtime(e.to_string()))?;
+                            super::mounts::BindSource::Image {
+                                lowers,
+                                path: path.trim_start_matches('/').to_string(),
+                                scratch: dir,
+                            }
+                        }
+                    });
+                }
+                let prepared =
+                    super::mounts::prepare(self.store, mounts, &cwd, &self.opts.secrets, sources)?;
+                let mut env = env;
+                env.extend(prepared.env.iter().cloned());
                 let cmd = super::run::RunCommand {
                     argv,
                     env,
                     user: &user,
                     cwd: &cwd,
                     host_network: host,
+                    mounts: prepared.mounts.clone(),
+                    mount_targets: prepared.targets.clone(),
                 };
                 let layer = super::run::run(
                     self.store,
@@ -735,7 +996,24 @@ impl Engine<'_> {
                     self.opts.compression,
                     &reuse_from,
                     self.opts.epoch,
-                )?;
+                )
+                .map_err(|e| match e {
+                    // Unlike Docker, RUN has no network unless asked: say so when a
+                    // command that fetches things fails.
+                    BuildError::RunFailed { code, message }
+                        if !host && fetches(&cmd.argv.join(" ")) =>
+                    {
+                        BuildError::RunFailed {
+                            code,
+                            message: format!(
+                                "{message}\n  hint: RUN steps have no network unless asked; if this one downloads, build with `--network host`, or give the step its own (`RUN --network=host`, or network = \"host\" in [[image.steps]])"
+                            ),
+                        }
+                    }
+                    e => e,
+                })?;
+                drop(prepared);
+                drop(scratch);
                 cache::record_step(self.store, &key, &layer);
                 let reason = if self.opts.no_cache {
                     "--no-cache".to_string()
@@ -815,6 +1093,9 @@ impl Engine<'_> {
         if !c.inline.is_empty() {
             return self.inline_copy(st, c, &dest, text, origin);
         }
+        if c.sources.iter().any(|s| s.contains("://")) {
+            return self.url_add(st, c, &dest, text, origin);
+        }
         let compression = format!(
             "{:?}/{:?}",
             self.opts.compression.algorithm, self.opts.compression.level
@@ -832,7 +1113,9 @@ impl Engine<'_> {
                 )
             }
             None => {
-                let (sel, inputs) = copy::context_inputs(&self.ctx, &c.sources, &self.stat)?;
+                let exclude = super::ignore::IgnoreRules::parse(&c.exclude.join("\n"));
+                let (sel, inputs) =
+                    copy::context_inputs(&self.ctx, &c.sources, &self.stat, &exclude)?;
                 (None, sel, inputs)
             }
         };
@@ -841,7 +1124,8 @@ impl Engine<'_> {
         let key_of = |inputs: &Inputs| {
             Digest::of(
                 format!(
-                    "{chain}\n{text}\n{}\n{source_id:?}\n{compression}",
+                    // `ancestors`: layers carry their existing ancestor directories.
+                    "{chain}\n{text}\n{}\n{source_id:?}\n{compression}\nancestors",
                     copy::inputs_digest(inputs)
                 )
                 .as_bytes(),
@@ -889,6 +1173,7 @@ impl Engine<'_> {
                             store,
                             &src,
                             &c.sources,
+                            &super::ignore::IgnoreRules::parse(&c.exclude.join("\n")),
                             &dest,
                             chown.unwrap_or_default(),
                             c.chmod,
@@ -896,6 +1181,31 @@ impl Engine<'_> {
                             epoch,
                             &spool,
                         )?
+                    }
+                    // `--parents`: each source under the destination at its own path.
+                    None if c.parents => {
+                        let fs = st.fs(store)?;
+                        let mut plan = copy::Plan::new();
+                        for item in &selected {
+                            let kept = if item.0.kind == super::context::EntryKind::Dir {
+                                item.0.rel.as_str()
+                            } else {
+                                item.0.rel.rsplit_once('/').map_or("", |(p, _)| p)
+                            };
+                            let to = format!("{}/{kept}/", dest.trim_end_matches('/'));
+                            plan.extend(copy::plan_from_context(
+                                &self.ctx,
+                                std::slice::from_ref(item),
+                                &format!("{}/", meta::clean_abs(&to).trim_end_matches('/')),
+                                chown,
+                                c.chmod,
+                                add,
+                                fs,
+                                epoch,
+                                &spool,
+                            )?);
+                        }
+                        plan
                     }
                     None => copy::plan_from_context(
                         &self.ctx,
@@ -983,14 +1293,10 @@ impl Engine<'_> {
             Some(o) => self.owner(st, o)?,
             None => super::copy::Owner { uid: 0, gid: 0 },
         };
-        let parents: Vec<String> = files
-            .iter()
-            .filter_map(|(p, _)| p.rsplit_once('/').map(|(d, _)| format!("/{d}")))
-            .collect();
-        let missing = self.missing_dirs(st, &parents)?;
+        let parents = self.parent_dirs(st, files.iter().map(|(p, _)| p.as_str()), false)?;
         let key = Digest::of(
             format!(
-                "{}\n{text}\n{files:?}\n{}:{}\n{:?}\n{}",
+                "{}\n{text}\n{files:?}\n{}:{}\n{:?}\n{}\n{parents:?}",
                 st.chain, owner.uid, owner.gid, c.chmod, self.opts.epoch
             )
             .as_bytes(),
@@ -1002,16 +1308,10 @@ impl Engine<'_> {
             Some(l) => (l, StepStatus::Hit),
             None => {
                 let mut w = super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
-                let dir = super::layer::EntryMeta {
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    mtime: self.opts.epoch,
-                };
                 let io =
                     |e: std::io::Error| BuildError::Destination(dest.to_string(), e.to_string());
-                for d in &missing {
-                    w.dir(d, &dir).map_err(io)?;
+                for (d, meta) in &parents {
+                    w.dir(d, meta).map_err(io)?;
                 }
                 let file = super::layer::EntryMeta {
                     mode: c.chmod.unwrap_or(0o644),
@@ -1026,6 +1326,111 @@ impl Engine<'_> {
                 let l = w.finish()?;
                 cache::record_step(self.store, &key, &l);
                 (l, StepStatus::Miss("a heredoc".into()))
+            }
+        };
+        st.fs = None;
+        Ok(self.add_layer(st, key, layer, text, origin, status))
+    }
+
+    /// `ADD https://…`: each URL downloaded into the spool (streamed, hashed), checked
+    /// against `--checksum`, and written as a file of mode 0600 (Docker's) named after the
+    /// URL's last path segment when the destination is a directory. The cache key is the
+    /// content's digest; with `--checksum` a cached layer is used without downloading.
+    fn url_add(
+        &mut self,
+        st: &mut StageState,
+        c: &CopySpec,
+        dest: &str,
+        text: String,
+        origin: String,
+    ) -> Result<StepReport, BuildError> {
+        let into_dir = dest.ends_with('/') || c.sources.len() > 1;
+        let owner = match &c.chown {
+            Some(o) => self.owner(st, o)?,
+            None => super::copy::Owner { uid: 0, gid: 0 },
+        };
+        let chain = st.chain.clone();
+        let key_of = |sums: &[String]| {
+            Digest::of(
+                format!(
+                    "{chain}\n{text}\n{sums:?}\n{}:{}\n{:?}\n{}",
+                    owner.uid, owner.gid, c.chmod, self.opts.epoch
+                )
+                .as_bytes(),
+            )
+        };
+        if let (Some(sum), false, 1) = (&c.checksum, self.opts.no_cache, c.sources.len())
+            && let Some(l) = cache::lookup_step(self.store, &key_of(std::slice::from_ref(sum)))
+        {
+            let key = key_of(std::slice::from_ref(sum));
+            st.fs = None;
+            return Ok(self.add_layer(st, key, l, text, origin, StepStatus::Hit));
+        }
+        let mut files: Vec<(String, std::path::PathBuf, u64)> = Vec::new();
+        let mut sums = Vec::new();
+        for (i, url) in c.sources.iter().enumerate() {
+            let name = url
+                .split(['?', '#'])
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .filter(|n| !n.is_empty() && !n.contains("://") && *n != "." && *n != "..")
+                .unwrap_or("download")
+                .to_string();
+            let spooled = self.spool.path().join(format!("url-{i}"));
+            let mut out = std::fs::File::create(&spooled).map_err(|e| BuildError::Context {
+                path: spooled.clone(),
+                source: e,
+            })?;
+            let (digest, size) = crate::registry_client::download(url, &mut out, 64 << 30)
+                .map_err(|e| BuildError::Destination(dest.to_string(), e))?;
+            if let Some(want) = &c.checksum
+                && digest.to_string() != *want
+            {
+                return Err(BuildError::Destination(
+                    dest.to_string(),
+                    format!("{url} has the digest {digest}, not the --checksum {want}"),
+                ));
+            }
+            let path = if into_dir {
+                format!("{}/{name}", dest.trim_end_matches('/'))
+            } else {
+                dest.to_string()
+            };
+            files.push((path.trim_start_matches('/').to_string(), spooled, size));
+            sums.push(digest.to_string());
+        }
+        let key = key_of(&sums);
+        let parents = self.parent_dirs(st, files.iter().map(|(p, _, _)| p.as_str()), false)?;
+        let (layer, status) = match (!self.opts.no_cache)
+            .then(|| cache::lookup_step(self.store, &key))
+            .flatten()
+        {
+            Some(l) => (l, StepStatus::Hit),
+            None => {
+                let mut w = super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
+                let io =
+                    |e: std::io::Error| BuildError::Destination(dest.to_string(), e.to_string());
+                for (d, meta) in &parents {
+                    w.dir(d, meta).map_err(io)?;
+                }
+                let file = super::layer::EntryMeta {
+                    mode: c.chmod.unwrap_or(0o600),
+                    uid: owner.uid,
+                    gid: owner.gid,
+                    mtime: self.opts.epoch,
+                };
+                for (path, spooled, size) in &files {
+                    let f = std::fs::File::open(spooled).map_err(io)?;
+                    w.file(path, &file, *size, std::io::BufReader::new(f))
+                        .map_err(io)?;
+                }
+                let l = w.finish()?;
+                // With --checksum this is also the key a later build looks up first.
+                cache::record_step(self.store, &key, &l);
+                (l, StepStatus::Miss("downloaded".into()))
             }
         };
         st.fs = None;

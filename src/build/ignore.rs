@@ -52,6 +52,11 @@ impl IgnoreRules {
         IgnoreRules { rules }
     }
 
+    /// True when there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
     /// True when the path (relative to the context, `/`-separated) is excluded.
     pub fn is_excluded(&self, path: &str) -> bool {
         let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();

@@ -74,6 +74,102 @@ pub fn open_layer(
     Ok(store.open_layer(digest, media_type)?)
 }
 
+/// One tar entry of a layer, as the entry index keeps it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IndexEntry {
+    /// The path as the tar names it (UTF-8 paths only; others are skipped as before).
+    #[serde(rename = "p")]
+    pub path: String,
+    /// `d`irectory, `f`ile, sym`l`ink, `h`ardlink, `o`ther.
+    #[serde(rename = "k")]
+    pub kind: char,
+    /// Permission bits.
+    #[serde(rename = "m")]
+    pub mode: u32,
+    /// Owner.
+    #[serde(rename = "u")]
+    pub uid: u64,
+    /// Group.
+    #[serde(rename = "g")]
+    pub gid: u64,
+    /// Size.
+    #[serde(rename = "s")]
+    pub size: u64,
+    /// Link target (symlinks, hardlinks).
+    #[serde(rename = "t", default, skip_serializing_if = "String::is_empty")]
+    pub link: String,
+}
+
+/// Where a layer's entry index lives: `berth/layer-index/<hex>.json`, beside the blob it
+/// describes (gc removes it with the blob).
+pub fn index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
+    store
+        .state_dir()
+        .join("layer-index")
+        .join(format!("{}.json", digest.hex()))
+}
+
+/// A layer's tar entries in order: read from its index, or (the first time) from the
+/// layer itself, then indexed. A layer's digest fixes its entries, so an index never goes
+/// stale; one that cannot be read is rebuilt.
+pub fn layer_entries(
+    store: &Store,
+    digest: &Digest,
+    media_type: &str,
+) -> Result<Vec<IndexEntry>, BuildError> {
+    let path = index_path(store, digest);
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(entries) = serde_json::from_slice::<Vec<IndexEntry>>(&bytes)
+    {
+        return Ok(entries);
+    }
+    let mut out = Vec::new();
+    let mut archive = tar::Archive::new(open_layer(store, digest, media_type)?);
+    for entry in archive.entries().map_err(|e| layer_error(digest, e))? {
+        let entry = entry.map_err(|e| layer_error(digest, e))?;
+        let raw = entry.path_bytes();
+        let Ok(p) = std::str::from_utf8(&raw) else {
+            continue;
+        };
+        let h = entry.header();
+        let link = entry
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        let kind = match h.entry_type() {
+            tar::EntryType::Directory => 'd',
+            tar::EntryType::Regular | tar::EntryType::Continuous => 'f',
+            tar::EntryType::Symlink => 'l',
+            tar::EntryType::Link => 'h',
+            _ => 'o',
+        };
+        out.push(IndexEntry {
+            path: p.to_string(),
+            kind,
+            mode: h.mode().unwrap_or(0o644) & 0o7777,
+            uid: h.uid().unwrap_or(0),
+            gid: h.gid().unwrap_or(0),
+            size: h.size().unwrap_or(0),
+            link: if matches!(kind, 'l' | 'h') {
+                link
+            } else {
+                String::new()
+            },
+        });
+    }
+    // Best effort, written under a temporary name and renamed: a crash leaves no torn index.
+    if let Some(dir) = path.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+        && let Ok(json) = serde_json::to_vec(&out)
+    {
+        let tmp = dir.join(format!(".{}.{}", digest.hex(), std::process::id()));
+        if std::fs::write(&tmp, json).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(out)
+}
+
 fn layer_error(digest: &Digest, e: io::Error) -> BuildError {
     BuildError::Store(StoreError::BadDocument {
         what: "layer",
@@ -83,19 +179,16 @@ fn layer_error(digest: &Digest, e: io::Error) -> BuildError {
 }
 
 impl ImageFs {
-    /// Indexes the given layers (bottom first).
+    /// Indexes the given layers (bottom first), from each layer's entry index when the store
+    /// has one (see [`layer_entries`]): a rebuild reads no cached layer to place a COPY.
     pub fn load(store: &Store, layers: &[(Digest, String)]) -> Result<ImageFs, BuildError> {
         let mut fs = ImageFs::default();
         for (i, (digest, media_type)) in layers.iter().enumerate() {
             fs.layers.push((digest.clone(), media_type.clone()));
-            let mut archive = tar::Archive::new(open_layer(store, digest, media_type)?);
-            for entry in archive.entries().map_err(|e| layer_error(digest, e))? {
-                let entry = entry.map_err(|e| layer_error(digest, e))?;
-                let raw = entry.path_bytes();
-                let Some(path) = std::str::from_utf8(&raw).ok().and_then(normalize) else {
+            for e in layer_entries(store, digest, media_type)? {
+                let Some(path) = normalize(&e.path) else {
                     continue;
                 };
-                let h = entry.header();
                 let (dir, name) = match path.rsplit_once('/') {
                     Some((d, n)) => (d.to_string(), n),
                     None => (String::new(), path.as_str()),
@@ -120,19 +213,11 @@ impl ImageFs {
                     fs.remove_tree(&target);
                     continue;
                 }
-                let link = || {
-                    entry
-                        .link_name_bytes()
-                        .map(|l| String::from_utf8_lossy(&l).into_owned())
-                        .unwrap_or_default()
-                };
-                let kind = match h.entry_type() {
-                    tar::EntryType::Directory => FsKind::Dir,
-                    tar::EntryType::Regular | tar::EntryType::Continuous => FsKind::File,
-                    tar::EntryType::Symlink => FsKind::Symlink(link()),
-                    tar::EntryType::Link => {
-                        FsKind::Hardlink(normalize(&link()).unwrap_or_default())
-                    }
+                let kind = match e.kind {
+                    'd' => FsKind::Dir,
+                    'f' => FsKind::File,
+                    'l' => FsKind::Symlink(e.link.clone()),
+                    'h' => FsKind::Hardlink(normalize(&e.link).unwrap_or_default()),
                     _ => FsKind::Other,
                 };
                 if kind != FsKind::Dir {
@@ -140,10 +225,10 @@ impl ImageFs {
                 }
                 let node = FsNode {
                     kind,
-                    mode: h.mode().unwrap_or(0o644) & 0o7777,
-                    uid: h.uid().unwrap_or(0),
-                    gid: h.gid().unwrap_or(0),
-                    size: h.size().unwrap_or(0),
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size: e.size,
                     layer: i,
                 };
                 if !path.is_empty() {

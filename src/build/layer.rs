@@ -56,7 +56,7 @@ impl Layer {
 }
 
 /// Compression settings for new layers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct LayerCompression {
     /// Algorithm.
     pub algorithm: Compression,

@@ -105,6 +105,19 @@ pub fn apply(config: &mut ImageConfig, spec: &StepSpec) -> bool {
             config.oci.set_author(Some(a.clone()));
             return true;
         }
+        StepSpec::OnBuild(t) => {
+            let list = config
+                .extra
+                .entry("OnBuild")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if !list.is_array() {
+                *list = Value::Array(Vec::new());
+            }
+            if let Value::Array(items) = list {
+                items.push(Value::String(t.clone()));
+            }
+            return true;
+        }
         StepSpec::Env(vars) => {
             let mut env = env_pairs(config);
             for (k, v) in vars {

@@ -13,13 +13,16 @@ pub mod imagefs;
 pub mod import;
 pub mod layer;
 pub mod meta;
+pub mod mounts;
 pub mod plan;
 pub mod provenance;
 pub mod run;
 pub mod scope;
 pub mod shell_words;
 
-pub use engine::{BuildEvent, BuildOptions, BuildOutput, StepReport, StepStatus, build};
+pub use engine::{
+    BuildEvent, BuildOptions, BuildOutput, PullPolicy, Puller, StepReport, StepStatus, build,
+};
 
 use std::path::PathBuf;
 
@@ -41,14 +44,12 @@ pub enum BuildError {
     #[error("`{0}` is outside the build context")]
     OutsideContext(String),
     /// A COPY/ADD source does not exist (or is ignored).
-    #[error(
-        "`{0}` does not exist in the build context (or is excluded by .berthignore/.dockerignore)"
-    )]
+    #[error("`{0}` does not exist in the build context (or is excluded by the ignore file)")]
     MissingSource(String),
     /// A source leads, through symlinks resolved inside the context, to a path that does
     /// not exist.
     #[error(
-        "`{named}` resolves to `{resolved}` in the build context, which does not exist or is excluded by .berthignore/.dockerignore (symlinks in a build context are followed inside the context, never to the host's files)"
+        "`{named}` resolves to `{resolved}` in the build context, which does not exist or is excluded by the ignore file (symlinks in a build context are followed inside the context, never to the host's files)"
     )]
     MissingResolved {
         /// The source as written.
@@ -73,6 +74,9 @@ pub enum BuildError {
     /// A COPY destination cannot be used.
     #[error("cannot copy to {0}: {1}")]
     Destination(String, String),
+    /// A `RUN --mount` cannot be made.
+    #[error("{0}")]
+    Mount(String),
     /// A word (quotes, `$VAR`) cannot be processed.
     #[error("{0}")]
     Word(String),
@@ -80,8 +84,20 @@ pub enum BuildError {
     #[error("no user `{0}` in the image's /etc/passwd or /etc/group")]
     UnknownUser(String),
     /// The base image is not in the store.
-    #[error("base image `{0}` is not in the store")]
+    #[error(
+        "image `{0}` is not in the store (pull it with `berth pull`, build with `--pull missing`, or make one with `berth import`)"
+    )]
     UnknownBase(String),
+    /// The image a build names could not be pulled.
+    #[error("image `{name}` is not in the store, and pulling {reference} failed: {message}")]
+    PullFailed {
+        /// The name as written.
+        name: String,
+        /// What was pulled.
+        reference: String,
+        /// Why it failed.
+        message: String,
+    },
     /// `--target` names no stage.
     #[error("no build stage named `{0}`")]
     UnknownStage(String),

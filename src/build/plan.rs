@@ -152,6 +152,15 @@ pub fn describe_step(spec: &StepSpec) -> String {
             if let Some(m) = c.chmod {
                 s += &format!(" --chmod={m:04o}");
             }
+            for e in &c.exclude {
+                s += &format!(" --exclude={e}");
+            }
+            if c.parents {
+                s += " --parents";
+            }
+            if let Some(sum) = &c.checksum {
+                s += &format!(" --checksum={sum}");
+            }
             let sources: Vec<String> = c
                 .sources
                 .iter()
@@ -177,6 +186,7 @@ pub fn describe_step(spec: &StepSpec) -> String {
         ),
         StepSpec::Workdir(w) => format!("WORKDIR {w}"),
         StepSpec::Maintainer(a) => format!("MAINTAINER {a}"),
+        StepSpec::OnBuild(t) => format!("ONBUILD {t}"),
         StepSpec::User(u) => format!("USER {u}"),
         StepSpec::Expose(p) => format!(
             "EXPOSE {}",

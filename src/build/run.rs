@@ -31,6 +31,10 @@ pub struct RunCommand<'a> {
     pub cwd: &'a str,
     /// Use the host's network.
     pub host_network: bool,
+    /// `RUN --mount`s (caches, secrets, tmpfs).
+    pub mounts: Vec<crate::runtime::process::ExtraMount>,
+    /// Their absolute targets: what the runtime creates for them is not layer content.
+    pub mount_targets: Vec<String>,
 }
 
 /// Directories the runtime mounts over; empty ones in the upper directory are not layer content.
@@ -70,16 +74,64 @@ pub fn run(
         .map_err(io(&tmp_base))?;
     let (fs, overlay) = rootfs::overlay_for_layers(store, layers, tmp.path())
         .map_err(|e| BuildError::Runtime(e.to_string()))?;
-    let mut etc_files = Vec::new();
-    if cmd.host_network {
-        for (name, src, dest) in [
-            ("hosts", "/etc/hosts", "/etc/hosts"),
-            ("resolv.conf", "/etc/resolv.conf", "/etc/resolv.conf"),
-        ] {
-            let p = tmp.path().join(name);
-            std::fs::write(&p, std::fs::read(src).unwrap_or_default()).map_err(io(&p))?;
-            etc_files.push((p, dest));
+    // Every RUN gets /etc/hostname and /etc/hosts (and, with the host's network, its
+    // resolv.conf), and a /run directory, as Docker gives them, whether the image has
+    // them or not. What the runtime creates for them and for mount targets is removed
+    // from the upper directory afterwards unless the command put something there.
+    let lowers = crate::runtime::snapshot::snapshots_of(store, layers)
+        .map_err(|e| BuildError::Runtime(e.to_string()))?;
+    let mut stubs: Vec<String> = Vec::new();
+    let mut candidates: Vec<String> = vec![
+        "/etc/hostname".into(),
+        "/etc/hosts".into(),
+        "/etc/resolv.conf".into(),
+        "/run".into(),
+        cmd.cwd.to_string(),
+    ];
+    candidates.extend(cmd.mount_targets.iter().cloned());
+    for c in &candidates {
+        let mut prefix = String::new();
+        for comp in c.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if comp == ".." {
+                break;
+            }
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(comp);
+            if !stubs.contains(&prefix) && !exists_in(&lowers, &prefix) {
+                stubs.push(prefix.clone());
+            }
         }
+    }
+    let upper = tmp.path().join("upper");
+    if stubs.iter().any(|s| s == "run") {
+        let run = upper.join("run");
+        std::fs::create_dir(&run).map_err(io(&run))?;
+        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(io(&run))?;
+    }
+    let mut etc_files = Vec::new();
+    let hosts = if cmd.host_network {
+        std::fs::read("/etc/hosts").unwrap_or_default()
+    } else {
+        b"127.0.0.1\tlocalhost berth-build\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec()
+    };
+    let mut files: Vec<(&str, Vec<u8>, &'static str)> = vec![
+        ("hostname", b"berth-build\n".to_vec(), "/etc/hostname"),
+        ("hosts", hosts, "/etc/hosts"),
+    ];
+    if cmd.host_network {
+        files.push((
+            "resolv.conf",
+            std::fs::read("/etc/resolv.conf").unwrap_or_default(),
+            "/etc/resolv.conf",
+        ));
+    }
+    for (name, content, dest) in files {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, content).map_err(io(&p))?;
+        etc_files.push((p, dest));
     }
     let launch = Launch {
         overlay: Some(overlay),
@@ -92,7 +144,7 @@ pub fn run(
             Network::None
         },
         read_only: false,
-        mounts: Vec::new(),
+        mounts: cmd.mounts.clone(),
         interface: None,
         cgroup_join: Vec::new(),
         secret_files: Vec::new(),
@@ -142,19 +194,115 @@ pub fn run(
             message: format!("the command exited with {code}"),
         });
     }
-    let exclude: &[&str] = if cmd.host_network {
-        &NETWORK_FILES
-    } else {
-        &[]
-    };
+    // Stubs deepest first: a mount point, then the parents made for it, each only if
+    // it is still empty (the command may have written beside a mount point).
+    for stub in stubs.iter().rev() {
+        let p = upper.join(stub);
+        match std::fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {
+                let _ = std::fs::remove_dir(&p);
+            }
+            Ok(md) if md.is_file() && md.len() == 0 => {
+                let _ = std::fs::remove_file(&p);
+            }
+            _ => {}
+        }
+    }
+    for name in NETWORK_FILES {
+        // berth's own /etc files are never layer content (in Docker they are bind
+        // mounts): without them the image's own show through again.
+        let p = upper.join(name);
+        if std::fs::symlink_metadata(&p).is_ok_and(|md| md.is_file()) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    prune_copied_up(&lowers, &upper, "");
     upper_to_layer(
         store,
-        &tmp.path().join("upper"),
-        exclude,
+        &upper,
+        &NETWORK_FILES,
         compression,
         reuse_from,
         epoch,
     )
+}
+
+/// True when `rel` exists in the overlay of `lowers` (bottom first).
+fn exists_in(lowers: &[PathBuf], rel: &str) -> bool {
+    lower_entry(lowers, rel).is_some()
+}
+
+/// What the overlay of `lowers` (bottom first) has at `rel`: the topmost layer that has
+/// it, or a whiteout of it or of a parent, decides. Components are looked at one by one,
+/// never following a link (a link on the way counts as the entry).
+fn lower_entry(lowers: &[PathBuf], rel: &str) -> Option<std::fs::Metadata> {
+    let comps: Vec<&str> = rel.split('/').collect();
+    for lower in lowers.iter().rev() {
+        let mut p = lower.clone();
+        for (i, c) in comps.iter().enumerate() {
+            p.push(c);
+            match std::fs::symlink_metadata(&p) {
+                Ok(md) if is_whiteout(&md) => return None,
+                Ok(md) if md.file_type().is_symlink() || i + 1 == comps.len() => return Some(md),
+                Ok(md) if md.is_dir() => {
+                    if is_opaque(&p) {
+                        // Nothing below an opaque directory comes from lower layers.
+                        let mut rest = p.clone();
+                        for c in &comps[i + 1..] {
+                            rest.push(c);
+                        }
+                        return std::fs::symlink_metadata(&rest).ok();
+                    }
+                }
+                Ok(_) => return None,
+                Err(_) => break,
+            }
+        }
+    }
+    None
+}
+
+/// Removes the directories overlayfs only copied up (to hold a mount point or a file the
+/// command created and removed again): empty, not opaque, and with the lower directory's
+/// mode and owner. They are no change, and BuildKit's diff leaves them out too. Returns
+/// whether `dir` itself is gone.
+fn prune_copied_up(lowers: &[PathBuf], upper: &Path, rel: &str) -> bool {
+    let dir = if rel.is_empty() {
+        upper.to_path_buf()
+    } else {
+        upper.join(rel)
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return false;
+    };
+    let mut left = 0;
+    for e in entries.flatten() {
+        let Ok(name) = e.file_name().into_string() else {
+            left += 1;
+            continue;
+        };
+        let child = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if !(is_dir && prune_copied_up(lowers, upper, &child)) {
+            left += 1;
+        }
+    }
+    if rel.is_empty() || left > 0 || is_opaque(&dir) {
+        return false;
+    }
+    let (Ok(here), Some(below)) = (std::fs::symlink_metadata(&dir), lower_entry(lowers, rel))
+    else {
+        return false;
+    };
+    let same = below.is_dir()
+        && (here.mode() & 0o7777) == (below.mode() & 0o7777)
+        && here.uid() == below.uid()
+        && here.gid() == below.gid();
+    same && std::fs::remove_dir(&dir).is_ok()
 }
 
 /// True for an overlay whiteout: a character device 0:0.

@@ -7,11 +7,15 @@ use miette::miette;
 use serde_json::json;
 
 use super::{CliError, GlobalOpts, Output};
+use std::path::{Path, PathBuf};
+
 use crate::build::layer::LayerCompression;
 use crate::build::plan::BuildPlan;
 use crate::build::{
-    self, BuildError, BuildEvent, BuildOptions, StepReport, StepStatus, provenance,
+    self, BuildError, BuildEvent, BuildOptions, PullPolicy, Puller, StepReport, StepStatus,
+    provenance,
 };
+use crate::manifest::secrets::SecretRef;
 use crate::manifest::{InvalidConfig, Project, SourceFile};
 use crate::store::Store;
 
@@ -39,6 +43,70 @@ pub struct BuildArgs {
     /// Network for RUN steps: none (default) or host.
     #[arg(long, value_name = "none|host", default_value = "none", value_parser = ["none", "host"])]
     pub network: String,
+    /// Build this Dockerfile, without a berth.toml (as `docker build -f`).
+    #[arg(long, short = 'f', value_name = "DOCKERFILE")]
+    pub file: Option<PathBuf>,
+    /// Pull the images the build names: when missing (default), always, or never.
+    #[arg(long, value_enum, value_name = "POLICY", default_value = "missing")]
+    pub pull: PullPolicy,
+    /// A secret for `RUN --mount=type=secret,id=ID`: from a file or a variable (over
+    /// `[image.secrets]`).
+    #[arg(long, value_name = "id=ID,src=FILE|env=VAR", value_parser = parse_secret)]
+    pub secret: Vec<(String, SecretRef)>,
+    /// The build context, without a berth.toml [default: .]; its Dockerfile (or
+    /// Containerfile) is built unless -f names another.
+    #[arg(value_name = "CONTEXT")]
+    pub context: Option<PathBuf>,
+}
+
+/// `id=ID,src=FILE` / `id=ID,env=VAR` (also `source=`, `type=file|env`), as
+/// `docker buildx build --secret` reads it; `id=ID` alone reads the variable `ID`.
+fn parse_secret(s: &str) -> Result<(String, SecretRef), String> {
+    let (mut id, mut src, mut env, mut kind) = (None, None, None, None);
+    for field in s.split(',') {
+        match field.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("src" | "source", v)) => src = Some(v.to_string()),
+            Some(("env", v)) => env = Some(v.to_string()),
+            Some(("type", v)) => kind = Some(v.to_string()),
+            _ => return Err(format!("`{field}` is not id=, src=, env= or type=")),
+        }
+    }
+    let id = id.ok_or("a secret needs id=")?;
+    let r = match (src, env, kind.as_deref()) {
+        (Some(p), None, None | Some("file")) => SecretRef::File(p.into()),
+        (None, Some(v), None | Some("env")) => SecretRef::Env(v),
+        (None, None, Some("env") | None) => SecretRef::Env(id.clone()),
+        _ => return Err("give one of src=FILE or env=VAR".into()),
+    };
+    Ok((id, r))
+}
+
+/// Reads a build secret: a file's exact bytes (relative to `dir`), or a variable.
+fn read_secret(
+    id: &str,
+    r: &SecretRef,
+    dir: &Path,
+) -> Result<crate::runtime::process::SecretBytes, CliError> {
+    use crate::runtime::process::SecretBytes;
+    match r {
+        SecretRef::File(p) => {
+            let full = dir.join(p);
+            std::fs::read(&full).map(SecretBytes).map_err(|e| {
+                CliError::invalid(miette!(
+                    "cannot read the secret `{id}` from {}: {e}",
+                    full.display()
+                ))
+            })
+        }
+        SecretRef::Env(var) => std::env::var_os(var)
+            .map(|v| SecretBytes(std::os::unix::ffi::OsStrExt::as_bytes(v.as_os_str()).to_vec()))
+            .ok_or_else(|| {
+                CliError::invalid(miette!(
+                    "the secret `{id}` comes from the variable {var}, which is not set"
+                ))
+            }),
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -47,42 +115,25 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not K=V"))
 }
 
-/// Pulls the stages' base images that name a registry (`127.0.0.1:5000/base:1`,
-/// `ghcr.io/org/base:2`) and are not in the store yet. Bare names (`base:1`) stay local.
-fn pull_missing_bases(store: &Store, plan: &BuildPlan, out: &mut Output) -> Result<(), CliError> {
-    use crate::build::plan::Base;
+/// Pulls an image a build names (as `berth pull` does: credentials from `config.json`),
+/// saying so on standard error unless quiet.
+fn puller(store: &Store, quiet: bool) -> Puller {
     use crate::registry_client::{Client, ClientOptions, Reference, pull};
-    let stage_names: Vec<&str> = plan
-        .stages
-        .iter()
-        .filter_map(|s| s.name.as_deref())
-        .collect();
-    for stage in &plan.stages {
-        let Base::Image(raw) = &stage.base else {
-            continue;
-        };
-        let first = raw.split('/').next().unwrap_or_default();
-        let names_registry = raw.contains('/')
-            && (first.contains('.') || first.contains(':') || first == "localhost");
-        if raw.contains('$') || stage_names.contains(&raw.as_str()) || !names_registry {
-            continue;
+    let store = store.clone();
+    Puller(Arc::new(move |reference: &str| {
+        let reference: Reference = reference.parse()?;
+        if !quiet {
+            eprintln!("pulling {reference}");
         }
-        if store.resolve(raw).is_ok() {
-            continue;
-        }
-        let Ok(reference) = raw.parse::<Reference>() else {
-            continue;
-        };
-        out.note(format!("pulling the base image {reference}"))?;
-        let client = Client::new(&reference, &ClientOptions::default())
-            .map_err(super::registry::registry_error)?;
+        let client =
+            Client::new(&reference, &ClientOptions::default()).map_err(|e| e.to_string())?;
         let runtime = crate::registry_client::runtime()
-            .map_err(|e| CliError::failed(miette!("cannot start the network runtime: {e}")))?;
+            .map_err(|e| format!("cannot start the network runtime: {e}"))?;
         runtime
-            .block_on(pull::pull(&client, store, &reference, &|_, _, _| {}, None))
-            .map_err(super::registry::registry_error)?;
-    }
-    Ok(())
+            .block_on(pull::pull(&client, &store, &reference, &|_, _, _| {}, None))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }))
 }
 
 /// The build context directory of a project: `context` resolved from the project
@@ -113,8 +164,26 @@ fn project_context(
     }
 }
 
-/// Runs `berth build`.
-pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), CliError> {
+/// What a build reads: the plan, its context and where they came from.
+struct Input {
+    plan: BuildPlan,
+    context: PathBuf,
+    /// Where provenance (git) labels are read.
+    project: PathBuf,
+    build_args: BTreeMap<String, String>,
+    target: Option<String>,
+    compression: LayerCompression,
+    ignore_file: Option<PathBuf>,
+    /// `APP:latest` for a project; none for a bare Dockerfile.
+    default_tag: Option<String>,
+    /// Identifies the Dockerfile, so `--explain` compares with its last build.
+    id: String,
+    /// `[image.secrets]`.
+    secrets: BTreeMap<String, SecretRef>,
+}
+
+/// A project's `[image]`: its steps or Dockerfile, context, args and compression.
+fn project_input(g: &GlobalOpts, args: &BuildArgs) -> Result<Input, CliError> {
     let dir = g.project_dir();
     let project = Project::load(&dir)?;
     let config = match &args.env {
@@ -133,36 +202,137 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
             let text = crate::build::scope::Root::new(&dir)
                 .and_then(|root| root.read_to_string(&rel.to_string_lossy()))
                 .map_err(|e| CliError::failed(miette!("cannot read {}: {e}", path.display())))?;
-            let name = image.context.join(df).display().to_string();
-            crate::build::dockerfile::parse(&SourceFile {
-                name,
-                text: Arc::new(text),
-            })
-            .map_err(|diagnostics| CliError::invalid(InvalidConfig { diagnostics }))?
+            parse_dockerfile(rel.display().to_string(), text)?
         }
     };
-    let mut build_args: BTreeMap<String, String> = image.args.clone();
+    let abs_context = std::fs::canonicalize(&context).unwrap_or(context.clone());
+    Ok(Input {
+        plan,
+        id: format!("{}\n{:?}", abs_context.display(), image.dockerfile),
+        context,
+        project: dir,
+        build_args: image.args.clone(),
+        target: image.target.clone(),
+        compression: LayerCompression {
+            algorithm: image.compression,
+            level: image.compression_level,
+        },
+        ignore_file: None,
+        default_tag: Some(format!("{}:latest", config.app.name)),
+        secrets: image.secrets.clone(),
+    })
+}
+
+fn parse_dockerfile(name: String, text: String) -> Result<BuildPlan, CliError> {
+    crate::build::dockerfile::parse(&SourceFile {
+        name,
+        text: Arc::new(text),
+    })
+    .map_err(|diagnostics| CliError::invalid(InvalidConfig { diagnostics }))
+}
+
+/// A Dockerfile and a context named on the command line, as `docker build -f F CONTEXT`:
+/// the Dockerfile is read where it is (the user named it), the context is the directory
+/// given, and `F.dockerignore` next to the Dockerfile replaces the context's ignore file.
+fn dockerfile_input(g: &GlobalOpts, args: &BuildArgs) -> Result<Input, CliError> {
+    let base = g.project_dir();
+    let context = base.join(args.context.as_deref().unwrap_or(Path::new(".")));
+    if !context.is_dir() {
+        return Err(CliError::invalid(miette!(
+            "the build context {} is not a directory",
+            context.display()
+        )));
+    }
+    let file = match &args.file {
+        Some(f) => base.join(f),
+        None => ["Dockerfile", "Containerfile"]
+            .iter()
+            .map(|n| context.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                CliError::invalid(miette!(
+                    help = "name one with -f",
+                    "{} has no Dockerfile or Containerfile",
+                    context.display()
+                ))
+            })?,
+    };
+    let file: PathBuf = file.components().collect();
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| CliError::invalid(miette!("cannot read {}: {e}", file.display())))?;
+    let plan = parse_dockerfile(file.display().to_string(), text)?;
+    let ignore_file = [".dockerignore", ".containerignore"]
+        .iter()
+        .map(|ext| {
+            let mut name = file.file_name().unwrap_or_default().to_os_string();
+            name.push(ext);
+            file.with_file_name(name)
+        })
+        .find(|p| p.is_file());
+    let abs_context = std::fs::canonicalize(&context).unwrap_or(context.clone());
+    let abs_file = std::fs::canonicalize(&file).unwrap_or(file.clone());
+    Ok(Input {
+        plan,
+        id: format!("{}\n{}", abs_context.display(), abs_file.display()),
+        project: context.clone(),
+        context,
+        build_args: BTreeMap::new(),
+        target: None,
+        compression: LayerCompression::default(),
+        ignore_file,
+        default_tag: None,
+        secrets: BTreeMap::new(),
+    })
+}
+
+/// Runs `berth build`.
+pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), CliError> {
+    let standalone = args.file.is_some() || args.context.is_some();
+    if standalone && args.env.is_some() {
+        return Err(CliError::invalid(miette!(
+            "--env belongs to a project's build; with -f or a context there is no berth.toml"
+        )));
+    }
+    let input = if standalone {
+        dockerfile_input(g, args)?
+    } else {
+        project_input(g, args)?
+    };
+    let mut build_args = input.build_args.clone();
     build_args.extend(args.build_args.iter().cloned());
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    let abs_context = std::fs::canonicalize(&context).unwrap_or(context.clone());
+    let mut refs = input.secrets.clone();
+    refs.extend(args.secret.iter().cloned());
+    let mut secrets = BTreeMap::new();
+    for (id, r) in &refs {
+        // `[image.secrets]` files are relative to the project; --secret ones to where
+        // berth runs (`-C` included).
+        let dir = if args.secret.iter().any(|(i, _)| i == id) {
+            g.project_dir()
+        } else {
+            input.project.clone()
+        };
+        secrets.insert(id.clone(), read_secret(id, r, &dir)?);
+    }
+    let store = Store::open(&g.store_dir())?;
     let opts = BuildOptions {
+        secrets,
         no_cache: args.no_cache,
         build_args,
-        target: args.target.clone().or_else(|| image.target.clone()),
-        compression: LayerCompression {
-            algorithm: image.compression,
-            level: image.compression_level,
-        },
+        target: args.target.clone().or_else(|| input.target.clone()),
+        compression: input.compression,
         epoch,
-        labels: provenance::labels(&dir),
-        project_id: format!("{}\n{:?}", abs_context.display(), image.dockerfile),
+        labels: provenance::labels(&input.project),
+        project_id: input.id.clone(),
         network_host: args.network == "host",
+        pull: args.pull,
+        puller: Some(puller(&store, out.quiet || out.json)),
+        ignore_file: input.ignore_file.clone(),
     };
-    let store = Store::open(&g.store_dir())?;
-    pull_missing_bases(&store, &plan, out)?;
+    let (plan, context) = (&input.plan, &input.context);
     let (json, quiet, explain, verbose) = (out.json, out.quiet, args.explain, g.verbose > 0);
     let spinner = super::progress::Spinner::new(!json && !quiet);
     let mut printer = |event: BuildEvent<'_>| match event {
@@ -185,11 +355,11 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
             }
         }
     };
-    let result = build::build(&store, &plan, &context, &opts, &mut printer);
+    let result = build::build(&store, plan, context, &opts, &mut printer);
     spinner.finish();
     let result = result.map_err(build_error)?;
     let tags = if args.tag.is_empty() {
-        vec![format!("{}:latest", config.app.name)]
+        input.default_tag.into_iter().collect()
     } else {
         args.tag.clone()
     };

@@ -107,6 +107,10 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
                 build_args: Vec::new(),
                 target: None,
                 network: "none".into(),
+                file: None,
+                pull: crate::build::PullPolicy::Missing,
+                context: None,
+                secret: Vec::new(),
             };
             // The build's own output goes to stderr: stdout is the deploy's.
             let mut to_stderr = Output::stderr(out.quiet || out.json);

@@ -45,6 +45,9 @@ pub struct GcArgs {
     /// Say what would be removed, and list what is kept and why; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also empty the `RUN --mount=type=cache` directories no build is using.
+    #[arg(long)]
+    pub cache: bool,
 }
 
 /// Arguments of `berth import`.
@@ -300,8 +303,32 @@ pub fn rmi(g: &GlobalOpts, args: &RmiArgs, out: &mut Output) -> Result<(), CliEr
 pub fn gc(g: &GlobalOpts, args: &GcArgs, out: &mut Output) -> Result<(), CliError> {
     let store = open(g)?;
     let report = store.gc(&crate::deploy::local::roots(&store), args.dry_run)?;
+    let caches = if args.cache {
+        crate::build::mounts::clear(&store, args.dry_run).map_err(|e| {
+            CliError::failed(miette::miette!("cannot clear the build cache mounts: {e}"))
+        })?
+    } else {
+        Vec::new()
+    };
     if out.json {
-        return Ok(out.json_value(&report)?);
+        let mut v =
+            serde_json::to_value(&report).map_err(|e| CliError::failed(miette::miette!("{e}")))?;
+        if args.cache {
+            v["cache_mounts"] = serde_json::to_value(&caches).unwrap_or_default();
+        }
+        return Ok(out.json_value(&v)?);
+    }
+    for c in &caches {
+        let verb = match (c.removed, args.dry_run) {
+            (false, _) => "keep (in use)",
+            (true, true) => "would remove",
+            (true, false) => "removed",
+        };
+        out.line(format!(
+            "{verb} cache mount {} ({})",
+            c.id,
+            human_size(c.size)
+        ))?;
     }
     if args.dry_run {
         for r in &report.kept {

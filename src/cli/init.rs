@@ -79,7 +79,7 @@ name = "{name}"
 
 [image]
 from = "scratch"       # a local tag (`berth import`), a registry reference, or "scratch"
-context = "."          # .berthignore (or .dockerignore) is respected
+context = "."          # .berthignore (or .containerignore, .dockerignore) is respected
 # dockerfile = "Dockerfile"   # instead of the steps below
 
 [[image.steps]]

@@ -489,6 +489,24 @@ fn decode_image(d: &mut Decoder, node: &Node) -> Option<ImageSpec> {
         diag.help = Some("build from the Dockerfile or from steps, not both".into());
         d.diags.push(diag);
     }
+    let secrets = match t.get("secrets") {
+        None => Some(BTreeMap::new()),
+        Some(n) => d.table(n, "image.secrets").and_then(|st| {
+            let mut out = BTreeMap::new();
+            let mut ok = true;
+            for (key, value) in &st.entries {
+                let path = format!("image.secrets.{}", key.name);
+                let var = key.name.to_ascii_uppercase().replace(['-', '.'], "_");
+                match decode_secret_ref(d, value, &path, &key.name, &var) {
+                    Some(r) => {
+                        out.insert(key.name.clone(), r);
+                    }
+                    None => ok = false,
+                }
+            }
+            ok.then_some(out)
+        }),
+    };
     let compression = match t.get("compression") {
         None => Some(Compression::Gzip),
         Some(n) => match d.string(n, "image.compression")?.as_str() {
@@ -523,6 +541,7 @@ fn decode_image(d: &mut Decoder, node: &Node) -> Option<ImageSpec> {
         steps: steps?,
         compression: compression?,
         compression_level: compression_level?,
+        secrets: secrets?,
     })
 }
 

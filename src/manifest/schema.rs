@@ -57,6 +57,7 @@ pub const IMAGE_KEYS: &[&str] = &[
     "steps",
     "compression",
     "compression_level",
+    "secrets",
 ];
 /// Keys of `[services.NAME]`, in `berth.toml` and environment files alike.
 pub const SERVICE_KEYS: &[&str] = &[
@@ -236,6 +237,9 @@ pub struct ImageSpec {
     /// Compression level (gzip 0-9, zstd 1-19); `None` is the algorithm's default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression_level: Option<i32>,
+    /// Secrets for `RUN --mount=type=secret,id=NAME`, by reference (`[image.secrets]`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, super::secrets::SecretRef>,
 }
 
 /// A process command: exec form (an argv) or shell form (a string for `/bin/sh -c`).

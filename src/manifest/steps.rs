@@ -30,7 +30,7 @@ pub const INSTRUCTIONS: &[&str] = &[
 ];
 const COPY_OPTIONS: &[&str] = &["chown", "chmod", "from"];
 const ADD_OPTIONS: &[&str] = &["chown", "chmod"];
-const RUN_OPTIONS: &[&str] = &["network"];
+const RUN_OPTIONS: &[&str] = &["network", "mounts"];
 const HEALTHCHECK_KEYS: &[&str] = &[
     "cmd",
     "interval",
@@ -56,6 +56,12 @@ pub struct CopySpec {
     /// Sources that are heredocs (`COPY <<EOF /file`): name, content, and whether the
     /// content's variables are expanded (an unquoted delimiter).
     pub inline: Vec<(String, String, bool)>,
+    /// `--exclude` patterns (ignore-file syntax), relative to each source.
+    pub exclude: Vec<String>,
+    /// `--parents`: keep each source's parent directories under the destination.
+    pub parents: bool,
+    /// `ADD --checksum=sha256:…`: what a downloaded source must hash to.
+    pub checksum: Option<String>,
 }
 
 /// The image's health check, as Docker's HEALTHCHECK sets it.
@@ -84,6 +90,229 @@ pub enum RunNetwork {
     Host,
 }
 
+/// What a `RUN --mount` mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountKind {
+    /// Files from the context, a stage or an image (read-only unless `rw`, and then
+    /// writes are discarded).
+    Bind,
+    /// A directory kept in the store between builds (package caches).
+    Cache,
+    /// An empty tmpfs.
+    Tmpfs,
+    /// A secret given to the build, as a file (or a variable with `env=`).
+    Secret,
+}
+
+/// How concurrent builds share a cache mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// Every build uses the same directory at once.
+    #[default]
+    Shared,
+    /// A build that finds it in use gets a directory of its own.
+    Private,
+    /// A build waits until no other uses it.
+    Locked,
+}
+
+/// One `RUN --mount=…` (BuildKit's syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunMount {
+    /// The kind (`type=`, default bind).
+    pub kind: MountKind,
+    /// Where it appears (`target=`; for a secret, default `/run/secrets/ID`).
+    pub target: Option<String>,
+    /// A cache's or secret's id (default: the target).
+    pub id: Option<String>,
+    /// The path inside `from` (or the context) to bind or to seed a cache from.
+    pub source: Option<String>,
+    /// A stage or image to bind from (default: the context).
+    pub from: Option<String>,
+    /// Writable (bind: writes discarded; cache: the default).
+    pub read_write: bool,
+    /// Cache sharing.
+    pub sharing: Sharing,
+    /// Mode of a new cache directory or of a secret file.
+    pub mode: Option<u32>,
+    /// Owner of a new cache directory or of a secret file.
+    pub uid: Option<u32>,
+    /// Group of a new cache directory or of a secret file.
+    pub gid: Option<u32>,
+    /// A secret that must be given (else the build fails).
+    pub required: bool,
+    /// A secret delivered as this variable instead of a file.
+    pub env: Option<String>,
+}
+
+impl RunMount {
+    /// Parses BuildKit's `type=cache,target=/root/.cache,sharing=locked` form.
+    pub fn parse(spec: &str) -> Result<RunMount, String> {
+        let mut m = RunMount {
+            kind: MountKind::Bind,
+            target: None,
+            id: None,
+            source: None,
+            from: None,
+            read_write: false,
+            sharing: Sharing::Shared,
+            mode: None,
+            uid: None,
+            gid: None,
+            required: false,
+            env: None,
+        };
+        let mut rw: Option<bool> = None;
+        let fields: Vec<(String, Option<String>)> = spec
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .map(|f| match f.split_once('=') {
+                Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.to_string())),
+                None => (f.trim().to_ascii_lowercase(), None),
+            })
+            .collect();
+        if let Some((_, Some(t))) = fields.iter().find(|(k, _)| k == "type") {
+            m.kind = match t.as_str() {
+                "bind" => MountKind::Bind,
+                "cache" => MountKind::Cache,
+                "tmpfs" => MountKind::Tmpfs,
+                "secret" => MountKind::Secret,
+                "ssh" => {
+                    return Err(
+                        "type=ssh is not supported: berth forwards no SSH agent into builds; give the key as a secret (type=secret)".into(),
+                    );
+                }
+                other => {
+                    return Err(format!(
+                        "unknown mount type `{other}` (bind, cache, tmpfs or secret)"
+                    ));
+                }
+            };
+        }
+        let flag = |v: &Option<String>, k: &str| -> Result<bool, String> {
+            match v.as_deref() {
+                None | Some("true") | Some("1") => Ok(true),
+                Some("false") | Some("0") => Ok(false),
+                Some(o) => Err(format!("`{k}={o}` is not true or false")),
+            }
+        };
+        let number = |v: &Option<String>, k: &str, radix: u32| -> Result<u32, String> {
+            v.as_deref()
+                .and_then(|s| u32::from_str_radix(s, radix).ok())
+                .ok_or_else(|| format!("`{k}` needs a number"))
+        };
+        for (k, v) in &fields {
+            let value = || v.clone().ok_or_else(|| format!("`{k}` needs a value"));
+            match k.as_str() {
+                "type" => {}
+                "target" | "dst" | "destination" => m.target = Some(value()?),
+                "id" => m.id = Some(value()?),
+                "source" | "src" => m.source = Some(value()?),
+                "from" => m.from = Some(value()?),
+                "ro" | "readonly" => rw = Some(!flag(v, k)?),
+                "rw" | "readwrite" => rw = Some(flag(v, k)?),
+                "sharing" => {
+                    m.sharing = match value()?.as_str() {
+                        "shared" => Sharing::Shared,
+                        "private" => Sharing::Private,
+                        "locked" => Sharing::Locked,
+                        o => return Err(format!("`sharing={o}` is not shared, private or locked")),
+                    }
+                }
+                "mode" => m.mode = Some(number(v, k, 8)?),
+                "uid" => m.uid = Some(number(v, k, 10)?),
+                "gid" => m.gid = Some(number(v, k, 10)?),
+                "required" => m.required = flag(v, k)?,
+                "env" if m.kind == MountKind::Secret => m.env = Some(value()?),
+                "size" if m.kind == MountKind::Tmpfs => {}
+                other => {
+                    return Err(
+                        format!("`{other}` is not an option of a {:?} mount", m.kind)
+                            .to_ascii_lowercase(),
+                    );
+                }
+            }
+        }
+        m.read_write = rw.unwrap_or(m.kind == MountKind::Cache);
+        if let Some(t) = &m.target
+            && !t.starts_with('/')
+        {
+            // Relative targets are relative to the working directory; the engine joins them.
+        }
+        match m.kind {
+            MountKind::Secret => {
+                if m.id.is_none() {
+                    m.id = m
+                        .target
+                        .as_deref()
+                        .and_then(|t| t.rsplit('/').next())
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_string);
+                }
+                let Some(id) = &m.id else {
+                    return Err("a secret mount needs id= (or a target=)".into());
+                };
+                if m.target.is_none() && m.env.is_none() {
+                    m.target = Some(format!("/run/secrets/{id}"));
+                }
+            }
+            _ if m.target.is_none() => return Err("the mount needs target=".into()),
+            MountKind::Cache if m.id.is_none() => m.id = m.target.clone(),
+            _ => {}
+        }
+        Ok(m)
+    }
+}
+
+impl std::fmt::Display for RunMount {
+    /// The canonical `type=…,target=…` form (what the cache key and history record).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            MountKind::Bind => "bind",
+            MountKind::Cache => "cache",
+            MountKind::Tmpfs => "tmpfs",
+            MountKind::Secret => "secret",
+        };
+        write!(f, "type={kind}")?;
+        if let Some(id) = &self.id {
+            write!(f, ",id={id}")?;
+        }
+        if let Some(t) = &self.target {
+            write!(f, ",target={t}")?;
+        }
+        if let Some(e) = &self.env {
+            write!(f, ",env={e}")?;
+        }
+        if let Some(fr) = &self.from {
+            write!(f, ",from={fr}")?;
+        }
+        if let Some(s) = &self.source {
+            write!(f, ",source={s}")?;
+        }
+        if self.read_write != (self.kind == MountKind::Cache) {
+            write!(f, ",{}", if self.read_write { "rw" } else { "ro" })?;
+        }
+        match self.sharing {
+            Sharing::Shared => {}
+            Sharing::Private => write!(f, ",sharing=private")?,
+            Sharing::Locked => write!(f, ",sharing=locked")?,
+        }
+        if let Some(m) = self.mode {
+            write!(f, ",mode={m:o}")?;
+        }
+        if let Some(u) = self.uid {
+            write!(f, ",uid={u}")?;
+        }
+        if let Some(g) = self.gid {
+            write!(f, ",gid={g}")?;
+        }
+        if self.required {
+            write!(f, ",required")?;
+        }
+        Ok(())
+    }
+}
+
 /// One build instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepSpec {
@@ -97,6 +326,8 @@ pub enum StepSpec {
         command: CommandLine,
         /// Network access.
         network: Option<RunNetwork>,
+        /// `--mount`s, for this step only.
+        mounts: Vec<RunMount>,
     },
     /// Set environment variables.
     Env(Vec<(String, String)>),
@@ -122,6 +353,8 @@ pub enum StepSpec {
     Healthcheck(ImageHealthcheck),
     /// `MAINTAINER`: the image's author.
     Maintainer(String),
+    /// `ONBUILD`: an instruction (as written) for images built FROM this one.
+    OnBuild(String),
     /// Set the shell used by shell-form commands.
     Shell(Vec<String>),
 }
@@ -149,8 +382,16 @@ impl Serialize for StepSpec {
                     m.serialize_entry("from", f)?;
                 }
             }
-            StepSpec::Run { command, network } => {
+            StepSpec::Run {
+                command,
+                network,
+                mounts,
+            } => {
                 m.serialize_entry("run", command)?;
+                if !mounts.is_empty() {
+                    let mounts: Vec<String> = mounts.iter().map(|m| m.to_string()).collect();
+                    m.serialize_entry("mounts", &mounts)?;
+                }
                 if let Some(n) = network {
                     let n = match n {
                         RunNetwork::None => "none",
@@ -177,6 +418,7 @@ impl Serialize for StepSpec {
             }
             StepSpec::Workdir(w) => m.serialize_entry("workdir", w)?,
             StepSpec::Maintainer(a) => m.serialize_entry("maintainer", a)?,
+            StepSpec::OnBuild(t) => m.serialize_entry("onbuild", t)?,
             StepSpec::User(u) => m.serialize_entry("user", u)?,
             StepSpec::Expose(p) => m.serialize_entry("expose", p)?,
             StepSpec::Volume(v) => m.serialize_entry("volume", v)?,
@@ -338,7 +580,34 @@ impl Decoder {
                         }
                     },
                 };
-                Some(StepSpec::Run { command, network })
+                let mut mounts = Vec::new();
+                if let Some(list) = opt("mounts") {
+                    let mp = format!("{path}.mounts");
+                    let Value::Array(items) = &list.value else {
+                        self.invalid(
+                            list,
+                            &mp,
+                            String::from("`mounts` is a list of strings"),
+                            Some("mounts = [\"type=cache,target=/root/.cache\"]".into()),
+                        );
+                        return None;
+                    };
+                    for item in items {
+                        let text = self.string(item, &mp)?;
+                        match RunMount::parse(&text) {
+                            Ok(m) => mounts.push(m),
+                            Err(e) => {
+                                self.invalid(item, &mp, e, None);
+                                return None;
+                            }
+                        }
+                    }
+                }
+                Some(StepSpec::Run {
+                    command,
+                    network,
+                    mounts,
+                })
             }
             "env" => self
                 .env_table(value, &p)
@@ -453,6 +722,9 @@ impl Decoder {
             chown,
             chmod,
             from,
+            exclude: Vec::new(),
+            parents: false,
+            checksum: None,
         })
     }
 

@@ -861,3 +861,49 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
 }
+
+/// Downloads `url` (http or https, redirects followed) into `out`, streaming, and returns
+/// the content's digest and size: what `ADD https://…` fetches. At most `limit` bytes.
+pub fn download(
+    url: &str,
+    out: &mut std::fs::File,
+    limit: u64,
+) -> Result<(crate::store::Digest, u64), String> {
+    use futures_util::StreamExt;
+    use sha2::Digest as _;
+    use std::io::Write;
+    install_crypto();
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60));
+    if let Some(config) = tls_config(&[]).map_err(|e| e.to_string())? {
+        builder = builder.tls_backend_preconfigured(config);
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+    let rt = runtime().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let resp = client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("fetching {url} answered {}", resp.status()));
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("reading {url}: {e}"))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(format!("{url} is larger than {limit} bytes"));
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk)
+                .map_err(|e| format!("saving {url}: {e}"))?;
+        }
+        Ok((crate::store::Digest::from_hasher(hasher), size))
+    })
+}

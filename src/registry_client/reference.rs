@@ -77,6 +77,22 @@ impl FromStr for Reference {
             Some(_) => (DOCKER_HUB.to_string(), name.to_string()),
             None => (DOCKER_HUB.to_string(), format!("library/{name}")),
         };
+        // Docker Hub under any of its names, and its official images under `library/`
+        // (`docker.io/ubuntu` is `docker.io/library/ubuntu`), as Docker normalises them.
+        let (registry, repository) = if matches!(
+            registry.as_str(),
+            "index.docker.io" | "registry-1.docker.io"
+        ) || registry == DOCKER_HUB
+        {
+            let repository = if repository.contains('/') {
+                repository
+            } else {
+                format!("library/{repository}")
+            };
+            (DOCKER_HUB.to_string(), repository)
+        } else {
+            (registry, repository)
+        };
         if !repository.split('/').all(valid_path_component)
             || registry.len() + 1 + repository.len() > crate::names::MAX_REPOSITORY
         {
@@ -178,6 +194,22 @@ impl fmt::Display for Reference {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_hub_names_are_normalised() {
+        for (raw, want) in [
+            ("ubuntu", "docker.io/library/ubuntu"),
+            ("docker.io/ubuntu:22.04", "docker.io/library/ubuntu:22.04"),
+            ("index.docker.io/ubuntu", "docker.io/library/ubuntu"),
+            ("docker.io/library/ubuntu", "docker.io/library/ubuntu"),
+            ("docker.io/bitnami/redis:7", "docker.io/bitnami/redis:7"),
+            ("bitnami/redis", "docker.io/bitnami/redis"),
+        ] {
+            let r: Reference = raw.parse().unwrap();
+            assert_eq!(r.to_string(), want, "{raw}");
+            assert_eq!(r.api_host(), "registry-1.docker.io");
+        }
+    }
 
     #[test]
     fn references_parse_like_docker() {

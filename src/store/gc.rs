@@ -294,6 +294,22 @@ impl Store {
             report.blobs += 1;
             report.bytes += size;
         }
+        if !dry_run {
+            // Entry indexes of layers whose blob is gone (build::imagefs::index_path).
+            let dir = self.state_dir().join("layer-index");
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(hex) = name.strip_suffix(".json") else {
+                    continue;
+                };
+                let gone = format!("sha256:{hex}")
+                    .parse::<super::Digest>()
+                    .is_ok_and(|d| !self.has_blob(&d));
+                if gone {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         for path in self.unused_snapshots(&diff_ids) {
             report.snapshots += 1;
             report.snapshot_bytes += super::owner::size_of(&path);
