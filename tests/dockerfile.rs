@@ -438,3 +438,108 @@ fn entrypoint_keeps_a_cmd_of_its_own_stage_and_resets_an_inherited_one() {
         "own\n"
     );
 }
+
+#[test]
+fn what_an_outside_probe_found() {
+    let p = bare();
+    p.file("sec.txt", "s3\n");
+    // Mount targets reached through the image's symlinks leave nothing in the layer; one
+    // cache mounted twice with sharing=locked does not wait for itself; HOME is the user's.
+    p.file(
+        "Dockerfile",
+        "FROM base:1\nRUN ln -s /tmp/esc /x && mkdir -p /tmp/esc\nRUN --mount=type=secret,id=s,target=/x/secret --mount=type=cache,id=dl,target=/a,sharing=locked --mount=type=cache,id=dl,target=/b,sharing=locked sh -c 'cat /x/secret > /seen; touch /a/x; ls /b >> /seen; echo $HOME >> /seen'\nCMD [\"cat\", \"/seen\"]\n",
+    );
+    p.berth()
+        .args([
+            "build",
+            "--secret",
+            "id=s,src=sec.txt",
+            "-t",
+            "probe:1",
+            ".",
+        ])
+        .run()
+        .ok();
+    assert_eq!(
+        p.berth().args(["run", "--rm", "probe:1"]).run().ok().stdout,
+        "s3\nx\n/root\n"
+    );
+    let layers = layer_paths(&p, "probe:1");
+    assert_eq!(
+        layers.last().unwrap(),
+        &["seen"],
+        "only what the command wrote"
+    );
+    // An archive that writes through a link it made is refused at build time.
+    let tar_dir = p.path().join("tarsrc");
+    std::fs::create_dir_all(&tar_dir).unwrap();
+    std::os::unix::fs::symlink("/etc", tar_dir.join("evil")).unwrap();
+    let tar = p.path().join("evil.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&tar).unwrap());
+        b.follow_symlinks(false);
+        b.append_path_with_name(tar_dir.join("evil"), "evil")
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "evil/slip", &b"x\n"[..]).unwrap();
+        b.finish().unwrap();
+    }
+    p.file("Dockerfile", "FROM base:1\nADD evil.tar /t/\n");
+    let err = p.berth().args(["build", "."]).run().code(2);
+    assert!(
+        err.stderr.contains("does not write through links"),
+        "{}",
+        err.stderr
+    );
+    // Clear errors, exit 2, for bad mounts and stage names; Dockerfiles on stdin work.
+    for (dockerfile, needle) in [
+        (
+            "FROM base:1\nRUN --mount=type=tmpfs,target=/ true\n",
+            "cannot replace the root",
+        ),
+        ("FROM base:1 AS a\nFROM base:1 AS A\n", "already defined"),
+        ("FROM base:1 AS a\nCOPY --from=a /x /y\n", "circular"),
+        (
+            "FROM base:1 AS a\nFROM base:1\nCOPY --from=a /nonexist /y\n",
+            "`/nonexist` does not exist in a",
+        ),
+        (
+            "FROM --platform=linux/s390x base:1\n",
+            "this machine's platform",
+        ),
+        (
+            "FROM base:1\nRUN --mount=type=secret,id=s,mode=999 true\n",
+            "not an octal mode",
+        ),
+    ] {
+        p.file("Dockerfile", dockerfile);
+        let err = p
+            .berth()
+            .args(["build", "--pull", "never", "."])
+            .run()
+            .code(2);
+        assert!(err.stderr.contains(needle), "{dockerfile}: {}", err.stderr);
+    }
+    // `--target` is case-insensitive like stage names; `docker.io/library/X` finds `X`.
+    p.file(
+        "Dockerfile",
+        "FROM docker.io/library/base:1 AS Build\nRUN echo b > /b\nFROM base:1\n",
+    );
+    p.berth()
+        .args([
+            "build", "--pull", "never", "--target", "build", "-t", "t:1", ".",
+        ])
+        .run()
+        .ok();
+    assert_eq!(
+        p.berth()
+            .args(["run", "--rm", "t:1", "cat", "/b"])
+            .run()
+            .ok()
+            .stdout,
+        "b\n"
+    );
+}

@@ -238,7 +238,11 @@ impl Context {
         }))
     }
 
-    fn sorted_children(&self, rel: &str) -> Result<Vec<String>, BuildError> {
+    /// The names in directory `rel`, sorted. A name that is not UTF-8 cannot be a layer
+    /// path: it is skipped when the ignore file excludes it (matched by its lossy form) or
+    /// when only a glob looks (`strict` false: it matches no pattern), and an error when a
+    /// copy would need it.
+    fn sorted_children(&self, rel: &str, strict: bool) -> Result<Vec<String>, BuildError> {
         let path = self.abs(rel);
         let mut names = Vec::new();
         for e in fs::read_dir(&path).map_err(|e| BuildError::Context {
@@ -249,11 +253,20 @@ impl Context {
                 path: path.clone(),
                 source: e,
             })?;
-            let name = e
-                .file_name()
-                .into_string()
-                .map_err(|n| BuildError::NonUtf8Path(path.join(n)))?;
-            names.push(name);
+            match e.file_name().into_string() {
+                Ok(name) => names.push(name),
+                Err(n) => {
+                    let lossy = n.to_string_lossy().into_owned();
+                    let child = if rel.is_empty() {
+                        lossy
+                    } else {
+                        format!("{rel}/{lossy}")
+                    };
+                    if strict && !self.ignore.is_excluded(&child) {
+                        return Err(BuildError::NonUtf8Path(path.join(n)));
+                    }
+                }
+            }
         }
         names.sort();
         Ok(names)
@@ -262,7 +275,7 @@ impl Context {
     /// Appends everything under directory `rel` (depth first, sorted, parents before
     /// children), skipping ignored paths.
     fn walk(&self, rel: &str, out: &mut Vec<ContextEntry>) -> Result<(), BuildError> {
-        for name in self.sorted_children(rel)? {
+        for name in self.sorted_children(rel, true)? {
             let child = if rel.is_empty() {
                 name
             } else {
@@ -308,7 +321,7 @@ impl Context {
                 if !fs::symlink_metadata(self.abs(&dir)).is_ok_and(|m| m.is_dir()) {
                     continue;
                 }
-                for name in self.sorted_children(&dir)? {
+                for name in self.sorted_children(&dir, false)? {
                     if glob_component(comp, &name) {
                         next.push(if dir.is_empty() {
                             name

@@ -222,7 +222,16 @@ pub(crate) fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(
         let mut cur = p.as_str();
         while let Some((parent, _)) = cur.rsplit_once('/') {
             cur = parent;
-            if plan.contains_key(parent) {
+            if let Some(planned) = plan.get(parent) {
+                // An archive entry under a link the same archive made (`evil -> /etc`, then
+                // `evil/x`): berth never writes through links, and a layer holding both would
+                // not unpack.
+                if matches!(planned.content, Content::Symlink(_)) {
+                    return Err(BuildError::Destination(
+                        format!("/{p}"),
+                        format!("/{parent} is a symlink; berth does not write through links"),
+                    ));
+                }
                 continue;
             }
             match fs.get(parent) {

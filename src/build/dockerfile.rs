@@ -87,6 +87,16 @@ pub fn parse(file: &SourceFile) -> Result<BuildPlan, Diagnostics> {
         };
         if line.keyword == "FROM" {
             if let Some(stage) = p.from(&line, origin) {
+                if let Some(name) = &stage.name
+                    && plan.stages.iter().any(|s| s.name.as_ref() == Some(name))
+                {
+                    p.error(
+                        &line.span,
+                        format!("a stage named `{name}` is already defined"),
+                        "second definition",
+                        Some("stage names are case-insensitive and unique".into()),
+                    );
+                }
                 plan.stages.push(stage);
             }
             continue;
@@ -389,7 +399,28 @@ impl Parser<'_> {
     }
 
     fn from(&mut self, line: &Line, origin: Origin) -> Option<Stage> {
-        let (_flags, rest) = self.flags(line, &["platform"])?;
+        let (flags, rest) = self.flags(line, &["platform"])?;
+        // berth builds for this machine's platform (no emulation): a literal other one is
+        // refused rather than silently ignored.
+        if let Some((_, platform)) = flags.iter().find(|(k, _)| k == "platform")
+            && !platform.contains('$')
+        {
+            let arch = match std::env::consts::ARCH {
+                "x86_64" => "amd64",
+                "aarch64" => "arm64",
+                other => other,
+            };
+            let here = format!("linux/{arch}");
+            if !platform.eq_ignore_ascii_case(&here) {
+                self.error(
+                    &line.span,
+                    format!("FROM --platform={platform}: berth builds for {here}, this machine's platform"),
+                    "another platform",
+                    Some(format!("drop --platform, or write --platform=$BUILDPLATFORM ({here})")),
+                );
+                return None;
+            }
+        }
         let words = self.words(line, rest)?;
         let (image, name) = match words.as_slice() {
             [image] => (image.clone(), None),

@@ -345,6 +345,18 @@ impl Engine<'_> {
 
     /// The image a `FROM` or `COPY --from` names: an earlier stage or a stored image.
     fn image_named(&mut self, name: &str, before: usize) -> Result<StoredImage, BuildError> {
+        if name.trim().is_empty() {
+            return Err(BuildError::Word(
+                "the image name is empty (a variable that expands to nothing?)".into(),
+            ));
+        }
+        if self.plan.stages.get(before).and_then(|s| s.name.as_deref())
+            == Some(name.to_ascii_lowercase().as_str())
+        {
+            return Err(BuildError::Word(format!(
+                "stage `{name}` cannot use itself (a circular reference)"
+            )));
+        }
         if let Some(i) = self.plan.stages[..before]
             .iter()
             .position(|s| s.name.as_deref() == Some(&name.to_ascii_lowercase()))
@@ -375,8 +387,14 @@ impl Engine<'_> {
                 Err(crate::store::StoreError::UnknownImage(_)) => {}
                 other => return other.map_err(BuildError::from),
             }
-            if let Some(full) = &normalised {
-                match self.store.load_image(full) {
+            // Its normalised form, and for Docker Hub's official images the short one
+            // (`docker.io/library/busybox:1.36` is `busybox:1.36`).
+            let short = normalised
+                .as_deref()
+                .and_then(|f| f.strip_prefix("docker.io/library/"))
+                .map(str::to_string);
+            for alias in normalised.iter().chain(short.iter()) {
+                match self.store.load_image(alias) {
                     Err(crate::store::StoreError::UnknownImage(_)) => {}
                     other => return other.map_err(BuildError::from),
                 }
@@ -740,6 +758,31 @@ impl Engine<'_> {
                 Ok(config_step(text))
             }
         }
+    }
+
+    /// Each path with its parent directory resolved through the image's symlinks (the file
+    /// lands where a `cp` in the container would put it, never above the root).
+    fn resolve_parents<T>(
+        &self,
+        st: &mut StageState,
+        files: Vec<(String, T)>,
+    ) -> Result<Vec<(String, T)>, BuildError> {
+        let fs = st.fs(self.store)?;
+        files
+            .into_iter()
+            .map(|(path, v)| {
+                let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+                let parent = fs.resolve(parent, true).ok_or_else(|| {
+                    BuildError::Destination(format!("/{path}"), "too many symlinks".into())
+                })?;
+                let joined = if parent.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{parent}/{name}")
+                };
+                Ok((joined, v))
+            })
+            .collect()
     }
 
     /// The directories to write with entries at `paths` (relative, no leading `/`): each
@@ -1180,7 +1223,14 @@ impl Engine<'_> {
                             st.fs(store)?,
                             epoch,
                             &spool,
-                        )?
+                        )
+                        .map_err(|e| match e {
+                            BuildError::MissingSource(path) => BuildError::MissingInImage {
+                                path,
+                                from: c.from.clone().unwrap_or_default(),
+                            },
+                            e => e,
+                        })?
                     }
                     // `--parents`: each source under the destination at its own path.
                     None if c.parents => {
@@ -1289,6 +1339,7 @@ impl Engine<'_> {
                 (path.trim_start_matches('/').to_string(), body)
             })
             .collect();
+        let files = self.resolve_parents(st, files)?;
         let owner = match &c.chown {
             Some(o) => self.owner(st, o)?,
             None => super::copy::Owner { uid: 0, gid: 0 },
@@ -1369,16 +1420,31 @@ impl Engine<'_> {
         let mut files: Vec<(String, std::path::PathBuf, u64)> = Vec::new();
         let mut sums = Vec::new();
         for (i, url) in c.sources.iter().enumerate() {
-            let name = url
+            // The file's name: the URL path's last segment (a URL without one needs a
+            // destination file name).
+            let path = url
                 .split(['?', '#'])
                 .next()
                 .unwrap_or_default()
+                .split_once("://")
+                .map_or("", |(_, rest)| rest)
+                .split_once('/')
+                .map_or("", |(_, path)| path);
+            let name = path
                 .trim_end_matches('/')
                 .rsplit('/')
                 .next()
-                .filter(|n| !n.is_empty() && !n.contains("://") && *n != "." && *n != "..")
-                .unwrap_or("download")
-                .to_string();
+                .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+                .map(str::to_string);
+            let name = match (name, into_dir) {
+                (Some(n), _) => n,
+                (None, false) => String::new(),
+                (None, true) => {
+                    return Err(BuildError::Fetch(format!(
+                        "{url} names no file: give ADD a destination file name, not a directory"
+                    )));
+                }
+            };
             let spooled = self.spool.path().join(format!("url-{i}"));
             let mut out = std::fs::File::create(&spooled).map_err(|e| BuildError::Context {
                 path: spooled.clone(),
@@ -1399,7 +1465,11 @@ impl Engine<'_> {
             } else {
                 dest.to_string()
             };
-            files.push((path.trim_start_matches('/').to_string(), spooled, size));
+            let path = self
+                .resolve_parents(st, vec![(path.trim_start_matches('/').to_string(), ())])?
+                .remove(0)
+                .0;
+            files.push((path, spooled, size));
             sums.push(digest.to_string());
         }
         let key = key_of(&sums);

@@ -77,6 +77,17 @@ pub enum BuildError {
     /// A `RUN --mount` cannot be made.
     #[error("{0}")]
     Mount(String),
+    /// An `ADD` of a URL could not be fetched, or was not what `--checksum` said.
+    #[error("{0}")]
+    Fetch(String),
+    /// A `COPY --from` source is not in that stage or image.
+    #[error("`{path}` does not exist in {from}")]
+    MissingInImage {
+        /// The source as written.
+        path: String,
+        /// The stage or image.
+        from: String,
+    },
     /// A word (quotes, `$VAR`) cannot be processed.
     #[error("{0}")]
     Word(String),

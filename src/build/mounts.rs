@@ -87,6 +87,8 @@ pub fn prepare(
 ) -> Result<Prepared, BuildError> {
     let mut p = Prepared::default();
     let mut binds = binds.into_iter();
+    // A cache mounted twice in one step (two targets, one id) is one directory, locked once.
+    let mut caches: BTreeMap<String, PathBuf> = BTreeMap::new();
     for m in mounts {
         let target = m.target.as_deref().map(|t| absolute(t, cwd));
         match m.kind {
@@ -95,16 +97,25 @@ pub fn prepare(
                 target: target.clone().unwrap_or_default(),
                 read_only: false,
                 seed: false,
+                tmpfs_size: m.size,
             }),
             MountKind::Cache => {
                 let id = m.id.as_deref().unwrap_or_default();
-                let (dir, lock) = cache_dir(store, id, m)?;
-                p._locks.push(lock);
+                let dir = match caches.get(id) {
+                    Some(dir) => dir.clone(),
+                    None => {
+                        let (dir, lock) = cache_dir(store, id, m)?;
+                        p._locks.push(lock);
+                        caches.insert(id.to_string(), dir.clone());
+                        dir
+                    }
+                };
                 p.mounts.push(ExtraMount {
                     source: Some(dir),
                     target: target.clone().unwrap_or_default(),
                     read_only: !m.read_write,
                     seed: false,
+                    tmpfs_size: None,
                 });
             }
             MountKind::Secret => {
@@ -135,6 +146,7 @@ pub fn prepare(
                         target: t.clone(),
                         read_only: true,
                         seed: false,
+                        tmpfs_size: None,
                     });
                     p._secrets.push(fd);
                 }
@@ -147,6 +159,12 @@ pub fn prepare(
                         path,
                         scratch,
                     }) => {
+                        // `source=` as the stage sees it: its symlinks followed inside it.
+                        let path = super::run::resolve_in_lowers(&lowers, &path).ok_or_else(|| {
+                            BuildError::Mount(format!(
+                                "the bind mount source `{path}` has too many levels of symbolic links"
+                            ))
+                        })?;
                         let fd = detached_overlay(&lowers, &scratch)?;
                         check_no_links(&fd, &path)?;
                         let source =
@@ -165,6 +183,7 @@ pub fn prepare(
                     target: target.clone().unwrap_or_default(),
                     read_only: !m.read_write,
                     seed: false,
+                    tmpfs_size: None,
                 });
             }
         }
@@ -544,6 +563,10 @@ pub fn clear(store: &Store, dry_run: bool) -> std::io::Result<Vec<CacheReport>> 
     names.sort();
     for name in names {
         let dir = root.join(&name);
+        if !dir.exists() {
+            // Only its lock file is left (kept: a build may hold it); nothing to report.
+            continue;
+        }
         let id = std::fs::read_to_string(root.join(format!("{name}.id"))).unwrap_or(name.clone());
         let size = dir_size(&dir);
         let lock = OpenOptions::new()

@@ -116,7 +116,7 @@ impl BuildPlan {
             Some(t) => self
                 .stages
                 .iter()
-                .position(|s| s.name.as_deref() == Some(t)),
+                .position(|s| s.name.as_deref() == Some(t.to_ascii_lowercase().as_str())),
         }
     }
 }

@@ -88,7 +88,12 @@ pub fn run(
         "/run".into(),
         cmd.cwd.to_string(),
     ];
-    candidates.extend(cmd.mount_targets.iter().cloned());
+    // Mount targets as the container resolves them: through the image's symlinks.
+    candidates.extend(
+        cmd.mount_targets
+            .iter()
+            .filter_map(|t| resolve_in_lowers(&lowers, t)),
+    );
     for c in &candidates {
         let mut prefix = String::new();
         for comp in c.split('/').filter(|c| !c.is_empty() && *c != ".") {
@@ -236,6 +241,11 @@ fn exists_in(lowers: &[PathBuf], rel: &str) -> bool {
 /// it, or a whiteout of it or of a parent, decides. Components are looked at one by one,
 /// never following a link (a link on the way counts as the entry).
 fn lower_entry(lowers: &[PathBuf], rel: &str) -> Option<std::fs::Metadata> {
+    lower_path(lowers, rel).map(|(_, md)| md)
+}
+
+/// [`lower_entry`] with the host path of the entry found.
+fn lower_path(lowers: &[PathBuf], rel: &str) -> Option<(PathBuf, std::fs::Metadata)> {
     let comps: Vec<&str> = rel.split('/').collect();
     for lower in lowers.iter().rev() {
         let mut p = lower.clone();
@@ -243,7 +253,9 @@ fn lower_entry(lowers: &[PathBuf], rel: &str) -> Option<std::fs::Metadata> {
             p.push(c);
             match std::fs::symlink_metadata(&p) {
                 Ok(md) if is_whiteout(&md) => return None,
-                Ok(md) if md.file_type().is_symlink() || i + 1 == comps.len() => return Some(md),
+                Ok(md) if md.file_type().is_symlink() || i + 1 == comps.len() => {
+                    return Some((p, md));
+                }
                 Ok(md) if md.is_dir() => {
                     if is_opaque(&p) {
                         // Nothing below an opaque directory comes from lower layers.
@@ -251,7 +263,7 @@ fn lower_entry(lowers: &[PathBuf], rel: &str) -> Option<std::fs::Metadata> {
                         for c in &comps[i + 1..] {
                             rest.push(c);
                         }
-                        return std::fs::symlink_metadata(&rest).ok();
+                        return std::fs::symlink_metadata(&rest).ok().map(|md| (rest, md));
                     }
                 }
                 Ok(_) => return None,
@@ -260,6 +272,52 @@ fn lower_entry(lowers: &[PathBuf], rel: &str) -> Option<std::fs::Metadata> {
         }
     }
     None
+}
+
+/// Resolves `path` inside the image whose layers are `lowers` (bottom first): every
+/// symlink on the way, the last component's too, is followed within the image, never above
+/// its root, as a lookup inside the container would. `None` after 40 links.
+pub(crate) fn resolve_in_lowers(lowers: &[PathBuf], path: &str) -> Option<String> {
+    let mut todo: Vec<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .map(str::to_string)
+        .rev()
+        .collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        if c == ".." {
+            done.pop();
+            continue;
+        }
+        done.push(c);
+        let here = done.join("/");
+        let Some((host, md)) = lower_path(lowers, &here) else {
+            continue;
+        };
+        if !md.file_type().is_symlink() {
+            continue;
+        }
+        hops += 1;
+        if hops > 40 {
+            return None;
+        }
+        let target = std::fs::read_link(&host).ok()?;
+        let target = target.to_string_lossy();
+        done.pop();
+        if target.starts_with('/') {
+            done.clear();
+        }
+        todo.extend(
+            target
+                .split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .map(str::to_string)
+                .rev(),
+        );
+    }
+    Some(done.join("/"))
 }
 
 /// Removes the directories overlayfs only copied up (to hold a mount point or a file the

@@ -243,6 +243,27 @@ fn dockerfile_input(g: &GlobalOpts, args: &BuildArgs) -> Result<Input, CliError>
             context.display()
         )));
     }
+    if args.file.as_deref() == Some(Path::new("-")) {
+        // `-f -`: the Dockerfile on standard input, as `docker build -f - CONTEXT`.
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
+            CliError::invalid(miette!("cannot read the Dockerfile from stdin: {e}"))
+        })?;
+        let plan = parse_dockerfile("<stdin>".into(), text)?;
+        let abs_context = std::fs::canonicalize(&context).unwrap_or(context.clone());
+        return Ok(Input {
+            plan,
+            id: format!("{}\n<stdin>", abs_context.display()),
+            project: context.clone(),
+            context,
+            build_args: BTreeMap::new(),
+            target: None,
+            compression: LayerCompression::default(),
+            ignore_file: None,
+            default_tag: None,
+            secrets: BTreeMap::new(),
+        });
+    }
     let file = match &args.file {
         Some(f) => base.join(f),
         None => ["Dockerfile", "Containerfile"]
@@ -436,6 +457,8 @@ fn build_error(e: BuildError) -> CliError {
                 | BuildError::Context { .. }
                 | BuildError::RunFailed { .. }
                 | BuildError::Runtime(_)
+                | BuildError::Fetch(_)
+                | BuildError::PullFailed { .. }
         ),
         BuildError::UnknownStage(_)
         | BuildError::OutsideContext(_)

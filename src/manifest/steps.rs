@@ -143,6 +143,8 @@ pub struct RunMount {
     pub required: bool,
     /// A secret delivered as this variable instead of a file.
     pub env: Option<String>,
+    /// A tmpfs's size limit in bytes (`size=64m`).
+    pub size: Option<u64>,
 }
 
 impl RunMount {
@@ -161,6 +163,7 @@ impl RunMount {
             gid: None,
             required: false,
             env: None,
+            size: None,
         };
         let mut rw: Option<bool> = None;
         let fields: Vec<(String, Option<String>)> = spec
@@ -199,7 +202,14 @@ impl RunMount {
         let number = |v: &Option<String>, k: &str, radix: u32| -> Result<u32, String> {
             v.as_deref()
                 .and_then(|s| u32::from_str_radix(s, radix).ok())
-                .ok_or_else(|| format!("`{k}` needs a number"))
+                .filter(|n| radix != 8 || *n <= 0o7777)
+                .ok_or_else(|| {
+                    if radix == 8 {
+                        format!("`{k}={}` is not an octal mode", v.as_deref().unwrap_or(""))
+                    } else {
+                        format!("`{k}` needs a number")
+                    }
+                })
         };
         for (k, v) in &fields {
             let value = || v.clone().ok_or_else(|| format!("`{k}` needs a value"));
@@ -224,7 +234,25 @@ impl RunMount {
                 "gid" => m.gid = Some(number(v, k, 10)?),
                 "required" => m.required = flag(v, k)?,
                 "env" if m.kind == MountKind::Secret => m.env = Some(value()?),
-                "size" if m.kind == MountKind::Tmpfs => {}
+                "size" if m.kind == MountKind::Tmpfs => {
+                    let v = value()?;
+                    let lower = v.to_ascii_lowercase();
+                    let digits = lower.trim_end_matches('b');
+                    let (num, mult) = match digits.chars().last() {
+                        Some('k') => (&digits[..digits.len() - 1], 1u64 << 10),
+                        Some('m') => (&digits[..digits.len() - 1], 1 << 20),
+                        Some('g') => (&digits[..digits.len() - 1], 1 << 30),
+                        _ => (digits, 1),
+                    };
+                    m.size = Some(
+                        num.parse::<u64>()
+                            .ok()
+                            .and_then(|n| n.checked_mul(mult))
+                            .ok_or_else(|| {
+                                format!("`size={v}` is not a size (bytes, or 64k, 64m, 1g)")
+                            })?,
+                    );
+                }
                 other => {
                     return Err(
                         format!("`{other}` is not an option of a {:?} mount", m.kind)
@@ -234,6 +262,17 @@ impl RunMount {
             }
         }
         m.read_write = rw.unwrap_or(m.kind == MountKind::Cache);
+        if m.target
+            .as_deref()
+            .is_some_and(|t| t.trim_matches('/').is_empty() && t.starts_with('/'))
+        {
+            return Err("a mount cannot replace the root directory (target=/)".into());
+        }
+        if m.kind == MountKind::Cache && (m.from.is_some() || m.source.is_some()) {
+            return Err(
+                "a cache mount seeded from= a stage or image is not supported; COPY the seed in a RUN before, or start the cache empty".into(),
+            );
+        }
         if let Some(t) = &m.target
             && !t.starts_with('/')
         {
@@ -308,6 +347,9 @@ impl std::fmt::Display for RunMount {
         }
         if self.required {
             write!(f, ",required")?;
+        }
+        if let Some(s) = self.size {
+            write!(f, ",size={s}")?;
         }
         Ok(())
     }

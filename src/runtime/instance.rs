@@ -195,6 +195,7 @@ pub fn start(
                 target: target.clone(),
                 read_only: *read_only,
                 seed: false,
+                tmpfs_size: None,
             },
             MountSpec::Volume {
                 name,
@@ -207,6 +208,7 @@ pub fn start(
                     target: target.clone(),
                     read_only: *read_only,
                     seed: created,
+                    tmpfs_size: None,
                 }
             }
             MountSpec::Tmpfs { target } => ExtraMount {
@@ -214,6 +216,7 @@ pub fn start(
                 target: target.clone(),
                 read_only: false,
                 seed: false,
+                tmpfs_size: None,
             },
         });
     }
@@ -255,6 +258,7 @@ pub fn start(
             target: "/etc/hosts".into(),
             read_only: false,
             seed: false,
+            tmpfs_size: None,
         });
     }
 

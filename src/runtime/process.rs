@@ -53,6 +53,8 @@ pub struct ExtraMount {
     /// Copy what the image has at `target` into `source` first, if `source` is empty (a
     /// named volume's first use, as Docker does).
     pub seed: bool,
+    /// A tmpfs's size limit in bytes (`None`: the kernel's default, half the memory).
+    pub tmpfs_size: Option<u64>,
 }
 
 /// The program a container (or `exec`) runs, and how.
@@ -882,13 +884,11 @@ fn extra_mount(m: &ExtraMount, source: Option<&OwnedFd>) -> Result<(), Fail> {
     let Some(fd) = source else {
         target(&m.target, true)?;
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        return mount(
-            Some("tmpfs"),
-            Some("tmpfs"),
-            &m.target,
-            flags,
-            Some("mode=1777"),
-        );
+        let data = match m.tmpfs_size {
+            Some(size) => format!("mode=1777,size={size}"),
+            None => "mode=1777".to_string(),
+        };
+        return mount(Some("tmpfs"), Some("tmpfs"), &m.target, flags, Some(&data));
     };
     let is_dir = nix::sys::stat::fstat(fd)
         .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
@@ -1103,9 +1103,13 @@ fn exec_command(l: &Process, old_mask: &SigSet) -> Result<std::convert::Infallib
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .map_err(fail("argument"))?;
+    // HOME from the user's passwd entry when the image and the caller set none, as Docker.
+    let home =
+        (!l.env.iter().any(|e| e.starts_with("HOME="))).then(|| format!("HOME={}", user.home));
     let envp: Vec<CString> = l
         .env
         .iter()
+        .chain(home.as_ref())
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
         .map_err(fail("environment"))?;

@@ -61,6 +61,8 @@ pub struct ResolvedUser {
     /// Supplementary groups: the primary group and every group of `/etc/group` that lists
     /// the user as a member, as Docker gives them.
     pub groups: Vec<u32>,
+    /// The home directory `/etc/passwd` gives the user, else `/` (Docker's `HOME`).
+    pub home: String,
 }
 
 /// Groups of `/etc/group` text that list `name` as a member.
@@ -102,10 +104,16 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<ResolvedUser, String> {
             (Err(_), None) => return Err(format!("no group `{g}` in the image's /etc/group")),
         },
     };
-    let name = passwd.lines().find_map(|l| {
+    let entry: Option<Vec<&str>> = passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 3 && f[2] == uid.to_string()).then(|| f[0].to_string())
+        (f.len() >= 3 && f[2] == uid.to_string()).then_some(f)
     });
+    let name = entry.as_ref().map(|f| f[0].to_string());
+    let home = entry
+        .as_ref()
+        .and_then(|f| f.get(5))
+        .filter(|h| h.starts_with('/'))
+        .map_or_else(|| "/".to_string(), |h| h.to_string());
     let mut groups = vec![gid];
     if let Some(name) = name {
         for extra in memberships(&group_file, &name) {
@@ -114,7 +122,12 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<ResolvedUser, String> {
             }
         }
     }
-    Ok(ResolvedUser { uid, gid, groups })
+    Ok(ResolvedUser {
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 #[cfg(test)]
