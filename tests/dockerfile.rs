@@ -262,7 +262,7 @@ fn run_mount_bind_and_tmpfs() {
         again
             .stdout
             .lines()
-            .any(|l| l.contains("/mnt/src/data.txt") && l.contains("MISS")),
+            .any(|l| l.contains("MISS") && l.contains("src/data.txt changed")),
         "{}",
         again.stdout
     );

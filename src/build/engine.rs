@@ -929,6 +929,9 @@ impl Engine<'_> {
         // cache's id, never its contents), as in BuildKit; a bind mount's files are too.
         let mut mount_key: Vec<String> = mounts.iter().map(|m| m.to_string()).collect();
         let mut binds: Vec<BindPlan> = Vec::new();
+        // What --explain compares: the mounts as written, and the bound files.
+        let mounts_text: Vec<String> = mount_key.clone();
+        let mut bound: BTreeMap<String, (String, u32)> = BTreeMap::new();
         for m in mounts
             .iter()
             .filter(|m| m.kind == crate::manifest::steps::MountKind::Bind)
@@ -938,6 +941,7 @@ impl Engine<'_> {
                 Some(from) => {
                     let img = self.image_named(from, stage)?;
                     mount_key.push(format!("bind from {}", img.digest));
+                    bound.insert(format!("{from} (bind mount)"), (img.digest.to_string(), 0));
                     binds.push(BindPlan::Image(Box::new(img), source));
                 }
                 None => {
@@ -946,6 +950,7 @@ impl Engine<'_> {
                         copy::context_inputs(&self.ctx, &[source], &self.stat, &none)?;
                     copy::hash_missing(&self.ctx, &sel, &mut self.stat, &mut inputs)?;
                     mount_key.push(format!("bind {}", copy::inputs_digest(&inputs)));
+                    bound.extend(inputs.files);
                     binds.push(BindPlan::Context(sel));
                 }
             }
@@ -961,8 +966,14 @@ impl Engine<'_> {
         let mut record = ExplainRecord {
             parent: st.chain.to_string(),
             base: if index == 0 { st.base.clone() } else { None },
-            instruction: format!("{text} (env {env:?}, user {user:?}, workdir {cwd})"),
-            inputs: BTreeMap::new(),
+            instruction: if mounts_text.is_empty() {
+                format!("{text} (env {env:?}, user {user:?}, workdir {cwd})")
+            } else {
+                format!(
+                    "{text} (env {env:?}, user {user:?}, workdir {cwd}, mounts {mounts_text:?})"
+                )
+            },
+            inputs: bound,
             args: st.args.clone(),
             key: key.to_string(),
             layer: None,

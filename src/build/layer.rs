@@ -107,6 +107,9 @@ pub struct LayerWriter {
     tar: tar::Builder<ChunkedWriter<BlobWriter>>,
     media_type: &'static str,
     store: Store,
+    /// Every entry written, for the layer's entry index (what a later step reads instead
+    /// of decompressing the layer).
+    entries: Vec<super::imagefs::IndexEntry>,
 }
 
 /// The build error for an entry that could not be added: the store's when the layer could
@@ -164,7 +167,20 @@ impl LayerWriter {
             tar,
             media_type: compression.media_type(),
             store: store.clone(),
+            entries: Vec::new(),
         })
+    }
+
+    fn record(&mut self, path: String, kind: char, meta: &EntryMeta, size: u64, link: &str) {
+        self.entries.push(super::imagefs::IndexEntry {
+            path,
+            kind,
+            mode: meta.mode & 0o7777,
+            uid: meta.uid,
+            gid: meta.gid,
+            size,
+            link: link.to_string(),
+        });
     }
 
     fn header(kind: tar::EntryType, meta: &EntryMeta, size: u64) -> tar::Header {
@@ -182,7 +198,9 @@ impl LayerWriter {
     pub fn dir(&mut self, path: &str, meta: &EntryMeta) -> io::Result<()> {
         let mut h = Self::header(tar::EntryType::Directory, meta, 0);
         self.tar
-            .append_data(&mut h, format!("{path}/"), io::empty())
+            .append_data(&mut h, format!("{path}/"), io::empty())?;
+        self.record(format!("{path}/"), 'd', meta, 0, "");
+        Ok(())
     }
 
     /// Appends a regular file of `size` bytes read from `content`, failing if the content
@@ -208,19 +226,25 @@ impl LayerWriter {
             ));
         }
         let pad = (512 - size % 512) % 512;
-        out.write_all(&[0u8; 512][..pad as usize])
+        out.write_all(&[0u8; 512][..pad as usize])?;
+        self.record(path.to_string(), 'f', meta, size, "");
+        Ok(())
     }
 
     /// Appends a symlink.
     pub fn symlink(&mut self, path: &str, target: &str, meta: &EntryMeta) -> io::Result<()> {
         let mut h = Self::header(tar::EntryType::Symlink, meta, 0);
-        self.tar.append_link(&mut h, path, target)
+        self.tar.append_link(&mut h, path, target)?;
+        self.record(path.to_string(), 'l', meta, 0, target);
+        Ok(())
     }
 
     /// Appends a hardlink to an earlier entry of this layer.
     pub fn hardlink(&mut self, path: &str, target: &str, meta: &EntryMeta) -> io::Result<()> {
         let mut h = Self::header(tar::EntryType::Link, meta, 0);
-        self.tar.append_link(&mut h, path, target)
+        self.tar.append_link(&mut h, path, target)?;
+        self.record(path.to_string(), 'h', meta, 0, target);
+        Ok(())
     }
 
     /// Finishes the tar, the compression and the blob.
@@ -241,6 +265,13 @@ impl LayerWriter {
         // The index only speeds up later builds; failing to save it loses nothing.
         let path = chunk_index_path(&self.store, &digest);
         if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&index)) {
+            let _ = std::fs::create_dir_all(dir);
+            let _ = self.store.replace_file(&path, &bytes);
+        }
+        // Its entry index too: the next step that needs the image's files reads this, not
+        // the layer it just compressed.
+        let path = super::imagefs::index_path(&self.store, &digest);
+        if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&self.entries)) {
             let _ = std::fs::create_dir_all(dir);
             let _ = self.store.replace_file(&path, &bytes);
         }
@@ -319,6 +350,20 @@ mod tests {
             154,
             "long names survive via GNU long-name entries"
         );
+    }
+
+    #[test]
+    fn the_entry_index_written_with_a_layer_is_what_reading_the_layer_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let layer = write_sample(&store);
+        let index = crate::build::imagefs::index_path(&store, &layer.digest);
+        let written = std::fs::read(&index).unwrap();
+        std::fs::remove_file(&index).unwrap();
+        let read =
+            crate::build::imagefs::layer_entries(&store, &layer.digest, &layer.media_type).unwrap();
+        assert_eq!(serde_json::to_vec(&read).unwrap(), written);
+        assert!(index.exists(), "reading indexes it again");
     }
 
     #[test]
