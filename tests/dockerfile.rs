@@ -380,6 +380,19 @@ fn a_missing_base_is_pulled_from_its_registry() {
     );
     let images = p.berth().args(["images"]).run().ok().stdout;
     assert!(images.contains(&remote), "{images}");
+    // `run` pulls what the store lacks too, as `docker run` does (`--pull never` refuses).
+    let app = format!("{}/team/app:1", reg.host());
+    p.berth().args(["push", "p:1", &app]).run().ok();
+    let err = p
+        .berth()
+        .args(["run", "--rm", "--pull", "never", &app])
+        .run()
+        .code(2);
+    assert!(err.stderr.contains("not in the store"), "{}", err.stderr);
+    assert_eq!(
+        p.berth().args(["run", "--rm", &app]).run().ok().stdout,
+        "built-on-pulled\n"
+    );
     // Docker Hub names are normalised before the store and the network are asked.
     p.file("Dockerfile", "FROM docker.io/nosuchimage-berth-test\n");
     let err = p

@@ -70,6 +70,30 @@ fn runc_runs_the_bundle_berth_writes() {
         .run()
         .code(1);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+
+    // An image without a command needs one on the command line, and gets it in place of
+    // a CMD: `bundle IMG DIR CMD…` (nothing is written when there is none).
+    let bare = p.path().join("bare-bundle");
+    let run = p
+        .berth()
+        .args(["bundle", "base:1"])
+        .args([&bare])
+        .run()
+        .code(1);
+    assert!(run.stderr.contains("give one"), "{}", run.stderr);
+    assert!(!bare.exists(), "nothing written without a command");
+    p.berth()
+        .args(["bundle", "base:1"])
+        .args([&bare])
+        .args(["/bin/echo", "-n", "given"])
+        .run()
+        .ok();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bare.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["process"]["args"],
+        serde_json::json!(["/bin/echo", "-n", "given"])
+    );
 }
 
 /// A project with the busybox base imported, for `berth run`.

@@ -224,6 +224,58 @@ pub fn build(
     })
 }
 
+/// The image `name` names, as `docker build`/`docker run` find it: the name as the store
+/// has it (`base:1`, imported), else its Docker-normalised form (`ubuntu` is
+/// `docker.io/library/ubuntu:latest`) or, for Docker Hub's official images, the short one
+/// (`docker.io/library/busybox:1.36` finds `busybox:1.36`), else pulled by `puller` under
+/// the normalised name, as `policy` allows. Digests and ids are never pulled.
+pub fn find_or_pull(
+    store: &Store,
+    name: &str,
+    policy: PullPolicy,
+    puller: Option<&Puller>,
+) -> Result<StoredImage, BuildError> {
+    let digest_like = name.starts_with("sha256:")
+        || (name.len() >= 4 && name.bytes().all(|b| b.is_ascii_hexdigit()));
+    let normalised = (!digest_like)
+        .then(|| name.parse::<crate::registry_client::Reference>().ok())
+        .flatten()
+        .map(|r| r.to_string())
+        .map(|full| {
+            if full.contains('@') || full.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+                full
+            } else {
+                format!("{full}:latest")
+            }
+        });
+    if policy != PullPolicy::Always || normalised.is_none() {
+        match store.load_image(name) {
+            Err(crate::store::StoreError::UnknownImage(_)) => {}
+            other => return other.map_err(BuildError::from),
+        }
+        let short = normalised
+            .as_deref()
+            .and_then(|f| f.strip_prefix("docker.io/library/"))
+            .map(str::to_string);
+        for alias in normalised.iter().chain(short.iter()) {
+            match store.load_image(alias) {
+                Err(crate::store::StoreError::UnknownImage(_)) => {}
+                other => return other.map_err(BuildError::from),
+            }
+        }
+    }
+    let (Some(full), Some(puller), false) = (&normalised, puller, policy == PullPolicy::Never)
+    else {
+        return Err(BuildError::UnknownBase(name.to_string()));
+    };
+    (puller.0)(full).map_err(|message| BuildError::PullFailed {
+        name: name.to_string(),
+        reference: full.clone(),
+        message,
+    })?;
+    Ok(store.load_image(full)?)
+}
+
 /// A bind mount's source, before the step runs.
 enum BindPlan {
     /// Context files.
@@ -368,52 +420,17 @@ impl Engine<'_> {
         {
             return self.stage(i, false);
         }
-        // The name as the store has it (`base:1`, imported), else its Docker-normalised
-        // form (`ubuntu` is `docker.io/library/ubuntu:latest`), else pulled.
-        let normalised = name
-            .parse::<crate::registry_client::Reference>()
-            .ok()
-            .map(|r| r.to_string())
-            .map(|full| {
-                if full.contains('@') || full.rsplit('/').next().is_some_and(|l| l.contains(':')) {
-                    full
-                } else {
-                    format!("{full}:latest")
-                }
-            });
         let always = self.opts.pull == PullPolicy::Always && !self.pulled.contains(name);
-        if !always {
-            match self.store.load_image(name) {
-                Err(crate::store::StoreError::UnknownImage(_)) => {}
-                other => return other.map_err(BuildError::from),
-            }
-            // Its normalised form, and for Docker Hub's official images the short one
-            // (`docker.io/library/busybox:1.36` is `busybox:1.36`).
-            let short = normalised
-                .as_deref()
-                .and_then(|f| f.strip_prefix("docker.io/library/"))
-                .map(str::to_string);
-            for alias in normalised.iter().chain(short.iter()) {
-                match self.store.load_image(alias) {
-                    Err(crate::store::StoreError::UnknownImage(_)) => {}
-                    other => return other.map_err(BuildError::from),
-                }
-            }
-        }
-        let (Some(full), Some(puller), false) = (
-            &normalised,
-            &self.opts.puller,
-            self.opts.pull == PullPolicy::Never,
-        ) else {
-            return Err(BuildError::UnknownBase(name.to_string()));
+        let policy = if always {
+            PullPolicy::Always
+        } else if self.opts.pull == PullPolicy::Never {
+            PullPolicy::Never
+        } else {
+            PullPolicy::Missing
         };
-        (puller.0)(full).map_err(|message| BuildError::PullFailed {
-            name: name.to_string(),
-            reference: full.clone(),
-            message,
-        })?;
+        let image = find_or_pull(self.store, name, policy, self.opts.puller.as_ref())?;
         self.pulled.insert(name.to_string());
-        Ok(self.store.load_image(full)?)
+        Ok(image)
     }
 
     fn stage(&mut self, index: usize, is_target: bool) -> Result<StoredImage, BuildError> {

@@ -22,6 +22,7 @@ pub mod shell_words;
 
 pub use engine::{
     BuildEvent, BuildOptions, BuildOutput, PullPolicy, Puller, StepReport, StepStatus, build,
+    find_or_pull,
 };
 
 use std::path::PathBuf;
@@ -96,7 +97,7 @@ pub enum BuildError {
     UnknownUser(String),
     /// The base image is not in the store.
     #[error(
-        "image `{0}` is not in the store (pull it with `berth pull`, build with `--pull missing`, or make one with `berth import`)"
+        "image `{0}` is not in the store (pull it with `berth pull` or `--pull missing`, or make one with `berth import`)"
     )]
     UnknownBase(String),
     /// The image a build names could not be pulled.

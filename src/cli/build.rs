@@ -117,7 +117,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 /// Pulls an image a build names (as `berth pull` does: credentials from `config.json`),
 /// saying so on standard error unless quiet.
-fn puller(store: &Store, quiet: bool) -> Puller {
+pub(super) fn puller(store: &Store, quiet: bool) -> Puller {
     use crate::registry_client::{Client, ClientOptions, Reference, pull};
     let store = store.clone();
     Puller(Arc::new(move |reference: &str| {

@@ -428,13 +428,20 @@ pub struct BundleArgs {
     /// The container's host name.
     #[arg(long, default_value = "berth")]
     pub hostname: String,
+    /// The command, in place of the image's CMD (after its ENTRYPOINT), as `docker run`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
 }
 
 /// `berth bundle IMG DIR`: an OCI runtime bundle runc accepts.
 pub fn bundle(g: &GlobalOpts, args: &BundleArgs, out: &mut Output) -> Result<(), CliError> {
     let store = open(g)?;
     let img = store.load_image(&args.image)?;
-    crate::runtime::bundle::write_bundle(&store, &img, &args.dir, &args.hostname)
+    crate::runtime::bundle::write_bundle(&store, &img, &args.dir, &args.hostname, &args.command)
         .map_err(|e| CliError::failed(miette::Report::from_err(e)))?;
     out.note(format!(
         "wrote {} (runc run --bundle {} ID)",

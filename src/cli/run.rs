@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Remove the container when it exits.
     #[arg(long)]
     pub rm: bool,
+    /// Pull the image: when missing from the store (default), always, or never.
+    #[arg(long, value_enum, value_name = "POLICY", default_value = "missing")]
+    pub pull: crate::build::PullPolicy,
     /// Do not run the image's HEALTHCHECK.
     #[arg(long)]
     pub no_healthcheck: bool,
@@ -293,7 +296,18 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
         ));
     }
     let store = Store::open(&g.store_dir())?;
-    let image = store.load_image(&args.image)?;
+    // As `docker run`: an image the store lacks is pulled (`--pull`).
+    let image = crate::build::find_or_pull(
+        &store,
+        &args.image,
+        args.pull,
+        Some(&super::build::puller(&store, out.quiet || out.json)),
+    )
+    .map_err(|e| match e {
+        crate::build::BuildError::Store(s) => CliError::from(s),
+        crate::build::BuildError::UnknownBase(_) => CliError::invalid(miette::Report::from_err(e)),
+        e => CliError::failed(miette::Report::from_err(e)),
+    })?;
     let containers = Containers::new(&store).map_err(failed)?;
     if args.detach && args.interactive {
         return Err(CliError::invalid(miette!(

@@ -41,7 +41,9 @@ pub enum BundleError {
     #[error("{} is not empty", .0.display())]
     NotEmpty(std::path::PathBuf),
     /// The image has neither ENTRYPOINT nor CMD.
-    #[error("the image has no command (neither ENTRYPOINT nor CMD)")]
+    #[error(
+        "the image has no command (neither ENTRYPOINT nor CMD); give one: berth bundle IMG DIR CMD…"
+    )]
     NoCommand,
     /// The image's USER cannot be resolved.
     #[error("{0}")]
@@ -95,11 +97,24 @@ pub fn write_bundle(
     image: &StoredImage,
     dir: &Path,
     hostname: &str,
+    command: &[String],
 ) -> Result<Spec, BundleError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BundleError::Io { path, source }
     };
+    // The process: the image's ENTRYPOINT, then `command` in place of its CMD when given
+    // (as `docker run IMG CMD…`). Checked before anything is written.
+    let cfg = image.config.oci.config().clone().unwrap_or_default();
+    let mut args = cfg.entrypoint().clone().unwrap_or_default();
+    if command.is_empty() {
+        args.extend(cfg.cmd().clone().unwrap_or_default());
+    } else {
+        args.extend(command.iter().cloned());
+    }
+    if args.is_empty() {
+        return Err(BundleError::NoCommand);
+    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     if std::fs::read_dir(dir).map_err(io(dir))?.next().is_some() {
         return Err(BundleError::NotEmpty(dir.to_path_buf()));
@@ -108,12 +123,6 @@ pub fn write_bundle(
     std::fs::create_dir(&rootfs).map_err(io(&rootfs))?;
     snapshot::flatten(store, image, &rootfs)?;
 
-    let cfg = image.config.oci.config().clone().unwrap_or_default();
-    let mut args = cfg.entrypoint().clone().unwrap_or_default();
-    args.extend(cfg.cmd().clone().unwrap_or_default());
-    if args.is_empty() {
-        return Err(BundleError::NoCommand);
-    }
     let mut env = cfg.env().clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(0, DEFAULT_PATH.to_string());
