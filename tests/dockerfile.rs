@@ -556,3 +556,29 @@ fn what_an_outside_probe_found() {
         "b\n"
     );
 }
+
+#[test]
+fn import_change_sets_the_config_as_docker_import_does() {
+    let p = TempProject::new();
+    let rootfs = p.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    p.berth()
+        .args(["import", "--tag", "imp:1"])
+        .args(["-c", "ENV GREETING=\"hello world\""])
+        .args(["-c", "CMD echo $GREETING from $PWD"])
+        .args(["-c", "WORKDIR /tmp"])
+        .arg(&rootfs)
+        .run()
+        .ok();
+    assert_eq!(
+        p.berth().args(["run", "--rm", "imp:1"]).run().ok().stdout,
+        "hello world from /tmp\n"
+    );
+    let err = p
+        .berth()
+        .args(["import", "--tag", "imp:2", "-c", "RUN true"])
+        .arg(&rootfs)
+        .run()
+        .code(2);
+    assert!(err.stderr.contains("not the config"), "{}", err.stderr);
+}

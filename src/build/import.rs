@@ -41,6 +41,7 @@ pub fn import(
     path: &Path,
     compression: LayerCompression,
     epoch: u64,
+    changes: &[crate::manifest::steps::StepSpec],
 ) -> Result<Imported, BuildError> {
     let _guard = store.use_guard()?;
     let md = fs::metadata(path).map_err(ctx_err(path))?;
@@ -51,7 +52,7 @@ pub fn import(
         import_tar(&mut w, path, epoch)?
     };
     let layer = w.finish()?;
-    let image = write_config(store, &layer, path, epoch)?;
+    let image = write_config(store, &layer, path, epoch, changes)?;
     let pin = store.pin(&image.digest)?;
     Ok(Imported {
         image,
@@ -180,6 +181,7 @@ fn write_config(
     layer: &Layer,
     source: &Path,
     epoch: u64,
+    changes: &[crate::manifest::steps::StepSpec],
 ) -> Result<StoredImage, BuildError> {
     let created = jiff::Timestamp::from_second(epoch as i64)
         .map(|t| t.to_string())
@@ -206,10 +208,39 @@ fn write_config(
         .build()
         .expect("history fields are set");
     oci.set_history(Some(vec![history]));
-    let config = ImageConfig {
+    let mut config = ImageConfig {
         oci,
         extra: Default::default(),
     };
+    // `--change`: Dockerfile metadata instructions applied to the config, as
+    // `docker import --change` does.
+    for change in changes {
+        use crate::manifest::steps::StepSpec;
+        // Words keep their quotes until expanded, as in a build (with the config's ENV).
+        let env = super::meta::env_pairs(&config);
+        let w = |s: &str| {
+            super::shell_words::process_word(s, '\\', &|k| {
+                env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+            })
+            .map_err(|e| BuildError::Word(e.to_string()))
+        };
+        let expanded = match change {
+            StepSpec::Env(v) => StepSpec::Env(
+                v.iter()
+                    .map(|(k, v)| Ok((k.clone(), w(v)?)))
+                    .collect::<Result<_, BuildError>>()?,
+            ),
+            StepSpec::Label(v) => StepSpec::Label(
+                v.iter()
+                    .map(|(k, v)| Ok((w(k)?, w(v)?)))
+                    .collect::<Result<_, BuildError>>()?,
+            ),
+            StepSpec::Workdir(s) => StepSpec::Workdir(w(s)?),
+            StepSpec::User(s) => StepSpec::User(w(s)?),
+            other => other.clone(),
+        };
+        super::meta::apply(&mut config, &expanded);
+    }
     Ok(store.write_image(&config, vec![layer.descriptor()])?)
 }
 
@@ -233,8 +264,8 @@ mod tests {
             level: None,
         };
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let ia = import(&Store::open(a.path()).unwrap(), p, c, 0).unwrap();
-        let ib = import(&Store::open(b.path()).unwrap(), p, c, 0).unwrap();
+        let ia = import(&Store::open(a.path()).unwrap(), p, c, 0, &[]).unwrap();
+        let ib = import(&Store::open(b.path()).unwrap(), p, c, 0, &[]).unwrap();
         assert_eq!(ia.image.digest, ib.image.digest);
         let store = Store::open(a.path()).unwrap();
         let layer = &ia.image.layers()[0];

@@ -58,6 +58,10 @@ pub struct ImportArgs {
     /// The tag to give the image.
     #[arg(long, short = 't', value_name = "NAME[:TAG]")]
     pub tag: String,
+    /// A Dockerfile instruction for the config (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER,
+    /// VOLUME, WORKDIR, STOPSIGNAL, ONBUILD), as `docker import --change` (repeatable).
+    #[arg(long = "change", short = 'c', value_name = "INSTRUCTION")]
+    pub changes: Vec<String>,
 }
 
 /// Archive formats for `berth export`.
@@ -349,6 +353,42 @@ pub fn gc(g: &GlobalOpts, args: &GcArgs, out: &mut Output) -> Result<(), CliErro
     Ok(())
 }
 
+/// `--change` instructions, parsed as Dockerfile lines; only those that set the config.
+fn import_changes(changes: &[String]) -> Result<Vec<crate::manifest::steps::StepSpec>, CliError> {
+    use crate::manifest::steps::StepSpec;
+    let mut out = Vec::new();
+    for change in changes {
+        let plan = crate::build::dockerfile::parse(&crate::manifest::SourceFile {
+            name: "--change".into(),
+            text: std::sync::Arc::new(format!("FROM scratch\n{change}\n")),
+        })
+        .map_err(|diagnostics| CliError::invalid(crate::manifest::InvalidConfig { diagnostics }))?;
+        for step in plan.stages.into_iter().flat_map(|s| s.steps) {
+            match step.spec {
+                StepSpec::Cmd(_)
+                | StepSpec::Entrypoint(_)
+                | StepSpec::Env(_)
+                | StepSpec::Expose(_)
+                | StepSpec::Label(_)
+                | StepSpec::User(_)
+                | StepSpec::Volume(_)
+                | StepSpec::Workdir(_)
+                | StepSpec::StopSignal(_)
+                | StepSpec::OnBuild(_)
+                | StepSpec::Healthcheck(_)
+                | StepSpec::Shell(_) => out.push(step.spec),
+                _ => {
+                    return Err(CliError::invalid(miette::miette!(
+                        help = "--change takes CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER, VOLUME, WORKDIR, STOPSIGNAL, ONBUILD, HEALTHCHECK or SHELL",
+                        "`{change}` changes files, not the config"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `berth import PATH --tag T`.
 pub fn import(g: &GlobalOpts, args: &ImportArgs, out: &mut Output) -> Result<(), CliError> {
     let store = open(g)?;
@@ -361,7 +401,8 @@ pub fn import(g: &GlobalOpts, args: &ImportArgs, out: &mut Output) -> Result<(),
         algorithm: Compression::Gzip,
         level: None,
     };
-    let imported = crate::build::import::import(&store, &args.path, compression, epoch)
+    let changes = import_changes(&args.changes)?;
+    let imported = crate::build::import::import(&store, &args.path, compression, epoch, &changes)
         .map_err(|e| CliError::failed(miette::Report::from_err(e)))?;
     store.set_tag(&name, &imported.image.descriptor())?;
     if imported.skipped > 0 {

@@ -78,24 +78,47 @@ impl Cgroup {
         if is_v2() {
             let parent = Path::new(ROOT).join("berth");
             std::fs::create_dir_all(&parent)?;
-            // Let the controllers reach our level and the container's.
-            for dir in [Path::new(ROOT), parent.as_path()] {
-                let _ = write(&dir.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            // Let the controllers reach our level and the container's, one by one: a
+            // controller that cannot be enabled (not delegated, or the level holds
+            // processes) is remembered, and named if a limit then needs it.
+            let mut refused: Vec<(&str, io::Error)> = Vec::new();
+            for controller in ["memory", "pids", "cpu"] {
+                for dir in [Path::new(ROOT), parent.as_path()] {
+                    if let Err(e) = write(
+                        &dir.join("cgroup.subtree_control"),
+                        &format!("+{controller}"),
+                    ) {
+                        refused.push((controller, e));
+                        break;
+                    }
+                }
             }
             let dir = parent.join(id);
             std::fs::create_dir_all(&dir)?;
+            let why = |controller: &str, e: io::Error| -> io::Error {
+                match refused.iter().find(|(c, _)| *c == controller) {
+                    Some((_, cause)) => io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}: the {controller} controller could not be enabled ({cause}); on cgroup v2 the parent must delegate it, and a cgroup that holds processes cannot enable controllers for its children (move them to a leaf cgroup)"
+                        ),
+                    ),
+                    None => e,
+                }
+            };
             if let Some(m) = limits.memory {
-                write(&dir.join("memory.max"), &m.to_string())?;
+                write(&dir.join("memory.max"), &m.to_string()).map_err(|e| why("memory", e))?;
                 let _ = write(&dir.join("memory.swap.max"), "0");
             }
             if let Some(c) = limits.cpu_millis {
                 write(
                     &dir.join("cpu.max"),
                     &format!("{} {CPU_PERIOD}", u64::from(c) * CPU_PERIOD / 1000),
-                )?;
+                )
+                .map_err(|e| why("cpu", e))?;
             }
             if let Some(p) = limits.pids {
-                write(&dir.join("pids.max"), &p.to_string())?;
+                write(&dir.join("pids.max"), &p.to_string()).map_err(|e| why("pids", e))?;
             }
             let cg = Cgroup::V2(dir.clone());
             if let Err(e) = super::devices::attach_v2(&dir, super::devices::DEFAULT_ALLOW) {
