@@ -3,6 +3,16 @@
 //!
 //! Dependencies flow one way: [`cli`] → pipeline modules → [`manifest`].
 
+/// `eprintln!` that never panics: a closed stderr (`berth deploy 2>&1 | head`) must not
+/// abort a release halfway; what cannot be written is dropped.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod build;
 pub mod cli;
 pub mod deploy;

@@ -385,6 +385,48 @@ fn status_ps_exec_and_logs_reach_every_host_and_replica() {
         .run();
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains("not 5"), "{}", bad.stderr);
+
+    // logs: an unknown service or replica is an error, not silence.
+    let bad = f
+        .berth()
+        .args(["logs", "--env", "uat", "wbe"])
+        .run()
+        .code(2);
+    assert!(bad.stderr.contains("did you mean `web`"), "{}", bad.stderr);
+    let bad = f
+        .berth()
+        .args(["logs", "--env", "uat", "web", "--replica", "3"])
+        .run()
+        .code(2);
+    assert!(bad.stderr.contains("no replica 3"), "{}", bad.stderr);
+
+    // A reader that goes away mid-release (`| head -1`) does not stop the release
+    // halfway: it ends recorded, and status agrees.
+    let scaled = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' -C '{}' scale --env dev web=3 2>&1 | head -c 1 >/dev/null",
+            env!("CARGO_BIN_EXE_berth"),
+            f.p.path().display()
+        ))
+        .env("BERTH_STORE", f.p.path().join(".store"))
+        .env("BERTH_AGENT_TOKEN", &f.token)
+        .status()
+        .unwrap();
+    assert!(scaled.success());
+    let releases = f.berth().args(["releases", "--env", "dev"]).run().ok();
+    let newest = releases
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        newest.contains("scale") && newest.contains("live"),
+        "{}",
+        releases.stdout
+    );
+    f.berth().args(["status", "--env", "dev"]).run().ok();
 }
 
 #[test]

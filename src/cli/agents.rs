@@ -99,7 +99,7 @@ pub fn agent(_g: &GlobalOpts, args: &AgentArgs, out: &mut Output) -> Result<(), 
     if let Ok(md) = std::fs::metadata(token_file) {
         use std::os::unix::fs::PermissionsExt;
         if md.permissions().mode() & 0o077 != 0 {
-            eprintln!(
+            crate::say!(
                 "warning: {} is readable by other users (mode {:o}); chmod 600 it",
                 token_file.display(),
                 md.permissions().mode() & 0o777
@@ -126,6 +126,6 @@ pub fn agent(_g: &GlobalOpts, args: &AgentArgs, out: &mut Output) -> Result<(), 
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),
         program,
     };
-    crate::deploy::agent::serve(cfg, &|addr| eprintln!("berth agent listening on {addr}"))
+    crate::deploy::agent::serve(cfg, &|addr| crate::say!("berth agent listening on {addr}"))
         .map_err(|e| CliError::failed(miette!("the agent stopped: {e}")))
 }

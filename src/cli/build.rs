@@ -123,7 +123,7 @@ pub(super) fn puller(store: &Store, quiet: bool) -> Puller {
     Puller(Arc::new(move |reference: &str| {
         let reference: Reference = reference.parse()?;
         if !quiet {
-            eprintln!("pulling {reference}");
+            crate::say!("pulling {reference}");
         }
         let client =
             Client::new(&reference, &ClientOptions::default()).map_err(|e| e.to_string())?;

@@ -347,7 +347,7 @@ pub fn start(g: &GlobalOpts, args: &StartArgs, out: &mut Output) -> Result<(), C
         if let Err((code, message)) =
             supervisor::spawn(&exe, &g.store_dir(), &containers.dir(&st.id), &st.id)
         {
-            eprintln!("berth: {message}");
+            crate::say!("berth: {message}");
             return Err(CliError {
                 kind: ExitKind::Code(code as u8),
                 report: None,
@@ -568,7 +568,7 @@ pub fn exec_cmd(g: &GlobalOpts, args: &ExecArgs, out: &mut Output) -> Result<(),
     let started = match exec::exec(p.pid, &cgroup::Cgroup::of(&st.id), &process) {
         Ok(s) => s,
         Err(LaunchError::Container { message, code }) => {
-            eprintln!("berth: {message}");
+            crate::say!("berth: {message}");
             return Err(CliError {
                 kind: ExitKind::Code(code as u8),
                 report: None,

@@ -383,7 +383,7 @@ pub fn down(g: &GlobalOpts, args: &EnvArgs, out: &mut Output) -> Result<(), CliE
                 r.report.hosts.len()
             ))?;
             for w in &r.warnings {
-                eprintln!("warning: {w}");
+                crate::say!("warning: {w}");
             }
             Ok(())
         }

@@ -72,7 +72,7 @@ impl CliError {
     /// Prints the report (unless it is a broken pipe) and returns the exit code.
     pub fn report(self) -> ExitCode {
         if let Some(report) = &self.report {
-            eprintln!("{report:?}");
+            crate::say!("{report:?}");
         }
         ExitCode::from(self.code())
     }

@@ -264,7 +264,7 @@ pub fn main() -> ExitCode {
     // Every retry of a registry request is a line on stderr (what failed, the attempt,
     // the wait), unless -q.
     if !cli.global.quiet {
-        crate::registry_client::retry::observe(std::sync::Arc::new(|r| eprintln!("berth: {r}")));
+        crate::registry_client::retry::observe(std::sync::Arc::new(|r| crate::say!("berth: {r}")));
     }
     let mut out = Output::new(cli.global.json, cli.global.quiet);
     let result = run(&cli, &mut out);

@@ -44,8 +44,14 @@ impl Output {
     }
 
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        // A reader that went away (`berth status | head`) is no reason to stop the work
+        // (a release halfway through): what it no longer reads is dropped.
+        let closed = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r,
+        };
         if self.to_stderr {
-            std::io::stderr().lock().write_all(bytes)
+            closed(std::io::stderr().lock().write_all(bytes))
         } else if self.json {
             // Kept for the one document `finish` writes.
             let text = String::from_utf8_lossy(bytes);
@@ -53,7 +59,7 @@ impl Output {
                 .extend(text.lines().map(str::to_string).filter(|l| !l.is_empty()));
             Ok(())
         } else {
-            std::io::stdout().lock().write_all(bytes)
+            closed(std::io::stdout().lock().write_all(bytes))
         }
     }
 
@@ -79,12 +85,16 @@ impl Output {
     pub fn json_value<T: Serialize>(&mut self, value: &T) -> std::io::Result<()> {
         let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
         text.push(b'\n');
+        let closed = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r,
+        };
         if self.to_stderr {
-            return std::io::stderr().lock().write_all(&text);
+            return closed(std::io::stderr().lock().write_all(&text));
         }
         debug_assert!(!self.printed, "a command writes one JSON document");
         self.printed = true;
-        std::io::stdout().lock().write_all(&text)
+        closed(std::io::stdout().lock().write_all(&text))
     }
 
     /// The command streamed JSON Lines itself (`logs -f --json`): no other document.

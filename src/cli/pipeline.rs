@@ -41,7 +41,7 @@ impl Shown {
     /// Prints a line above the spinner.
     pub fn line(&self, text: &str) {
         if !self.quiet {
-            self.spinner.suspend(|| eprintln!("{text}"));
+            self.spinner.suspend(|| crate::say!("{text}"));
         }
     }
 
@@ -298,7 +298,7 @@ pub fn finish(
             }
         }
         for w in &released.warnings {
-            eprintln!("warning: {w}");
+            crate::say!("warning: {w}");
         }
     }
     let deployment = format!("{}-{}", config.app.name, config.environment);
@@ -337,7 +337,7 @@ pub fn finish(
         }
         RolloutOutcome::Interrupted => {
             if !out.json {
-                eprintln!(
+                crate::say!(
                     "release {} was interrupted; every host runs what the table says, and the ledger records it as interrupted",
                     released.release.number
                 );

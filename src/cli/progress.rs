@@ -109,7 +109,7 @@ impl Transfers {
             }
             (None, _) => {
                 if let Some(l) = line {
-                    eprintln!("{l}");
+                    crate::say!("{l}");
                 }
             }
         }

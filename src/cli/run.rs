@@ -348,7 +348,7 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
     };
     let dir = containers.dir(&st.id);
     if g.verbose > 0 {
-        eprintln!("container {} ({}) in {}", st.name, st.id, dir.display());
+        crate::say!("container {} ({}) in {}", st.name, st.id, dir.display());
     }
     if args.detach {
         let exe = std::env::current_exe()
@@ -363,7 +363,7 @@ pub fn run(g: &GlobalOpts, args: &RunArgs, out: &mut Output) -> Result<(), CliEr
                 Ok(())
             }
             Err((code, message)) => {
-                eprintln!("berth: {message}");
+                crate::say!("berth: {message}");
                 if spec.auto_remove {
                     let _ = remove_container(&store, &containers, &st);
                 }
@@ -428,7 +428,7 @@ fn run_attached(
             finish(Some(e.exit_code()), false);
             return Err(match e {
                 StartError::Launch(LaunchError::Container { message, code }) => {
-                    eprintln!("berth: {message}");
+                    crate::say!("berth: {message}");
                     CliError {
                         kind: ExitKind::Code(code as u8),
                         report: None,
@@ -439,7 +439,7 @@ fn run_attached(
         }
     };
     if g.verbose > 0 {
-        eprintln!("root filesystem: {}", inst.rootfs_plan);
+        crate::say!("root filesystem: {}", inst.rootfs_plan);
     }
     if let Some(p) = proxy.as_mut() {
         let _ = p.set_hosts(&instance::backend(inst.ip));
@@ -463,7 +463,7 @@ fn run_attached(
         waited.map_err(|e| CliError::failed(miette!("waiting for the container failed: {e}")))?;
     finish(Some(code), oom);
     if oom {
-        eprintln!(
+        crate::say!(
             "berth: container {} was killed by the kernel: out of memory (OOMKilled)",
             st.name
         );

@@ -601,8 +601,47 @@ pub fn env_logs(
 ) -> Result<(), CliError> {
     let rt = runtime()?;
     let shown = Arc::new(Shown::new(out));
-    let (env, _store) = open(g, env_name, &rt, &shown)?;
+    let (env, store) = open(g, env_name, &rt, &shown)?;
     let deployment = env.deployment();
+    // Replicas per host as the live release has them (a `scale` may have changed them).
+    let live = history(&store, &env.config, &rt)
+        .ok()
+        .and_then(|h| crate::promote::ledger::current(&h).and_then(|r| r.plan.clone()));
+    // A service or replica the environment does not have is an error, not silence.
+    if let Some(name) = args.service.as_deref() {
+        let services = &env.config.services;
+        match services.get(name) {
+            None => {
+                let near = services
+                    .keys()
+                    .min_by_key(|k| strsim::levenshtein(k, name))
+                    .filter(|k| strsim::levenshtein(k, name) <= 2);
+                return Err(CliError::invalid(miette!(
+                    "no service `{name}` in {env_name} ({}it has: {})",
+                    near.map(|n| format!("did you mean `{n}`? "))
+                        .unwrap_or_default(),
+                    services.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            Some(svc) => {
+                let count = live
+                    .as_ref()
+                    .and_then(|p| p.services.iter().find(|s| s.name == name))
+                    .map_or(svc.replicas, |s| s.replicas);
+                if let Some(n) = args.replica
+                    && (n == 0 || n > count as usize)
+                {
+                    return Err(CliError::invalid(miette!(
+                        "{name} has replicas 1 to {count} on each host; there is no replica {n}"
+                    )));
+                }
+            }
+        }
+    } else if args.replica.is_some() {
+        return Err(CliError::invalid(miette!(
+            "--replica needs a service: berth logs --env {env_name} SERVICE --replica N"
+        )));
+    }
     let service = args.service.as_deref().map(str::parse).transpose()?;
     if args.follow && out.json {
         return Err(CliError::invalid(miette!(
@@ -610,37 +649,58 @@ pub fn env_logs(
         )));
     }
     // One round: every host's lines (the last `tail`, or those since `since`), by time.
-    let round =
-        |tail: Option<usize>, since: Option<jiff::Timestamp>| -> Result<Vec<EnvLine>, CliError> {
-            let q = LogsQuery {
-                deployment: deployment.clone(),
-                service: service.clone(),
-                replica: args.replica,
-                tail,
-                since: since.map(|t| t.to_string()),
-            };
-            let mut lines = Vec::new();
-            for h in pick_hosts(&env, args.host.as_deref())? {
-                let got = h.logs(&q)?;
-                let host = h.name().split("://").nth(1).unwrap_or(h.name()).to_string();
-                lines.extend(got.into_iter().map(|l| EnvLine {
-                    time: l.time,
-                    host: host.clone(),
-                    replica: l.replica,
-                    log: l.log,
-                }));
-            }
-            lines.sort();
-            Ok(lines)
+    let round = |tail: Option<usize>,
+                 since: Option<jiff::Timestamp>|
+     -> Result<(Vec<EnvLine>, Vec<String>), CliError> {
+        let q = LogsQuery {
+            deployment: deployment.clone(),
+            service: service.clone(),
+            replica: args.replica,
+            tail,
+            since: since.map(|t| t.to_string()),
         };
+        let mut lines = Vec::new();
+        // A host that does not answer does not hide the others' lines.
+        let mut failed = Vec::new();
+        for h in pick_hosts(&env, args.host.as_deref())? {
+            let got = match h.logs(&q) {
+                Ok(got) => got,
+                Err(e) => {
+                    failed.push(format!("{}: {e}", h.name()));
+                    continue;
+                }
+            };
+            let host = h.name().split("://").nth(1).unwrap_or(h.name()).to_string();
+            lines.extend(got.into_iter().map(|l| EnvLine {
+                time: l.time,
+                host: host.clone(),
+                replica: l.replica,
+                log: l.log,
+            }));
+        }
+        lines.sort();
+        Ok((lines, failed))
+    };
     let since = args
         .since
         .as_deref()
         .map(super::containers::parse_since)
         .transpose()?;
-    let first = round(args.tail, since)?;
+    let (first, failed) = round(args.tail, since)?;
+    let failure = |failed: &[String]| {
+        CliError::failed(miette!(
+            "no logs from {} host(s): {}",
+            failed.len(),
+            failed.join("; ")
+        ))
+    };
     if out.json {
-        return Ok(out.json_value(&first)?);
+        out.json_value(&first)?;
+        return if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failure(&failed))
+        };
     }
     let mut print = |lines: &[EnvLine]| -> Result<(), CliError> {
         for l in lines {
@@ -653,11 +713,20 @@ pub fn env_logs(
     };
     print(&first)?;
     if !args.follow {
-        return Ok(());
+        return if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failure(&failed))
+        };
+    }
+    for f in &failed {
+        crate::say!("berth: no logs from {f} (following the others)");
     }
     // Follow: ask again every half second for what came since the newest line printed
     // (lines of that same instant already printed are not printed twice).
     let mut last = first.last().map(|l| l.time.clone());
+    // Nothing shown yet (`-n 0`, or no output): follow from now, not from the beginning.
+    let since = since.or_else(|| first.is_empty().then(jiff::Timestamp::now));
     let mut seen: Vec<EnvLine> = first
         .iter()
         .filter(|l| Some(&l.time) == last.as_ref())
@@ -667,6 +736,7 @@ pub fn env_logs(
         std::thread::sleep(std::time::Duration::from_millis(500));
         let since = last.as_deref().and_then(|t| t.parse().ok()).or(since);
         let fresh: Vec<EnvLine> = round(None, since)?
+            .0
             .into_iter()
             .filter(|l| match &last {
                 Some(lt) => l.time > *lt || (l.time == *lt && !seen.contains(l)),

@@ -60,7 +60,7 @@ fn finish_in_background(cfg: &Arc<AgentConfig>, retire: local::Retire) {
     let state = cfg.state.clone();
     tokio::task::spawn_blocking(move || {
         if let Ok(store) = Store::open(&state) {
-            retire.run(&store, &mut |line| eprintln!("{line}"));
+            retire.run(&store, &mut |line| crate::say!("{line}"));
         }
     });
 }
@@ -350,7 +350,7 @@ async fn apply_plan(
             &cfg2.state,
             &plan,
             Some(&secrets),
-            &mut |l| eprintln!("{l}"),
+            &mut |l| crate::say!("{l}"),
         )?;
         Ok::<_, DeployError>((local::status(&store, &plan.deployment()), record, retire))
     })
@@ -444,7 +444,7 @@ async fn serve_route(cfg: Arc<AgentConfig>, store: Store, route: Route) -> Respo
                     &r.deployment,
                     r.release,
                     &r.why,
-                    &mut |l| eprintln!("{l}"),
+                    &mut |l| crate::say!("{l}"),
                 )
             })
             .await
@@ -525,11 +525,11 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
             if let Ok(store) = Store::open(&state) {
                 let adopted = crate::runtime::supervisor::adopt_lost(&store, &program);
                 if adopted > 0 {
-                    eprintln!("resumed supervision of {adopted} container(s)");
+                    crate::say!("resumed supervision of {adopted} container(s)");
                 }
                 let n = local::recover(&store, &program, &state);
                 if n > 0 {
-                    eprintln!("started {n} replica(s) of the live releases again");
+                    crate::say!("started {n} replica(s) of the live releases again");
                 }
             }
             std::thread::sleep(std::time::Duration::from_secs(2));
@@ -559,7 +559,7 @@ pub fn serve(cfg: AgentConfig, ready: &dyn Fn(SocketAddr)) -> std::io::Result<()
                 Err(e) => {
                     // Out of descriptors (or another passing error): wait instead of
                     // spinning, so the connections being served can finish.
-                    eprintln!("berth agent: accept: {e}");
+                    crate::say!("berth agent: accept: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }

@@ -164,7 +164,12 @@ pub fn replica_health(store: &Store, record: &ReleaseRecord) -> BTreeMap<String,
         c.total += 1;
         if r.status == "running" {
             c.running += 1;
-            if r.health != Some(crate::runtime::health::Health::Unhealthy) {
+            // Healthy: its last probe passed, or it has none. A replica still `starting`
+            // is not counted yet.
+            if matches!(
+                r.health,
+                None | Some(crate::runtime::health::Health::Healthy)
+            ) {
                 c.healthy += 1;
             }
         }
@@ -243,11 +248,12 @@ pub struct ReplicaView {
     pub id: String,
     /// `running`, `restarting`, `stopped`, `created`, or `missing`.
     pub status: String,
-    /// What its health check says, if it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What its health check says (`null` without one, or while it is not running): the
+    /// key is always there, as the README's `--json` shapes promise.
+    #[serde(default)]
     pub health: Option<crate::runtime::health::Health>,
-    /// What the last failing probe said, while not healthy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What the last failing probe said, while not healthy (else `null`).
+    #[serde(default)]
     pub health_error: Option<String>,
     /// Times its restart policy started it again.
     pub restarts: u32,

@@ -798,10 +798,20 @@ impl Environment {
         }
         let (exit_code, error) = match cmd.status() {
             Ok(s) if s.success() => (Some(0), None),
-            Ok(s) => (
-                s.code(),
-                Some(format!("{} exited with {s}", argv.join(" "))),
-            ),
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                let how = match (s.code(), s.signal()) {
+                    (Some(c), _) => format!("exited with {c}"),
+                    (None, Some(sig)) => format!("was killed by signal {sig}"),
+                    _ => "failed".to_string(),
+                };
+                // The command as written.
+                let shown = match command {
+                    CommandLine::Shell(s) => s.clone(),
+                    CommandLine::Exec(v) => v.join(" "),
+                };
+                (s.code(), Some(format!("the {name} hook `{shown}` {how}")))
+            }
             Err(e) => (None, Some(format!("cannot run {}: {e}", argv[0]))),
         };
         Some(crate::promote::ledger::HookRecord {
