@@ -67,6 +67,17 @@ struct Parser<'a> {
 }
 
 /// Parses a Dockerfile.
+/// Instructions outside a Dockerfile (ONBUILD triggers, `import --change`), parsed as the
+/// steps of a stage: `name` is what errors call their source.
+pub fn parse_instructions(name: &str, text: &str) -> Result<Vec<Step>, Diagnostics> {
+    let plan = parse(&SourceFile {
+        name: name.to_string(),
+        text: std::sync::Arc::new(format!("FROM scratch\n{text}\n")),
+    })?;
+    Ok(plan.stages.into_iter().flat_map(|s| s.steps).collect())
+}
+
+/// Parses a Dockerfile.
 pub fn parse(file: &SourceFile) -> Result<BuildPlan, Diagnostics> {
     let mut p = Parser {
         file,
@@ -684,10 +695,7 @@ impl Parser<'_> {
                     );
                     return None;
                 }
-                if let Err(e) = parse(&SourceFile {
-                    name: "ONBUILD".into(),
-                    text: std::sync::Arc::new(format!("FROM scratch\n{trigger}\n")),
-                }) {
+                if let Err(e) = parse_instructions("ONBUILD", trigger) {
                     let why = e.0.first().map(|d| d.message.clone()).unwrap_or_default();
                     self.error(&line.span, format!("ONBUILD {why}"), "this trigger", None);
                     return None;

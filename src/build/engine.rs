@@ -526,10 +526,10 @@ impl Engine<'_> {
         {
             let text: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
             let base = st.base.clone().unwrap_or_default();
-            let plan = super::dockerfile::parse(&crate::manifest::SourceFile {
-                name: format!("ONBUILD of {base}"),
-                text: std::sync::Arc::new(format!("FROM scratch\n{}\n", text.join("\n"))),
-            })
+            let triggers = super::dockerfile::parse_instructions(
+                &format!("ONBUILD of {base}"),
+                &text.join("\n"),
+            )
             .map_err(|d| BuildError::Step {
                 origin: stage.origin.describe(),
                 text: "ONBUILD".into(),
@@ -537,7 +537,7 @@ impl Engine<'_> {
                     d.0.first().map(|d| d.message.clone()).unwrap_or_default(),
                 )),
             })?;
-            steps.extend(plan.stages.into_iter().flat_map(|s| s.steps));
+            steps.extend(triggers);
         }
         steps.extend(stage.steps.iter().cloned());
         let mut parent_missed = false;
@@ -581,9 +581,19 @@ impl Engine<'_> {
     }
 
     fn expand(&self, st: &StageState, spec: &StepSpec) -> Result<StepSpec, BuildError> {
-        let w = |s: &str| {
-            process_word(s, '\\', &|k| st.lookup(k)).map_err(|e| BuildError::Word(e.to_string()))
-        };
+        expand_spec(spec, &|k| st.lookup(k))
+    }
+}
+
+/// A Dockerfile step's words expanded (quotes removed, `$VAR`s replaced through `lookup`),
+/// as a build does when the step runs (`import --change` too).
+pub(crate) fn expand_spec(
+    spec: &StepSpec,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<StepSpec, BuildError> {
+    {
+        let w =
+            |s: &str| process_word(s, '\\', lookup).map_err(|e| BuildError::Word(e.to_string()));
         Ok(match spec {
             StepSpec::Copy(c) | StepSpec::Add(c) => {
                 let c = CopySpec {
@@ -626,7 +636,9 @@ impl Engine<'_> {
             other => other.clone(),
         })
     }
+}
 
+impl Engine<'_> {
     fn step(
         &mut self,
         st: &mut StageState,
@@ -730,26 +742,14 @@ impl Engine<'_> {
                     )
                     .as_bytes(),
                 );
-                let (layer, status) = match (!self.opts.no_cache)
-                    .then(|| cache::lookup_step(self.store, &key))
-                    .flatten()
-                {
-                    Some(l) => (l, StepStatus::Hit),
-                    None => {
-                        let mut w =
-                            super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
-                        for (d, meta) in
-                            &self.parent_dirs(st, missing.iter().map(String::as_str), true)?
-                        {
-                            w.dir(d, meta).map_err(|e| {
-                                BuildError::Destination(format!("/{d}"), e.to_string())
-                            })?;
-                        }
-                        let l = w.finish()?;
-                        cache::record_step(self.store, &key, &l);
-                        (l, StepStatus::Miss("creates its directory".into()))
-                    }
-                };
+                let dirs = self.parent_dirs(st, missing.iter().map(String::as_str), true)?;
+                let (layer, status) = self.generated_layer(
+                    &key,
+                    &format!("/{}", missing.last().map_or("", String::as_str)),
+                    &dirs,
+                    "creates its directory",
+                    |_| Ok(()),
+                )?;
                 st.fs = None;
                 Ok(self.add_layer(st, key, layer, text, origin, status))
             }
@@ -775,6 +775,34 @@ impl Engine<'_> {
                 Ok(config_step(text))
             }
         }
+    }
+
+    /// The layer of a step berth writes itself (WORKDIR's directories, heredocs, fetched
+    /// files): from the cache under `key`, else `dirs` then what `files` writes, recorded
+    /// under `key`. `why` is the miss's reason; errors name `dest`.
+    fn generated_layer(
+        &self,
+        key: &Digest,
+        dest: &str,
+        dirs: &[(String, super::layer::EntryMeta)],
+        why: &str,
+        files: impl FnOnce(&mut super::layer::LayerWriter) -> std::io::Result<()>,
+    ) -> Result<(Layer, StepStatus), BuildError> {
+        if let Some(l) = (!self.opts.no_cache)
+            .then(|| cache::lookup_step(self.store, key))
+            .flatten()
+        {
+            return Ok((l, StepStatus::Hit));
+        }
+        let io = |e: std::io::Error| BuildError::Destination(dest.to_string(), e.to_string());
+        let mut w = super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
+        for (d, meta) in dirs {
+            w.dir(d, meta).map_err(io)?;
+        }
+        files(&mut w).map_err(io)?;
+        let l = w.finish()?;
+        cache::record_step(self.store, key, &l);
+        Ok((l, StepStatus::Miss(why.into())))
     }
 
     /// Each path with its parent directory resolved through the image's symlinks (the file
@@ -1380,33 +1408,18 @@ impl Engine<'_> {
             )
             .as_bytes(),
         );
-        let (layer, status) = match (!self.opts.no_cache)
-            .then(|| cache::lookup_step(self.store, &key))
-            .flatten()
-        {
-            Some(l) => (l, StepStatus::Hit),
-            None => {
-                let mut w = super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
-                let io =
-                    |e: std::io::Error| BuildError::Destination(dest.to_string(), e.to_string());
-                for (d, meta) in &parents {
-                    w.dir(d, meta).map_err(io)?;
-                }
-                let file = super::layer::EntryMeta {
-                    mode: c.chmod.unwrap_or(0o644),
-                    uid: owner.uid,
-                    gid: owner.gid,
-                    mtime: self.opts.epoch,
-                };
-                for (path, body) in &files {
-                    w.file(path, &file, body.len() as u64, body.as_bytes())
-                        .map_err(io)?;
-                }
-                let l = w.finish()?;
-                cache::record_step(self.store, &key, &l);
-                (l, StepStatus::Miss("a heredoc".into()))
-            }
+        let file = super::layer::EntryMeta {
+            mode: c.chmod.unwrap_or(0o644),
+            uid: owner.uid,
+            gid: owner.gid,
+            mtime: self.opts.epoch,
         };
+        let (layer, status) = self.generated_layer(&key, dest, &parents, "a heredoc", |w| {
+            for (path, body) in &files {
+                w.file(path, &file, body.len() as u64, body.as_bytes())?;
+            }
+            Ok(())
+        })?;
         st.fs = None;
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }
@@ -1502,35 +1515,20 @@ impl Engine<'_> {
         }
         let key = key_of(&sums);
         let parents = self.parent_dirs(st, files.iter().map(|(p, _, _)| p.as_str()), false)?;
-        let (layer, status) = match (!self.opts.no_cache)
-            .then(|| cache::lookup_step(self.store, &key))
-            .flatten()
-        {
-            Some(l) => (l, StepStatus::Hit),
-            None => {
-                let mut w = super::layer::LayerWriter::new(self.store, self.opts.compression, &[])?;
-                let io =
-                    |e: std::io::Error| BuildError::Destination(dest.to_string(), e.to_string());
-                for (d, meta) in &parents {
-                    w.dir(d, meta).map_err(io)?;
-                }
-                let file = super::layer::EntryMeta {
-                    mode: c.chmod.unwrap_or(0o600),
-                    uid: owner.uid,
-                    gid: owner.gid,
-                    mtime: self.opts.epoch,
-                };
-                for (path, spooled, size) in &files {
-                    let f = std::fs::File::open(spooled).map_err(io)?;
-                    w.file(path, &file, *size, std::io::BufReader::new(f))
-                        .map_err(io)?;
-                }
-                let l = w.finish()?;
-                // With --checksum this is also the key a later build looks up first.
-                cache::record_step(self.store, &key, &l);
-                (l, StepStatus::Miss("downloaded".into()))
-            }
+        let file = super::layer::EntryMeta {
+            mode: c.chmod.unwrap_or(0o600),
+            uid: owner.uid,
+            gid: owner.gid,
+            mtime: self.opts.epoch,
         };
+        // With --checksum the key is also the one a later build looks up first.
+        let (layer, status) = self.generated_layer(&key, dest, &parents, "downloaded", |w| {
+            for (path, spooled, size) in &files {
+                let f = std::fs::File::open(spooled)?;
+                w.file(path, &file, *size, std::io::BufReader::new(f))?;
+            }
+            Ok(())
+        })?;
         st.fs = None;
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }

@@ -215,30 +215,11 @@ fn write_config(
     // `--change`: Dockerfile metadata instructions applied to the config, as
     // `docker import --change` does.
     for change in changes {
-        use crate::manifest::steps::StepSpec;
         // Words keep their quotes until expanded, as in a build (with the config's ENV).
         let env = super::meta::env_pairs(&config);
-        let w = |s: &str| {
-            super::shell_words::process_word(s, '\\', &|k| {
-                env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-            })
-            .map_err(|e| BuildError::Word(e.to_string()))
-        };
-        let expanded = match change {
-            StepSpec::Env(v) => StepSpec::Env(
-                v.iter()
-                    .map(|(k, v)| Ok((k.clone(), w(v)?)))
-                    .collect::<Result<_, BuildError>>()?,
-            ),
-            StepSpec::Label(v) => StepSpec::Label(
-                v.iter()
-                    .map(|(k, v)| Ok((w(k)?, w(v)?)))
-                    .collect::<Result<_, BuildError>>()?,
-            ),
-            StepSpec::Workdir(s) => StepSpec::Workdir(w(s)?),
-            StepSpec::User(s) => StepSpec::User(w(s)?),
-            other => other.clone(),
-        };
+        let expanded = super::engine::expand_spec(change, &|k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })?;
         super::meta::apply(&mut config, &expanded);
     }
     Ok(store.write_image(&config, vec![layer.descriptor()])?)

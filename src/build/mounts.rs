@@ -198,68 +198,18 @@ pub fn prepare(
 /// fsmount): it never touches a disk, and only the RUN container attaches it (through
 /// `/proc/self/fd/N/secret`). The file has the mount's mode (default 0400) and owner.
 fn memory_file(id: &str, value: &SecretBytes, m: &RunMount) -> Result<OwnedFd, BuildError> {
-    use std::os::fd::FromRawFd;
     let fail = |what: &str, e: std::io::Error| {
         BuildError::Mount(format!("the secret `{id}`: cannot {what}: {e}"))
     };
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
-    const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
-    const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
-    // SAFETY: fsopen(2) with a NUL-terminated name; the result is checked.
-    let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) };
-    if fs < 0 {
-        return Err(fail("open a tmpfs", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor we own.
-    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let fs = fs_context(c"tmpfs").map_err(|e| fail("open a tmpfs", e))?;
     for (k, v) in [(c"size", c"4m"), (c"mode", c"0755")] {
-        // SAFETY: fsconfig(2) on our descriptor with NUL-terminated strings.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                fs.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                k.as_ptr(),
-                v.as_ptr(),
-                0,
-            )
-        };
-        if rc != 0 {
-            return Err(fail("configure a tmpfs", std::io::Error::last_os_error()));
-        }
+        fsconfig(&fs, k, Some(v)).map_err(|e| fail("configure a tmpfs", e))?;
     }
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_void>(),
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(fail("create a tmpfs", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fsmount(2) of the configured context; the result is checked.
-    let mnt = unsafe {
-        libc::syscall(
-            libc::SYS_fsmount,
-            fs.as_raw_fd(),
-            FSMOUNT_CLOEXEC,
-            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
-        )
-    };
-    if mnt < 0 {
-        return Err(fail("mount a tmpfs", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor we own.
-    let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+    let mnt = fs_mount(
+        &fs,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+    )
+    .map_err(|e| fail("mount a tmpfs", e))?;
     let fd = nix::fcntl::openat(
         &mnt,
         "secret",
@@ -281,7 +231,39 @@ fn memory_file(id: &str, value: &SecretBytes, m: &RunMount) -> Result<OwnedFd, B
     Ok(mnt)
 }
 
-/// Calls fsconfig(2) with a string value.
+const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+
+/// A new filesystem context (fsopen(2)) of `fstype`.
+fn fs_context(fstype: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: fsopen(2) with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Creates the configured filesystem and mounts it nowhere (fsmount(2)): a detached mount
+/// only a descriptor reaches.
+fn fs_mount(ctx: &OwnedFd, attrs: libc::c_uint) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    fsconfig(ctx, c"create", None)?;
+    // SAFETY: fsmount(2) of the configured context; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_fsmount, ctx.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Calls fsconfig(2) with a string value (or, without one, the create command).
 fn fsconfig(
     fd: &OwnedFd,
     key: &std::ffi::CStr,
@@ -323,7 +305,6 @@ fn fsconfig(
 /// `/proc/self/fd/N`.
 fn detached_overlay(lowers: &[PathBuf], scratch: &Path) -> Result<OwnedFd, BuildError> {
     use std::ffi::CString;
-    use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;
     let fail = |what: &str, e: std::io::Error| {
         BuildError::Mount(format!("a bind mount from an image: cannot {what}: {e}"))
@@ -333,13 +314,7 @@ fn detached_overlay(lowers: &[PathBuf], scratch: &Path) -> Result<OwnedFd, Build
         std::fs::create_dir_all(d).map_err(|e| fail("make its scratch directories", e))?;
     }
     let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("paths have no NUL");
-    // SAFETY: fsopen(2) with a NUL-terminated name; the result is checked.
-    let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), 1 as libc::c_uint) };
-    if fs < 0 {
-        return Err(fail("open an overlay", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor we own.
-    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let fs = fs_context(c"overlay").map_err(|e| fail("open an overlay", e))?;
     let empty = scratch.join("empty");
     let mut stack: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
     if stack.is_empty() {
@@ -363,21 +338,7 @@ fn detached_overlay(lowers: &[PathBuf], scratch: &Path) -> Result<OwnedFd, Build
     fsconfig(&fs, c"upperdir", Some(&cstr(&upper)))
         .map_err(|e| fail("set its upper directory", e))?;
     fsconfig(&fs, c"workdir", Some(&cstr(&work))).map_err(|e| fail("set its work directory", e))?;
-    fsconfig(&fs, c"create", None).map_err(|e| fail("create it", e))?;
-    // SAFETY: fsmount(2) of the configured context; the result is checked.
-    let mnt = unsafe {
-        libc::syscall(
-            libc::SYS_fsmount,
-            fs.as_raw_fd(),
-            1 as libc::c_uint,
-            0x2 as libc::c_uint | 0x4, // MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-        )
-    };
-    if mnt < 0 {
-        return Err(fail("mount it", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
+    fs_mount(&fs, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV).map_err(|e| fail("mount it", e))
 }
 
 /// Refuses a path inside a mounted image that passes through a symlink: resolved through

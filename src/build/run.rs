@@ -72,14 +72,14 @@ pub fn run(
         .prefix(&crate::store::Store::temp_prefix("run-"))
         .tempdir_in(&tmp_base)
         .map_err(io(&tmp_base))?;
-    let (fs, overlay) = rootfs::overlay_for_layers(store, layers, tmp.path())
+    let lowers = crate::runtime::snapshot::snapshots_of(store, layers)
+        .map_err(|e| BuildError::Runtime(e.to_string()))?;
+    let (fs, overlay) = rootfs::overlay_over(lowers.clone(), tmp.path())
         .map_err(|e| BuildError::Runtime(e.to_string()))?;
     // Every RUN gets /etc/hostname and /etc/hosts (and, with the host's network, its
     // resolv.conf), and a /run directory, as Docker gives them, whether the image has
     // them or not. What the runtime creates for them and for mount targets is removed
     // from the upper directory afterwards unless the command put something there.
-    let lowers = crate::runtime::snapshot::snapshots_of(store, layers)
-        .map_err(|e| BuildError::Runtime(e.to_string()))?;
     let mut stubs: Vec<String> = Vec::new();
     let mut candidates: Vec<String> = vec![
         "/etc/hostname".into(),

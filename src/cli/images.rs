@@ -358,12 +358,10 @@ fn import_changes(changes: &[String]) -> Result<Vec<crate::manifest::steps::Step
     use crate::manifest::steps::StepSpec;
     let mut out = Vec::new();
     for change in changes {
-        let plan = crate::build::dockerfile::parse(&crate::manifest::SourceFile {
-            name: "--change".into(),
-            text: std::sync::Arc::new(format!("FROM scratch\n{change}\n")),
-        })
-        .map_err(|diagnostics| CliError::invalid(crate::manifest::InvalidConfig { diagnostics }))?;
-        for step in plan.stages.into_iter().flat_map(|s| s.steps) {
+        let steps = crate::build::dockerfile::parse_instructions("--change", change).map_err(
+            |diagnostics| CliError::invalid(crate::manifest::InvalidConfig { diagnostics }),
+        )?;
+        for step in steps {
             match step.spec {
                 StepSpec::Cmd(_)
                 | StepSpec::Entrypoint(_)

@@ -7,6 +7,15 @@ use std::io::Write;
 
 use serde::Serialize;
 
+/// A reader that went away (`berth status | head`) is no reason to stop the work (a
+/// release halfway through): what it no longer reads is dropped.
+fn closed(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
 /// A command's view of stdout.
 pub struct Output {
     /// `--json` was given.
@@ -44,12 +53,6 @@ impl Output {
     }
 
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        // A reader that went away (`berth status | head`) is no reason to stop the work
-        // (a release halfway through): what it no longer reads is dropped.
-        let closed = |r: std::io::Result<()>| match r {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-            r => r,
-        };
         if self.to_stderr {
             closed(std::io::stderr().lock().write_all(bytes))
         } else if self.json {
@@ -85,10 +88,6 @@ impl Output {
     pub fn json_value<T: Serialize>(&mut self, value: &T) -> std::io::Result<()> {
         let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
         text.push(b'\n');
-        let closed = |r: std::io::Result<()>| match r {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-            r => r,
-        };
         if self.to_stderr {
             return closed(std::io::stderr().lock().write_all(&text));
         }

@@ -336,8 +336,14 @@ pub(crate) mod tests {
             drop(ran);
             Ok(self.state())
         }
-        fn rollback(&self, _r: &RollbackRequest) -> Result<HostState, HostError> {
-            unimplemented!("not used by these tests")
+        fn rollback(&self, r: &RollbackRequest) -> Result<HostState, HostError> {
+            // The rollout engine never calls it (rollbacks are new releases applied with
+            // `apply`); a fake that is asked anyway says so instead of pretending.
+            self.calls.lock().unwrap().push(format!("rollback {r:?}"));
+            Err(self.err(
+                HostErrorKind::Refused,
+                "the fake host keeps no earlier releases to roll back to",
+            ))
         }
         fn revert(
             &self,

@@ -110,9 +110,16 @@ pub fn overlay_for_layers(
     layers: &[snapshot::LayerRef],
     dir: &Path,
 ) -> Result<(Rootfs, mount::Mount), RootfsError> {
+    overlay_over(snapshot::snapshots_of(store, layers)?, dir)
+}
+
+/// [`overlay_for_layers`] over snapshot directories already at hand (bottom first).
+pub fn overlay_over(
+    mut lowers: Vec<std::path::PathBuf>,
+    dir: &Path,
+) -> Result<(Rootfs, mount::Mount), RootfsError> {
     let path = dir.join("rootfs");
     mkdir(&path)?;
-    let mut lowers = snapshot::snapshots_of(store, layers)?;
     if lowers.is_empty() {
         let empty = dir.join("empty");
         mkdir(&empty)?;
