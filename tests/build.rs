@@ -671,3 +671,87 @@ fn a_full_disk_is_blamed_on_the_store_not_the_context() {
         .count();
     assert_eq!(ingest, 0);
 }
+
+/// Writes a tree of text files (about 6 MB, compressible) under `dir`, the same for the
+/// same seed.
+fn text_tree(p: &TempProject, dir: &str, files: usize, seed: u64) {
+    let mut x = seed | 1;
+    for i in 0..files {
+        let len = 8_000 + (i * 7919) % 30_000;
+        let body: String = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b"abcdefgh ijklmnop\n"[(x % 18) as usize] as char
+            })
+            .collect();
+        p.file(&format!("{dir}/m{:02}/f{i:03}.txt", i / 20), &body);
+    }
+}
+
+#[test]
+fn a_change_deep_in_the_tree_resumes_the_layer_and_builds_what_a_fresh_store_builds() {
+    let project = |p: &TempProject| {
+        p.file("ctx/Dockerfile", "FROM scratch\nCOPY app/ /app/\n");
+        text_tree(p, "ctx/app/deps", 300, 11);
+        p.file("ctx/app/src/main.txt", "version 1\n");
+    };
+    let build = |p: &TempProject| -> serde_json::Value {
+        let run = p
+            .berth()
+            .args([
+                "--json",
+                "build",
+                "-f",
+                "ctx/Dockerfile",
+                "-t",
+                "deep:1",
+                "ctx",
+            ])
+            .run()
+            .ok();
+        serde_json::from_str(&run.stdout).unwrap()
+    };
+    let copy_layer = |v: &serde_json::Value| v["steps"][0]["layer"].clone();
+    let p = TempProject::new();
+    project(&p);
+    let first = build(&p);
+    assert_eq!(copy_layer(&first)["unchanged_prefix"], 0, "{first}");
+    // The last file of the tree changes: the layer is written from near its end on.
+    for version in 2..4 {
+        p.file(
+            "ctx/app/src/main.txt",
+            &format!("version {version}, longer\n"),
+        );
+        let again = build(&p);
+        let layer = copy_layer(&again);
+        assert_eq!(again["steps"][0]["status"], "miss");
+        let prefix = layer["unchanged_prefix"].as_u64().unwrap();
+        assert!(prefix > 4 << 20, "most of the tar is taken over: {layer}");
+        // The same image as a store that never built it before makes.
+        let fresh = TempProject::new();
+        project(&fresh);
+        fresh.file(
+            "ctx/app/src/main.txt",
+            &format!("version {version}, longer\n"),
+        );
+        let clean = build(&fresh);
+        assert_eq!(copy_layer(&clean)["unchanged_prefix"], 0);
+        assert_eq!(again["digest"], clean["digest"], "version {version}");
+        // And the blob is what its name says, a valid gzip of the tar its diff_id names.
+        let digest = layer["digest"].as_str().unwrap();
+        let blob = p.store().join("blobs/sha256").join(&digest[7..]);
+        let sum = run_ok(Command::new("sha256sum").arg(&blob));
+        assert!(sum.starts_with(&digest[7..]), "{sum}");
+        let tar_sum = run_ok(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("gzip -dc {} | sha256sum", blob.display())),
+        );
+        assert!(
+            tar_sum.starts_with(&layer["diff_id"].as_str().unwrap()[7..]),
+            "{tar_sum}"
+        );
+    }
+}

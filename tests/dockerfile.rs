@@ -269,6 +269,59 @@ fn run_mount_bind_and_tmpfs() {
 }
 
 #[test]
+fn run_steps_get_what_docker_gives_them() {
+    let p = bare();
+    // /run and /etc/hostname exist in a RUN step even when the image lacks them.
+    p.file(
+        "Dockerfile",
+        "FROM base:1\nRUN rm -rf /run /etc/hostname\nRUN test -d /run && test -s /etc/hostname && echo present > /seen\nRUN --mount=type=tmpfs,target=/t,size=1m sh -c 'dd if=/dev/zero of=/t/big bs=1k count=2048 2>/dev/null || echo tmpfs-full >> /seen'\nRUN --mount=type=cache,target=/c,sharing=private sh -c 'echo private >> /seen'\nCMD [\"cat\", \"/seen\"]\n",
+    );
+    p.berth().args(["build", "-t", "r:1", "."]).run().ok();
+    assert_eq!(
+        p.berth().args(["run", "--rm", "r:1"]).run().ok().stdout,
+        "present\ntmpfs-full\nprivate\n",
+        "/run and /etc/hostname are there; a tmpfs mount's size is its limit"
+    );
+    // No network unless asked, and a failing download says how to ask.
+    p.file(
+        "Dockerfile",
+        "FROM base:1\nRUN wget -q -T 2 -O /x http://198.18.0.1/file\n",
+    );
+    let err = p.berth().args(["build", "."]).run().code(1);
+    let said = err.stderr.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        said.contains("build with `--network host`") && said.contains("RUN --network=host"),
+        "{said}"
+    );
+    // `-f -`: the Dockerfile from stdin, the context from the argument.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["build", "-f", "-", "-t", "stdin:1"])
+        .arg(p.path())
+        .env("BERTH_STORE", p.store())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        b"FROM base:1\nCMD [\"echo\", \"from stdin\"]\n",
+    )
+    .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        p.berth().args(["run", "--rm", "stdin:1"]).run().ok().stdout,
+        "from stdin\n"
+    );
+}
+
+#[test]
 fn onbuild_triggers_run_in_the_child() {
     let p = bare();
     p.file(
@@ -393,6 +446,15 @@ fn a_missing_base_is_pulled_from_its_registry() {
         p.berth().args(["run", "--rm", &app]).run().ok().stdout,
         "built-on-pulled\n"
     );
+    // `--pull always` fetches the tag again; the default keeps what the store has.
+    p.berth().args(["push", "p:1", &remote]).run().ok();
+    p.file("Dockerfile", &format!("FROM {remote}\nRUN cat /x\n"));
+    let stale = p.berth().args(["build", "."]).run().code(1);
+    assert!(stale.stderr.contains("/x"), "{}", stale.stderr);
+    p.berth()
+        .args(["build", "--pull", "always", "."])
+        .run()
+        .ok();
     // Docker Hub names are normalised before the store and the network are asked.
     p.file("Dockerfile", "FROM docker.io/nosuchimage-berth-test\n");
     let err = p

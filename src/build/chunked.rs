@@ -26,9 +26,53 @@ use std::thread::JoinHandle;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
-use crate::store::BlobRanges;
+use crate::store::{BlobRanges, Midstate, Sha256Resumable};
+
+/// Where a [`ChunkedWriter`]'s compressed stream goes. A sink that hashes what it is given
+/// says how far it got after each chunk: with the uncompressed stream's state, that is a
+/// [`Boundary`] a later layer with the same first bytes can resume from.
+pub trait Sink: Write + Send + 'static {
+    /// The hash state of everything written, if this sink hashes.
+    fn midstate(&self) -> Option<Midstate> {
+        None
+    }
+}
+
+impl Sink for Vec<u8> {}
+
+impl Sink for crate::store::BlobWriter {
+    fn midstate(&self) -> Option<Midstate> {
+        Some(crate::store::BlobWriter::midstate(self))
+    }
+}
+
+/// A point between two chunks of a finished stream, with everything needed to carry on
+/// from it without the bytes before it: a rebuild whose first bytes are unchanged copies
+/// the compressed bytes up to [`Boundary::blob`]'s length and starts both SHA-256s and the
+/// CRC there, instead of reading, hashing and compressing the unchanged part again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Boundary {
+    /// Chunks before it.
+    pub chunks: usize,
+    /// CRC-32 of the uncompressed bytes before it.
+    pub crc: u32,
+    /// SHA-256 state after the uncompressed bytes before it (the diff_id's); its `len` is
+    /// the uncompressed offset.
+    pub tar: Midstate,
+    /// SHA-256 state after the compressed bytes before it (the blob digest's), header
+    /// included; its `len` is the offset in the blob.
+    pub blob: Midstate,
+}
+
+/// Where a resumed stream starts: an earlier stream's boundary and its chunks before it.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The boundary (its blob bytes are already in the sink).
+    pub boundary: Boundary,
+    /// The earlier stream's chunks before it.
+    pub chunks: Vec<ChunkEntry>,
+}
 
 /// No cut before this many bytes of a chunk.
 pub const MIN_CHUNK: usize = 512 << 10;
@@ -184,6 +228,24 @@ pub struct ChunkIndex {
     pub level: u32,
     /// Chunks in order.
     pub chunks: Vec<ChunkEntry>,
+    /// Points between chunks a later stream may resume from (see [`Boundary`]), with what
+    /// the writer of the stream knows of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume: Vec<ResumePoint>,
+}
+
+/// A [`Boundary`] of a layer and the tar entries before it (see `layer.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// The boundary.
+    #[serde(flatten)]
+    pub boundary: Boundary,
+    /// The entry it lies in, by position.
+    pub entry: usize,
+    /// How far into that entry (header included) it lies.
+    pub entry_offset: u64,
+    /// The fingerprint of the entries up to and including that one, hex.
+    pub entries: String,
 }
 
 /// Compressed chunks that may be copied instead of compressed: chunk BLAKE3 → (blob,
@@ -249,42 +311,66 @@ struct Output<W> {
     inner: W,
     index: ChunkIndex,
     crc: crc32fast::Hasher,
-    uncompressed: Sha256,
+    uncompressed: Sha256Resumable,
     stats: GzStats,
+    /// The boundary after each chunk written (where the sink hashes).
+    boundaries: Vec<Boundary>,
 }
 
 /// The output thread: receives finished chunks in order, hashes the uncompressed bytes
 /// (the layer's diff_id), writes the compressed bytes and records where each chunk went.
-fn output_thread<W: Write>(
+fn output_thread<W: Sink>(
     mut inner: W,
     codec: Codec,
     level: u32,
+    start: Option<Start>,
     rx: Receiver<Done>,
 ) -> io::Result<Output<W>> {
-    let header: &[u8] = if codec == Codec::Gzip { &HEADER } else { &[] };
-    inner.write_all(header)?;
+    let (mut written, crc, tar_state, chunks) = match start {
+        Some(s) => {
+            let tar = Sha256Resumable::resume(&s.boundary.tar)
+                .ok_or_else(|| io::Error::other("a resume point's hash state is inconsistent"))?;
+            let crc = crc32fast::Hasher::new_with_initial_len(s.boundary.crc, s.boundary.tar.len);
+            (s.boundary.blob.len, crc, tar, s.chunks)
+        }
+        None => {
+            let header: &[u8] = if codec == Codec::Gzip { &HEADER } else { &[] };
+            inner.write_all(header)?;
+            let none = (crc32fast::Hasher::new(), Sha256Resumable::new(), Vec::new());
+            (header.len() as u64, none.0, none.1, none.2)
+        }
+    };
     // The diff_id is hashed on a thread of its own: with the blob's digest and the writes
-    // on this one, neither SHA-256 pass waits for the other.
+    // on this one, neither SHA-256 pass waits for the other. It hands back its state after
+    // each chunk.
     let (to_hasher, hasher_rx) = sync_channel::<Vec<u8>>(2);
     let hasher = std::thread::spawn(move || {
-        let mut h = Sha256::new();
+        let mut h = tar_state;
+        let mut states = Vec::new();
         for data in hasher_rx {
             h.update(&data);
+            states.push(h.midstate());
         }
-        h
+        (h, states)
     });
+    let skipped = chunks.len();
     let mut out = Output {
         index: ChunkIndex {
             codec,
             level,
-            chunks: Vec::new(),
+            chunks,
+            resume: Vec::new(),
         },
-        crc: crc32fast::Hasher::new(),
-        uncompressed: Sha256::new(),
-        stats: GzStats::default(),
+        crc,
+        uncompressed: Sha256Resumable::new(),
+        stats: GzStats {
+            skipped,
+            ..GzStats::default()
+        },
+        boundaries: Vec::new(),
         inner,
     };
-    let mut written = header.len() as u64;
+    let mut blob_states = Vec::new();
     let mut result = Ok(());
     for done in rx {
         if let Err(e) = out.inner.write_all(&done.compressed) {
@@ -292,6 +378,9 @@ fn output_thread<W: Write>(
             break;
         }
         out.crc.combine(&done.crc);
+        if let Some(m) = out.inner.midstate() {
+            blob_states.push((m, out.crc.clone().finalize()));
+        }
         out.index.chunks.push(ChunkEntry {
             hash: hex::encode(done.hash),
             len: done.data.len() as u64,
@@ -307,9 +396,23 @@ fn output_thread<W: Write>(
         }
     }
     drop(to_hasher);
-    out.uncompressed = hasher
+    let (uncompressed, tar_states) = hasher
         .join()
         .map_err(|_| io::Error::other("the diff_id thread panicked"))?;
+    out.uncompressed = uncompressed;
+    if blob_states.len() == tar_states.len() {
+        out.boundaries = blob_states
+            .into_iter()
+            .zip(tar_states)
+            .enumerate()
+            .map(|(i, ((blob, crc), tar))| Boundary {
+                chunks: skipped + i + 1,
+                crc,
+                tar,
+                blob,
+            })
+            .collect();
+    }
     result.map(|()| out)
 }
 
@@ -331,10 +434,12 @@ pub struct GzStats {
     pub reused: usize,
     /// Chunks whose end was predicted from an earlier layer's chunk order (no cut search).
     pub predicted: usize,
+    /// Chunks taken over unread from an earlier stream, by resuming after them.
+    pub skipped: usize,
 }
 
 /// A writer that compresses content-defined chunks on several threads.
-pub struct ChunkedWriter<W: Write + Send + 'static> {
+pub struct ChunkedWriter<W: Sink> {
     codec: Codec,
     level: u32,
     threads: usize,
@@ -355,6 +460,8 @@ pub struct ChunkedWriter<W: Write + Send + 'static> {
     /// Chunks in order go here; `None` once `finish` has closed it.
     output: Option<SyncSender<Done>>,
     output_thread: Option<JoinHandle<io::Result<Output<W>>>>,
+    /// Bytes written (the uncompressed offset, counting a resumed stream's first bytes).
+    written: u64,
 }
 
 /// What [`ChunkedWriter::finish`] returns.
@@ -369,6 +476,8 @@ pub struct Finished<W> {
     pub uncompressed_len: u64,
     /// Chunk counts.
     pub stats: GzStats,
+    /// The boundary after each chunk but the last (empty when the sink does not hash).
+    pub boundaries: Vec<Boundary>,
 }
 
 /// True when a chunk looks incompressible: its order-0 entropy is above 7.9 bits per byte,
@@ -474,7 +583,7 @@ fn process(
     })
 }
 
-impl<W: Write + Send + 'static> ChunkedWriter<W> {
+impl<W: Sink> ChunkedWriter<W> {
     /// A writer for `codec` at compression `level` (gzip 0-9, zstd 1-19) using up to
     /// `threads` threads, copying chunks found in `reuse`.
     pub fn new(
@@ -484,20 +593,46 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
         threads: usize,
         reuse: ReusableChunks,
     ) -> io::Result<Self> {
+        Self::resume(inner, codec, level, threads, reuse, None)
+    }
+
+    /// [`ChunkedWriter::new`], carrying on from `start`: `inner` already holds the
+    /// compressed bytes before its boundary (and hashed them, or holds their hash state),
+    /// and what is written next follows the boundary's uncompressed bytes.
+    pub fn resume(
+        inner: W,
+        codec: Codec,
+        level: u32,
+        threads: usize,
+        reuse: ReusableChunks,
+        start: Option<Start>,
+    ) -> io::Result<Self> {
         let level = match codec {
             Codec::Gzip => level.min(9),
             Codec::Zstd => level.clamp(1, 19),
         };
+        // The chunk that followed the last one before the boundary is likely next.
+        let expect = start
+            .as_ref()
+            .and_then(|s| s.chunks.last())
+            .and_then(|c| {
+                let mut key = [0u8; 32];
+                hex::decode_to_slice(&c.hash, &mut key).ok().map(|()| key)
+            })
+            .and_then(|h| reuse.next.get(&h).copied());
+        let written = start.as_ref().map_or(0, |s| s.boundary.tar.len);
         let (tx, rx) = sync_channel(2);
-        let output_thread = std::thread::spawn(move || output_thread(inner, codec, level, rx));
+        let output_thread =
+            std::thread::spawn(move || output_thread(inner, codec, level, start, rx));
         Ok(ChunkedWriter {
+            written,
             codec,
             level,
             threads: threads.max(1),
             reuse: Arc::new(reuse),
             buf: Vec::with_capacity(MIN_CHUNK * 2),
             scanned: 0,
-            expect: None,
+            expect,
             ending: false,
             predicted: 0,
             next_index: 0,
@@ -660,20 +795,29 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
             Codec::Zstd => {}
         }
         out.inner.flush()?;
+        let mut boundaries = out.boundaries;
+        boundaries.pop(); // The end of the stream: nothing follows it.
         Ok(Finished {
             inner: out.inner,
             index: out.index,
-            uncompressed_digest: crate::store::Digest::from_hasher(out.uncompressed),
+            uncompressed_digest: out.uncompressed.finish(),
             uncompressed_len: total,
             stats: GzStats {
                 predicted: self.predicted,
                 ..out.stats
             },
+            boundaries,
         })
     }
 }
 
-impl<W: Write + Send + 'static> ChunkedWriter<W> {
+impl<W: Sink> ChunkedWriter<W> {
+    /// Bytes written so far: the uncompressed offset of the next byte (a resumed stream
+    /// counts the bytes before its boundary).
+    pub fn position(&self) -> u64 {
+        self.written
+    }
+
     /// How many bytes the buffer takes before the next search for a cut. Small steps keep
     /// the bytes after a cut, which move to the next chunk's buffer, few.
     fn step(&self) -> usize {
@@ -730,6 +874,7 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
             if got == 0 {
                 break;
             }
+            self.written += got as u64;
             left -= got as u64;
             self.cut_buffered()?;
         }
@@ -737,8 +882,9 @@ impl<W: Write + Send + 'static> ChunkedWriter<W> {
     }
 }
 
-impl<W: Write + Send + 'static> Write for ChunkedWriter<W> {
+impl<W: Sink> Write for ChunkedWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.written += data.len() as u64;
         let mut rest = data;
         while !rest.is_empty() {
             let take = self.step().min(rest.len());
@@ -754,7 +900,7 @@ impl<W: Write + Send + 'static> Write for ChunkedWriter<W> {
     }
 }
 
-impl<W: Write + Send + 'static> Drop for ChunkedWriter<W> {
+impl<W: Sink> Drop for ChunkedWriter<W> {
     fn drop(&mut self) {
         // Closing the job queue ends the workers; the result queue holds every chunk that
         // can be in flight, so none of them blocks on the way out. Closing the output queue
@@ -999,6 +1145,7 @@ mod tests {
     #[test]
     fn output_errors_are_marked_and_input_errors_are_not() {
         struct Full;
+        impl Sink for Full {}
         impl Write for Full {
             fn write(&mut self, _: &[u8]) -> io::Result<usize> {
                 Err(io::Error::from_raw_os_error(libc::ENOSPC))

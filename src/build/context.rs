@@ -176,7 +176,12 @@ impl Context {
             entry.name = named.rsplit('/').next().unwrap_or_default().to_string();
             let mut children = Vec::new();
             if entry.kind == EntryKind::Dir {
-                self.walk(&rel, &mut children)?;
+                let path = self.abs(&rel);
+                let dir = open_dir(None, &path).map_err(|e| BuildError::Context {
+                    path: path.clone(),
+                    source: e,
+                })?;
+                self.walk(&rel, &dir, &mut children)?;
             }
             out.push((entry, children));
         }
@@ -272,12 +277,51 @@ impl Context {
         Ok(names)
     }
 
-    /// Appends everything under directory `rel` (depth first, sorted, parents before
-    /// children), skipping ignored paths.
-    fn walk(&self, rel: &str, out: &mut Vec<ContextEntry>) -> Result<(), BuildError> {
-        for name in self.sorted_children(rel, true)? {
+    /// Appends everything under directory `rel`, open as `dir` (depth first, sorted,
+    /// parents before children), skipping ignored paths. Each child is looked at through
+    /// its directory's descriptor (`fstatat`, `openat` without following links): no path
+    /// is walked again from the root, and a directory swapped for a link mid-walk is not
+    /// followed.
+    fn walk(
+        &self,
+        rel: &str,
+        dir: &fs::File,
+        out: &mut Vec<ContextEntry>,
+    ) -> Result<(), BuildError> {
+        use std::os::unix::ffi::OsStrExt;
+        let err = |name: &str, e: std::io::Error| BuildError::Context {
+            path: self.abs(rel).join(name),
+            source: e,
+        };
+        let mut names = Vec::new();
+        let mut listing = nix::dir::Dir::from_fd(dir.try_clone().map_err(|e| err("", e))?.into())
+            .map_err(|e| err("", e.into()))?;
+        for e in listing.iter() {
+            let e = e.map_err(|e| err("", e.into()))?;
+            let bytes = e.file_name().to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            match std::str::from_utf8(bytes) {
+                Ok(name) => names.push(name.to_string()),
+                Err(_) => {
+                    let n = std::ffi::OsStr::from_bytes(bytes);
+                    let lossy = n.to_string_lossy().into_owned();
+                    let child = if rel.is_empty() {
+                        lossy
+                    } else {
+                        format!("{rel}/{lossy}")
+                    };
+                    if !self.ignore.is_excluded(&child) {
+                        return Err(BuildError::NonUtf8Path(self.abs(rel).join(n)));
+                    }
+                }
+            }
+        }
+        names.sort();
+        for name in names {
             let child = if rel.is_empty() {
-                name
+                name.clone()
             } else {
                 format!("{rel}/{name}")
             };
@@ -285,15 +329,51 @@ impl Context {
             if excluded && !self.ignore.may_reinclude_under(&child) {
                 continue;
             }
-            let Some(entry) = self.entry(&child)? else {
-                continue;
+            let st = match nix::sys::stat::fstatat(
+                dir,
+                name.as_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) => st,
+                Err(nix::errno::Errno::ENOENT) => continue,
+                Err(e) => return Err(err(&name, e.into())),
+            };
+            let fmt = st.st_mode & libc::S_IFMT;
+            let kind = match fmt {
+                libc::S_IFDIR => EntryKind::Dir,
+                libc::S_IFREG => EntryKind::File,
+                libc::S_IFLNK => {
+                    let target = nix::fcntl::readlinkat(dir, name.as_str())
+                        .map_err(|e| err(&name, e.into()))?;
+                    EntryKind::Symlink(target.to_string_lossy().into_owned())
+                }
+                _ => return Err(BuildError::SpecialFile(child)),
+            };
+            let entry = ContextEntry {
+                rel: child.clone(),
+                name: name.clone(),
+                mode: st.st_mode & 0o7777,
+                size: if fmt == libc::S_IFREG {
+                    st.st_size as u64
+                } else {
+                    0
+                },
+                stamp: (
+                    st.st_dev,
+                    st.st_ino,
+                    i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+                    i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+                ),
+                kind,
             };
             let is_dir = entry.kind == EntryKind::Dir;
             if !excluded {
                 out.push(entry);
             }
             if is_dir {
-                self.walk(&child, out)?;
+                let sub =
+                    open_dir(Some(dir), std::path::Path::new(&name)).map_err(|e| err(&name, e))?;
+                self.walk(&child, &sub, out)?;
             }
         }
         Ok(())
@@ -335,6 +415,19 @@ impl Context {
         }
         Ok(current)
     }
+}
+
+/// Opens a directory (relative to `at` when given) for reading, never through a symlink in
+/// its last component.
+fn open_dir(at: Option<&fs::File>, path: &Path) -> std::io::Result<fs::File> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = match at {
+        Some(dir) => nix::fcntl::openat(dir, path, flags, Mode::empty()),
+        None => nix::fcntl::open(path, flags, Mode::empty()),
+    }?;
+    Ok(fs::File::from(fd))
 }
 
 #[cfg(test)]

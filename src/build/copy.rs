@@ -622,8 +622,48 @@ fn spool_files(
     Ok(())
 }
 
+/// The context-relative path of a planned file read from the context.
+fn context_rel<'a>(
+    src: &'a Path,
+    stamp: &Option<(u64, u64, i128, i128)>,
+    ctx: Option<&Context>,
+) -> Option<&'a str> {
+    match (stamp, ctx) {
+        (Some(_), Some(c)) => src.strip_prefix(c.root()).ok().and_then(|rel| rel.to_str()),
+        _ => None,
+    }
+}
+
+/// Opens a planned file: a context file inside the context (never through a symlink out
+/// of it); a spooled one is berth's own.
+fn open_content(src: &Path, rel: Option<&str>, ctx: Option<&Context>) -> Result<File, BuildError> {
+    match (rel, ctx) {
+        (Some(rel), Some(c)) => c.open_file(rel),
+        _ => File::open(src).map_err(|e| BuildError::Context {
+            path: src.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// How a planned entry appears in the layer's entry index.
+fn describe_planned(path: &str, p: &Planned) -> super::imagefs::IndexEntry {
+    use super::layer::describe;
+    match &p.content {
+        Content::Dir => describe(path, 'd', &p.meta, 0, ""),
+        Content::File { size, .. } => describe(path, 'f', &p.meta, *size, ""),
+        Content::Symlink(t) => describe(path, 'l', &p.meta, 0, t),
+        Content::Hardlink(t) => describe(path, 'h', &p.meta, 0, t),
+    }
+}
+
 /// Writes a plan as a layer. Context files are hashed as they stream into the layer; their
 /// hashes go into the stat cache and `inputs`, so a cold build reads each file once.
+///
+/// When every file's hash is known already (a rebuild) and an earlier layer of this step
+/// began with the same entries, the layer resumes after them (see
+/// [`LayerWriter::resuming`]): a change deep in the tree costs the bytes after it, not
+/// the whole layer.
 pub fn write_plan(
     store: &Store,
     plan: &Plan,
@@ -633,7 +673,29 @@ pub fn write_plan(
     stat: &mut StatCache,
     inputs: &mut Inputs,
 ) -> Result<(Layer, Vec<(String, FsNode)>), BuildError> {
-    let mut w = LayerWriter::new(store, compression, reuse_from)?;
+    // Each entry's identity as far as known before writing: a context file by the hash
+    // the stat cache gave it; a file copied from an image has none.
+    let identity = |inputs: &Inputs, p: &Planned| -> Option<String> {
+        match &p.content {
+            Content::File { path, stamp, .. } => context_rel(path, stamp, ctx)
+                .and_then(|rel| inputs.files.get(rel))
+                .map(|slot| slot.0.clone())
+                .filter(|h| !h.is_empty()),
+            _ => Some(String::new()),
+        }
+    };
+    let mut planned: Vec<[u8; 32]> = Vec::new();
+    for (path, p) in plan {
+        let Some(id) = identity(inputs, p) else { break };
+        let fp = super::layer::fingerprint(
+            planned.last(),
+            &describe_planned(path, p),
+            p.meta.mtime,
+            &id,
+        );
+        planned.push(fp);
+    }
+    let (mut w, resume_at) = LayerWriter::resuming(store, compression, reuse_from, &planned)?;
     let mut nodes = Vec::with_capacity(plan.len());
     let werr = |path: &str, e: io::Error| {
         entry_error(e, |source| BuildError::Context {
@@ -641,72 +703,12 @@ pub fn write_plan(
             source,
         })
     };
-    for (path, p) in plan {
+    for (i, (path, p)) in plan.iter().enumerate() {
         let (kind, size) = match &p.content {
-            Content::Dir => {
-                w.dir(path, &p.meta).map_err(|e| werr(path, e))?;
-                (FsKind::Dir, 0)
-            }
-            Content::Symlink(t) => {
-                w.symlink(path, t, &p.meta).map_err(|e| werr(path, e))?;
-                (FsKind::Symlink(t.clone()), 0)
-            }
-            Content::Hardlink(t) => {
-                w.hardlink(path, t, &p.meta).map_err(|e| werr(path, e))?;
-                (FsKind::Hardlink(t.clone()), 0)
-            }
-            Content::File {
-                path: src,
-                size,
-                stamp,
-            } => {
-                // A context file is opened inside the context (never through a symlink
-                // out of it); a spooled one is berth's own.
-                let ctx_rel = match (stamp, ctx) {
-                    (Some(_), Some(c)) => src
-                        .strip_prefix(c.root())
-                        .ok()
-                        .and_then(|rel| rel.to_str())
-                        .map(|rel| (c, rel)),
-                    _ => None,
-                };
-                let f = match ctx_rel {
-                    Some((c, rel)) => c.open_file(rel)?,
-                    None => File::open(src).map_err(|e| BuildError::Context {
-                        path: src.clone(),
-                        source: e,
-                    })?,
-                };
-                let reader = io::BufReader::with_capacity(128 << 10, f);
-                // The input slot of a context file: hash it while it streams only when the
-                // stat cache did not know it (a first build); otherwise it is known already.
-                let slot = match (stamp, ctx_rel) {
-                    (Some(stamp), Some((_, rel))) => inputs
-                        .files
-                        .get_mut(rel)
-                        .filter(|slot| slot.0.is_empty())
-                        .map(|slot| (slot, *stamp)),
-                    _ => None,
-                };
-                let ctx_err = |e| {
-                    entry_error(e, |source| BuildError::Context {
-                        path: src.clone(),
-                        source,
-                    })
-                };
-                match slot {
-                    Some((slot, stamp)) => {
-                        let mut hashing = ContentHashReader::new(reader);
-                        w.file(path, &p.meta, *size, &mut hashing)
-                            .map_err(ctx_err)?;
-                        let hash = hashing.finish();
-                        stat.put(src, *size, stamp, &hash);
-                        slot.0 = hash;
-                    }
-                    None => w.file(path, &p.meta, *size, reader).map_err(ctx_err)?,
-                }
-                (FsKind::File, *size)
-            }
+            Content::Dir => (FsKind::Dir, 0),
+            Content::Symlink(t) => (FsKind::Symlink(t.clone()), 0),
+            Content::Hardlink(t) => (FsKind::Hardlink(t.clone()), 0),
+            Content::File { size, .. } => (FsKind::File, *size),
         };
         nodes.push((
             path.clone(),
@@ -719,6 +721,81 @@ pub fn write_plan(
                 layer: 0,
             },
         ));
+        match resume_at {
+            // Already in the layer.
+            Some(at) if i < at.entry => {
+                let id = identity(inputs, p).expect("planned entries have identities");
+                w.skip(describe_planned(path, p), &p.meta, &id);
+                continue;
+            }
+            // The entry the layer resumed in: its bytes from there on.
+            Some(at) if i == at.entry => {
+                let id = identity(inputs, p).expect("planned entries have identities");
+                let content = match &p.content {
+                    Content::File {
+                        path: src, stamp, ..
+                    } => {
+                        let rel = context_rel(src, stamp, ctx);
+                        Some(open_content(src, rel, ctx)?)
+                    }
+                    _ => None,
+                };
+                let src = match &p.content {
+                    Content::File { path: src, .. } => src.clone(),
+                    _ => PathBuf::from(format!("/{path}")),
+                };
+                w.finish_entry(describe_planned(path, p), &p.meta, &id, content, at.offset)
+                    .map_err(|e| {
+                        entry_error(e, |source| BuildError::Context { path: src, source })
+                    })?;
+                continue;
+            }
+            _ => {}
+        }
+        match &p.content {
+            Content::Dir => w.dir(path, &p.meta).map_err(|e| werr(path, e))?,
+            Content::Symlink(t) => w.symlink(path, t, &p.meta).map_err(|e| werr(path, e))?,
+            Content::Hardlink(t) => w.hardlink(path, t, &p.meta).map_err(|e| werr(path, e))?,
+            Content::File {
+                path: src,
+                size,
+                stamp,
+            } => {
+                let rel = context_rel(src, stamp, ctx);
+                let f = open_content(src, rel, ctx)?;
+                let reader = io::BufReader::with_capacity(128 << 10, f);
+                // The input slot of a context file: hash it while it streams only when the
+                // stat cache did not know it (a first build); otherwise it is known already.
+                let slot = match (stamp, rel) {
+                    (Some(stamp), Some(rel)) => {
+                        inputs.files.get_mut(rel).map(|slot| (slot, *stamp))
+                    }
+                    _ => None,
+                };
+                let ctx_err = |e| {
+                    entry_error(e, |source| BuildError::Context {
+                        path: src.clone(),
+                        source,
+                    })
+                };
+                match slot {
+                    Some((slot, stamp)) if slot.0.is_empty() => {
+                        let mut hashing = ContentHashReader::new(reader);
+                        w.file(path, &p.meta, *size, &mut hashing)
+                            .map_err(ctx_err)?;
+                        let hash = hashing.finish();
+                        stat.put(src, *size, stamp, &hash);
+                        w.identify_last(&hash);
+                        slot.0 = hash;
+                    }
+                    Some((slot, _)) => {
+                        w.file(path, &p.meta, *size, reader).map_err(ctx_err)?;
+                        w.identify_last(&slot.0);
+                    }
+                    None => w.file(path, &p.meta, *size, reader).map_err(ctx_err)?,
+                }
+            }
+        }
     }
     let layer = w.finish()?;
     inputs.complete = true;

@@ -1256,6 +1256,11 @@ impl Engine<'_> {
                 (layer, StepStatus::Hit)
             }
             None => {
+                // A rebuild copies the start of this step's last layer: have the kernel
+                // read it while the plan is made.
+                if let Some(d) = last.as_ref().and_then(|l| l.layer.as_ref()) {
+                    self.store.prefetch(d);
+                }
                 let chown = c.chown.as_deref().map(|o| self.owner(st, o)).transpose()?;
                 let epoch = self.opts.epoch;
                 let spool = self.spool.path().to_path_buf();

@@ -199,9 +199,18 @@ impl ImageFs {
                     } else {
                         format!("{dir}/")
                     };
-                    fs.nodes.retain(|p, n| {
-                        !(p.starts_with(&prefix) && p.len() > prefix.len() && n.layer < i)
-                    });
+                    // What earlier layers had under the directory (a range of the
+                    // sorted map, not a scan of all of it).
+                    let hidden: Vec<String> = fs
+                        .nodes
+                        .range(prefix.clone()..)
+                        .take_while(|(p, _)| p.starts_with(&prefix))
+                        .filter(|(p, n)| p.len() > prefix.len() && n.layer < i)
+                        .map(|(p, _)| p.clone())
+                        .collect();
+                    for p in hidden {
+                        fs.nodes.remove(&p);
+                    }
                     continue;
                 }
                 if let Some(hidden) = name.strip_prefix(".wh.") {

@@ -12,9 +12,12 @@ use std::io::{self, Read, Write};
 use oci_spec::image::{Descriptor, MediaType};
 
 use super::BuildError;
-use super::chunked::{ChunkIndex, ChunkedWriter, Codec, OutputError, ReusableChunks};
+use super::chunked::{
+    ChunkIndex, ChunkedWriter, Codec, OutputError, ResumePoint, ReusableChunks, Start,
+};
+use super::imagefs::IndexEntry;
 use crate::manifest::schema::Compression;
-use crate::store::{BlobWriter, DiffId, Digest, Store, StoreError};
+use crate::store::{BlobWriter, DiffId, Digest, Sha256Resumable, Store, StoreError};
 
 /// Ownership, mode and time of a tar entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -42,6 +45,11 @@ pub struct Layer {
     pub tar_size: u64,
     /// The layer media type.
     pub media_type: String,
+    /// Uncompressed bytes taken over unread from an earlier layer of the same step (its
+    /// unchanged first entries; see [`LayerWriter::resuming`]). Only for the build that
+    /// wrote the layer: a cached layer has 0.
+    #[serde(skip)]
+    pub unchanged_prefix: u64,
 }
 
 impl Layer {
@@ -89,17 +97,101 @@ fn chunk_index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
 }
 
 /// Loads the chunk indexes of earlier layers whose compressed chunks a new layer may copy.
-fn reusable(store: &Store, from: &[Digest], codec: Codec, level: u32) -> ReusableChunks {
+fn reusable(
+    store: &Store,
+    from: &[Digest],
+    codec: Codec,
+    level: u32,
+) -> (ReusableChunks, Vec<(Digest, ChunkIndex)>) {
     let mut reuse = ReusableChunks::default();
+    let mut indexes = Vec::new();
     for d in from {
         let index = std::fs::read(chunk_index_path(store, d))
             .ok()
             .and_then(|b| serde_json::from_slice::<ChunkIndex>(&b).ok());
         if let (Some(index), Ok(blob)) = (index, store.blob_ranges(d)) {
             reuse.add(blob, &index, codec, level);
+            indexes.push((d.clone(), index));
         }
     }
-    reuse
+    (reuse, indexes)
+}
+
+/// The chunk codec and level for `compression`.
+fn codec_level(compression: LayerCompression) -> (Codec, u32) {
+    match compression.algorithm {
+        Compression::Gzip => (
+            Codec::Gzip,
+            compression
+                .level
+                .map_or(LayerCompression::DEFAULT_GZIP_LEVEL, |l| {
+                    l.clamp(0, 9) as u32
+                }),
+        ),
+        Compression::Zstd => (
+            Codec::Zstd,
+            compression
+                .level
+                .map_or(LayerCompression::DEFAULT_ZSTD_LEVEL, |l| {
+                    l.clamp(1, 19) as u32
+                }),
+        ),
+    }
+}
+
+/// Bumped whenever the bytes an entry is written as change (header format, padding): a
+/// resume point saved by another version then matches nothing.
+const ENTRY_FORMAT: &[u8] = b"berth layer entries v1: GNU headers, long names as records";
+
+/// The fingerprint of a layer's entries up to and including `e` (`prev` is the one up to
+/// the entry before): equal fingerprints mean equal tar bytes up to the end of `e`.
+/// `identity` names a file's content (its content hash); other entries have none.
+pub fn fingerprint(
+    prev: Option<&[u8; 32]>,
+    e: &IndexEntry,
+    mtime: u64,
+    identity: &str,
+) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(ENTRY_FORMAT);
+    h.update(prev.unwrap_or(&[0; 32]));
+    for part in [e.path.as_str(), e.link.as_str(), identity] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(&[e.kind as u8]);
+    for n in [u64::from(e.mode), e.uid, e.gid, e.size, mtime] {
+        h.update(&n.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The index entry for an entry of `kind` (`d`, `f`, `l`, `h`): a directory's path gets
+/// its trailing slash, as in the tar.
+pub fn describe(path: &str, kind: char, meta: &EntryMeta, size: u64, link: &str) -> IndexEntry {
+    IndexEntry {
+        path: if kind == 'd' {
+            format!("{path}/")
+        } else {
+            path.to_string()
+        },
+        kind,
+        mode: meta.mode & 0o7777,
+        uid: meta.uid,
+        gid: meta.gid,
+        size,
+        link: link.to_string(),
+    }
+}
+
+/// Where a resumed layer carries on: the entry (by position in the layer) and how many of
+/// its bytes (header included) are already written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeAt {
+    /// The entry's position.
+    pub entry: usize,
+    /// Its bytes already in the layer.
+    pub offset: u64,
 }
 
 /// Streams tar entries into a new layer blob.
@@ -109,7 +201,20 @@ pub struct LayerWriter {
     store: Store,
     /// Every entry written, for the layer's entry index (what a later step reads instead
     /// of decompressing the layer).
-    entries: Vec<super::imagefs::IndexEntry>,
+    entries: Vec<IndexEntry>,
+    /// Per entry: its mtime, and its content's identity when known (`Some("")` for
+    /// entries without content).
+    identities: Vec<(u64, Option<String>)>,
+    /// Where each entry from `starts_from` on starts in the tar.
+    starts: Vec<u64>,
+    /// The first entry whose start is known (a resumed layer does not know those before
+    /// the entry it resumed in).
+    starts_from: usize,
+    /// Resume points of the earlier layer that lie before where this one resumed: the same
+    /// bytes, so valid for this one too.
+    inherited: Vec<ResumePoint>,
+    /// Where this layer resumed (uncompressed bytes taken over), or 0.
+    resumed_from: u64,
 }
 
 /// The build error for an entry that could not be added: the store's when the layer could
@@ -141,46 +246,171 @@ impl LayerWriter {
     ) -> Result<Self, StoreError> {
         let blob = store.blob_writer()?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (codec, level) = match compression.algorithm {
-            Compression::Gzip => (
-                Codec::Gzip,
-                compression
-                    .level
-                    .map_or(LayerCompression::DEFAULT_GZIP_LEVEL, |l| {
-                        l.clamp(0, 9) as u32
-                    }),
-            ),
-            Compression::Zstd => (
-                Codec::Zstd,
-                compression
-                    .level
-                    .map_or(LayerCompression::DEFAULT_ZSTD_LEVEL, |l| {
-                        l.clamp(1, 19) as u32
-                    }),
-            ),
-        };
-        let reuse = reusable(store, reuse_from, codec, level);
+        let (codec, level) = codec_level(compression);
+        let (reuse, _) = reusable(store, reuse_from, codec, level);
         let compressor = ChunkedWriter::new(blob, codec, level, threads, reuse).map_err(io_err)?;
+        Ok(Self::around(compressor, compression, store, 0, Vec::new()))
+    }
+
+    fn around(
+        compressor: ChunkedWriter<BlobWriter>,
+        compression: LayerCompression,
+        store: &Store,
+        starts_from: usize,
+        inherited: Vec<ResumePoint>,
+    ) -> LayerWriter {
         let mut tar = tar::Builder::new(compressor);
         tar.follow_symlinks(false);
-        Ok(LayerWriter {
+        LayerWriter {
             tar,
             media_type: compression.media_type(),
             store: store.clone(),
             entries: Vec::new(),
-        })
+            identities: Vec::new(),
+            starts: Vec::new(),
+            starts_from,
+            inherited,
+            resumed_from: 0,
+        }
     }
 
-    fn record(&mut self, path: String, kind: char, meta: &EntryMeta, size: u64, link: &str) {
-        self.entries.push(super::imagefs::IndexEntry {
-            path,
-            kind,
-            mode: meta.mode & 0o7777,
-            uid: meta.uid,
-            gid: meta.gid,
-            size,
-            link: link.to_string(),
-        });
+    /// [`LayerWriter::new`] for a layer whose entries will be those `planned` fingerprints
+    /// (see [`fingerprint`]; one per entry, in order): when an earlier layer in
+    /// `reuse_from` had the same first entries, the new layer starts as a copy of its
+    /// compressed bytes up to a chunk boundary inside them, with the hash states saved
+    /// there, and the caller writes from the returned point on, announcing the entries
+    /// before it with [`LayerWriter::skip`]. Otherwise it is a fresh layer (`None`).
+    pub fn resuming(
+        store: &Store,
+        compression: LayerCompression,
+        reuse_from: &[Digest],
+        planned: &[[u8; 32]],
+    ) -> Result<(Self, Option<ResumeAt>), StoreError> {
+        let (codec, level) = codec_level(compression);
+        let (reuse, indexes) = reusable(store, reuse_from, codec, level);
+        // The furthest point whose entries up to it are the planned ones.
+        let best = indexes
+            .iter()
+            .filter(|(_, index)| index.codec == codec && index.level == level)
+            .flat_map(|(d, index)| index.resume.iter().map(move |p| (d, index, p)))
+            .filter(|(_, index, p)| {
+                p.boundary.chunks <= index.chunks.len()
+                    && Sha256Resumable::resume(&p.boundary.tar).is_some()
+                    && Sha256Resumable::resume(&p.boundary.blob).is_some()
+                    && planned
+                        .get(p.entry)
+                        .is_some_and(|fp| hex::encode(fp) == p.entries)
+            })
+            .max_by_key(|(_, _, p)| p.boundary.tar.len);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some((digest, index, point)) = best
+            && let Ok(blob) = store.blob_writer_from(digest, &point.boundary.blob)
+        {
+            let start = Start {
+                boundary: point.boundary.clone(),
+                chunks: index.chunks[..point.boundary.chunks].to_vec(),
+            };
+            let inherited = index
+                .resume
+                .iter()
+                .filter(|p| p.boundary.tar.len <= point.boundary.tar.len)
+                .cloned()
+                .collect();
+            let compressor = ChunkedWriter::resume(blob, codec, level, threads, reuse, Some(start))
+                .map_err(io_err)?;
+            let mut w = Self::around(compressor, compression, store, point.entry, inherited);
+            w.resumed_from = point.boundary.tar.len;
+            // The entry it resumes in starts this far before the boundary.
+            w.starts.push(point.boundary.tar.len - point.entry_offset);
+            let at = ResumeAt {
+                entry: point.entry,
+                offset: point.entry_offset,
+            };
+            return Ok((w, Some(at)));
+        }
+        let blob = store.blob_writer()?;
+        let compressor = ChunkedWriter::new(blob, codec, level, threads, reuse).map_err(io_err)?;
+        Ok((
+            Self::around(compressor, compression, store, 0, Vec::new()),
+            None,
+        ))
+    }
+
+    /// Notes the start of the next entry.
+    fn begin(&mut self) {
+        if self.entries.len() >= self.starts_from + self.starts.len() {
+            let at = self.tar.get_ref().position();
+            self.starts.push(at);
+        }
+    }
+
+    fn record(&mut self, entry: IndexEntry, meta: &EntryMeta, identity: Option<&str>) {
+        self.entries.push(entry);
+        self.identities
+            .push((meta.mtime, identity.map(str::to_string)));
+    }
+
+    /// Gives the last entry written (a file) its content's identity, known only once its
+    /// bytes were read.
+    pub fn identify_last(&mut self, identity: &str) {
+        if let Some(last) = self.identities.last_mut() {
+            last.1 = Some(identity.to_string());
+        }
+    }
+
+    /// Announces an entry of a resumed layer that lies before where it resumed: its bytes
+    /// are already in the layer; only the layer's entry index learns of it.
+    pub fn skip(&mut self, entry: IndexEntry, meta: &EntryMeta, identity: &str) {
+        self.record(entry, meta, Some(identity));
+    }
+
+    /// Writes the rest of an entry a resumed layer resumed in: its bytes from `offset` on
+    /// (its header, then `size` content bytes from `content`, then padding).
+    pub fn finish_entry<R: Read + io::Seek>(
+        &mut self,
+        entry: IndexEntry,
+        meta: &EntryMeta,
+        identity: &str,
+        content: Option<R>,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut header = tar::Builder::new(Vec::new());
+        let kind = match entry.kind {
+            'd' => tar::EntryType::Directory,
+            'f' => tar::EntryType::Regular,
+            'l' => tar::EntryType::Symlink,
+            _ => tar::EntryType::Link,
+        };
+        let mut h = Self::header(kind, meta, entry.size);
+        match entry.kind {
+            'd' | 'f' => header.append_data(&mut h, &entry.path, io::empty())?,
+            _ => header.append_link(&mut h, &entry.path, &entry.link)?,
+        }
+        let header = header.into_inner()?;
+        // `into_inner` added the archive's end (two zero blocks): not part of the entry.
+        let header = &header[..header.len() - 1024];
+        let size = entry.size;
+        let pad = (512 - size % 512) % 512;
+        let out = self.tar.get_mut();
+        let hlen = header.len() as u64;
+        if offset < hlen {
+            out.write_all(&header[offset as usize..])?;
+        }
+        let from = offset.saturating_sub(hlen);
+        if from < size {
+            let mut content = content.ok_or_else(|| io::Error::other("no content"))?;
+            content.seek(io::SeekFrom::Start(from))?;
+            if out.write_from(&mut content, size - from)? != size - from {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while it was being read", entry.path),
+                ));
+            }
+        }
+        let padded = from.saturating_sub(size).min(pad);
+        out.write_all(&[0u8; 512][..(pad - padded) as usize])?;
+        self.record(entry, meta, Some(identity));
+        Ok(())
     }
 
     fn header(kind: tar::EntryType, meta: &EntryMeta, size: u64) -> tar::Header {
@@ -196,10 +426,11 @@ impl LayerWriter {
 
     /// Appends a directory. `path` is relative (no leading `/`), without a trailing slash.
     pub fn dir(&mut self, path: &str, meta: &EntryMeta) -> io::Result<()> {
+        self.begin();
         let mut h = Self::header(tar::EntryType::Directory, meta, 0);
         self.tar
             .append_data(&mut h, format!("{path}/"), io::empty())?;
-        self.record(format!("{path}/"), 'd', meta, 0, "");
+        self.record(describe(path, 'd', meta, 0, ""), meta, Some(""));
         Ok(())
     }
 
@@ -212,6 +443,7 @@ impl LayerWriter {
         size: u64,
         content: impl Read,
     ) -> io::Result<()> {
+        self.begin();
         let mut h = Self::header(tar::EntryType::Regular, meta, size);
         // The header (and any long-name records) through the tar crate, which pads after
         // the bytes it copied: none. The content is read straight into the compressor's
@@ -227,39 +459,51 @@ impl LayerWriter {
         }
         let pad = (512 - size % 512) % 512;
         out.write_all(&[0u8; 512][..pad as usize])?;
-        self.record(path.to_string(), 'f', meta, size, "");
+        self.record(describe(path, 'f', meta, size, ""), meta, None);
         Ok(())
     }
 
     /// Appends a symlink.
     pub fn symlink(&mut self, path: &str, target: &str, meta: &EntryMeta) -> io::Result<()> {
+        self.begin();
         let mut h = Self::header(tar::EntryType::Symlink, meta, 0);
         self.tar.append_link(&mut h, path, target)?;
-        self.record(path.to_string(), 'l', meta, 0, target);
+        self.record(describe(path, 'l', meta, 0, target), meta, Some(""));
         Ok(())
     }
 
     /// Appends a hardlink to an earlier entry of this layer.
     pub fn hardlink(&mut self, path: &str, target: &str, meta: &EntryMeta) -> io::Result<()> {
+        self.begin();
         let mut h = Self::header(tar::EntryType::Link, meta, 0);
         self.tar.append_link(&mut h, path, target)?;
-        self.record(path.to_string(), 'h', meta, 0, target);
+        self.record(describe(path, 'h', meta, 0, target), meta, Some(""));
         Ok(())
     }
 
     /// Finishes the tar, the compression and the blob.
     pub fn finish(self) -> Result<Layer, StoreError> {
+        let end = self.tar.get_ref().position();
         let finished = self
             .tar
             .into_inner()
             .map_err(io_err)?
             .finish()
             .map_err(io_err)?;
-        let (blob, index, diff_id, tar_size) = (
+        let (blob, mut index, diff_id, tar_size) = (
             finished.inner,
             finished.index,
             finished.uncompressed_digest,
             finished.uncompressed_len,
+        );
+        index.resume = resume_points(
+            &self.entries,
+            &self.identities,
+            &self.starts,
+            self.starts_from,
+            end,
+            self.inherited,
+            finished.boundaries,
         );
         let (digest, size) = blob.commit(None)?;
         // The index only speeds up later builds; failing to save it loses nothing.
@@ -281,8 +525,46 @@ impl LayerWriter {
             size,
             tar_size,
             media_type: self.media_type.to_string(),
+            unchanged_prefix: self.resumed_from,
         })
     }
+}
+
+/// The chunk boundaries of a finished layer a later one can resume from: those inside an
+/// entry whose fingerprint (and every one before it) is known, before the archive's end.
+fn resume_points(
+    entries: &[IndexEntry],
+    identities: &[(u64, Option<String>)],
+    starts: &[u64],
+    starts_from: usize,
+    end: u64,
+    inherited: Vec<ResumePoint>,
+    boundaries: Vec<super::chunked::Boundary>,
+) -> Vec<ResumePoint> {
+    let mut fps: Vec<[u8; 32]> = Vec::new();
+    for (e, (mtime, identity)) in entries.iter().zip(identities) {
+        let Some(identity) = identity else { break };
+        fps.push(fingerprint(fps.last(), e, *mtime, identity));
+    }
+    let mut points = inherited;
+    for b in boundaries {
+        let at = b.tar.len;
+        if at >= end || starts.first().is_none_or(|&s| at < s) {
+            continue;
+        }
+        // The last entry starting at or before the boundary.
+        let k = starts.partition_point(|&s| s <= at) - 1;
+        let entry = starts_from + k;
+        if let Some(fp) = fps.get(entry) {
+            points.push(ResumePoint {
+                entry,
+                entry_offset: at - starts[k],
+                entries: hex::encode(fp),
+                boundary: b,
+            });
+        }
+    }
+    points
 }
 
 #[cfg(test)]
@@ -364,6 +646,148 @@ mod tests {
             crate::build::imagefs::layer_entries(&store, &layer.digest, &layer.media_type).unwrap();
         assert_eq!(serde_json::to_vec(&read).unwrap(), written);
         assert!(index.exists(), "reading indexes it again");
+    }
+
+    /// A tree of `n` files of pseudo-random text (so deflate has work), in directories.
+    fn tree(n: usize, seed: u64) -> Vec<(String, Option<Vec<u8>>)> {
+        let mut x = seed | 1;
+        let mut out = vec![("d".to_string(), None)];
+        for i in 0..n {
+            if i % 16 == 0 {
+                out.push((format!("d/s{:03}", i / 16), None));
+            }
+            let len = 20_000 + (i * 7919) % 90_000;
+            let body: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    b"abcdefghij klmnop\n"[(x % 18) as usize]
+                })
+                .collect();
+            out.push((format!("d/s{:03}/f{i:04}", i / 16), Some(body)));
+        }
+        out
+    }
+
+    fn meta_of(content: &Option<Vec<u8>>) -> EntryMeta {
+        EntryMeta {
+            mode: if content.is_some() { 0o644 } else { 0o755 },
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        }
+    }
+
+    /// Writes `entries` as write_plan does: resuming after an earlier layer when `reuse`
+    /// offers one with the same first entries. Returns the layer, where it resumed and
+    /// its entry index.
+    fn write_tree(
+        store: &Store,
+        entries: &[(String, Option<Vec<u8>>)],
+        reuse: &[Digest],
+    ) -> (Layer, Option<ResumeAt>, Vec<u8>) {
+        let c = LayerCompression {
+            algorithm: Compression::Gzip,
+            level: None,
+        };
+        let describe_of = |(path, content): &(String, Option<Vec<u8>>)| match content {
+            None => describe(path, 'd', &meta_of(content), 0, ""),
+            Some(b) => describe(path, 'f', &meta_of(content), b.len() as u64, ""),
+        };
+        let identity = |content: &Option<Vec<u8>>| {
+            content
+                .as_ref()
+                .map_or(String::new(), |b| blake3::hash(b).to_hex().to_string())
+        };
+        let mut planned: Vec<[u8; 32]> = Vec::new();
+        for e in entries {
+            let fp = fingerprint(planned.last(), &describe_of(e), 0, &identity(&e.1));
+            planned.push(fp);
+        }
+        let (mut w, at) = LayerWriter::resuming(store, c, reuse, &planned).unwrap();
+        for (i, e) in entries.iter().enumerate() {
+            let (path, content) = e;
+            let meta = meta_of(content);
+            match at {
+                Some(at) if i < at.entry => w.skip(describe_of(e), &meta, &identity(content)),
+                Some(at) if i == at.entry => w
+                    .finish_entry(
+                        describe_of(e),
+                        &meta,
+                        &identity(content),
+                        content.as_ref().map(|b| io::Cursor::new(b.clone())),
+                        at.offset,
+                    )
+                    .unwrap(),
+                _ => match content {
+                    None => w.dir(path, &meta).unwrap(),
+                    Some(b) => {
+                        w.file(path, &meta, b.len() as u64, &b[..]).unwrap();
+                        w.identify_last(&identity(content));
+                    }
+                },
+            }
+        }
+        let layer = w.finish().unwrap();
+        let index = std::fs::read(crate::build::imagefs::index_path(store, &layer.digest)).unwrap();
+        (layer, at, index)
+    }
+
+    #[test]
+    fn a_layer_resumed_after_its_unchanged_first_entries_is_the_layer_written_whole() {
+        let (dir, fresh_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = Store::open(dir.path()).unwrap();
+        let mut entries = tree(200, 7);
+        let (first, at, _) = write_tree(&store, &entries, &[]);
+        assert_eq!(at, None, "nothing to resume from");
+        let points = std::fs::read(chunk_index_path(&store, &first.digest)).unwrap();
+        let points: ChunkIndex = serde_json::from_slice(&points).unwrap();
+        assert!(
+            points.resume.len() >= 4,
+            "{} resume points",
+            points.resume.len()
+        );
+
+        // The last file changes (and grows): the layer resumes near the end.
+        let mut previous = first.clone();
+        for round in 0..3u8 {
+            let last = entries.last_mut().unwrap().1.as_mut().unwrap();
+            last.extend_from_slice(format!("an edit, round {round}\n").as_bytes());
+            let (mut resumed, at, index) = write_tree(&store, &entries, &[previous.digest.clone()]);
+            let at = at.expect("resumed");
+            assert!(
+                resumed.unchanged_prefix > resumed.tar_size / 2,
+                "{resumed:?}"
+            );
+            resumed.unchanged_prefix = 0;
+            assert!(
+                at.entry > entries.len() / 2,
+                "resumed at entry {}",
+                at.entry
+            );
+            // The same bytes as a layer written whole in a store that never saw the others.
+            let fresh_store = Store::open(&fresh_dir.path().join(round.to_string())).unwrap();
+            let (whole, _, whole_index) = write_tree(&fresh_store, &entries, &[]);
+            assert_eq!(resumed, whole, "round {round}");
+            assert_eq!(index, whole_index, "the entry index too");
+            let blob = std::fs::read(store.blob_path(&resumed.digest)).unwrap();
+            assert_eq!(Digest::of(&blob), resumed.digest);
+            let mut tar_bytes = Vec::new();
+            flate2::read::GzDecoder::new(&blob[..])
+                .read_to_end(&mut tar_bytes)
+                .unwrap();
+            assert_eq!(DiffId(Digest::of(&tar_bytes)), resumed.diff_id);
+            previous = resumed;
+        }
+
+        // A change in the first file: nothing before it to resume after.
+        let first_file = entries.iter_mut().find_map(|e| e.1.as_mut()).unwrap();
+        first_file[0] ^= 1;
+        let (changed, at, _) = write_tree(&store, &entries, &[previous.digest.clone()]);
+        assert!(at.is_none_or(|at| at.entry <= 2), "{at:?}");
+        let fresh_store = Store::open(&fresh_dir.path().join("first")).unwrap();
+        assert_eq!(changed, write_tree(&fresh_store, &entries, &[]).0);
     }
 
     #[test]

@@ -398,7 +398,7 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
                     StepStatus::Config => ("config", None),
                 };
                 json!({ "stage": s.stage, "step": s.text, "origin": s.origin, "status": status, "reason": reason,
-                        "layer": s.layer.as_ref().map(|l| json!({"digest": l.digest, "diff_id": l.diff_id, "size": l.size})) })
+                        "layer": s.layer.as_ref().map(|l| json!({"digest": l.digest, "diff_id": l.diff_id, "size": l.size, "unchanged_prefix": l.unchanged_prefix})) })
             })
             .collect();
         out.json_value(&json!({ "digest": result.image.digest, "tags": tags, "steps": steps }))?;

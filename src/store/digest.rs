@@ -117,11 +117,146 @@ impl fmt::Debug for DiffId {
     }
 }
 
+/// The SHA-256 initial state (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// A SHA-256 computation that can be saved part way and carried on later: the state words
+/// after the whole 64-byte blocks seen so far, and the bytes of the block not yet full.
+/// A layer saves one at each chunk boundary, so a rebuild whose first bytes did not change
+/// starts hashing where they end (the sha2 crate's own hasher cannot be saved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Midstate {
+    /// The eight state words.
+    pub state: [u32; 8],
+    /// Bytes hashed in all.
+    pub len: u64,
+    /// The `len % 64` bytes after the last whole block, hex.
+    pub tail: String,
+}
+
+/// A resumable SHA-256 hasher (see [`Midstate`]), as fast as the sha2 crate's (it uses the
+/// same block function, with the CPU's SHA extensions where it has them).
+#[derive(Clone)]
+pub struct Sha256Resumable {
+    state: [u32; 8],
+    len: u64,
+    block: [u8; 64],
+}
+
+impl Default for Sha256Resumable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sha256Resumable {
+    /// A fresh hasher.
+    pub fn new() -> Self {
+        Sha256Resumable {
+            state: SHA256_IV,
+            len: 0,
+            block: [0; 64],
+        }
+    }
+
+    /// Carries on from a saved state; `None` when the state is inconsistent.
+    pub fn resume(m: &Midstate) -> Option<Self> {
+        let tail = hex::decode(&m.tail).ok()?;
+        if tail.len() as u64 != m.len % 64 {
+            return None;
+        }
+        let mut block = [0; 64];
+        block[..tail.len()].copy_from_slice(&tail);
+        Some(Sha256Resumable {
+            state: m.state,
+            len: m.len,
+            block,
+        })
+    }
+
+    /// The state to carry on from later.
+    pub fn midstate(&self) -> Midstate {
+        Midstate {
+            state: self.state,
+            len: self.len,
+            tail: hex::encode(&self.block[..(self.len % 64) as usize]),
+        }
+    }
+
+    /// Bytes hashed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True before anything was hashed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn compress(&mut self, blocks: &[u8]) {
+        use sha2::digest::consts::U64;
+        use sha2::digest::generic_array::GenericArray;
+        debug_assert_eq!(blocks.len() % 64, 0);
+        // SAFETY: `GenericArray<u8, U64>` is `#[repr(transparent)]` over `[u8; 64]` (size
+        // 64, alignment 1), so `blocks.len() / 64` of them fit exactly in `blocks`.
+        let blocks: &[GenericArray<u8, U64>] =
+            unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len() / 64) };
+        sha2::compress256(&mut self.state, blocks);
+    }
+
+    /// Hashes `data`.
+    pub fn update(&mut self, mut data: &[u8]) {
+        let have = (self.len % 64) as usize;
+        self.len += data.len() as u64;
+        if have > 0 {
+            let take = (64 - have).min(data.len());
+            self.block[have..have + take].copy_from_slice(&data[..take]);
+            data = &data[take..];
+            if have + take < 64 {
+                return;
+            }
+            let block = self.block;
+            self.compress(&block);
+        }
+        let whole = data.len() - data.len() % 64;
+        if whole > 0 {
+            self.compress(&data[..whole]);
+        }
+        let rest = &data[whole..];
+        self.block[..rest.len()].copy_from_slice(rest);
+    }
+
+    /// The digest of everything hashed.
+    pub fn finish(mut self) -> Digest {
+        let bits = self.len.wrapping_mul(8);
+        let have = (self.len % 64) as usize;
+        let mut pad = [0u8; 128];
+        pad[..have].copy_from_slice(&self.block[..have]);
+        pad[have] = 0x80;
+        let total = if have < 56 { 64 } else { 128 };
+        pad[total - 8..total].copy_from_slice(&bits.to_be_bytes());
+        self.compress(&pad[..total]);
+        let mut out = [0u8; 32];
+        for (o, w) in out.chunks_exact_mut(4).zip(self.state) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        Digest(format!("sha256:{}", hex::encode(out)))
+    }
+}
+
 /// A writer that hashes and counts what passes through it.
 pub struct HashingWriter<W> {
     inner: W,
-    hasher: Sha256,
-    count: u64,
+    hasher: Sha256Resumable,
 }
 
 impl<W: Write> HashingWriter<W> {
@@ -129,14 +264,29 @@ impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
         HashingWriter {
             inner,
-            hasher: Sha256::new(),
-            count: 0,
+            hasher: Sha256Resumable::new(),
         }
+    }
+
+    /// Wraps `inner`, which already holds the bytes `hasher` has hashed.
+    pub fn resumed(inner: W, hasher: Sha256Resumable) -> Self {
+        HashingWriter { inner, hasher }
+    }
+
+    /// The inner writer: what is written to it directly is not hashed.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    /// The hash state of everything written so far.
+    pub fn midstate(&self) -> Midstate {
+        self.hasher.midstate()
     }
 
     /// The inner writer, the digest and the byte count of everything written.
     pub fn finish(self) -> (W, Digest, u64) {
-        (self.inner, Digest::from_hasher(self.hasher), self.count)
+        let count = self.hasher.len();
+        (self.inner, self.hasher.finish(), count)
     }
 }
 
@@ -144,7 +294,6 @@ impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
-        self.count += n as u64;
         Ok(n)
     }
 
@@ -188,6 +337,33 @@ impl<R: Read> Read for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_hash_is_the_hash_of_the_whole() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for cut in [0, 1, 55, 56, 63, 64, 65, 127, 128, 4_000, 9_999, 10_000] {
+            let mut a = Sha256Resumable::new();
+            // Uneven pieces, so every partial-block path runs.
+            for piece in data[..cut].chunks(37) {
+                a.update(piece);
+            }
+            let saved = serde_json::to_string(&a.midstate()).unwrap();
+            let mut b = Sha256Resumable::resume(&serde_json::from_str(&saved).unwrap()).unwrap();
+            b.update(&data[cut..]);
+            assert_eq!(b.finish(), Digest::of(&data), "cut at {cut}");
+        }
+        for n in [0, 1, 55, 56, 64, 119, 120] {
+            let mut h = Sha256Resumable::new();
+            h.update(&data[..n]);
+            assert_eq!(h.finish(), Digest::of(&data[..n]), "{n} bytes");
+        }
+        let bad = Midstate {
+            state: [0; 8],
+            len: 3,
+            tail: "00".into(),
+        };
+        assert!(Sha256Resumable::resume(&bad).is_none());
+    }
 
     #[test]
     fn digests_parse_strictly_and_hash_correctly() {

@@ -21,7 +21,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-pub use digest::{DiffId, Digest, HashingReader, HashingWriter};
+pub use digest::{DiffId, Digest, HashingReader, HashingWriter, Midstate, Sha256Resumable};
 pub use direct::BlobRanges;
 pub use gc::{GcReport, Pin, Root, UseGuard};
 pub use image::{ImageConfig, StoredImage};
@@ -252,15 +252,68 @@ impl Store {
 
     /// Starts writing a blob of unknown digest.
     pub fn blob_writer(&self) -> Result<BlobWriter> {
+        Ok(BlobWriter {
+            store: self.clone(),
+            inner: Some(HashingWriter::new(self.ingest_file()?)),
+            copying: None,
+        })
+    }
+
+    fn ingest_file(&self) -> Result<direct::IngestFile> {
         let dir = self.state_dir().join("ingest");
         let file = tempfile::Builder::new()
             .prefix(&Store::temp_prefix("blob-"))
             .tempfile_in(&dir)
             .map_err(StoreError::io("cannot create an ingest file in", &dir))?;
+        Ok(direct::IngestFile::new(file))
+    }
+
+    /// Starts writing a blob whose first `state.len` bytes are those of the stored blob
+    /// `from`, with the hash state after them: the bytes are copied, not hashed again, and
+    /// copied at the first write (on whichever thread writes; a layer's output thread
+    /// copies while others compress). The caller vouches for `state` (a saved state of
+    /// `from`'s own hash); the store's blobs never change under their names, so it stays
+    /// true.
+    pub fn blob_writer_from(&self, from: &Digest, state: &Midstate) -> Result<BlobWriter> {
+        let hasher = Sha256Resumable::resume(state).ok_or_else(|| StoreError::BadDocument {
+            what: "hash state",
+            digest: from.to_string(),
+            message: "its tail does not match its length".into(),
+        })?;
+        let path = self.blob_path(from);
+        let src = File::open(&path).map_err(|e| Self::open_error(from, path.clone(), e))?;
+        let len = state.len;
+        advise_willneed(&src, len);
+        let mut file = self.ingest_file()?;
+        // The copy starts now, on its own thread, while the caller reads and compresses
+        // what follows; the first write waits for it. Its reads go through the page cache,
+        // which [`Store::prefetch`] may have filled already.
+        let copy = std::thread::spawn(move || -> io::Result<direct::IngestFile> {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; 4 << 20];
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(buf.len() as u64) as usize;
+                src.read_exact_at(&mut buf[..n], at)?;
+                file.write_all(&buf[..n])?;
+                at += n as u64;
+            }
+            Ok(file)
+        });
         Ok(BlobWriter {
             store: self.clone(),
-            inner: HashingWriter::new(direct::IngestFile::new(file)),
+            inner: None,
+            copying: Some((copy, hasher)),
         })
+    }
+
+    /// Starts reading a blob into the page cache in the background (the kernel's
+    /// readahead), for a copy of it that is about to come: see
+    /// [`Store::blob_writer_from`]. Failing to is harmless.
+    pub fn prefetch(&self, digest: &Digest) {
+        if let Ok(f) = File::open(self.blob_path(digest)) {
+            advise_willneed(&f, 0);
+        }
     }
 
     /// Stores a small blob held in memory; returns its digest and size.
@@ -324,6 +377,21 @@ impl Store {
     }
 }
 
+/// Asks the kernel to read the first `len` bytes of `f` (all of it for 0) ahead, in the
+/// background.
+fn advise_willneed(f: &File, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor this function borrows.
+    unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            0,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -340,25 +408,55 @@ pub struct StoreLock {
 /// ingest file.
 pub struct BlobWriter {
     store: Store,
-    inner: HashingWriter<direct::IngestFile>,
+    /// `None` while an earlier blob's first bytes are still being copied.
+    inner: Option<HashingWriter<direct::IngestFile>>,
+    /// That copy, and the hash state after those bytes.
+    copying: Option<(
+        std::thread::JoinHandle<io::Result<direct::IngestFile>>,
+        Sha256Resumable,
+    )>,
+}
+
+impl BlobWriter {
+    /// The writer, once the copy of an earlier blob's first bytes (if any) is done.
+    fn ready(&mut self) -> io::Result<&mut HashingWriter<direct::IngestFile>> {
+        if let Some((copy, hasher)) = self.copying.take() {
+            let file = copy
+                .join()
+                .map_err(|_| io::Error::other("the blob copy thread panicked"))??;
+            self.inner = Some(HashingWriter::resumed(file, hasher));
+        }
+        Ok(self.inner.as_mut().expect("set once the copy is done"))
+    }
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf)
+        self.ready()?.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        self.ready()?.flush()
     }
 }
 
 impl BlobWriter {
+    /// The hash state of the bytes written so far.
+    pub fn midstate(&self) -> Midstate {
+        match (&self.inner, &self.copying) {
+            (Some(w), _) => w.midstate(),
+            (None, Some((_, hasher))) => hasher.midstate(),
+            (None, None) => unreachable!("a writer has its file or its copy"),
+        }
+    }
+
     /// Flushes, fsyncs, checks digest and size against `expected` (when given) and renames
     /// the ingest file to the blob's final name. Returns the digest and size.
-    pub fn commit(self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
-        let (file, digest, size) = self.inner.finish();
+    pub fn commit(mut self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
         let ingest = self.store.state_dir().join("ingest");
+        self.ready()
+            .map_err(StoreError::io("cannot write", &ingest))?;
+        let (file, digest, size) = self.inner.take().expect("ready").finish();
         let tmp = file
             .finish()
             .map_err(StoreError::io("cannot write", &ingest))?;
