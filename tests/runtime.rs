@@ -405,6 +405,47 @@ fn cgroup_limits_stop_allocators_and_fork_bombs() {
         .find(|l| l.contains(":memory:") || l.starts_with("0::"))
         .unwrap_or_else(|| panic!("{}", seen.stdout));
     assert!(memory.ends_with(":/"), "{}", seen.stdout);
+
+    // And its own cgroup is mounted at /sys/fs/cgroup, read-only: what the JVM, Go and
+    // Node read their limits from. v2 has one hierarchy; v1 one per controller.
+    let probe = "if [ -f /sys/fs/cgroup/cgroup.controllers ]; then \
+                   cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; \
+                 else \
+                   cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us; \
+                 fi; \
+                 mkdir /sys/fs/cgroup/x 2>/dev/null || echo read-only; \
+                 ls /sys/fs/cgroup/memory/berth /sys/fs/cgroup/berth 2>/dev/null | wc -l";
+    for network in ["none", "host"] {
+        let seen = run_in(
+            &p,
+            &[
+                "--memory",
+                "64M",
+                "--cpus",
+                "0.5",
+                "--network",
+                network,
+                "base:1",
+                "sh",
+                "-c",
+                probe,
+            ],
+        );
+        assert_eq!(seen.code, 0, "{}", seen.stderr);
+        let lines: Vec<&str> = seen.stdout.lines().collect();
+        assert_eq!(lines[0], "67108864", "--network {network}: {}", seen.stdout);
+        assert!(
+            lines[1] == "50000 100000" || lines[1] == "50000",
+            "--network {network}: {}",
+            seen.stdout
+        );
+        assert_eq!(
+            lines[2..],
+            ["read-only", "0"],
+            "the host's cgroups stay out of sight: {}",
+            seen.stdout
+        );
+    }
 }
 
 #[test]
@@ -633,5 +674,44 @@ fn t_gives_the_container_a_terminal() {
     assert!(
         out.contains("typed-42"),
         "input reaches the shell through the terminal: {out:?}"
+    );
+}
+
+/// Deletes a network namespace when the test ends, also when it fails.
+struct NetNs(String);
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn a_host_whose_cgroups_are_out_of_sight_gets_the_cause_and_the_fix() {
+    require("ip", "iproute2");
+    let p = runner();
+    // `ip netns exec` remounts /sys for the namespace, without the cgroup filesystems.
+    let ns = NetNs(format!("berth-cg-{}", std::process::id()));
+    let made = Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_berth")])
+        .args(["run", "--rm", "base:1", "true"])
+        .env("BERTH_STORE", p.store())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("no cgroup hierarchy is mounted at /sys/fs/cgroup")
+            && said.contains("nsenter --net="),
+        "{said}"
     );
 }

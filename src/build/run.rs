@@ -152,6 +152,7 @@ pub fn run(
         mounts: cmd.mounts.clone(),
         interface: None,
         cgroup_join: Vec::new(),
+        cgroupfs: None,
         secret_files: Vec::new(),
         handover: None,
         // `wait` below, in this thread: a killed build takes its RUN step with it.
@@ -180,6 +181,7 @@ pub fn run(
         .map_err(|e| BuildError::Runtime(format!("cannot create the RUN step's cgroup: {e}")))?;
     let launch = Launch {
         cgroup_join: cgroup.self_join_files(),
+        cgroupfs: Some(cgroup.fs()),
         ..launch
     };
     let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| {

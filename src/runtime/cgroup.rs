@@ -41,6 +41,23 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
     })
 }
 
+/// `create_dir_all` with the path in its error, and what to change where the cause is the
+/// host's setup.
+fn mkdir(path: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| {
+        let help = match e.raw_os_error() {
+            Some(libc::EROFS) => {
+                "; help: the cgroup filesystem is mounted read-only here (a container or a sandbox?): berth needs it writable to limit and confine its containers"
+            }
+            Some(libc::EACCES | libc::EPERM) => {
+                "; help: berth needs root, or a cgroup delegated to its user (systemd's Delegate=yes on v2)"
+            }
+            _ => "",
+        };
+        io::Error::new(e.kind(), format!("create {}: {e}{help}", path.display()))
+    })
+}
+
 /// True when the unified hierarchy has controllers (cgroup v2).
 pub fn is_v2() -> bool {
     std::fs::read_to_string(Path::new(ROOT).join("cgroup.controllers"))
@@ -72,12 +89,84 @@ pub fn sweep_abandoned(prefix: &str) {
     }
 }
 
+/// What a container sees at `/sys/fs/cgroup`: its own cgroup, read-only, through its cgroup
+/// namespace, as Docker and podman mount it. Runtimes read their limits there (the JVM,
+/// Go's GOMAXPROCS and memory limit, .NET, Node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupFs {
+    /// The unified hierarchy, mounted as cgroup2.
+    V2,
+    /// The v1 hierarchies the container has a cgroup in, on a tmpfs.
+    V1(Vec<V1Hierarchy>),
+}
+
+/// One v1 hierarchy as the host mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Hierarchy {
+    /// Its directory under `/sys/fs/cgroup` (`memory`, `cpu,cpuacct`).
+    pub dir: String,
+    /// The mount options naming its controllers (`cpu,cpuacct`).
+    pub options: String,
+    /// Links to `dir` named after each of several co-mounted controllers (`cpu`,
+    /// `cpuacct`), as the host has them.
+    pub links: Vec<String>,
+}
+
+/// The v1 hierarchies mounted under `/sys/fs/cgroup` in `mountinfo` (as
+/// `/proc/self/mountinfo` lists them) that hold one of `controllers`.
+pub fn v1_hierarchies(mountinfo: &str, controllers: &[&str]) -> Vec<V1Hierarchy> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut right = right.split(' ');
+        let (Some("cgroup"), Some(_source), Some(opts)) =
+            (right.next(), right.next(), right.next())
+        else {
+            continue;
+        };
+        let Some(point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let Some(dir) = point.strip_prefix("/sys/fs/cgroup/") else {
+            continue;
+        };
+        if dir.contains('/') {
+            continue;
+        }
+        let named: Vec<&str> = opts
+            .split(',')
+            .filter(|o| !matches!(*o, "rw" | "ro" | "xattr" | "noprefix" | "clone_children"))
+            .filter(|o| !o.starts_with("release_agent=") && !o.starts_with("name="))
+            .collect();
+        if named.is_empty() || !named.iter().any(|c| controllers.contains(c)) {
+            continue;
+        }
+        let links = if named.len() > 1 {
+            named
+                .iter()
+                .filter(|c| **c != dir)
+                .map(|c| c.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.push(V1Hierarchy {
+            dir: dir.to_string(),
+            options: named.join(","),
+            links,
+        });
+    }
+    out
+}
+
 impl Cgroup {
     /// Creates the cgroup `berth/<id>` with `limits`.
     pub fn create(id: &str, limits: &Limits) -> io::Result<Cgroup> {
         if is_v2() {
             let parent = Path::new(ROOT).join("berth");
-            std::fs::create_dir_all(&parent)?;
+            mkdir(&parent)?;
             // Let the controllers reach our level and the container's, one by one: a
             // controller that cannot be enabled (not delegated, or the level holds
             // processes) is remembered, and named if a limit then needs it.
@@ -94,7 +183,7 @@ impl Cgroup {
                 }
             }
             let dir = parent.join(id);
-            std::fs::create_dir_all(&dir)?;
+            mkdir(&dir)?;
             let why = |controller: &str, e: io::Error| -> io::Error {
                 match refused.iter().find(|(c, _)| *c == controller) {
                     Some((_, cause)) => io::Error::new(
@@ -134,8 +223,30 @@ impl Cgroup {
                 continue;
             }
             let dir = base.join("berth").join(id);
-            std::fs::create_dir_all(&dir)?;
+            mkdir(&dir)?;
             dirs.push(dir);
+        }
+        if dirs.is_empty() {
+            // Neither a v2 hierarchy with controllers nor any v1 controller: nothing, or
+            // something else, is mounted there.
+            let seen: Vec<String> = std::fs::read_dir(ROOT)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "no cgroup hierarchy is mounted at {ROOT} (it holds {}); help: `ip netns exec` remounts /sys without the cgroup filesystems: start berth with `nsenter --net=/run/netns/NAME` instead, or mount cgroup2 at {ROOT}",
+                    if seen.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        seen.join(", ")
+                    }
+                ),
+            ));
         }
         let cg = Cgroup::V1(dirs);
         let file = |controller: &str, name: &str| {
@@ -192,6 +303,17 @@ impl Cgroup {
                 .filter(|d| d.is_dir())
                 .collect(),
         )
+    }
+
+    /// What the container mounts at `/sys/fs/cgroup` (see [`CgroupFs`]).
+    pub fn fs(&self) -> CgroupFs {
+        match self {
+            Cgroup::V2(_) => CgroupFs::V2,
+            Cgroup::V1(_) => CgroupFs::V1(v1_hierarchies(
+                &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+                &V1_CONTROLLERS,
+            )),
+        }
     }
 
     /// The files a process writes `0` into to move itself into the cgroup: v1's `tasks`
@@ -266,5 +388,37 @@ impl Cgroup {
             last?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_hierarchies_are_read_from_mountinfo() {
+        let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        let h = v1_hierarchies(info, &V1_CONTROLLERS);
+        assert_eq!(
+            h,
+            [
+                V1Hierarchy {
+                    dir: "cpu,cpuacct".into(),
+                    options: "cpu,cpuacct".into(),
+                    links: vec!["cpu".into(), "cpuacct".into()],
+                },
+                V1Hierarchy {
+                    dir: "memory".into(),
+                    options: "memory".into(),
+                    links: vec![],
+                },
+            ]
+        );
     }
 }

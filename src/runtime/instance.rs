@@ -281,6 +281,7 @@ pub fn start(
             .as_ref()
             .map(|(rec, ip)| Networks::interface(rec, &st.id, *ip)),
         cgroup_join: Vec::new(),
+        cgroupfs: None,
         secret_files,
         handover,
         die_with_parent: false,
@@ -300,6 +301,7 @@ pub fn start(
         .map_err(io("create the container's cgroup"))?;
     let launch = Launch {
         cgroup_join: cgroup.self_join_files(),
+        cgroupfs: Some(cgroup.fs()),
         ..launch
     };
     let started = process::start(&launch, &mut |pid| {

@@ -106,6 +106,9 @@ pub struct Launch {
     /// Files the container's first process writes `0` into, before anything else, to move
     /// itself into its cgroup ([`super::cgroup::Cgroup::self_join_files`]).
     pub cgroup_join: Vec<PathBuf>,
+    /// The container's own cgroup, mounted read-only at `/sys/fs/cgroup` through its cgroup
+    /// namespace (`None`: an empty directory, as before).
+    pub cgroupfs: Option<super::cgroup::CgroupFs>,
     /// Secrets delivered as files: `/run/secrets/NAME` on a tmpfs, mode 0400, owned by the
     /// command's user, the mount read-only once written.
     pub secret_files: Vec<(String, SecretBytes)>,
@@ -531,6 +534,43 @@ fn target(path: &str, dir: bool) -> Result<(), Fail> {
     }
 }
 
+/// Mounts the container's own cgroup at `/sys/fs/cgroup`, read-only: the process is in
+/// its cgroup namespace already, so each hierarchy's root there is the container's cgroup.
+fn mount_cgroupfs(fs: &super::cgroup::CgroupFs) -> Result<(), Fail> {
+    use super::cgroup::CgroupFs;
+    const AT: &str = "/sys/fs/cgroup";
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    match fs {
+        CgroupFs::V2 => mount(Some("cgroup2"), Some("cgroup2"), AT, flags, None),
+        CgroupFs::V1(hierarchies) => {
+            let rw = flags - MsFlags::MS_RDONLY;
+            mount(
+                Some("tmpfs"),
+                Some("tmpfs"),
+                AT,
+                rw,
+                Some("mode=755,size=64k"),
+            )?;
+            for h in hierarchies {
+                let dir = format!("{AT}/{}", h.dir);
+                std::fs::create_dir(&dir).map_err(fail(&dir))?;
+                mount(
+                    Some("cgroup"),
+                    Some("cgroup"),
+                    &dir,
+                    flags,
+                    Some(&h.options),
+                )?;
+                for link in &h.links {
+                    let at = format!("{AT}/{link}");
+                    std::os::unix::fs::symlink(&h.dir, &at).map_err(fail(&at))?;
+                }
+            }
+            mount(None, None, AT, MsFlags::MS_REMOUNT | flags, None)
+        }
+    }
+}
+
 fn mount(
     fstype: Option<&str>,
     source: Option<&str>,
@@ -766,16 +806,25 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
     let sys_flags = nosuid | MsFlags::MS_RDONLY;
     if l.network != Network::Host {
         mount(Some("sysfs"), Some("sysfs"), "/sys", sys_flags, None)?;
+        if let Some(fs) = &l.cgroupfs {
+            mount_cgroupfs(fs)?;
+        }
     } else {
-        // Without its own network namespace a container may not mount sysfs: a read-only
-        // tmpfs keeps the host's /sys out of sight.
+        // Without its own network namespace a container may not mount sysfs: a tmpfs
+        // keeps the host's /sys out of sight, with only the cgroup mount point in it,
+        // read-only once that is mounted.
         mount(
             Some("tmpfs"),
             Some("sysfs"),
             "/sys",
-            sys_flags,
-            Some("size=0"),
+            nosuid,
+            Some("size=16k,mode=755"),
         )?;
+        if let Some(fs) = &l.cgroupfs {
+            std::fs::create_dir_all("/sys/fs/cgroup").map_err(fail("/sys/fs/cgroup"))?;
+            mount_cgroupfs(fs)?;
+        }
+        mount(None, None, "/sys", MsFlags::MS_REMOUNT | sys_flags, None)?;
     }
     // /etc files: their contents were read on the host side; the container gets its own
     // copies (a symlink in the image's place is replaced, never followed).

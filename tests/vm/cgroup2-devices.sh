@@ -5,7 +5,7 @@
 # loop-control (c 10:237): mknod, then open for writing and reading, in `run`, `exec`
 # and a build's RUN step; /dev/null, zero, urandom and pts must keep working. Then issue
 # 18 on v2: a container whose supervisor was killed is adopted (same process, its cgroup
-# kept) and its memory limit still holds.
+# kept) and its memory limit still holds. And issue 21's cgroupfs inside the container.
 set -u
 export BERTH_STORE=/var/tmp/store
 grep -q cgroup2 /proc/mounts && ! grep -q " cgroup " /proc/mounts && echo "cgroup: v2 only"
@@ -55,4 +55,8 @@ else
   echo "adopt: FAIL (pid $pid, exit $code)"; printf '%s\n' "$out"; fail=1
 fi
 berth rm -f adopt >/dev/null
+# Issue 21: the container's own cgroup at /sys/fs/cgroup (cgroup2 through its namespace),
+# read-only, with the limits it was given; the host's cgroups out of sight.
+out=$(berth run --rm --memory 64M --cpus 0.5 base:1 sh -c 'cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; mkdir /sys/fs/cgroup/x 2>/dev/null || echo read-only; ls /sys/fs/cgroup | grep -c "^berth$"' 2>&1)
+if [ "$out" = "$(printf '67108864\n50000 100000\nread-only\n0')" ]; then echo "cgroupfs: PASS"; else echo "cgroupfs: FAIL"; printf '%s\n' "$out"; fail=1; fi
 exit $fail
