@@ -107,6 +107,28 @@ fn push_sends_only_what_is_missing_and_pull_verifies() {
     // By digest: verified against the reference.
     let by_digest = format!("{}/team/app@{digest}", reg.host());
     q.berth().args(["pull", &by_digest]).run().ok();
+    // Into a store that has nothing else: the digest reference keeps its name, so
+    // `images` lists it, `run` finds it and `gc` keeps it.
+    let d = TempProject::new();
+    d.berth().args(["pull", &by_digest]).run().ok();
+    d.berth().args(["gc"]).run().ok();
+    let listed = d.berth().args(["images", "--digests"]).run().ok().stdout;
+    assert!(
+        listed.contains(&by_digest) && listed.contains(&format!(" {digest} ")),
+        "{listed}"
+    );
+    let run = d.berth().args(["run", "--rm", &by_digest]).run().ok();
+    assert_eq!(run.stdout, "version one\n");
+    d.berth().args(["rmi", &by_digest]).run().ok();
+    assert!(
+        !d.berth()
+            .args(["images"])
+            .run()
+            .ok()
+            .stdout
+            .contains("team/app"),
+        "rmi takes the name away"
+    );
 
     // A build whose base names a registry pulls it.
     let b = TempProject::new();

@@ -91,7 +91,15 @@ fn open(g: &GlobalOpts) -> Result<Store, CliError> {
 }
 
 /// `berth images`: every tag with its digest, creation time, size and shared size.
-pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
+/// `berth images` options.
+#[derive(Debug, clap::Args)]
+pub struct ImagesArgs {
+    /// Show full digests (as `docker images --digests`).
+    #[arg(long)]
+    pub digests: bool,
+}
+
+pub fn images(g: &GlobalOpts, args: &ImagesArgs, out: &mut Output) -> Result<(), CliError> {
     let store = open(g)?;
     let tags = store.tags()?;
     let mut users: BTreeMap<Digest, BTreeSet<Digest>> = BTreeMap::new();
@@ -136,8 +144,9 @@ pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
     if out.json {
         return Ok(out.json_value(&rows)?);
     }
+    let width = if args.digests { 71 } else { 12 };
     out.line(format!(
-        "{:<40} {:<14} {:<22} {:>10} {:>10}",
+        "{:<40} {:<width$}   {:<22} {:>10} {:>10}",
         "NAME", "DIGEST", "CREATED", "SIZE", "SHARED"
     ))?;
     for r in rows {
@@ -147,9 +156,13 @@ pub fn images(g: &GlobalOpts, out: &mut Output) -> Result<(), CliError> {
             .parse()
             .expect("stored digest");
         out.line(format!(
-            "{:<40} {:<14} {:<22} {:>10} {:>10}",
+            "{:<40} {:<width$}   {:<22} {:>10} {:>10}",
             r["name"].as_str().unwrap_or_default(),
-            digest.short(),
+            if args.digests {
+                digest.as_str()
+            } else {
+                digest.short()
+            },
             r["created"].as_str().unwrap_or_default(),
             human_size(r["size"].as_u64().unwrap_or(0)),
             human_size(r["shared_size"].as_u64().unwrap_or(0)),

@@ -112,7 +112,7 @@ pub enum Command {
     /// Build the app's image from [image] steps or its Dockerfile.
     Build(build::BuildArgs),
     /// List images in the store.
-    Images,
+    Images(images::ImagesArgs),
     /// Show an image's layers and the steps that made them.
     History(images::ImageArg),
     /// Print a container's or an image's details as JSON.
@@ -366,7 +366,7 @@ pub fn run(cli: &Cli, out: &mut Output) -> Result<(), CliError> {
         Command::Init(args) => init::run(g, args, out),
         Command::Check(args) => check::run(g, args, out),
         Command::Build(args) => build::run(g, args, out),
-        Command::Images => images::images(g, out),
+        Command::Images(a) => images::images(g, a, out),
         Command::History(args) => images::history(g, args, out),
         Command::Inspect(args) => match containers::inspect_container(g, &args.image)? {
             Some(v) => Ok(out.json_value(&v)?),

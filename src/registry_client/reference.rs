@@ -164,10 +164,11 @@ impl Reference {
         }
     }
 
-    /// `registry/repository:tag` as a local store tag (digest-only references get none).
+    /// `registry/repository:tag` as a local store tag; a digest-only reference is kept
+    /// as `registry/repository@sha256:…` (what `images` lists and `run` finds).
     pub fn store_tag(&self) -> Option<String> {
-        if self.tag.is_none() && self.digest.is_some() {
-            return None;
+        if let (None, Some(d)) = (&self.tag, &self.digest) {
+            return Some(format!("{}/{}@{d}", self.registry, self.repository));
         }
         Some(format!(
             "{}/{}:{}",
@@ -232,7 +233,12 @@ mod tests {
         let d = "sha256:".to_string() + &"a".repeat(64);
         let r: Reference = format!("ghcr.io/o/app@{d}").parse().unwrap();
         assert_eq!(r.manifest_ref(), d);
-        assert_eq!(r.store_tag(), None);
+        assert_eq!(r.store_tag().unwrap(), format!("ghcr.io/o/app@{d}"));
+        assert_eq!(
+            crate::store::normalize_tag(&r.store_tag().unwrap()).unwrap(),
+            format!("ghcr.io/o/app@{d}"),
+            "the store keeps it under that name"
+        );
 
         let r: Reference = "http://registry.lan:5000/app".parse().unwrap();
         assert!(r.plain_http);

@@ -34,6 +34,15 @@ impl Tag {
 /// characters, optionally after a registry host; a tag of at most 128) and adds `:latest`
 /// when the tag is missing, as Docker does. `.`, `..` and `sha256:…` are not names.
 pub fn normalize_tag(s: &str) -> Result<String> {
+    // `name@sha256:…`: a digest reference, kept under that name (a pull by digest).
+    if let Some((name, digest)) = s.split_once('@') {
+        return match digest.parse::<Digest>() {
+            Ok(d) if crate::names::valid_repository(name) && name != "sha256" => {
+                Ok(format!("{name}@{d}"))
+            }
+            _ => Err(StoreError::BadTag(s.to_string())),
+        };
+    }
     let (name, tag) = match s.rsplit_once(':') {
         Some((n, t)) if !t.contains('/') => (n, t),
         _ => (s, "latest"),
