@@ -75,6 +75,31 @@ fn the_demo_builds_caches_and_reproduces_from_a_fresh_clone() {
         );
         assert_eq!(first.last_line(), second.last_line());
         assert!(first.last_line().starts_with("sha256:") && first.last_line().len() == 71);
+        // A clean checkout's image is dated by its commit (reproducibly), not 1970.
+        let committed = run_ok(
+            Command::new("git")
+                .arg("-C")
+                .arg(&repo)
+                .args([
+                    "log",
+                    "-1",
+                    "--format=%cd",
+                    "--date=format-local:%Y-%m-%dT%H:%M:%SZ",
+                ])
+                .env("TZ", "UTC"),
+        );
+        let inspected = Berth::new()
+            .args(["inspect", &first.last_line()])
+            .env("BERTH_STORE", p.store().to_str().unwrap())
+            .run()
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&inspected.stdout).unwrap();
+        assert_eq!(
+            v["config"]["created"],
+            committed.trim(),
+            "{}",
+            inspected.stdout
+        );
         digests.push(first.last_line());
     }
     assert_eq!(
@@ -752,6 +777,28 @@ fn a_change_deep_in_the_tree_resumes_the_layer_and_builds_what_a_fresh_store_bui
         assert!(
             tar_sum.starts_with(&layer["diff_id"].as_str().unwrap()[7..]),
             "{tar_sum}"
+        );
+    }
+}
+
+#[test]
+fn source_date_epoch_dates_the_files_and_a_new_one_rebuilds_them() {
+    let p = node_project();
+    for epoch in ["1000", "2000"] {
+        p.berth()
+            .args(["build"])
+            .env("SOURCE_DATE_EPOCH", epoch)
+            .run()
+            .ok();
+        let seen = p
+            .berth()
+            .args(["run", "--rm", "shop", "stat", "-c", "%Y", "/app/server.sh"])
+            .run()
+            .ok();
+        assert_eq!(
+            seen.stdout.trim(),
+            epoch,
+            "a cached layer of another epoch is not reused"
         );
     }
 }

@@ -29,8 +29,13 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// Layer compression.
     pub compression: LayerCompression,
-    /// Timestamp for files and the config (`SOURCE_DATE_EPOCH`, else 0).
+    /// Modification time of every file in the layers (`SOURCE_DATE_EPOCH`, else 0): part
+    /// of each step's cache key.
     pub epoch: u64,
+    /// The image's creation time in its config and history (`SOURCE_DATE_EPOCH`, else
+    /// the commit time of a clean checkout, else 0). Not in any layer, so a new commit
+    /// costs no cached step.
+    pub created: u64,
     /// Labels added to the final image (provenance).
     pub labels: Vec<(String, String)>,
     /// Identifies the project, so `--explain` compares with this project's last build.
@@ -390,7 +395,7 @@ fn host_arch() -> Arch {
 
 impl Engine<'_> {
     fn timestamp(&self) -> String {
-        jiff::Timestamp::from_second(self.opts.epoch as i64)
+        jiff::Timestamp::from_second(self.opts.created as i64)
             .map(|t| t.to_string())
             .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
     }
@@ -1002,8 +1007,8 @@ impl Engine<'_> {
         }
         let key = Digest::of(
             format!(
-                "{}\n{text}\n{argv:?}\n{env:?}\n{user}\n{cwd}\n{host}\n{compression}\n{mount_key:?}",
-                st.chain
+                "{}\n{text}\n{argv:?}\n{env:?}\n{user}\n{cwd}\n{host}\n{compression}\n{mount_key:?}\nmtime {}",
+                st.chain, self.opts.epoch
             )
             .as_bytes(),
         );
@@ -1224,8 +1229,9 @@ impl Engine<'_> {
             Digest::of(
                 format!(
                     // `ancestors`: layers carry their existing ancestor directories.
-                    "{chain}\n{text}\n{}\n{source_id:?}\n{compression}\nancestors",
-                    copy::inputs_digest(inputs)
+                    "{chain}\n{text}\n{}\n{source_id:?}\n{compression}\nancestors\nmtime {}",
+                    copy::inputs_digest(inputs),
+                    self.opts.epoch
                 )
                 .as_bytes(),
             )

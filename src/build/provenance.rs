@@ -39,6 +39,19 @@ pub fn labels(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// The commit time of the checkout containing `dir`, when its tracked files are as
+/// committed (a dirty tree has no single date that describes it); `None` otherwise.
+pub fn clean_commit_time(dir: &Path) -> Option<u64> {
+    let repo = git2::Repository::discover(dir).ok()?;
+    let commit = repo.head().and_then(|h| h.peel_to_commit()).ok()?;
+    let mut opts = git2::StatusOptions::new();
+    opts.include_untracked(false).include_ignored(false);
+    if !repo.statuses(Some(&mut opts)).ok()?.is_empty() {
+        return None;
+    }
+    u64::try_from(commit.time().seconds()).ok()
+}
+
 /// Drops `user:password@` from an https URL so credentials never reach an image.
 fn strip_credentials(url: &str) -> String {
     match url.split_once("://") {

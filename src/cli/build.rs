@@ -321,9 +321,14 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
     };
     let mut build_args = input.build_args.clone();
     build_args.extend(args.build_args.iter().cloned());
-    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+    let source_date = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
-        .and_then(|v| v.trim().parse().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let epoch = source_date.unwrap_or(0);
+    // The config's date: a clean checkout's commit time is as reproducible as 0 and says
+    // when the source was written (as several reproducible-build tools default it).
+    let created = source_date
+        .or_else(|| provenance::clean_commit_time(&input.project))
         .unwrap_or(0);
     let mut refs = input.secrets.clone();
     refs.extend(args.secret.iter().cloned());
@@ -346,6 +351,7 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
         target: args.target.clone().or_else(|| input.target.clone()),
         compression: input.compression,
         epoch,
+        created,
         labels: provenance::labels(&input.project),
         project_id: input.id.clone(),
         network_host: args.network == "host",
