@@ -44,12 +44,93 @@ impl fmt::Display for Mount {
     }
 }
 
+/// One step of setting up a container's filesystem: a mount, or what goes with mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// A mount.
+    Mount(Mount),
+    /// A mount point from the image: created when missing (a directory when `dir`, else
+    /// an empty file), refused when the image has a symlink there (it would be followed).
+    Target {
+        /// The path.
+        path: PathBuf,
+        /// A directory, not a file.
+        dir: bool,
+    },
+    /// A new directory (in a filesystem the runtime just mounted).
+    Dir(PathBuf),
+    /// A character device node, with its mode set exactly (not through the umask).
+    CharDev {
+        /// The path.
+        path: PathBuf,
+        /// Major number.
+        major: u64,
+        /// Minor number.
+        minor: u64,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A symlink `link` → `to`.
+    Symlink {
+        /// The link.
+        link: PathBuf,
+        /// What it points to.
+        to: PathBuf,
+    },
+    /// Makes `root` the root (`pivot_root`) and lets go of the old one.
+    PivotRoot(PathBuf),
+    /// The UTS namespace's host name.
+    Hostname(String),
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Mount(m) => write!(f, "mount {m}"),
+            Op::Target { path, dir } => write!(
+                f,
+                "target {} ({})",
+                path.display(),
+                if *dir { "dir" } else { "file" }
+            ),
+            Op::Dir(p) => write!(f, "mkdir {}", p.display()),
+            Op::CharDev {
+                path,
+                major,
+                minor,
+                mode,
+            } => write!(f, "mknod {} c {major} {minor} {mode:o}", path.display()),
+            Op::Symlink { link, to } => write!(f, "symlink {} -> {}", link.display(), to.display()),
+            Op::PivotRoot(root) => write!(f, "pivot_root {}", root.display()),
+            Op::Hostname(h) => write!(f, "sethostname {h}"),
+        }
+    }
+}
+
 /// The system calls the runtime makes, behind one trait.
 pub trait Syscall {
     /// Performs a mount.
     fn mount(&self, m: &Mount) -> io::Result<()>;
     /// Unmounts `target` (lazily when `detach`).
     fn umount(&self, target: &Path, detach: bool) -> io::Result<()>;
+    /// Prepares a mount point from the image (see [`Op::Target`]).
+    fn target(&self, path: &Path, dir: bool) -> io::Result<()>;
+    /// Creates a directory.
+    fn mkdir(&self, path: &Path) -> io::Result<()>;
+    /// Creates a character device node with exactly `mode`.
+    fn mknod_char(&self, path: &Path, major: u64, minor: u64, mode: u32) -> io::Result<()>;
+    /// Creates a symlink.
+    fn symlink(&self, to: &Path, link: &Path) -> io::Result<()>;
+    /// `pivot_root` into `root`, the old root detached.
+    fn pivot_root(&self, root: &Path) -> io::Result<()>;
+    /// Sets the host name.
+    fn sethostname(&self, name: &str) -> io::Result<()>;
+}
+
+/// An error of `what` on `path`, with the errno's text.
+fn at(what: &str, path: &Path) -> impl FnOnce(nix::errno::Errno) -> io::Error {
+    let what = format!("{what} {}", path.display());
+    move |e| io::Error::new(io::Error::from(e).kind(), format!("{what}: {e}"))
 }
 
 /// The real system calls.
@@ -80,6 +161,65 @@ impl Syscall for LinuxSyscall {
             )
         })
     }
+
+    fn target(&self, path: &Path, dir: bool) -> io::Result<()> {
+        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_symlink() => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("mount target {} is a symlink in the image", path.display()),
+            )),
+            Ok(_) => Ok(()),
+            Err(_) if dir => std::fs::create_dir_all(path).map_err(with_path),
+            Err(_) => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(with_path)?;
+                }
+                std::fs::File::create(path).map(drop).map_err(with_path)
+            }
+        }
+    }
+
+    fn mkdir(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))
+    }
+
+    fn mknod_char(&self, path: &Path, major: u64, minor: u64, mode: u32) -> io::Result<()> {
+        use nix::sys::stat::{Mode, SFlag};
+        let mode = Mode::from_bits_truncate(mode);
+        nix::sys::stat::mknod(
+            path,
+            SFlag::S_IFCHR,
+            mode,
+            nix::sys::stat::makedev(major, minor),
+        )
+        .map_err(at("mknod", path))?;
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            mode,
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(at("chmod", path))
+    }
+
+    fn symlink(&self, to: &Path, link: &Path) -> io::Result<()> {
+        std::os::unix::fs::symlink(to, link)
+            .map_err(|e| io::Error::new(e.kind(), format!("symlink {}: {e}", link.display())))
+    }
+
+    fn pivot_root(&self, root: &Path) -> io::Result<()> {
+        nix::unistd::chdir(root).map_err(at("enter the root filesystem", root))?;
+        nix::unistd::pivot_root(".", ".").map_err(at("pivot_root to", root))?;
+        nix::mount::umount2(".", MntFlags::MNT_DETACH)
+            .map_err(at("detach the host's root from", root))?;
+        nix::unistd::chdir("/").map_err(at("chdir", Path::new("/")))
+    }
+
+    fn sethostname(&self, name: &str) -> io::Result<()> {
+        nix::unistd::sethostname(name).map_err(at("set the host name to", Path::new(name)))
+    }
 }
 
 /// A fake that records what would be done, for tests.
@@ -103,6 +243,220 @@ impl Syscall for RecordingSyscall {
         ));
         Ok(())
     }
+
+    fn target(&self, path: &Path, dir: bool) -> io::Result<()> {
+        self.record(Op::Target {
+            path: path.into(),
+            dir,
+        })
+    }
+
+    fn mkdir(&self, path: &Path) -> io::Result<()> {
+        self.record(Op::Dir(path.into()))
+    }
+
+    fn mknod_char(&self, path: &Path, major: u64, minor: u64, mode: u32) -> io::Result<()> {
+        self.record(Op::CharDev {
+            path: path.into(),
+            major,
+            minor,
+            mode,
+        })
+    }
+
+    fn symlink(&self, to: &Path, link: &Path) -> io::Result<()> {
+        self.record(Op::Symlink {
+            link: link.into(),
+            to: to.into(),
+        })
+    }
+
+    fn pivot_root(&self, root: &Path) -> io::Result<()> {
+        self.record(Op::PivotRoot(root.into()))
+    }
+
+    fn sethostname(&self, name: &str) -> io::Result<()> {
+        self.record(Op::Hostname(name.into()))
+    }
+}
+
+impl RecordingSyscall {
+    fn record(&self, op: Op) -> io::Result<()> {
+        self.calls.borrow_mut().push(op.to_string());
+        Ok(())
+    }
+}
+
+/// Performs `ops` in order through `sys`.
+pub fn perform(sys: &dyn Syscall, ops: &[Op]) -> io::Result<()> {
+    for op in ops {
+        match op {
+            Op::Mount(m) => sys.mount(m)?,
+            Op::Target { path, dir } => sys.target(path, *dir)?,
+            Op::Dir(p) => sys.mkdir(p)?,
+            Op::CharDev {
+                path,
+                major,
+                minor,
+                mode,
+            } => sys.mknod_char(path, *major, *minor, *mode)?,
+            Op::Symlink { link, to } => sys.symlink(to, link)?,
+            Op::PivotRoot(root) => sys.pivot_root(root)?,
+            Op::Hostname(h) => sys.sethostname(h)?,
+        }
+    }
+    Ok(())
+}
+
+fn mount_op(
+    fstype: Option<&str>,
+    source: Option<&str>,
+    target: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Op {
+    Op::Mount(Mount {
+        fstype: fstype.map(String::from),
+        source: source.map(PathBuf::from),
+        target: target.into(),
+        flags,
+        data: data.map(String::from),
+    })
+}
+
+/// The device nodes every container gets (Docker's defaults): name, major, minor.
+pub const DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// The kernel filesystems of a container, inside its new root: `/proc`; `/dev` as a tmpfs
+/// with Docker's device nodes, `pts`, `shm`, `mqueue` and the usual links; `/sys`
+/// read-only (sysfs in its own network namespace, else an empty tmpfs: sysfs would show
+/// the host's network); and the container's own cgroup at `/sys/fs/cgroup`.
+pub fn kernel_filesystems(
+    host_network: bool,
+    cgroupfs: Option<&super::cgroup::CgroupFs>,
+) -> Vec<Op> {
+    use super::cgroup::CgroupFs;
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let ro = nosuid | MsFlags::MS_RDONLY;
+    let mut ops = vec![
+        Op::Target {
+            path: "/proc".into(),
+            dir: true,
+        },
+        mount_op(Some("proc"), Some("proc"), "/proc", nosuid, None),
+        Op::Target {
+            path: "/dev".into(),
+            dir: true,
+        },
+        mount_op(
+            Some("tmpfs"),
+            Some("tmpfs"),
+            "/dev",
+            MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+            Some("mode=755,size=65536k"),
+        ),
+    ];
+    for (name, major, minor) in DEVICES {
+        ops.push(Op::CharDev {
+            path: format!("/dev/{name}").into(),
+            major,
+            minor,
+            mode: 0o666,
+        });
+    }
+    for d in ["/dev/pts", "/dev/shm", "/dev/mqueue"] {
+        ops.push(Op::Dir(d.into()));
+    }
+    ops.extend([
+        mount_op(
+            Some("devpts"),
+            Some("devpts"),
+            "/dev/pts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        mount_op(
+            Some("tmpfs"),
+            Some("shm"),
+            "/dev/shm",
+            nosuid,
+            Some("mode=1777,size=65536k"),
+        ),
+        mount_op(Some("mqueue"), Some("mqueue"), "/dev/mqueue", nosuid, None),
+    ]);
+    for (link, to) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        ops.push(Op::Symlink {
+            link: link.into(),
+            to: to.into(),
+        });
+    }
+    ops.push(Op::Target {
+        path: "/sys".into(),
+        dir: true,
+    });
+    const CG: &str = "/sys/fs/cgroup";
+    if host_network {
+        ops.push(mount_op(
+            Some("tmpfs"),
+            Some("sysfs"),
+            "/sys",
+            MsFlags::MS_NOSUID,
+            Some("size=16k,mode=755"),
+        ));
+        if cgroupfs.is_some() {
+            ops.extend([Op::Dir("/sys/fs".into()), Op::Dir(CG.into())]);
+        }
+    } else {
+        ops.push(mount_op(Some("sysfs"), Some("sysfs"), "/sys", ro, None));
+    }
+    match cgroupfs {
+        None => {}
+        Some(CgroupFs::V2) => ops.push(mount_op(Some("cgroup2"), Some("cgroup2"), CG, ro, None)),
+        Some(CgroupFs::V1(hierarchies)) => {
+            ops.push(mount_op(
+                Some("tmpfs"),
+                Some("tmpfs"),
+                CG,
+                nosuid,
+                Some("mode=755,size=64k"),
+            ));
+            for h in hierarchies {
+                let dir = format!("{CG}/{}", h.dir);
+                ops.push(Op::Dir(dir.clone().into()));
+                ops.push(mount_op(
+                    Some("cgroup"),
+                    Some("cgroup"),
+                    &dir,
+                    ro,
+                    Some(&h.options),
+                ));
+                for link in &h.links {
+                    ops.push(Op::Symlink {
+                        link: format!("{CG}/{link}").into(),
+                        to: h.dir.clone().into(),
+                    });
+                }
+            }
+            ops.push(mount_op(None, None, CG, MsFlags::MS_REMOUNT | ro, None));
+        }
+    }
+    if host_network {
+        ops.push(mount_op(None, None, "/sys", MsFlags::MS_REMOUNT | ro, None));
+    }
+    ops
 }
 
 /// Performs `mounts` in order through `sys`.
@@ -195,6 +549,123 @@ pub fn overlay_supported() -> bool {
 
 #[cfg(test)]
 mod tests {
+    use crate::runtime::cgroup::{CgroupFs, V1Hierarchy};
+
+    fn rendered(ops: &[Op]) -> Vec<String> {
+        let sys = RecordingSyscall::default();
+        perform(&sys, ops).unwrap();
+        sys.calls.into_inner()
+    }
+
+    #[test]
+    fn kernel_filesystems_are_planned_as_docker_makes_them() {
+        let v1 = CgroupFs::V1(vec![
+            V1Hierarchy {
+                dir: "cpu,cpuacct".into(),
+                options: "cpu,cpuacct".into(),
+                links: vec!["cpu".into(), "cpuacct".into()],
+            },
+            V1Hierarchy {
+                dir: "memory".into(),
+                options: "memory".into(),
+                links: vec![],
+            },
+        ]);
+        let ops = kernel_filesystems(false, Some(&v1));
+        let calls = rendered(&ops);
+        // Every step goes through the seam, in order.
+        assert_eq!(calls.len(), ops.len());
+        // Docker's six device nodes, mode 0666, nothing else.
+        let nodes: Vec<&String> = calls.iter().filter(|c| c.starts_with("mknod")).collect();
+        assert_eq!(
+            nodes,
+            [
+                "mknod /dev/null c 1 3 666",
+                "mknod /dev/zero c 1 5 666",
+                "mknod /dev/full c 1 7 666",
+                "mknod /dev/random c 1 8 666",
+                "mknod /dev/urandom c 1 9 666",
+                "mknod /dev/tty c 5 0 666",
+            ]
+        );
+        // /proc and /dev are made before anything is mounted under them.
+        let pos = |needle: &str| calls.iter().position(|c| c.contains(needle)).unwrap();
+        assert!(pos("target /proc") < pos("proc proc on /proc"));
+        assert!(pos("tmpfs on /dev ") < pos("mknod /dev/null"));
+        assert!(pos("mkdir /dev/pts") < pos("devpts devpts on /dev/pts"));
+        // sysfs read-only; each v1 hierarchy read-only, with its own options, on a tmpfs
+        // that is made read-only last; the co-mount links.
+        let sysfs = ops
+            .iter()
+            .find_map(|o| match o {
+                Op::Mount(m) if m.fstype.as_deref() == Some("sysfs") => Some(m),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            sysfs
+                .flags
+                .contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID)
+        );
+        let cgroups: Vec<&Mount> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Mount(m) if m.fstype.as_deref() == Some("cgroup") => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(cgroups.len(), 2);
+        for m in &cgroups {
+            assert!(
+                m.flags.contains(
+                    MsFlags::MS_RDONLY
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV
+                        | MsFlags::MS_NOEXEC
+                ),
+                "{m}"
+            );
+        }
+        assert_eq!(cgroups[0].data.as_deref(), Some("cpu,cpuacct"));
+        assert_eq!(cgroups[0].target, Path::new("/sys/fs/cgroup/cpu,cpuacct"));
+        assert!(calls.contains(&"symlink /sys/fs/cgroup/cpu -> cpu,cpuacct".to_string()));
+        let last = calls.last().unwrap();
+        assert!(
+            last.contains("on /sys/fs/cgroup")
+                && last.contains("MS_REMOUNT")
+                && last.contains("MS_RDONLY"),
+            "{last}"
+        );
+    }
+
+    #[test]
+    fn host_networking_hides_sysfs_and_v2_mounts_one_hierarchy() {
+        let calls = rendered(&kernel_filesystems(true, Some(&CgroupFs::V2)));
+        assert!(
+            !calls.iter().any(|c| c.contains("sysfs sysfs")),
+            "{calls:#?}"
+        );
+        let sys = calls
+            .iter()
+            .position(|c| c.contains("tmpfs sysfs on /sys "))
+            .unwrap();
+        let cg = calls
+            .iter()
+            .position(|c| c.starts_with("mount cgroup2 cgroup2 on /sys/fs/cgroup"))
+            .unwrap();
+        assert!(sys < cg);
+        assert!(calls[cg].contains("MS_RDONLY"), "{}", calls[cg]);
+        // /sys itself ends read-only.
+        let last = calls.last().unwrap();
+        assert!(
+            last.contains("on /sys ") && last.contains("MS_REMOUNT") && last.contains("MS_RDONLY"),
+            "{last}"
+        );
+        // Without a cgroup: nothing under /sys/fs.
+        let calls = rendered(&kernel_filesystems(false, None));
+        assert!(!calls.iter().any(|c| c.contains("/sys/fs")), "{calls:#?}");
+    }
+
     use super::*;
 
     #[test]

@@ -20,14 +20,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::sys::stat::{Mode, SFlag};
+use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Pid, Uid};
 
 use super::caps;
-use super::mount::{LinuxSyscall, Mount, Syscall};
+use super::mount::{LinuxSyscall, Mount, Op, Syscall};
 
 /// The container's network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +234,81 @@ fn sealed_init() -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(mem))
 }
 
+/// `struct clone_args` of clone3(2), up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// clone3's flag: start the child in the cgroup `CloneArgs::cgroup` names (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// False when `BERTH_NO_CLONE3` is set: the fallback path, for measuring one against the
+/// other (`bench/results.md`) and for kernels that misreport.
+fn clone3_allowed() -> bool {
+    std::env::var_os("BERTH_NO_CLONE3").is_none()
+}
+
+/// Creates the child as `fork` does, with `flags` and directly in the v2 cgroup `dir`,
+/// through clone3. The child runs `child` and exits with what it returns. `None` where
+/// the kernel cannot (older than 5.7, or the cgroup refuses): the caller falls back.
+fn clone3_into(
+    flags: CloneFlags,
+    dir: &Path,
+    child: &mut dyn FnMut() -> isize,
+) -> io::Result<Option<(Pid, OwnedFd)>> {
+    let Ok(cgroup) = File::open(dir) else {
+        return Ok(None);
+    };
+    let mut pidfd: libc::c_int = -1;
+    let args = CloneArgs {
+        flags: flags.bits() as u64 | libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM and without a stack behaves as fork: the child gets
+    // a copy of this (single-threaded) address space and returns 0 here, on its copy of
+    // this stack. `args` outlives the call and `pidfd` receives the new descriptor.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        let code = child();
+        // SAFETY: the child ends here without running the parent's destructors.
+        unsafe { libc::_exit(code as i32) };
+    }
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP | libc::EBUSY) => {
+                Ok(None)
+            }
+            _ => Err(e),
+        };
+    }
+    // SAFETY: CLONE_PIDFD stored a new descriptor we own.
+    Ok(Some((Pid::from_raw(ret as i32), unsafe {
+        OwnedFd::from_raw_fd(pidfd)
+    })))
+}
+
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
@@ -262,30 +337,54 @@ pub fn start(
     if launch.network != Network::Host {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    let mut stack = vec![0u8; 1 << 20];
-    let child = Box::new(|| -> isize {
+    // Set before each way of creating the child, which sees the value of the moment.
+    let joined = std::cell::Cell::new(false);
+    let mut child = || -> isize {
         let mut report = File::from(err_w.try_clone().expect("dup the error pipe"));
-        match container_init(launch, &go_r, &init_binary, &etc, &err_w) {
+        match container_init(launch, joined.get(), &go_r, &init_binary, &etc, &err_w) {
             Ok(never) => match never {},
             Err((code, message)) => {
                 let _ = report.write_all(format!("{code} {message}").as_bytes());
                 code as isize
             }
         }
-    });
-    // SAFETY: the child runs `container_init` on its own stack in a copy of this address
-    // space (no CLONE_VM); this process is single-threaded here, so the copy is consistent.
-    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
-        .map_err(|e| host("create the container's namespaces")(e.into()))?;
+    };
+    // cgroup v2: the child starts in its cgroup (clone3's CLONE_INTO_CGROUP), with no
+    // write to `cgroup.procs` and none of the lock that write takes. The v2 cgroup is the
+    // directory of the one `cgroup.procs` the launch would have the child join.
+    let v2_cgroup = match launch.cgroup_join.as_slice() {
+        [procs] if procs.ends_with("cgroup.procs") && clone3_allowed() => procs.parent(),
+        _ => None,
+    };
+    joined.set(true);
+    let cloned = match v2_cgroup {
+        Some(dir) => clone3_into(flags, dir, &mut child)
+            .map_err(|e| host("create the container in its cgroup")(e))?,
+        None => None,
+    };
+    let (pid, pidfd) = match cloned {
+        Some(cloned) => cloned,
+        None => {
+            joined.set(false);
+            let mut stack = vec![0u8; 1 << 20];
+            // SAFETY: the child runs `container_init` on its own stack in a copy of this
+            // address space (no CLONE_VM); this process is single-threaded here, so the
+            // copy is consistent.
+            let pid = unsafe {
+                nix::sched::clone(Box::new(&mut child), &mut stack, flags, Some(libc::SIGCHLD))
+            }
+            .map_err(|e| host("create the container's namespaces")(e.into()))?;
+            // SAFETY: pidfd_open(2) with a pid we just created and no flags.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+            if pidfd < 0 {
+                return Err(host("open a pidfd")(io::Error::last_os_error()));
+            }
+            // SAFETY: a new descriptor we own.
+            (pid, unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
+        }
+    };
     drop(err_w);
     drop(go_r);
-    // SAFETY: pidfd_open(2) with a pid we just created and no flags.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if pidfd < 0 {
-        return Err(host("open a pidfd")(io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
     let started = Started {
         pid,
         pidfd,
@@ -518,57 +617,9 @@ fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Fail + '_ {
 /// Makes sure a mount target inside the new root is a real directory (or file), never a
 /// symlink, creating it when missing.
 fn target(path: &str, dir: bool) -> Result<(), Fail> {
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if md.file_type().is_symlink() => Err((
-            125,
-            format!("mount target {path} is a symlink in the image"),
-        )),
-        Ok(_) => Ok(()),
-        Err(_) if dir => std::fs::create_dir_all(path).map_err(fail(path)),
-        Err(_) => {
-            if let Some(parent) = Path::new(path).parent() {
-                std::fs::create_dir_all(parent).map_err(fail(path))?;
-            }
-            File::create(path).map(drop).map_err(fail(path))
-        }
-    }
-}
-
-/// Mounts the container's own cgroup at `/sys/fs/cgroup`, read-only: the process is in
-/// its cgroup namespace already, so each hierarchy's root there is the container's cgroup.
-fn mount_cgroupfs(fs: &super::cgroup::CgroupFs) -> Result<(), Fail> {
-    use super::cgroup::CgroupFs;
-    const AT: &str = "/sys/fs/cgroup";
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-    match fs {
-        CgroupFs::V2 => mount(Some("cgroup2"), Some("cgroup2"), AT, flags, None),
-        CgroupFs::V1(hierarchies) => {
-            let rw = flags - MsFlags::MS_RDONLY;
-            mount(
-                Some("tmpfs"),
-                Some("tmpfs"),
-                AT,
-                rw,
-                Some("mode=755,size=64k"),
-            )?;
-            for h in hierarchies {
-                let dir = format!("{AT}/{}", h.dir);
-                std::fs::create_dir(&dir).map_err(fail(&dir))?;
-                mount(
-                    Some("cgroup"),
-                    Some("cgroup"),
-                    &dir,
-                    flags,
-                    Some(&h.options),
-                )?;
-                for link in &h.links {
-                    let at = format!("{AT}/{link}");
-                    std::os::unix::fs::symlink(&h.dir, &at).map_err(fail(&at))?;
-                }
-            }
-            mount(None, None, AT, MsFlags::MS_REMOUNT | flags, None)
-        }
-    }
+    LinuxSyscall
+        .target(Path::new(path), dir)
+        .map_err(|e| (125, e.to_string()))
 }
 
 fn mount(
@@ -596,6 +647,7 @@ fn mount(
 /// Returns only on failure.
 fn container_init(
     l: &Launch,
+    joined: bool,
     go: &OwnedFd,
     init_binary: &OwnedFd,
     etc: &[(Vec<u8>, &'static str)],
@@ -612,8 +664,10 @@ fn container_init(
     File::from(go.try_clone().map_err(fail("dup"))?)
         .read_exact(&mut byte)
         .map_err(fail("wait for the host"))?;
-    for file in &l.cgroup_join {
-        std::fs::write(file, "0").map_err(fail("join the container's cgroup"))?;
+    if !joined {
+        for file in &l.cgroup_join {
+            std::fs::write(file, "0").map_err(fail("join the container's cgroup"))?;
+        }
     }
     if Path::new("/proc/self/ns/cgroup").exists() {
         nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
@@ -734,98 +788,14 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
             )?;
         }
     }
-    nix::unistd::chdir(&l.rootfs).map_err(fail("enter the root filesystem"))?;
-    nix::unistd::pivot_root(".", ".").map_err(fail("pivot_root"))?;
-    nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(fail("detach the host's root"))?;
-    nix::unistd::chdir("/").map_err(fail("chdir /"))?;
-
-    // /proc, /dev, /sys, inside the new root.
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    target("/proc", true)?;
-    mount(Some("proc"), Some("proc"), "/proc", nosuid, None)?;
-    target("/dev", true)?;
-    mount(
-        Some("tmpfs"),
-        Some("tmpfs"),
-        "/dev",
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-        Some("mode=755,size=65536k"),
-    )?;
-    for (name, major, minor) in [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ] {
-        let path = format!("/dev/{name}");
-        nix::sys::stat::mknod(
-            path.as_str(),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::makedev(major, minor),
-        )
-        .map_err(fail("create a device node"))?;
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            path.as_str(),
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(fail("chmod a device node"))?;
-    }
-    for d in ["/dev/pts", "/dev/shm", "/dev/mqueue"] {
-        std::fs::create_dir(d).map_err(fail(d))?;
-    }
-    mount(
-        Some("devpts"),
-        Some("devpts"),
-        "/dev/pts",
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
-    )?;
-    mount(
-        Some("tmpfs"),
-        Some("shm"),
-        "/dev/shm",
-        nosuid,
-        Some("mode=1777,size=65536k"),
-    )?;
-    mount(Some("mqueue"), Some("mqueue"), "/dev/mqueue", nosuid, None)?;
-    for (link, to) in [
-        ("/dev/ptmx", "pts/ptmx"),
-        ("/dev/fd", "/proc/self/fd"),
-        ("/dev/stdin", "/proc/self/fd/0"),
-        ("/dev/stdout", "/proc/self/fd/1"),
-        ("/dev/stderr", "/proc/self/fd/2"),
-    ] {
-        std::os::unix::fs::symlink(to, link).map_err(fail(link))?;
-    }
-    target("/sys", true)?;
-    let sys_flags = nosuid | MsFlags::MS_RDONLY;
-    if l.network != Network::Host {
-        mount(Some("sysfs"), Some("sysfs"), "/sys", sys_flags, None)?;
-        if let Some(fs) = &l.cgroupfs {
-            mount_cgroupfs(fs)?;
-        }
-    } else {
-        // Without its own network namespace a container may not mount sysfs: a tmpfs
-        // keeps the host's /sys out of sight, with only the cgroup mount point in it,
-        // read-only once that is mounted.
-        mount(
-            Some("tmpfs"),
-            Some("sysfs"),
-            "/sys",
-            nosuid,
-            Some("size=16k,mode=755"),
-        )?;
-        if let Some(fs) = &l.cgroupfs {
-            std::fs::create_dir_all("/sys/fs/cgroup").map_err(fail("/sys/fs/cgroup"))?;
-            mount_cgroupfs(fs)?;
-        }
-        mount(None, None, "/sys", MsFlags::MS_REMOUNT | sys_flags, None)?;
-    }
+    // The new root, then the kernel's filesystems inside it: a plan (see
+    // `mount::kernel_filesystems`, tested without root) applied through the seam.
+    let mut ops = vec![Op::PivotRoot(l.rootfs.clone())];
+    ops.extend(super::mount::kernel_filesystems(
+        l.network == Network::Host,
+        l.cgroupfs.as_ref(),
+    ));
+    super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
     // /etc files: their contents were read on the host side; the container gets its own
     // copies (a symlink in the image's place is replaced, never followed).
     for (content, dest) in etc {
@@ -867,7 +837,9 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
     if !l.secret_files.is_empty() {
         secret_files(l)?;
     }
-    nix::unistd::sethostname(&l.hostname).map_err(fail("set the host name"))?;
+    LinuxSyscall
+        .sethostname(&l.hostname)
+        .map_err(|e| (125, e.to_string()))?;
     // The working directory, created if missing (Docker does), before privileges drop.
     let cwd = &l.process.cwd;
     if std::fs::symlink_metadata(cwd).is_err() {
