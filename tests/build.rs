@@ -101,6 +101,24 @@ fn the_demo_builds_caches_and_reproduces_from_a_fresh_clone() {
             inspected.stdout
         );
         digests.push(first.last_line());
+        if digests.len() == 1 {
+            // A file the commit lacks: the tree is dirty, the image says so and claims no
+            // commit's date.
+            std::fs::write(repo.join("untracked.txt"), "x\n").unwrap();
+            let dirty = build();
+            let inspected = Berth::new()
+                .args(["inspect", &dirty.last_line()])
+                .env("BERTH_STORE", p.store().to_str().unwrap())
+                .run()
+                .ok();
+            let v: serde_json::Value = serde_json::from_str(&inspected.stdout).unwrap();
+            assert_eq!(v["config"]["created"], "1970-01-01T00:00:00Z");
+            assert_eq!(
+                v["config"]["config"]["Labels"]["dev.berth.git.dirty"], "true",
+                "{}",
+                inspected.stdout
+            );
+        }
     }
     assert_eq!(
         digests[0], digests[1],
@@ -779,6 +797,78 @@ fn a_change_deep_in_the_tree_resumes_the_layer_and_builds_what_a_fresh_store_bui
             "{tar_sum}"
         );
     }
+    // A damaged store is never copied into a new layer: the earlier blob with a flipped
+    // byte, then cut short, then its saved states garbled. Each time the layer is written
+    // in full and the image is the fresh store's; `--no-cache` takes nothing over.
+    let blob_of = |v: &serde_json::Value| {
+        let d = copy_layer(v)["digest"].as_str().unwrap().to_string();
+        p.store().join("blobs/sha256").join(&d[7..])
+    };
+    let mut last = build(&p);
+    for (round, damage) in ["flip", "truncate", "index", "no-cache"].iter().enumerate() {
+        let blob = blob_of(&last);
+        match *damage {
+            "flip" => {
+                let mut bytes = std::fs::read(&blob).unwrap();
+                bytes[1000] ^= 0x40;
+                std::fs::write(&blob, bytes).unwrap();
+            }
+            "truncate" => {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&blob)
+                    .unwrap()
+                    .set_len(100_000)
+                    .unwrap();
+            }
+            "index" => {
+                let name = format!("{}.json", blob.file_name().unwrap().to_str().unwrap());
+                let index = p.store().join("berth/cache/chunks-b3").join(name);
+                let text = std::fs::read_to_string(&index).unwrap();
+                let garbled = text.replacen("\"crc\":", "\"crc\":1", 1);
+                assert_ne!(text, garbled);
+                std::fs::write(&index, garbled).unwrap();
+            }
+            _ => {}
+        }
+        let body = format!("version {round}, after damage\n");
+        p.file("ctx/app/src/main.txt", &body);
+        let mut args = vec![
+            "--json",
+            "build",
+            "-f",
+            "ctx/Dockerfile",
+            "-t",
+            "deep:1",
+            "ctx",
+        ];
+        if *damage == "no-cache" {
+            args.push("--no-cache");
+        }
+        let run = p.berth().args(&args).run().ok();
+        let again: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        let prefix = copy_layer(&again)["unchanged_prefix"].as_u64().unwrap();
+        if matches!(*damage, "index" | "no-cache") {
+            assert_eq!(prefix, 0, "{damage}: nothing resumed");
+        } else {
+            assert!(
+                run.stderr.contains("writing it in full"),
+                "{damage}: {}",
+                run.stderr
+            );
+        }
+        let fresh = TempProject::new();
+        project(&fresh);
+        fresh.file("ctx/app/src/main.txt", &body);
+        assert_eq!(again["digest"], build(&fresh)["digest"], "{damage}");
+        let written = blob_of(&again);
+        let sum = run_ok(Command::new("sha256sum").arg(&written));
+        assert!(
+            sum.starts_with(written.file_name().unwrap().to_str().unwrap()),
+            "{damage}: {sum}"
+        );
+        last = again;
+    }
 }
 
 #[test]
@@ -801,4 +891,17 @@ fn source_date_epoch_dates_the_files_and_a_new_one_rebuilds_them() {
             "a cached layer of another epoch is not reused"
         );
     }
+    let explained = p
+        .berth()
+        .args(["build", "--explain"])
+        .env("SOURCE_DATE_EPOCH", "3000")
+        .run()
+        .ok();
+    assert!(
+        explained
+            .stdout
+            .contains("SOURCE_DATE_EPOCH changed (2000 → 3000)"),
+        "{}",
+        explained.stdout
+    );
 }

@@ -119,6 +119,14 @@ fn push_sends_only_what_is_missing_and_pull_verifies() {
     );
     let run = d.berth().args(["run", "--rm", &by_digest]).run().ok();
     assert_eq!(run.stdout, "version one\n");
+    // A digest name is the image's own digest, never another.
+    let zeros = format!("mine@sha256:{}", "0".repeat(64));
+    let refused = d.berth().args(["tag", &by_digest, &zeros]).run().code(2);
+    assert!(refused.stderr.contains("own digest"), "{}", refused.stderr);
+    d.berth()
+        .args(["tag", &by_digest, &format!("mine@{digest}")])
+        .run()
+        .ok();
     d.berth().args(["rmi", &by_digest]).run().ok();
     assert!(
         !d.berth()

@@ -177,6 +177,9 @@ pub struct ExplainRecord {
     /// The layer it produced (whose compressed chunks the next build may reuse).
     #[serde(default)]
     pub layer: Option<Digest>,
+    /// The file times of its layer (`SOURCE_DATE_EPOCH`, else 0).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// The last record at a step position.
@@ -222,6 +225,12 @@ pub fn miss_reason(
             reason += &format!("; build args changed: {}", args.join(", "));
         }
         return reason;
+    }
+    if now.epoch != last.epoch {
+        return format!(
+            "SOURCE_DATE_EPOCH changed ({} → {}): the layer's file times differ",
+            last.epoch, now.epoch
+        );
     }
     if now.parent != last.parent {
         return if parent_missed {

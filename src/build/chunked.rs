@@ -232,6 +232,17 @@ pub struct ChunkIndex {
     /// the writer of the stream knows of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resume: Vec<ResumePoint>,
+    /// BLAKE3 of `resume` as JSON: points whose file was damaged are not used.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resume_sum: String,
+}
+
+impl ChunkIndex {
+    /// The checksum [`ChunkIndex::resume_sum`] holds for these points.
+    pub fn resume_checksum(points: &[ResumePoint]) -> String {
+        let json = serde_json::to_vec(points).expect("resume points serialise");
+        blake3::hash(&json).to_hex().to_string()
+    }
 }
 
 /// A [`Boundary`] of a layer and the tar entries before it (see `layer.rs`).
@@ -360,6 +371,7 @@ fn output_thread<W: Sink>(
             level,
             chunks,
             resume: Vec::new(),
+            resume_sum: String::new(),
         },
         crc,
         uncompressed: Sha256Resumable::new(),

@@ -657,6 +657,9 @@ fn describe_planned(path: &str, p: &Planned) -> super::imagefs::IndexEntry {
     }
 }
 
+/// A written layer and the nodes it added.
+pub type Written = (Layer, Vec<(String, FsNode)>);
+
 /// Writes a plan as a layer. Context files are hashed as they stream into the layer; their
 /// hashes go into the stat cache and `inputs`, so a cold build reads each file once.
 ///
@@ -672,7 +675,51 @@ pub fn write_plan(
     ctx: Option<&Context>,
     stat: &mut StatCache,
     inputs: &mut Inputs,
-) -> Result<(Layer, Vec<(String, FsNode)>), BuildError> {
+) -> Result<Written, BuildError> {
+    let mut resumed = false;
+    match write_plan_once(
+        store,
+        plan,
+        compression,
+        reuse_from,
+        ctx,
+        stat,
+        inputs,
+        &mut resumed,
+    ) {
+        // A resumed layer that failed (the earlier blob damaged or gone, its saved state
+        // wrong, or anything else) is written again in full: what that one says is the
+        // error worth reporting.
+        Err(e) if resumed => {
+            crate::say!(
+                "warning: could not resume this layer after the last build's ({e}); writing it in full"
+            );
+            write_plan_once(
+                store,
+                plan,
+                compression,
+                &[],
+                ctx,
+                stat,
+                inputs,
+                &mut resumed,
+            )
+        }
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_plan_once(
+    store: &Store,
+    plan: &Plan,
+    compression: LayerCompression,
+    reuse_from: &[Digest],
+    ctx: Option<&Context>,
+    stat: &mut StatCache,
+    inputs: &mut Inputs,
+    resumed: &mut bool,
+) -> Result<Written, BuildError> {
     // Each entry's identity as far as known before writing: a context file by the hash
     // the stat cache gave it; a file copied from an image has none.
     let identity = |inputs: &Inputs, p: &Planned| -> Option<String> {
@@ -696,6 +743,7 @@ pub fn write_plan(
         planned.push(fp);
     }
     let (mut w, resume_at) = LayerWriter::resuming(store, compression, reuse_from, &planned)?;
+    *resumed = resume_at.is_some();
     let mut nodes = Vec::with_capacity(plan.len());
     let werr = |path: &str, e: io::Error| {
         entry_error(e, |source| BuildError::Context {

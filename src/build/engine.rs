@@ -1027,6 +1027,7 @@ impl Engine<'_> {
             args: st.args.clone(),
             key: key.to_string(),
             layer: None,
+            epoch: self.opts.epoch,
         };
         let last = cache::last_explain(self.store, &slot);
         let hit = (!self.opts.no_cache)
@@ -1043,8 +1044,10 @@ impl Engine<'_> {
                     .zip(diff_ids)
                     .map(|((d, m), id)| (d, m, id))
                     .collect();
+                // `--no-cache` takes nothing from earlier builds, compressed chunks included.
                 let reuse_from: Vec<Digest> = last
                     .as_ref()
+                    .filter(|_| !self.opts.no_cache)
                     .and_then(|l| l.layer.clone())
                     .into_iter()
                     .collect();
@@ -1245,6 +1248,7 @@ impl Engine<'_> {
             args: st.args.clone(),
             key: String::new(),
             layer: None,
+            epoch: self.opts.epoch,
         };
         let last = cache::last_explain(self.store, &slot);
         if !inputs.complete && last.is_some() && !self.opts.no_cache {
@@ -1264,7 +1268,9 @@ impl Engine<'_> {
             None => {
                 // A rebuild copies the start of this step's last layer: have the kernel
                 // read it while the plan is made.
-                if let Some(d) = last.as_ref().and_then(|l| l.layer.as_ref()) {
+                if let Some(d) = last.as_ref().and_then(|l| l.layer.as_ref())
+                    && !self.opts.no_cache
+                {
                     self.store.prefetch(d);
                 }
                 let chown = c.chown.as_deref().map(|o| self.owner(st, o)).transpose()?;
@@ -1336,8 +1342,10 @@ impl Engine<'_> {
                         &spool,
                     )?,
                 };
+                // `--no-cache` takes nothing from earlier builds, compressed chunks included.
                 let reuse_from: Vec<Digest> = last
                     .as_ref()
+                    .filter(|_| !self.opts.no_cache)
                     .and_then(|l| l.layer.clone())
                     .into_iter()
                     .collect();

@@ -108,7 +108,13 @@ fn reusable(
     for d in from {
         let index = std::fs::read(chunk_index_path(store, d))
             .ok()
-            .and_then(|b| serde_json::from_slice::<ChunkIndex>(&b).ok());
+            .and_then(|b| serde_json::from_slice::<ChunkIndex>(&b).ok())
+            .map(|mut index| {
+                if index.resume_sum != ChunkIndex::resume_checksum(&index.resume) {
+                    index.resume.clear(); // Damaged: the chunks stay usable, the points not.
+                }
+                index
+            });
         if let (Some(index), Ok(blob)) = (index, store.blob_ranges(d)) {
             reuse.add(blob, &index, codec, level);
             indexes.push((d.clone(), index));
@@ -505,6 +511,7 @@ impl LayerWriter {
             self.inherited,
             finished.boundaries,
         );
+        index.resume_sum = ChunkIndex::resume_checksum(&index.resume);
         let (digest, size) = blob.commit(None)?;
         // The index only speeds up later builds; failing to save it loses nothing.
         let path = chunk_index_path(&self.store, &digest);

@@ -29,14 +29,21 @@ pub fn labels(dir: &Path) -> Vec<(String, String)> {
     {
         out.push((SOURCE.to_string(), strip_credentials(url)));
     }
-    let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(false).include_ignored(false);
-    let dirty = repo
-        .statuses(Some(&mut opts))
-        .map(|s| !s.is_empty())
-        .unwrap_or(false);
-    out.push((DIRTY.to_string(), dirty.to_string()));
+    out.push((DIRTY.to_string(), (!is_clean(&repo)).to_string()));
     out
+}
+
+/// True when the work tree is the commit: no tracked file changed and no untracked file
+/// (a build may copy it; a clone of the commit would not have it). Ignored files are not
+/// looked at: they are usually what builds produce (`target/`, `node_modules/`).
+fn is_clean(repo: &git2::Repository) -> bool {
+    let mut opts = git2::StatusOptions::new();
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(false)
+        .include_ignored(false);
+    repo.statuses(Some(&mut opts))
+        .map(|s| s.is_empty())
+        .unwrap_or(false)
 }
 
 /// The commit time of the checkout containing `dir`, when its tracked files are as
@@ -44,9 +51,7 @@ pub fn labels(dir: &Path) -> Vec<(String, String)> {
 pub fn clean_commit_time(dir: &Path) -> Option<u64> {
     let repo = git2::Repository::discover(dir).ok()?;
     let commit = repo.head().and_then(|h| h.peel_to_commit()).ok()?;
-    let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(false).include_ignored(false);
-    if !repo.statuses(Some(&mut opts)).ok()?.is_empty() {
+    if !is_clean(&repo) {
         return None;
     }
     u64::try_from(commit.time().seconds()).ok()

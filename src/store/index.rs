@@ -87,6 +87,15 @@ impl Store {
     /// Points `name` at a manifest (replacing where it pointed before).
     pub fn set_tag(&self, name: &str, manifest: &Descriptor) -> Result<()> {
         let name = normalize_tag(name)?;
+        // `repo@sha256:…` names exactly that manifest and nothing else.
+        if let Some((_, digest)) = name.split_once('@')
+            && digest != manifest.digest().to_string()
+        {
+            return Err(StoreError::BadTag(format!(
+                "{name} (a name with a digest must be the image's own digest, {})",
+                manifest.digest()
+            )));
+        }
         let mut d = manifest.clone();
         let mut ann = d.annotations().clone().unwrap_or_default();
         ann.insert(REF_NAME.to_string(), name.clone());

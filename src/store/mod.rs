@@ -84,7 +84,7 @@ pub enum StoreError {
     },
     /// A tag is not a valid `name:tag`.
     #[error(
-        "`{0}` is not a valid image name (expected [HOST/]NAME[:TAG]: lower-case path components of letters, digits and . _ -, at most 255 characters; a tag of at most 128)"
+        "`{0}` is not a valid image name (expected [HOST/]NAME[:TAG] or NAME@sha256:DIGEST: lower-case path components of letters, digits and . _ -, at most 255 characters; a tag of at most 128)"
     )]
     BadTag(String),
 }
@@ -269,11 +269,9 @@ impl Store {
     }
 
     /// Starts writing a blob whose first `state.len` bytes are those of the stored blob
-    /// `from`, with the hash state after them: the bytes are copied, not hashed again, and
-    /// copied at the first write (on whichever thread writes; a layer's output thread
-    /// copies while others compress). The caller vouches for `state` (a saved state of
-    /// `from`'s own hash); the store's blobs never change under their names, so it stays
-    /// true.
+    /// `from`, with the hash state after them. The bytes are copied on a thread of their
+    /// own while the caller goes on; the first write waits for the copy, which fails if
+    /// the bytes do not hash to `state` (a damaged blob, or a stale saved state).
     pub fn blob_writer_from(&self, from: &Digest, state: &Midstate) -> Result<BlobWriter> {
         let hasher = Sha256Resumable::resume(state).ok_or_else(|| StoreError::BadDocument {
             what: "hash state",
@@ -287,16 +285,27 @@ impl Store {
         let mut file = self.ingest_file()?;
         // The copy starts now, on its own thread, while the caller reads and compresses
         // what follows; the first write waits for it. Its reads go through the page cache,
-        // which [`Store::prefetch`] may have filled already.
+        // which [`Store::prefetch`] may have filled already. The bytes are hashed as they
+        // pass and must give `state`: a damaged earlier blob never reaches a new one (the
+        // caller then writes the layer in full).
+        let want = state.clone();
         let copy = std::thread::spawn(move || -> io::Result<direct::IngestFile> {
             use std::os::unix::fs::FileExt;
             let mut buf = vec![0u8; 4 << 20];
+            let mut hash = Sha256Resumable::new();
             let mut at = 0u64;
             while at < len {
                 let n = (len - at).min(buf.len() as u64) as usize;
                 src.read_exact_at(&mut buf[..n], at)?;
+                hash.update(&buf[..n]);
                 file.write_all(&buf[..n])?;
                 at += n as u64;
+            }
+            if hash.midstate() != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the earlier blob's first bytes are not those its saved hash state describes",
+                ));
             }
             Ok(file)
         });
