@@ -740,22 +740,18 @@ fn a_change_deep_in_the_tree_resumes_the_layer_and_builds_what_a_fresh_store_bui
         text_tree(p, "ctx/app/deps", 300, 11);
         p.file("ctx/app/src/main.txt", "version 1\n");
     };
-    let build = |p: &TempProject| -> serde_json::Value {
+    // `--json build` of the context, with `extra` flags: the report and what berth said.
+    let build_with = |p: &TempProject, extra: &[&str]| -> (serde_json::Value, String) {
         let run = p
             .berth()
-            .args([
-                "--json",
-                "build",
-                "-f",
-                "ctx/Dockerfile",
-                "-t",
-                "deep:1",
-                "ctx",
-            ])
+            .args(["--json", "build", "-f", "ctx/Dockerfile", "-t", "deep:1"])
+            .args(extra)
+            .arg("ctx")
             .run()
             .ok();
-        serde_json::from_str(&run.stdout).unwrap()
+        (serde_json::from_str(&run.stdout).unwrap(), run.stderr)
     };
+    let build = |p: &TempProject| build_with(p, &[]).0;
     let copy_layer = |v: &serde_json::Value| v["steps"][0]["layer"].clone();
     let p = TempProject::new();
     project(&p);
@@ -833,29 +829,17 @@ fn a_change_deep_in_the_tree_resumes_the_layer_and_builds_what_a_fresh_store_bui
         }
         let body = format!("version {round}, after damage\n");
         p.file("ctx/app/src/main.txt", &body);
-        let mut args = vec![
-            "--json",
-            "build",
-            "-f",
-            "ctx/Dockerfile",
-            "-t",
-            "deep:1",
-            "ctx",
-        ];
-        if *damage == "no-cache" {
-            args.push("--no-cache");
-        }
-        let run = p.berth().args(&args).run().ok();
-        let again: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        let no_cache: &[&str] = if *damage == "no-cache" {
+            &["--no-cache"]
+        } else {
+            &[]
+        };
+        let (again, said) = build_with(&p, no_cache);
         let prefix = copy_layer(&again)["unchanged_prefix"].as_u64().unwrap();
         if matches!(*damage, "index" | "no-cache") {
             assert_eq!(prefix, 0, "{damage}: nothing resumed");
         } else {
-            assert!(
-                run.stderr.contains("writing it in full"),
-                "{damage}: {}",
-                run.stderr
-            );
+            assert!(said.contains("writing it in full"), "{damage}: {said}");
         }
         let fresh = TempProject::new();
         project(&fresh);

@@ -677,16 +677,19 @@ pub fn write_plan(
     inputs: &mut Inputs,
 ) -> Result<Written, BuildError> {
     let mut resumed = false;
-    match write_plan_once(
-        store,
-        plan,
-        compression,
-        reuse_from,
-        ctx,
-        stat,
-        inputs,
-        &mut resumed,
-    ) {
+    let mut attempt = |reuse_from: &[Digest], resumed: &mut bool| {
+        write_plan_once(
+            store,
+            plan,
+            compression,
+            reuse_from,
+            ctx,
+            stat,
+            inputs,
+            resumed,
+        )
+    };
+    match attempt(reuse_from, &mut resumed) {
         // A resumed layer that failed (the earlier blob damaged or gone, its saved state
         // wrong, or anything else) is written again in full: what that one says is the
         // error worth reporting.
@@ -694,16 +697,7 @@ pub fn write_plan(
             crate::say!(
                 "warning: could not resume this layer after the last build's ({e}); writing it in full"
             );
-            write_plan_once(
-                store,
-                plan,
-                compression,
-                &[],
-                ctx,
-                stat,
-                inputs,
-                &mut resumed,
-            )
+            attempt(&[], &mut resumed)
         }
         other => other,
     }

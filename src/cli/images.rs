@@ -145,8 +145,15 @@ pub fn images(g: &GlobalOpts, args: &ImagesArgs, out: &mut Output) -> Result<(),
         return Ok(out.json_value(&rows)?);
     }
     let width = if args.digests { 71 } else { 12 };
+    // Names as wide as the longest (a digest reference is 90 characters), at least 40.
+    let names = rows
+        .iter()
+        .map(|r| r["name"].as_str().unwrap_or_default().chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(40);
     out.line(format!(
-        "{:<40} {:<width$}   {:<22} {:>10} {:>10}",
+        "{:<names$} {:<width$}   {:<22} {:>10} {:>10}",
         "NAME", "DIGEST", "CREATED", "SIZE", "SHARED"
     ))?;
     for r in rows {
@@ -156,7 +163,7 @@ pub fn images(g: &GlobalOpts, args: &ImagesArgs, out: &mut Output) -> Result<(),
             .parse()
             .expect("stored digest");
         out.line(format!(
-            "{:<40} {:<width$}   {:<22} {:>10} {:>10}",
+            "{:<names$} {:<width$}   {:<22} {:>10} {:>10}",
             r["name"].as_str().unwrap_or_default(),
             if args.digests {
                 digest.as_str()

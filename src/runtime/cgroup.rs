@@ -112,6 +112,23 @@ pub struct V1Hierarchy {
     pub links: Vec<String>,
 }
 
+/// Co-mounted cpu,cpuacct and memory, as a v1 host has them: for tests.
+#[cfg(test)]
+pub(crate) fn sample_v1() -> Vec<V1Hierarchy> {
+    vec![
+        V1Hierarchy {
+            dir: "cpu,cpuacct".into(),
+            options: "cpu,cpuacct".into(),
+            links: vec!["cpu".into(), "cpuacct".into()],
+        },
+        V1Hierarchy {
+            dir: "memory".into(),
+            options: "memory".into(),
+            links: vec![],
+        },
+    ]
+}
+
 /// The v1 hierarchies mounted under `/sys/fs/cgroup` in `mountinfo` (as
 /// `/proc/self/mountinfo` lists them) that hold one of `controllers`.
 pub fn v1_hierarchies(mountinfo: &str, controllers: &[&str]) -> Vec<V1Hierarchy> {
@@ -404,21 +421,6 @@ mod tests {
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
-        let h = v1_hierarchies(info, &V1_CONTROLLERS);
-        assert_eq!(
-            h,
-            [
-                V1Hierarchy {
-                    dir: "cpu,cpuacct".into(),
-                    options: "cpu,cpuacct".into(),
-                    links: vec!["cpu".into(), "cpuacct".into()],
-                },
-                V1Hierarchy {
-                    dir: "memory".into(),
-                    options: "memory".into(),
-                    links: vec![],
-                },
-            ]
-        );
+        assert_eq!(v1_hierarchies(info, &V1_CONTROLLERS), sample_v1());
     }
 }

@@ -308,7 +308,8 @@ pub fn perform(sys: &dyn Syscall, ops: &[Op]) -> io::Result<()> {
     Ok(())
 }
 
-fn mount_op(
+/// A mount step.
+pub fn mount_op(
     fstype: Option<&str>,
     source: Option<&str>,
     target: &str,
@@ -549,7 +550,7 @@ pub fn overlay_supported() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::runtime::cgroup::{CgroupFs, V1Hierarchy};
+    use crate::runtime::cgroup::CgroupFs;
 
     fn rendered(ops: &[Op]) -> Vec<String> {
         let sys = RecordingSyscall::default();
@@ -559,18 +560,7 @@ mod tests {
 
     #[test]
     fn kernel_filesystems_are_planned_as_docker_makes_them() {
-        let v1 = CgroupFs::V1(vec![
-            V1Hierarchy {
-                dir: "cpu,cpuacct".into(),
-                options: "cpu,cpuacct".into(),
-                links: vec!["cpu".into(), "cpuacct".into()],
-            },
-            V1Hierarchy {
-                dir: "memory".into(),
-                options: "memory".into(),
-                links: vec![],
-            },
-        ]);
+        let v1 = CgroupFs::V1(crate::runtime::cgroup::sample_v1());
         let ops = kernel_filesystems(false, Some(&v1));
         let calls = rendered(&ops);
         // Every step goes through the seam, in order.

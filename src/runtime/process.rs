@@ -629,14 +629,8 @@ fn mount(
     flags: MsFlags,
     data: Option<&str>,
 ) -> Result<(), Fail> {
-    let m = Mount {
-        fstype: fstype.map(String::from),
-        source: source.map(PathBuf::from),
-        target: dest.into(),
-        flags,
-        data: data.map(String::from),
-    };
-    LinuxSyscall.mount(&m).map_err(|e| (125, e.to_string()))
+    let op = super::mount::mount_op(fstype, source, dest, flags, data);
+    super::mount::perform(&LinuxSyscall, &[op]).map_err(|e| (125, e.to_string()))
 }
 
 /// The container's PID 1 before it becomes the init. It forks the command's process, then
