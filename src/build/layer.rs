@@ -145,8 +145,9 @@ fn codec_level(compression: LayerCompression) -> (Codec, u32) {
     }
 }
 
-/// Bumped whenever the bytes an entry is written as change (header format, padding): a
-/// resume point saved by another version then matches nothing.
+/// Bumped whenever the bytes an entry is written as change (header format, padding, or
+/// an upgrade of the `tar` crate that writes headers differently, so check its changelog
+/// when Cargo.lock moves it): a resume point saved by another version then matches nothing.
 const ENTRY_FORMAT: &[u8] = b"berth layer entries v1: GNU headers, long names as records";
 
 /// The fingerprint of a layer's entries up to and including `e` (`prev` is the one up to
