@@ -715,3 +715,61 @@ fn a_host_whose_cgroups_are_out_of_sight_gets_the_cause_and_the_fix() {
         "{said}"
     );
 }
+
+/// Removes a user the test made, also when it fails.
+struct TestUser(String);
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn without_root_berth_says_what_needs_root_and_what_works() {
+    let user = TestUser(format!("berth{}", std::process::id() % 100_000));
+    let made = Command::new("useradd")
+        .args(["--no-create-home", "--shell", "/bin/sh", &user.0])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let store = tempfile::tempdir().unwrap();
+    let chown = Command::new("chown")
+        .arg(&user.0)
+        .arg(store.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let rootfs = tempfile::tempdir().unwrap();
+    util::busybox_rootfs(rootfs.path());
+    std::fs::set_permissions(
+        rootfs.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let as_user = |args: &[&str]| {
+        let out = Command::new("runuser")
+            .args(["-u", &user.0, "--", env!("CARGO_BIN_EXE_berth")])
+            .args(args)
+            .env("BERTH_STORE", store.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+    };
+    // Importing works without root; running does not, and berth says why.
+    let (code, said) = as_user(&["import", "--tag", "base:1", rootfs.path().to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{said}");
+    let (code, said) = as_user(&["run", "--rm", "base:1", "true"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("only as root") && said.contains("no rootless mode yet"),
+        "{said}"
+    );
+}

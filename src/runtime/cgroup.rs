@@ -181,6 +181,14 @@ pub fn v1_hierarchies(mountinfo: &str, controllers: &[&str]) -> Vec<V1Hierarchy>
 impl Cgroup {
     /// Creates the cgroup `berth/<id>` with `limits`.
     pub fn create(id: &str, limits: &Limits) -> io::Result<Cgroup> {
+        // The first thing a container (or a RUN step) needs that only root has: say so
+        // plainly rather than fail on a cgroup directory's permissions.
+        if !nix::unistd::geteuid().is_root() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "berth runs containers, and the RUN steps of builds, only as root: it has no rootless mode yet; without root, `build` (without RUN steps), `import`, `export`, `push`, `pull`, `copy` and `diff` work",
+            ));
+        }
         if is_v2() {
             let parent = Path::new(ROOT).join("berth");
             mkdir(&parent)?;
