@@ -445,12 +445,14 @@ fn a_push_killed_at_60_percent_resumes_there() {
     // In front of the registry, a proxy that passes a request on only once its body has
     // arrived whole (nginx's default): a killed chunk never reaches the registry. (Alone,
     // distribution keeps the part of a cut chunk it got, and then refuses the session.)
-    // Bodies go at 16 MiB/s, half a second a chunk, so the kill lands mid-chunk.
+    // Bodies go at 8 MiB/s, a second a chunk, so the kill lands mid-chunk even on a busy
+    // machine. (Should the next chunk land before the kill, berth's saved upload location
+    // is one chunk old; distribution then refuses it, and berth starts that blob again.)
     let proxy = FaultProxy::start(
         reg.port,
         Faults {
             buffer_requests: true,
-            upload_bytes_per_sec: Some(16 << 20),
+            upload_bytes_per_sec: Some(8 << 20),
             ..Faults::default()
         },
     );
