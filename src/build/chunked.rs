@@ -347,8 +347,8 @@ fn output_thread<W: Sink>(
         None => {
             let header: &[u8] = if codec == Codec::Gzip { &HEADER } else { &[] };
             inner.write_all(header)?;
-            let none = (crc32fast::Hasher::new(), Sha256Resumable::new(), Vec::new());
-            (header.len() as u64, none.0, none.1, none.2)
+            let (crc, tar) = (crc32fast::Hasher::new(), Sha256Resumable::new());
+            (header.len() as u64, crc, tar, Vec::new())
         }
     };
     // The diff_id is hashed on a thread of its own: with the blob's digest and the writes
@@ -364,7 +364,7 @@ fn output_thread<W: Sink>(
         }
         (h, states)
     });
-    let skipped = chunks.len();
+    let before = chunks.len();
     let mut out = Output {
         index: ChunkIndex {
             codec,
@@ -375,10 +375,7 @@ fn output_thread<W: Sink>(
         },
         crc,
         uncompressed: Sha256Resumable::new(),
-        stats: GzStats {
-            skipped,
-            ..GzStats::default()
-        },
+        stats: GzStats::default(),
         boundaries: Vec::new(),
         inner,
     };
@@ -418,7 +415,7 @@ fn output_thread<W: Sink>(
             .zip(tar_states)
             .enumerate()
             .map(|(i, ((blob, crc), tar))| Boundary {
-                chunks: skipped + i + 1,
+                chunks: before + i + 1,
                 crc,
                 tar,
                 blob,
@@ -446,8 +443,6 @@ pub struct GzStats {
     pub reused: usize,
     /// Chunks whose end was predicted from an earlier layer's chunk order (no cut search).
     pub predicted: usize,
-    /// Chunks taken over unread from an earlier stream, by resuming after them.
-    pub skipped: usize,
 }
 
 /// A writer that compresses content-defined chunks on several threads.

@@ -222,6 +222,8 @@ pub struct LayerWriter {
     inherited: Vec<ResumePoint>,
     /// Where this layer resumed (uncompressed bytes taken over), or 0.
     resumed_from: u64,
+    /// The header bytes of the entry being written.
+    scratch: Vec<u8>,
 }
 
 /// The build error for an entry that could not be added: the store's when the layer could
@@ -251,12 +253,7 @@ impl LayerWriter {
         compression: LayerCompression,
         reuse_from: &[Digest],
     ) -> Result<Self, StoreError> {
-        let blob = store.blob_writer()?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (codec, level) = codec_level(compression);
-        let (reuse, _) = reusable(store, reuse_from, codec, level);
-        let compressor = ChunkedWriter::new(blob, codec, level, threads, reuse).map_err(io_err)?;
-        Ok(Self::around(compressor, compression, store, 0, Vec::new()))
+        Ok(Self::resuming(store, compression, reuse_from, &[])?.0)
     }
 
     fn around(
@@ -278,6 +275,7 @@ impl LayerWriter {
             starts_from,
             inherited,
             resumed_from: 0,
+            scratch: Vec::with_capacity(1024),
         }
     }
 
@@ -381,43 +379,16 @@ impl LayerWriter {
         content: Option<R>,
         offset: u64,
     ) -> io::Result<()> {
-        let mut header = tar::Builder::new(Vec::new());
-        let kind = match entry.kind {
-            'd' => tar::EntryType::Directory,
-            'f' => tar::EntryType::Regular,
-            'l' => tar::EntryType::Symlink,
-            _ => tar::EntryType::Link,
-        };
-        let mut h = Self::header(kind, meta, entry.size);
-        match entry.kind {
-            'd' | 'f' => header.append_data(&mut h, &entry.path, io::empty())?,
-            _ => header.append_link(&mut h, &entry.path, &entry.link)?,
-        }
-        let header = header.into_inner()?;
-        // `into_inner` added the archive's end (two zero blocks): not part of the entry.
-        let header = &header[..header.len() - 1024];
-        let size = entry.size;
-        let pad = (512 - size % 512) % 512;
-        let out = self.tar.get_mut();
-        let hlen = header.len() as u64;
-        if offset < hlen {
-            out.write_all(&header[offset as usize..])?;
-        }
-        let from = offset.saturating_sub(hlen);
-        if from < size {
-            let mut content = content.ok_or_else(|| io::Error::other("no content"))?;
-            content.seek(io::SeekFrom::Start(from))?;
-            if out.write_from(&mut content, size - from)? != size - from {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("{} shrank while it was being read", entry.path),
-                ));
+        match content {
+            Some(mut content) => {
+                // The content from the first byte still to write (none when the offset lies
+                // in the header).
+                let hlen = self.header_bytes(&entry, meta)?.len() as u64;
+                content.seek(io::SeekFrom::Start(offset.saturating_sub(hlen)))?;
+                self.entry(entry, meta, Some(identity), &mut content, offset)
             }
+            None => self.entry(entry, meta, Some(identity), &mut io::empty(), offset),
         }
-        let padded = from.saturating_sub(size).min(pad);
-        out.write_all(&[0u8; 512][..(pad - padded) as usize])?;
-        self.record(entry, meta, Some(identity));
-        Ok(())
     }
 
     fn header(kind: tar::EntryType, meta: &EntryMeta, size: u64) -> tar::Header {
@@ -431,14 +402,66 @@ impl LayerWriter {
         h
     }
 
+    /// The bytes of an entry's header, long-name records included, as the tar crate
+    /// writes them (in a buffer kept between entries).
+    fn header_bytes(&mut self, entry: &IndexEntry, meta: &EntryMeta) -> io::Result<&[u8]> {
+        let kind = match entry.kind {
+            'd' => tar::EntryType::Directory,
+            'f' => tar::EntryType::Regular,
+            'l' => tar::EntryType::Symlink,
+            _ => tar::EntryType::Link,
+        };
+        let mut h = Self::header(kind, meta, entry.size);
+        self.scratch.clear();
+        let mut b = tar::Builder::new(&mut self.scratch);
+        match entry.kind {
+            'd' | 'f' => b.append_data(&mut h, &entry.path, io::empty())?,
+            _ => b.append_link(&mut h, &entry.path, &entry.link)?,
+        }
+        b.into_inner()?;
+        // `into_inner` ended the archive (two zero blocks): not part of the entry.
+        self.scratch.truncate(self.scratch.len() - 1024);
+        Ok(&self.scratch)
+    }
+
+    /// Writes an entry from its byte `skip` on (0 for all of it): its header, then
+    /// `entry.size` bytes from `content` (the first of them still to write), then padding
+    /// to the block. Fresh entries and the one a resumed layer carries on in are written
+    /// by this one function, so they are the same bytes.
+    fn entry(
+        &mut self,
+        entry: IndexEntry,
+        meta: &EntryMeta,
+        identity: Option<&str>,
+        content: &mut dyn Read,
+        skip: u64,
+    ) -> io::Result<()> {
+        self.begin();
+        let hlen = self.header_bytes(&entry, meta)?.len() as u64;
+        let out = self.tar.get_mut();
+        if skip < hlen {
+            out.write_all(&self.scratch[skip as usize..])?;
+        }
+        // The content is read straight into the compressor's chunk buffer.
+        let size = entry.size;
+        let from = skip.saturating_sub(hlen);
+        if from < size && out.write_from(&mut &mut *content, size - from)? != size - from {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} shrank while it was being read", entry.path),
+            ));
+        }
+        let pad = (512 - size % 512) % 512;
+        let padded = from.saturating_sub(size).min(pad);
+        out.write_all(&[0u8; 512][..(pad - padded) as usize])?;
+        self.record(entry, meta, identity);
+        Ok(())
+    }
+
     /// Appends a directory. `path` is relative (no leading `/`), without a trailing slash.
     pub fn dir(&mut self, path: &str, meta: &EntryMeta) -> io::Result<()> {
-        self.begin();
-        let mut h = Self::header(tar::EntryType::Directory, meta, 0);
-        self.tar
-            .append_data(&mut h, format!("{path}/"), io::empty())?;
-        self.record(describe(path, 'd', meta, 0, ""), meta, Some(""));
-        Ok(())
+        let e = describe(path, 'd', meta, 0, "");
+        self.entry(e, meta, Some(""), &mut io::empty(), 0)
     }
 
     /// Appends a regular file of `size` bytes read from `content`, failing if the content
@@ -448,44 +471,22 @@ impl LayerWriter {
         path: &str,
         meta: &EntryMeta,
         size: u64,
-        content: impl Read,
+        mut content: impl Read,
     ) -> io::Result<()> {
-        self.begin();
-        let mut h = Self::header(tar::EntryType::Regular, meta, size);
-        // The header (and any long-name records) through the tar crate, which pads after
-        // the bytes it copied: none. The content is read straight into the compressor's
-        // chunk buffer, not through the tar crate's 8 KiB copy loop.
-        self.tar.append_data(&mut h, path, io::empty())?;
-        let out = self.tar.get_mut();
-        let mut content = content;
-        if out.write_from(&mut content, size)? != size {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("{path} shrank while it was being read"),
-            ));
-        }
-        let pad = (512 - size % 512) % 512;
-        out.write_all(&[0u8; 512][..pad as usize])?;
-        self.record(describe(path, 'f', meta, size, ""), meta, None);
-        Ok(())
+        let e = describe(path, 'f', meta, size, "");
+        self.entry(e, meta, None, &mut content, 0)
     }
 
     /// Appends a symlink.
     pub fn symlink(&mut self, path: &str, target: &str, meta: &EntryMeta) -> io::Result<()> {
-        self.begin();
-        let mut h = Self::header(tar::EntryType::Symlink, meta, 0);
-        self.tar.append_link(&mut h, path, target)?;
-        self.record(describe(path, 'l', meta, 0, target), meta, Some(""));
-        Ok(())
+        let e = describe(path, 'l', meta, 0, target);
+        self.entry(e, meta, Some(""), &mut io::empty(), 0)
     }
 
     /// Appends a hardlink to an earlier entry of this layer.
     pub fn hardlink(&mut self, path: &str, target: &str, meta: &EntryMeta) -> io::Result<()> {
-        self.begin();
-        let mut h = Self::header(tar::EntryType::Link, meta, 0);
-        self.tar.append_link(&mut h, path, target)?;
-        self.record(describe(path, 'h', meta, 0, target), meta, Some(""));
-        Ok(())
+        let e = describe(path, 'h', meta, 0, target);
+        self.entry(e, meta, Some(""), &mut io::empty(), 0)
     }
 
     /// Finishes the tar, the compression and the blob.
