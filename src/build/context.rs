@@ -6,7 +6,6 @@
 //! rules apply to the paths sources resolve to, so no link reaches an excluded file.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::BuildError;
@@ -208,39 +207,8 @@ impl Context {
     /// The entry at `rel` (a path [`Context::resolve`] gave, so no symlink before its last
     /// component), without following a symlink there; `None` if absent.
     pub fn entry(&self, rel: &str) -> Result<Option<ContextEntry>, BuildError> {
-        let path = self.abs(rel);
-        let md = match fs::symlink_metadata(&path) {
-            Ok(md) => md,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(BuildError::Context { path, source: e }),
-        };
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            EntryKind::Dir
-        } else if ft.is_file() {
-            EntryKind::File
-        } else if ft.is_symlink() {
-            let target = fs::read_link(&path).map_err(|e| BuildError::Context {
-                path: path.clone(),
-                source: e,
-            })?;
-            EntryKind::Symlink(target.to_string_lossy().into_owned())
-        } else {
-            return Err(BuildError::SpecialFile(rel.to_string()));
-        };
-        Ok(Some(ContextEntry {
-            rel: rel.to_string(),
-            name: rel.rsplit('/').next().unwrap_or_default().to_string(),
-            kind,
-            mode: md.mode() & 0o7777,
-            size: if ft.is_file() { md.len() } else { 0 },
-            stamp: (
-                md.dev(),
-                md.ino(),
-                i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
-                i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
-            ),
-        }))
+        let name = rel.rsplit('/').next().unwrap_or_default();
+        stat_entry(nix::fcntl::AT_FDCWD, &self.abs(rel), rel, name)
     }
 
     /// The names in directory `rel`, sorted. A name that is not UTF-8 cannot be a layer
@@ -249,18 +217,32 @@ impl Context {
     /// copy would need it.
     fn sorted_children(&self, rel: &str, strict: bool) -> Result<Vec<String>, BuildError> {
         let path = self.abs(rel);
-        let mut names = Vec::new();
-        for e in fs::read_dir(&path).map_err(|e| BuildError::Context {
-            path: path.clone(),
+        let dir = open_dir(None, &path).map_err(|e| BuildError::Context { path, source: e })?;
+        self.names_in(rel, &dir, strict)
+    }
+
+    /// [`Context::sorted_children`] of `rel`, open as `dir`.
+    fn names_in(&self, rel: &str, dir: &fs::File, strict: bool) -> Result<Vec<String>, BuildError> {
+        use std::os::unix::ffi::OsStrExt;
+        let err = |e: nix::errno::Errno| BuildError::Context {
+            path: self.abs(rel),
+            source: e.into(),
+        };
+        let fd = dir.try_clone().map_err(|e| BuildError::Context {
+            path: self.abs(rel),
             source: e,
-        })? {
-            let e = e.map_err(|e| BuildError::Context {
-                path: path.clone(),
-                source: e,
-            })?;
-            match e.file_name().into_string() {
+        })?;
+        let mut listing = nix::dir::Dir::from_fd(fd.into()).map_err(err)?;
+        let mut names = Vec::new();
+        for e in listing.iter() {
+            let bytes = e.map_err(err)?.file_name().to_bytes().to_vec();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            match String::from_utf8(bytes) {
                 Ok(name) => names.push(name),
-                Err(n) => {
+                Err(e) => {
+                    let n = std::ffi::OsStr::from_bytes(e.as_bytes());
                     let lossy = n.to_string_lossy().into_owned();
                     let child = if rel.is_empty() {
                         lossy
@@ -268,7 +250,7 @@ impl Context {
                         format!("{rel}/{lossy}")
                     };
                     if strict && !self.ignore.is_excluded(&child) {
-                        return Err(BuildError::NonUtf8Path(path.join(n)));
+                        return Err(BuildError::NonUtf8Path(self.abs(rel).join(n)));
                     }
                 }
             }
@@ -288,38 +270,7 @@ impl Context {
         dir: &fs::File,
         out: &mut Vec<ContextEntry>,
     ) -> Result<(), BuildError> {
-        use std::os::unix::ffi::OsStrExt;
-        let err = |name: &str, e: std::io::Error| BuildError::Context {
-            path: self.abs(rel).join(name),
-            source: e,
-        };
-        let mut names = Vec::new();
-        let mut listing = nix::dir::Dir::from_fd(dir.try_clone().map_err(|e| err("", e))?.into())
-            .map_err(|e| err("", e.into()))?;
-        for e in listing.iter() {
-            let e = e.map_err(|e| err("", e.into()))?;
-            let bytes = e.file_name().to_bytes();
-            if bytes == b"." || bytes == b".." {
-                continue;
-            }
-            match std::str::from_utf8(bytes) {
-                Ok(name) => names.push(name.to_string()),
-                Err(_) => {
-                    let n = std::ffi::OsStr::from_bytes(bytes);
-                    let lossy = n.to_string_lossy().into_owned();
-                    let child = if rel.is_empty() {
-                        lossy
-                    } else {
-                        format!("{rel}/{lossy}")
-                    };
-                    if !self.ignore.is_excluded(&child) {
-                        return Err(BuildError::NonUtf8Path(self.abs(rel).join(n)));
-                    }
-                }
-            }
-        }
-        names.sort();
-        for name in names {
+        for name in self.names_in(rel, dir, true)? {
             let child = if rel.is_empty() {
                 name.clone()
             } else {
@@ -329,42 +280,8 @@ impl Context {
             if excluded && !self.ignore.may_reinclude_under(&child) {
                 continue;
             }
-            let st = match nix::sys::stat::fstatat(
-                dir,
-                name.as_str(),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) {
-                Ok(st) => st,
-                Err(nix::errno::Errno::ENOENT) => continue,
-                Err(e) => return Err(err(&name, e.into())),
-            };
-            let fmt = st.st_mode & libc::S_IFMT;
-            let kind = match fmt {
-                libc::S_IFDIR => EntryKind::Dir,
-                libc::S_IFREG => EntryKind::File,
-                libc::S_IFLNK => {
-                    let target = nix::fcntl::readlinkat(dir, name.as_str())
-                        .map_err(|e| err(&name, e.into()))?;
-                    EntryKind::Symlink(target.to_string_lossy().into_owned())
-                }
-                _ => return Err(BuildError::SpecialFile(child)),
-            };
-            let entry = ContextEntry {
-                rel: child.clone(),
-                name: name.clone(),
-                mode: st.st_mode & 0o7777,
-                size: if fmt == libc::S_IFREG {
-                    st.st_size as u64
-                } else {
-                    0
-                },
-                stamp: (
-                    st.st_dev,
-                    st.st_ino,
-                    i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
-                    i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
-                ),
-                kind,
+            let Some(entry) = stat_entry(dir, Path::new(&name), &child, &name)? else {
+                continue;
             };
             let is_dir = entry.kind == EntryKind::Dir;
             if !excluded {
@@ -372,7 +289,10 @@ impl Context {
             }
             if is_dir {
                 let sub =
-                    open_dir(Some(dir), std::path::Path::new(&name)).map_err(|e| err(&name, e))?;
+                    open_dir(Some(dir), Path::new(&name)).map_err(|e| BuildError::Context {
+                        path: self.abs(&child),
+                        source: e,
+                    })?;
                 self.walk(&child, &sub, out)?;
             }
         }
@@ -415,6 +335,52 @@ impl Context {
         }
         Ok(current)
     }
+}
+
+/// The context entry `rel` (named `name`) at `path` relative to `dir`, without following
+/// a symlink there; `None` if absent.
+fn stat_entry<Fd: std::os::fd::AsFd + Copy>(
+    dir: Fd,
+    path: &Path,
+    rel: &str,
+    name: &str,
+) -> Result<Option<ContextEntry>, BuildError> {
+    let err = |e: nix::errno::Errno| BuildError::Context {
+        path: path.to_path_buf(),
+        source: e.into(),
+    };
+    let st = match nix::sys::stat::fstatat(dir, path, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let fmt = st.st_mode & libc::S_IFMT;
+    let kind = match fmt {
+        libc::S_IFDIR => EntryKind::Dir,
+        libc::S_IFREG => EntryKind::File,
+        libc::S_IFLNK => {
+            let target = nix::fcntl::readlinkat(dir, path).map_err(err)?;
+            EntryKind::Symlink(target.to_string_lossy().into_owned())
+        }
+        _ => return Err(BuildError::SpecialFile(rel.to_string())),
+    };
+    Ok(Some(ContextEntry {
+        rel: rel.to_string(),
+        name: name.to_string(),
+        kind,
+        mode: st.st_mode & 0o7777,
+        size: if fmt == libc::S_IFREG {
+            st.st_size as u64
+        } else {
+            0
+        },
+        stamp: (
+            st.st_dev,
+            st.st_ino,
+            i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+        ),
+    }))
 }
 
 /// Opens a directory (relative to `at` when given) for reading, never through a symlink in
