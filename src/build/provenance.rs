@@ -7,30 +7,46 @@ use std::path::Path;
 pub const REVISION: &str = "org.opencontainers.image.revision";
 /// `org.opencontainers.image.source`.
 pub const SOURCE: &str = "org.opencontainers.image.source";
-/// Whether tracked files differed from the commit.
+/// Whether the work tree differed from the commit (tracked or untracked files).
 pub const DIRTY: &str = "dev.berth.git.dirty";
 
-/// Labels for the repository containing `dir`; none when it is not in a git repository or
-/// has no commit. The source is the `origin` remote when it is a network URL (a path on
-/// this machine says nothing to anyone else, and would make two clones build different
-/// digests).
-pub fn labels(dir: &Path) -> Vec<(String, String)> {
+/// What git says of the checkout a build's source is in.
+#[derive(Debug, Default)]
+pub struct Provenance {
+    /// Labels for the image; none when `dir` is not in a git repository or it has no
+    /// commit. The source is the `origin` remote when it is a network URL (a path on this
+    /// machine says nothing to anyone else, and would make two clones build different
+    /// digests).
+    pub labels: Vec<(String, String)>,
+    /// The commit's time when the work tree is the commit (a dirty tree has no single
+    /// date that describes it).
+    pub clean_commit_time: Option<u64>,
+}
+
+/// The provenance of the checkout containing `dir` (one look at its status).
+pub fn of(dir: &Path) -> Provenance {
     let Ok(repo) = git2::Repository::discover(dir) else {
-        return Vec::new();
+        return Provenance::default();
     };
     let Ok(commit) = repo.head().and_then(|h| h.peel_to_commit()) else {
-        return Vec::new();
+        return Provenance::default();
     };
-    let mut out = vec![(REVISION.to_string(), commit.id().to_string())];
+    let mut labels = vec![(REVISION.to_string(), commit.id().to_string())];
     if let Ok(remote) = repo.find_remote("origin")
         && let Some(url) = remote.url()
         && (url.contains("://") || url.contains('@'))
         && !url.starts_with("file://")
     {
-        out.push((SOURCE.to_string(), strip_credentials(url)));
+        labels.push((SOURCE.to_string(), strip_credentials(url)));
     }
-    out.push((DIRTY.to_string(), (!is_clean(&repo)).to_string()));
-    out
+    let clean = is_clean(&repo);
+    labels.push((DIRTY.to_string(), (!clean).to_string()));
+    Provenance {
+        labels,
+        clean_commit_time: clean
+            .then(|| u64::try_from(commit.time().seconds()).ok())
+            .flatten(),
+    }
 }
 
 /// True when the work tree is the commit: no tracked file changed and no untracked file
@@ -44,17 +60,6 @@ fn is_clean(repo: &git2::Repository) -> bool {
     repo.statuses(Some(&mut opts))
         .map(|s| s.is_empty())
         .unwrap_or(false)
-}
-
-/// The commit time of the checkout containing `dir`, when its tracked files are as
-/// committed (a dirty tree has no single date that describes it); `None` otherwise.
-pub fn clean_commit_time(dir: &Path) -> Option<u64> {
-    let repo = git2::Repository::discover(dir).ok()?;
-    let commit = repo.head().and_then(|h| h.peel_to_commit()).ok()?;
-    if !is_clean(&repo) {
-        return None;
-    }
-    u64::try_from(commit.time().seconds()).ok()
 }
 
 /// Drops `user:password@` from an https URL so credentials never reach an image.

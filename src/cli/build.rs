@@ -327,9 +327,8 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
     let epoch = source_date.unwrap_or(0);
     // The config's date: a clean checkout's commit time is as reproducible as 0 and says
     // when the source was written (as several reproducible-build tools default it).
-    let created = source_date
-        .or_else(|| provenance::clean_commit_time(&input.project))
-        .unwrap_or(0);
+    let provenance = provenance::of(&input.project);
+    let created = source_date.or(provenance.clean_commit_time).unwrap_or(0);
     let mut refs = input.secrets.clone();
     refs.extend(args.secret.iter().cloned());
     let mut secrets = BTreeMap::new();
@@ -352,7 +351,7 @@ pub fn run(g: &GlobalOpts, args: &BuildArgs, out: &mut Output) -> Result<(), Cli
         compression: input.compression,
         epoch,
         created,
-        labels: provenance::labels(&input.project),
+        labels: provenance.labels,
         project_id: input.id.clone(),
         network_host: args.network == "host",
         pull: args.pull,

@@ -118,7 +118,8 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
             store.resolve(&config.app.name)?
         }
     };
-    let revision = crate::build::provenance::labels(&g.project_dir())
+    let revision = crate::build::provenance::of(&g.project_dir())
+        .labels
         .into_iter()
         .find(|(k, _)| k == "org.opencontainers.image.revision")
         .map(|(_, v)| v);

@@ -90,7 +90,6 @@ fn open(g: &GlobalOpts) -> Result<Store, CliError> {
     Ok(Store::open(&g.store_dir())?)
 }
 
-/// `berth images`: every tag with its digest, creation time, size and shared size.
 /// `berth images` options.
 #[derive(Debug, clap::Args)]
 pub struct ImagesArgs {
@@ -99,6 +98,7 @@ pub struct ImagesArgs {
     pub digests: bool,
 }
 
+/// `berth images`: every tag with its digest, creation time, size and shared size.
 pub fn images(g: &GlobalOpts, args: &ImagesArgs, out: &mut Output) -> Result<(), CliError> {
     let store = open(g)?;
     let tags = store.tags()?;

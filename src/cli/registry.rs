@@ -215,7 +215,7 @@ pub fn pull(g: &GlobalOpts, args: &PullArgs, out: &mut Output) -> Result<(), Cli
     }
     out.note(format!(
         "pulled {}: {} blobs fetched ({}), {} already here, in {:.2} s",
-        report.tag.as_deref().unwrap_or(&report.reference),
+        report.tag,
         report.blobs_fetched,
         human_size(report.bytes),
         report.blobs_present,

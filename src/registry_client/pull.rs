@@ -24,8 +24,9 @@ pub struct PullReport {
     pub reference: String,
     /// The image manifest's digest.
     pub digest: Digest,
-    /// The local tag, if the reference had one.
-    pub tag: Option<String>,
+    /// The name it has in the store (`registry/repository:tag`, or `@sha256:…` for a
+    /// pull by digest).
+    pub tag: String,
     /// Blobs downloaded (the others were in the store).
     pub blobs_fetched: usize,
     /// Blobs already present.
@@ -413,15 +414,13 @@ pub async fn pull(
     let (stored, size) = store.put_blob(&bytes)?;
     debug_assert_eq!(stored, digest);
     let tag = src.store_tag();
-    if let Some(t) = &tag {
-        let desc = DescriptorBuilder::default()
-            .media_type(MediaType::from(media.as_str()))
-            .digest(digest.to_oci())
-            .size(size)
-            .build()
-            .map_err(|e| RegistryError::Protocol(format!("a descriptor: {e}")))?;
-        store.set_tag(t, &desc)?;
-    }
+    let desc = DescriptorBuilder::default()
+        .media_type(MediaType::from(media.as_str()))
+        .digest(digest.to_oci())
+        .size(size)
+        .build()
+        .map_err(|e| RegistryError::Protocol(format!("a descriptor: {e}")))?;
+    store.set_tag(&tag, &desc)?;
     Ok(PullReport {
         reference: src.to_string(),
         digest,

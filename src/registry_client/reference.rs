@@ -166,16 +166,16 @@ impl Reference {
 
     /// `registry/repository:tag` as a local store tag; a digest-only reference is kept
     /// as `registry/repository@sha256:…` (what `images` lists and `run` finds).
-    pub fn store_tag(&self) -> Option<String> {
+    pub fn store_tag(&self) -> String {
         if let (None, Some(d)) = (&self.tag, &self.digest) {
-            return Some(format!("{}/{}@{d}", self.registry, self.repository));
+            return format!("{}/{}@{d}", self.registry, self.repository);
         }
-        Some(format!(
+        format!(
             "{}/{}:{}",
             self.registry,
             self.repository,
             self.tag.as_deref().unwrap_or("latest")
-        ))
+        )
     }
 }
 
@@ -233,9 +233,9 @@ mod tests {
         let d = "sha256:".to_string() + &"a".repeat(64);
         let r: Reference = format!("ghcr.io/o/app@{d}").parse().unwrap();
         assert_eq!(r.manifest_ref(), d);
-        assert_eq!(r.store_tag().unwrap(), format!("ghcr.io/o/app@{d}"));
+        assert_eq!(r.store_tag(), format!("ghcr.io/o/app@{d}"));
         assert_eq!(
-            crate::store::normalize_tag(&r.store_tag().unwrap()).unwrap(),
+            crate::store::normalize_tag(&r.store_tag()).unwrap(),
             format!("ghcr.io/o/app@{d}"),
             "the store keeps it under that name"
         );
@@ -245,7 +245,7 @@ mod tests {
         let r: Reference = "https://localhost:5000/app:x".parse().unwrap();
         assert!(!r.plain_http, "https:// overrides the loopback default");
         assert_eq!(r.to_string(), "localhost:5000/app:x");
-        assert_eq!(r.store_tag().unwrap(), "localhost:5000/app:x");
+        assert_eq!(r.store_tag(), "localhost:5000/app:x");
 
         for bad in [
             "Upper/case",
