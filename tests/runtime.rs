@@ -763,8 +763,24 @@ fn without_root_berth_says_what_needs_root_and_what_works() {
                 .join(" "),
         )
     };
-    // Importing works without root; running does not, and berth says why.
+    // Importing, building without RUN steps and exporting work without root, as the
+    // message below says; running does not, and berth says why.
     let (code, said) = as_user(&["import", "--tag", "base:1", rootfs.path().to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{said}");
+    let ctx = store.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM base:1\nCOPY f /f\n").unwrap();
+    std::fs::write(ctx.join("f"), "x\n").unwrap();
+    let ctx = ctx.to_str().unwrap();
+    let chown = Command::new("chown")
+        .args(["-R", &user.0, ctx])
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let (code, said) = as_user(&["build", "-t", "b:1", ctx]);
+    assert_eq!(code, Some(0), "{said}");
+    let exported = format!("{ctx}/b.tar");
+    let (code, said) = as_user(&["export", "b:1", "-o", &exported]);
     assert_eq!(code, Some(0), "{said}");
     let (code, said) = as_user(&["run", "--rm", "base:1", "true"]);
     assert_eq!(code, Some(1), "{said}");

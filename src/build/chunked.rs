@@ -43,7 +43,7 @@ impl Sink for Vec<u8> {}
 
 impl Sink for crate::store::BlobWriter {
     fn midstate(&self) -> Option<Midstate> {
-        Some(crate::store::BlobWriter::midstate(self))
+        crate::store::BlobWriter::midstate(self)
     }
 }
 

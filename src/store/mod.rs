@@ -254,8 +254,7 @@ impl Store {
     pub fn blob_writer(&self) -> Result<BlobWriter> {
         Ok(BlobWriter {
             store: self.clone(),
-            inner: Some(HashingWriter::new(self.ingest_file()?)),
-            copying: None,
+            state: Ingest::Ready(HashingWriter::new(self.ingest_file()?)),
         })
     }
 
@@ -311,8 +310,7 @@ impl Store {
         });
         Ok(BlobWriter {
             store: self.clone(),
-            inner: None,
-            copying: Some((copy, hasher)),
+            state: Ingest::Copying(copy, hasher),
         })
     }
 
@@ -417,25 +415,51 @@ pub struct StoreLock {
 /// ingest file.
 pub struct BlobWriter {
     store: Store,
-    /// `None` while an earlier blob's first bytes are still being copied.
-    inner: Option<HashingWriter<direct::IngestFile>>,
-    /// That copy, and the hash state after those bytes.
-    copying: Option<(
+    state: Ingest,
+}
+
+/// Where a blob writer's bytes go.
+enum Ingest {
+    /// The ingest file, hashing what is written.
+    Ready(HashingWriter<direct::IngestFile>),
+    /// An earlier blob's first bytes still being copied in, and the hash state after them.
+    Copying(
         std::thread::JoinHandle<io::Result<direct::IngestFile>>,
         Sha256Resumable,
-    )>,
+    ),
+    /// The copy failed (its error was returned) or the writer was committed.
+    Gone,
+}
+
+impl Ingest {
+    /// The writer, once the copy of an earlier blob's first bytes (if any) is done.
+    fn into_writer(self) -> io::Result<HashingWriter<direct::IngestFile>> {
+        match self {
+            Ingest::Ready(w) => Ok(w),
+            Ingest::Copying(copy, hasher) => {
+                let file = copy
+                    .join()
+                    .map_err(|_| io::Error::other("the blob copy thread panicked"))??;
+                Ok(HashingWriter::resumed(file, hasher))
+            }
+            Ingest::Gone => Err(io::Error::other(
+                "the blob's ingest file is gone after an error",
+            )),
+        }
+    }
 }
 
 impl BlobWriter {
     /// The writer, once the copy of an earlier blob's first bytes (if any) is done.
     fn ready(&mut self) -> io::Result<&mut HashingWriter<direct::IngestFile>> {
-        if let Some((copy, hasher)) = self.copying.take() {
-            let file = copy
-                .join()
-                .map_err(|_| io::Error::other("the blob copy thread panicked"))??;
-            self.inner = Some(HashingWriter::resumed(file, hasher));
+        if !matches!(self.state, Ingest::Ready(_)) {
+            let state = std::mem::replace(&mut self.state, Ingest::Gone);
+            self.state = Ingest::Ready(state.into_writer()?);
         }
-        Ok(self.inner.as_mut().expect("set once the copy is done"))
+        match &mut self.state {
+            Ingest::Ready(w) => Ok(w),
+            _ => unreachable!("made ready above"),
+        }
     }
 }
 
@@ -451,11 +475,11 @@ impl Write for BlobWriter {
 
 impl BlobWriter {
     /// The hash state of the bytes written so far.
-    pub fn midstate(&self) -> Midstate {
-        match (&self.inner, &self.copying) {
-            (Some(w), _) => w.midstate(),
-            (None, Some((_, hasher))) => hasher.midstate(),
-            (None, None) => unreachable!("a writer has its file or its copy"),
+    pub fn midstate(&self) -> Option<Midstate> {
+        match &self.state {
+            Ingest::Ready(w) => Some(w.midstate()),
+            Ingest::Copying(_, hasher) => Some(hasher.midstate()),
+            Ingest::Gone => None,
         }
     }
 
@@ -463,9 +487,10 @@ impl BlobWriter {
     /// the ingest file to the blob's final name. Returns the digest and size.
     pub fn commit(mut self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
         let ingest = self.store.state_dir().join("ingest");
-        self.ready()
-            .map_err(StoreError::io("cannot write", &ingest))?;
-        let (file, digest, size) = self.inner.take().expect("ready").finish();
+        let (file, digest, size) = std::mem::replace(&mut self.state, Ingest::Gone)
+            .into_writer()
+            .map_err(StoreError::io("cannot write", &ingest))?
+            .finish();
         let tmp = file
             .finish()
             .map_err(StoreError::io("cannot write", &ingest))?;
