@@ -88,36 +88,24 @@ fn the_demo_builds_caches_and_reproduces_from_a_fresh_clone() {
                 ])
                 .env("TZ", "UTC"),
         );
-        let inspected = Berth::new()
-            .args(["inspect", &first.last_line()])
-            .env("BERTH_STORE", p.store().to_str().unwrap())
-            .run()
-            .ok();
-        let v: serde_json::Value = serde_json::from_str(&inspected.stdout).unwrap();
-        assert_eq!(
-            v["config"]["created"],
-            committed.trim(),
-            "{}",
-            inspected.stdout
-        );
+        let config = |digest: &str| -> serde_json::Value {
+            let inspected = Berth::new()
+                .args(["inspect", digest])
+                .env("BERTH_STORE", p.store().to_str().unwrap())
+                .run()
+                .ok();
+            serde_json::from_str::<serde_json::Value>(&inspected.stdout).unwrap()["config"].clone()
+        };
+        let v = config(&first.last_line());
+        assert_eq!(v["created"], committed.trim(), "{v}");
         digests.push(first.last_line());
         if digests.len() == 1 {
             // A file the commit lacks: the tree is dirty, the image says so and claims no
             // commit's date.
             std::fs::write(repo.join("untracked.txt"), "x\n").unwrap();
-            let dirty = build();
-            let inspected = Berth::new()
-                .args(["inspect", &dirty.last_line()])
-                .env("BERTH_STORE", p.store().to_str().unwrap())
-                .run()
-                .ok();
-            let v: serde_json::Value = serde_json::from_str(&inspected.stdout).unwrap();
-            assert_eq!(v["config"]["created"], "1970-01-01T00:00:00Z");
-            assert_eq!(
-                v["config"]["config"]["Labels"]["dev.berth.git.dirty"], "true",
-                "{}",
-                inspected.stdout
-            );
+            let v = config(&build().last_line());
+            assert_eq!(v["created"], "1970-01-01T00:00:00Z");
+            assert_eq!(v["config"]["Labels"]["dev.berth.git.dirty"], "true", "{v}");
         }
     }
     assert_eq!(
