@@ -9,6 +9,10 @@
 //! A secret's value goes into a sealed memory file (memfd), bind-mounted read-only at its
 //! target: it never touches a disk, a layer, the history or the cache key.
 
+use crate::runtime::mount::{
+    MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, fs_context, fs_mount, fsconfig,
+    fsconfig_flag,
+};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -231,75 +235,6 @@ fn memory_file(id: &str, value: &SecretBytes, m: &RunMount) -> Result<OwnedFd, B
     Ok(mnt)
 }
 
-const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
-const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
-const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
-
-/// A new filesystem context (fsopen(2)) of `fstype`.
-fn fs_context(fstype: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    // SAFETY: fsopen(2) with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Creates the configured filesystem and mounts it nowhere (fsmount(2)): a detached mount
-/// only a descriptor reaches.
-fn fs_mount(ctx: &OwnedFd, attrs: libc::c_uint) -> std::io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    fsconfig(ctx, c"create", None)?;
-    // SAFETY: fsmount(2) of the configured context; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_fsmount, ctx.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Calls fsconfig(2) with a string value (or, without one, the create command).
-fn fsconfig(
-    fd: &OwnedFd,
-    key: &std::ffi::CStr,
-    value: Option<&std::ffi::CStr>,
-) -> std::io::Result<()> {
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    // SAFETY: fsconfig(2) on our descriptor with NUL-terminated strings (or none, for the
-    // create command); the result is checked.
-    let rc = unsafe {
-        match value {
-            Some(v) => libc::syscall(
-                libc::SYS_fsconfig,
-                fd.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                key.as_ptr(),
-                v.as_ptr(),
-                0,
-            ),
-            None => libc::syscall(
-                libc::SYS_fsconfig,
-                fd.as_raw_fd(),
-                FSCONFIG_CMD_CREATE,
-                std::ptr::null::<libc::c_char>(),
-                std::ptr::null::<libc::c_void>(),
-                0,
-            ),
-        }
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// An overlay of `lowers` (bottom first) with an upper and work directory in `scratch`,
 /// mounted nowhere (fsopen/fsmount): the RUN container attaches it through
 /// `/proc/self/fd/N`.
@@ -338,6 +273,9 @@ fn detached_overlay(lowers: &[PathBuf], scratch: &Path) -> Result<OwnedFd, Build
     fsconfig(&fs, c"upperdir", Some(&cstr(&upper)))
         .map_err(|e| fail("set its upper directory", e))?;
     fsconfig(&fs, c"workdir", Some(&cstr(&work))).map_err(|e| fail("set its work directory", e))?;
+    if crate::runtime::rootless::active() {
+        fsconfig_flag(&fs, c"userxattr").map_err(|e| fail("use user attributes", e))?;
+    }
     fs_mount(&fs, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV).map_err(|e| fail("mount it", e))
 }
 

@@ -181,7 +181,7 @@ pub fn run(
         .map_err(|e| BuildError::Runtime(format!("cannot create the RUN step's cgroup: {e}")))?;
     let launch = Launch {
         cgroup_join: cgroup.self_join_files(),
-        cgroupfs: Some(cgroup.fs()),
+        cgroupfs: cgroup.fs(),
         ..launch
     };
     let started = process::start(&launch, &mut |_| Ok(())).map_err(|e| {
@@ -377,10 +377,11 @@ fn is_opaque(path: &Path) -> bool {
     };
     let mut buf = [0u8; 2];
     // SAFETY: valid NUL-terminated strings and a buffer of the given size.
+    let name = crate::runtime::rootless::overlay_xattr("opaque");
     let n = unsafe {
         libc::lgetxattr(
             c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
+            name.as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
         )

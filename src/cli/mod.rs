@@ -90,7 +90,8 @@ impl GlobalOpts {
         if let Some(dir) = std::env::var_os("BERTH_STORE").filter(|v| !v.is_empty()) {
             return PathBuf::from(dir);
         }
-        if nix::unistd::geteuid().is_root() {
+        // Root in berth's rootless user namespace is still the user: their store.
+        if nix::unistd::geteuid().is_root() && !crate::runtime::rootless::active() {
             return PathBuf::from("/var/lib/berth");
         }
         let data = std::env::var_os("XDG_DATA_HOME")
@@ -260,6 +261,17 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // Without root, everything that touches the store runs in berth's user namespace
+    // (see `runtime::rootless`). Before any thread starts: setns needs one thread.
+    if !matches!(
+        cli.command,
+        Command::Completions(_) | Command::Man(_) | Command::ContainerInit { .. }
+    ) && let Err(e) = crate::runtime::rootless::enter(&cli.global.store_dir())
+    {
+        crate::say!(
+            "berth: warning: cannot enter a user namespace ({e}); going on without one: containers and RUN steps need root or a user namespace"
+        );
+    }
     error::install_report_handler();
     // Every retry of a registry request is a line on stderr (what failed, the attempt,
     // the wait), unless -q.

@@ -25,6 +25,60 @@ pub enum Cgroup {
     V2(PathBuf),
     /// One directory per v1 controller.
     V1(Vec<PathBuf>),
+    /// None: rootless without a delegated cgroup. No limits apply. Device access needs no
+    /// cgroup there: a user namespace cannot make device nodes, and the container gets
+    /// only the host's harmless ones bind-mounted.
+    Absent,
+}
+
+/// Where berth's cgroups go: `berth` at the top of the hierarchy as root; without root,
+/// `berth` in the cgroup v2 subtree systemd delegates to the user (`user@UID.service`),
+/// when berth itself runs inside it (a process can be moved only within a subtree its
+/// user may write). `Err` says what is missing.
+fn parent() -> Result<PathBuf, String> {
+    if !super::rootless::active() {
+        return Ok(Path::new(ROOT).join("berth"));
+    }
+    if !is_v2() {
+        return Err(
+            "cgroup v1 cannot be delegated to a user: limits need root or a cgroup v2 host".into(),
+        );
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("")
+        .to_string();
+    delegated(&own, |p| {
+        nix::unistd::access(
+            &Path::new(ROOT).join(p).join("cgroup.procs"),
+            nix::unistd::AccessFlags::W_OK,
+        )
+        .is_ok()
+    })
+    .map(|d| Path::new(ROOT).join(d).join("berth"))
+}
+
+/// The delegated subtree berth's own cgroup `own` is in: its `user@UID.service`
+/// ancestor, when `writable` says the user may write it.
+fn delegated(own: &str, writable: impl Fn(&str) -> bool) -> Result<String, String> {
+    let parts: Vec<&str> = own.trim_start_matches('/').split('/').collect();
+    let Some(at) = parts
+        .iter()
+        .position(|p| p.starts_with("user@") && p.ends_with(".service"))
+    else {
+        return Err(format!(
+            "berth runs in cgroup {own}, outside a delegated subtree: start it with `systemd-run --user --scope berth …` (systemd's user manager delegates memory, cpu and pids to user@UID.service)"
+        ));
+    };
+    let subtree = parts[..=at].join("/");
+    if !writable(&subtree) {
+        return Err(format!(
+            "the user may not write the cgroup {subtree} (no Delegate=yes)"
+        ));
+    }
+    Ok(subtree)
 }
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -67,8 +121,9 @@ pub fn is_v2() -> bool {
 /// Removes the empty cgroups `berth/{prefix}{owner}-…` whose owner process is gone (see
 /// `store::owner`): what the RUN steps of a killed build leave.
 pub fn sweep_abandoned(prefix: &str) {
+    let Ok(parent) = parent() else { return };
     let parents: Vec<PathBuf> = if is_v2() {
-        vec![Path::new(ROOT).join("berth")]
+        vec![parent]
     } else {
         V1_CONTROLLERS
             .iter()
@@ -186,18 +241,29 @@ impl Cgroup {
         if !nix::unistd::geteuid().is_root() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                "berth runs containers, and the RUN steps of builds, only as root: it has no rootless mode yet; without root, `build` (without RUN steps), `import`, `export`, `push`, `pull`, `copy` and `diff` work",
+                "berth runs containers, and the RUN steps of builds, as root or in a user namespace of its own, and it could not make one (see the warning above); without either, `build` (without RUN steps), `import`, `export`, `push`, `pull`, `copy` and `diff` work",
             ));
         }
+        let parent = match parent() {
+            Ok(p) => p,
+            Err(why) => {
+                if *limits != Limits::default() {
+                    crate::say!(
+                        "berth: warning: running without root, the container's limits (--memory, --cpus, --pids-limit) are not applied: {why}"
+                    );
+                }
+                return Ok(Cgroup::Absent);
+            }
+        };
         if is_v2() {
-            let parent = Path::new(ROOT).join("berth");
+            let top = parent.parent().unwrap_or(Path::new(ROOT)).to_path_buf();
             mkdir(&parent)?;
             // Let the controllers reach our level and the container's, one by one: a
             // controller that cannot be enabled (not delegated, or the level holds
             // processes) is remembered, and named if a limit then needs it.
             let mut refused: Vec<(&str, io::Error)> = Vec::new();
             for controller in ["memory", "pids", "cpu"] {
-                for dir in [Path::new(ROOT), parent.as_path()] {
+                for dir in [top.as_path(), parent.as_path()] {
                     if let Err(e) = write(
                         &dir.join("cgroup.subtree_control"),
                         &format!("+{controller}"),
@@ -318,8 +384,11 @@ impl Cgroup {
     /// The cgroup `berth/<id>` as [`Cgroup::create`] made it, without touching anything: to
     /// join it (`exec`) or remove it after its supervisor is gone.
     pub fn of(id: &str) -> Cgroup {
+        let Ok(parent) = parent() else {
+            return Cgroup::Absent;
+        };
         if is_v2() {
-            return Cgroup::V2(Path::new(ROOT).join("berth").join(id));
+            return Cgroup::V2(parent.join(id));
         }
         Cgroup::V1(
             V1_CONTROLLERS
@@ -331,13 +400,14 @@ impl Cgroup {
     }
 
     /// What the container mounts at `/sys/fs/cgroup` (see [`CgroupFs`]).
-    pub fn fs(&self) -> CgroupFs {
+    pub fn fs(&self) -> Option<CgroupFs> {
         match self {
-            Cgroup::V2(_) => CgroupFs::V2,
-            Cgroup::V1(_) => CgroupFs::V1(v1_hierarchies(
+            Cgroup::V2(_) => Some(CgroupFs::V2),
+            Cgroup::V1(_) => Some(CgroupFs::V1(v1_hierarchies(
                 &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
                 &V1_CONTROLLERS,
-            )),
+            ))),
+            Cgroup::Absent => None,
         }
     }
 
@@ -352,6 +422,7 @@ impl Cgroup {
         match self {
             Cgroup::V2(dir) => vec![dir.join("cgroup.procs")],
             Cgroup::V1(dirs) => dirs.iter().map(|d| d.join("tasks")).collect(),
+            Cgroup::Absent => Vec::new(),
         }
     }
 
@@ -369,6 +440,7 @@ impl Cgroup {
             Cgroup::V1(dirs) => dirs
                 .iter()
                 .try_for_each(|d| write(&d.join("cgroup.procs"), &pid.to_string())),
+            Cgroup::Absent => Ok(()),
         }
     }
 
@@ -387,6 +459,7 @@ impl Cgroup {
                 std::fs::read_to_string(d.join("memory.oom_control"))
                     .is_ok_and(|t| count(&t, "oom_kill ") > 0)
             }),
+            Cgroup::Absent => false,
         }
     }
 
@@ -396,6 +469,7 @@ impl Cgroup {
         let dirs: Vec<&PathBuf> = match self {
             Cgroup::V2(d) => vec![d],
             Cgroup::V1(ds) => ds.iter().collect(),
+            Cgroup::Absent => Vec::new(),
         };
         for d in dirs {
             let mut last = Ok(());
@@ -419,6 +493,19 @@ impl Cgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_delegated_subtree_is_the_user_service() {
+        let own = "/user.slice/user-1000.slice/user@1000.service/app.slice/berth.scope";
+        assert_eq!(
+            delegated(own, |_| true).unwrap(),
+            "user.slice/user-1000.slice/user@1000.service"
+        );
+        let e = delegated(own, |_| false).unwrap_err();
+        assert!(e.contains("Delegate=yes"), "{e}");
+        let e = delegated("/user.slice/user-1000.slice/session-3.scope", |_| true).unwrap_err();
+        assert!(e.contains("systemd-run --user --scope"), "{e}");
+    }
 
     #[test]
     fn v1_hierarchies_are_read_from_mountinfo() {

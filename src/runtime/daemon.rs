@@ -18,6 +18,7 @@ const PASSED: &[&str] = &[
     "BERTH_LOW_SPEED_LIMIT",
     "BERTH_LOW_SPEED_TIME",
     "RUST_BACKTRACE",
+    super::rootless::NETNS_ENV,
 ];
 
 /// The `PATH` a helper gets.

@@ -167,6 +167,12 @@ impl HealthState {
     }
 }
 
+/// A connection to a replica: made in the containers' network namespace (see
+/// [`super::rootless::in_network`]).
+fn connect(addr: &SocketAddr, timeout: std::time::Duration) -> std::io::Result<TcpStream> {
+    super::rootless::in_network(|| TcpStream::connect_timeout(addr, timeout))
+}
+
 /// One probe against a replica at `ip`; `exec` runs a command in it and returns its exit
 /// code.
 pub fn probe(
@@ -179,12 +185,12 @@ pub fn probe(
             .ok_or_else(|| "the replica has no address".to_string())
     };
     match &check.probe {
-        Probe::Tcp { port } => TcpStream::connect_timeout(&addr(*port)?, check.timeout)
+        Probe::Tcp { port } => connect(&addr(*port)?, check.timeout)
             .map(drop)
             .map_err(|e| format!("tcp {port}: {e}")),
         Probe::Http { path, port } => {
             let a = addr(*port)?;
-            let mut s = TcpStream::connect_timeout(&a, check.timeout)
+            let mut s = connect(&a, check.timeout)
                 .map_err(|e| format!("GET {path} on port {port}: {e}"))?;
             s.set_read_timeout(Some(check.timeout)).ok();
             s.set_write_timeout(Some(check.timeout)).ok();

@@ -301,7 +301,7 @@ pub fn start(
         .map_err(io("create the container's cgroup"))?;
     let launch = Launch {
         cgroup_join: cgroup.self_join_files(),
-        cgroupfs: Some(cgroup.fs()),
+        cgroupfs: cgroup.fs(),
         ..launch
     };
     let started = process::start(&launch, &mut |pid| {
@@ -425,7 +425,7 @@ pub fn release_network(store: &Store, containers: &Containers, id: &str) -> Resu
         }
     }
     networks.release(id)?;
-    if let Ok(mut nl) = super::netlink::Netlink::open() {
+    if let Ok(mut nl) = super::netlink::Netlink::open_host() {
         let _ = nl.delete(&super::network::host_veth(id));
     }
     for rec in was_on {

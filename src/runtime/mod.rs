@@ -23,6 +23,7 @@ pub mod network;
 pub mod process;
 pub mod proxy;
 pub mod rootfs;
+pub mod rootless;
 pub mod seccomp;
 pub mod snapshot;
 pub mod spec;

@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -70,6 +71,14 @@ pub enum Op {
         /// Permission bits.
         mode: u32,
     },
+    /// A detached mount (open_tree) attached at `path` (move_mount): in a user
+    /// namespace, which cannot make device nodes, the host's own nodes are bound.
+    Attach {
+        /// The detached mount's descriptor.
+        fd: std::os::fd::RawFd,
+        /// Where it goes.
+        path: PathBuf,
+    },
     /// A symlink `link` → `to`.
     Symlink {
         /// The link.
@@ -100,6 +109,7 @@ impl fmt::Display for Op {
                 minor,
                 mode,
             } => write!(f, "mknod {} c {major} {minor} {mode:o}", path.display()),
+            Op::Attach { fd, path } => write!(f, "attach fd {fd} at {}", path.display()),
             Op::Symlink { link, to } => write!(f, "symlink {} -> {}", link.display(), to.display()),
             Op::PivotRoot(root) => write!(f, "pivot_root {}", root.display()),
             Op::Hostname(h) => write!(f, "sethostname {h}"),
@@ -119,6 +129,8 @@ pub trait Syscall {
     fn mkdir(&self, path: &Path) -> io::Result<()>;
     /// Creates a character device node with exactly `mode`.
     fn mknod_char(&self, path: &Path, major: u64, minor: u64, mode: u32) -> io::Result<()>;
+    /// Attaches the detached mount `fd` at `path` (move_mount).
+    fn attach(&self, fd: std::os::fd::RawFd, path: &Path) -> io::Result<()>;
     /// Creates a symlink.
     fn symlink(&self, to: &Path, link: &Path) -> io::Result<()>;
     /// `pivot_root` into `root`, the old root detached.
@@ -204,6 +216,32 @@ impl Syscall for LinuxSyscall {
         .map_err(at("chmod", path))
     }
 
+    fn attach(&self, fd: std::os::fd::RawFd, path: &Path) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let dest = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with NUL"))?;
+        const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+        // SAFETY: move_mount(2) of a detached mount onto a NUL-terminated path.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                dest.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("attach a mount at {}: {e}", path.display()),
+            ));
+        }
+        Ok(())
+    }
+
     fn symlink(&self, to: &Path, link: &Path) -> io::Result<()> {
         std::os::unix::fs::symlink(to, link)
             .map_err(|e| io::Error::new(e.kind(), format!("symlink {}: {e}", link.display())))
@@ -264,6 +302,13 @@ impl Syscall for RecordingSyscall {
         })
     }
 
+    fn attach(&self, fd: std::os::fd::RawFd, path: &Path) -> io::Result<()> {
+        self.record(Op::Attach {
+            fd,
+            path: path.into(),
+        })
+    }
+
     fn symlink(&self, to: &Path, link: &Path) -> io::Result<()> {
         self.record(Op::Symlink {
             link: link.into(),
@@ -300,6 +345,7 @@ pub fn perform(sys: &dyn Syscall, ops: &[Op]) -> io::Result<()> {
                 minor,
                 mode,
             } => sys.mknod_char(path, *major, *minor, *mode)?,
+            Op::Attach { fd, path } => sys.attach(*fd, path)?,
             Op::Symlink { link, to } => sys.symlink(to, link)?,
             Op::PivotRoot(root) => sys.pivot_root(root)?,
             Op::Hostname(h) => sys.sethostname(h)?,
@@ -335,13 +381,33 @@ pub const DEVICES: [(&str, u64, u64); 6] = [
     ("tty", 5, 0),
 ];
 
+/// What a container in a user namespace gets made before `pivot_root`, as detached
+/// mounts attached afterwards: procfs and sysfs may be mounted there only while a fully
+/// visible instance is in sight (the host's, until `pivot_root`), and device nodes cannot
+/// be made at all (the host's are bound, as rootless podman does).
+#[derive(Debug)]
+pub struct Detached {
+    /// A procfs of the container's PID namespace.
+    pub proc: std::os::fd::RawFd,
+    /// A read-only sysfs of its network namespace (none with the host's network).
+    pub sys: Option<std::os::fd::RawFd>,
+    /// The host's nodes, one per [`DEVICES`] entry.
+    pub devices: Vec<std::os::fd::RawFd>,
+    /// Whether group 5 (`tty`, owner of the pseudo-terminals) is mapped: not with a
+    /// single-id map.
+    pub tty_group: bool,
+}
+
 /// The kernel filesystems of a container, inside its new root: `/proc`; `/dev` as a tmpfs
 /// with Docker's device nodes, `pts`, `shm`, `mqueue` and the usual links; `/sys`
 /// read-only (sysfs in its own network namespace, else an empty tmpfs: sysfs would show
 /// the host's network); and the container's own cgroup at `/sys/fs/cgroup`.
+///
+/// `detached` (in a user namespace) gives what is made before `pivot_root` instead.
 pub fn kernel_filesystems(
     host_network: bool,
     cgroupfs: Option<&super::cgroup::CgroupFs>,
+    detached: Option<&Detached>,
 ) -> Vec<Op> {
     use super::cgroup::CgroupFs;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -351,7 +417,13 @@ pub fn kernel_filesystems(
             path: "/proc".into(),
             dir: true,
         },
-        mount_op(Some("proc"), Some("proc"), "/proc", nosuid, None),
+        match detached {
+            Some(d) => Op::Attach {
+                fd: d.proc,
+                path: "/proc".into(),
+            },
+            None => mount_op(Some("proc"), Some("proc"), "/proc", nosuid, None),
+        },
         Op::Target {
             path: "/dev".into(),
             dir: true,
@@ -364,13 +436,23 @@ pub fn kernel_filesystems(
             Some("mode=755,size=65536k"),
         ),
     ];
-    for (name, major, minor) in DEVICES {
-        ops.push(Op::CharDev {
-            path: format!("/dev/{name}").into(),
-            major,
-            minor,
-            mode: 0o666,
-        });
+    for (i, (name, major, minor)) in DEVICES.into_iter().enumerate() {
+        let path: PathBuf = format!("/dev/{name}").into();
+        match detached.and_then(|d| d.devices.get(i)) {
+            Some(&fd) => ops.extend([
+                Op::Target {
+                    path: path.clone(),
+                    dir: false,
+                },
+                Op::Attach { fd, path },
+            ]),
+            None => ops.push(Op::CharDev {
+                path,
+                major,
+                minor,
+                mode: 0o666,
+            }),
+        }
     }
     for d in ["/dev/pts", "/dev/shm", "/dev/mqueue"] {
         ops.push(Op::Dir(d.into()));
@@ -381,7 +463,11 @@ pub fn kernel_filesystems(
             Some("devpts"),
             "/dev/pts",
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+            Some(if detached.is_some_and(|d| !d.tty_group) {
+                "newinstance,ptmxmode=0666,mode=0620"
+            } else {
+                "newinstance,ptmxmode=0666,mode=0620,gid=5"
+            }),
         ),
         mount_op(
             Some("tmpfs"),
@@ -421,7 +507,13 @@ pub fn kernel_filesystems(
             ops.extend([Op::Dir("/sys/fs".into()), Op::Dir(CG.into())]);
         }
     } else {
-        ops.push(mount_op(Some("sysfs"), Some("sysfs"), "/sys", ro, None));
+        ops.push(match detached.and_then(|d| d.sys) {
+            Some(fd) => Op::Attach {
+                fd,
+                path: "/sys".into(),
+            },
+            None => mount_op(Some("sysfs"), Some("sysfs"), "/sys", ro, None),
+        });
     }
     match cgroupfs {
         None => {}
@@ -521,9 +613,16 @@ pub fn overlay_rootfs(
         .collect::<Result<Vec<_>, _>>()?
         .join(":");
     let data = format!(
-        "lowerdir={lowerdir},upperdir={},workdir={}",
+        "lowerdir={lowerdir},upperdir={},workdir={}{}",
         option_path(upper)?,
-        option_path(work)?
+        option_path(work)?,
+        // In a user namespace overlayfs keeps its whiteout and opaque marks in `user.`
+        // attributes (kernel 5.11).
+        if super::rootless::active() {
+            ",userxattr"
+        } else {
+            ""
+        }
     );
     if data.len() > MAX_MOUNT_DATA {
         return Err(PlanError::TooManyLayers {
@@ -548,6 +647,101 @@ pub fn overlay_supported() -> bool {
     })
 }
 
+/// mount_setattr/fsmount flag: read-only.
+pub const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+/// mount_setattr/fsmount flag: nosuid.
+pub const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+/// nodev.
+pub const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+/// noexec.
+pub const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+
+/// A new filesystem context (fsopen(2)) of `fstype`.
+pub fn fs_context(fstype: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: fsopen(2) with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Creates the configured filesystem and mounts it nowhere (fsmount(2)): a detached mount
+/// only a descriptor reaches.
+pub fn fs_mount(ctx: &OwnedFd, attrs: libc::c_uint) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    fsconfig(ctx, c"create", None)?;
+    // SAFETY: fsmount(2) of the configured context; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_fsmount, ctx.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Calls fsconfig(2) with a string value (or, without one, the create command).
+pub fn fsconfig(
+    fd: &OwnedFd,
+    key: &std::ffi::CStr,
+    value: Option<&std::ffi::CStr>,
+) -> std::io::Result<()> {
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    // SAFETY: fsconfig(2) on our descriptor with NUL-terminated strings (or none, for the
+    // create command); the result is checked.
+    let rc = unsafe {
+        match value {
+            Some(v) => libc::syscall(
+                libc::SYS_fsconfig,
+                fd.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                v.as_ptr(),
+                0,
+            ),
+            None => libc::syscall(
+                libc::SYS_fsconfig,
+                fd.as_raw_fd(),
+                FSCONFIG_CMD_CREATE,
+                std::ptr::null::<libc::c_char>(),
+                std::ptr::null::<libc::c_void>(),
+                0,
+            ),
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sets a flag option (fsconfig(2) `FSCONFIG_SET_FLAG`), such as overlayfs's `userxattr`.
+pub fn fsconfig_flag(fd: &OwnedFd, key: &std::ffi::CStr) -> std::io::Result<()> {
+    const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+    // SAFETY: fsconfig(2) on our descriptor with a NUL-terminated key and no value.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fd.as_raw_fd(),
+            FSCONFIG_SET_FLAG,
+            key.as_ptr(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::runtime::cgroup::CgroupFs;
@@ -561,7 +755,7 @@ mod tests {
     #[test]
     fn kernel_filesystems_are_planned_as_docker_makes_them() {
         let v1 = CgroupFs::V1(crate::runtime::cgroup::sample_v1());
-        let ops = kernel_filesystems(false, Some(&v1));
+        let ops = kernel_filesystems(false, Some(&v1), None);
         let calls = rendered(&ops);
         // Every step goes through the seam, in order.
         assert_eq!(calls.len(), ops.len());
@@ -630,7 +824,7 @@ mod tests {
 
     #[test]
     fn host_networking_hides_sysfs_and_v2_mounts_one_hierarchy() {
-        let calls = rendered(&kernel_filesystems(true, Some(&CgroupFs::V2)));
+        let calls = rendered(&kernel_filesystems(true, Some(&CgroupFs::V2), None));
         assert!(
             !calls.iter().any(|c| c.contains("sysfs sysfs")),
             "{calls:#?}"
@@ -652,8 +846,56 @@ mod tests {
             "{last}"
         );
         // Without a cgroup: nothing under /sys/fs.
-        let calls = rendered(&kernel_filesystems(false, None));
+        let calls = rendered(&kernel_filesystems(false, None, None));
         assert!(!calls.iter().any(|c| c.contains("/sys/fs")), "{calls:#?}");
+    }
+
+    #[test]
+    fn in_a_user_namespace_proc_sys_and_devices_are_attached_not_made() {
+        let d = Detached {
+            proc: 10,
+            sys: Some(11),
+            devices: (20..26).collect(),
+            tty_group: false,
+        };
+        let calls = rendered(&kernel_filesystems(false, None, Some(&d)));
+        assert!(
+            calls.contains(&"attach fd 10 at /proc".to_string()),
+            "{calls:#?}"
+        );
+        assert!(
+            calls.contains(&"attach fd 11 at /sys".to_string()),
+            "{calls:#?}"
+        );
+        for (i, (name, _, _)) in DEVICES.iter().enumerate() {
+            let at = format!("/dev/{name}");
+            let target = calls
+                .iter()
+                .position(|c| *c == format!("target {at} (file)"))
+                .unwrap_or_else(|| panic!("{at}: {calls:#?}"));
+            assert_eq!(calls[target + 1], format!("attach fd {} at {at}", 20 + i));
+        }
+        assert!(
+            !calls.iter().any(|c| c.starts_with("mknod")
+                || c.contains("proc on /proc")
+                || c.contains("sysfs on /sys")),
+            "nothing is made that a user namespace cannot make: {calls:#?}"
+        );
+        let devpts = calls.iter().find(|c| c.contains("devpts")).unwrap();
+        assert!(!devpts.contains("gid=5"), "group 5 is not mapped: {devpts}");
+        // With the host's network, /sys stays the empty tmpfs.
+        let d = Detached { sys: None, ..d };
+        let calls = rendered(&kernel_filesystems(true, None, Some(&d)));
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.contains("tmpfs sysfs on /sys") || c.contains("sysfs on /sys")),
+            "{calls:#?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.contains("attach fd 11")),
+            "{calls:#?}"
+        );
     }
 
     use super::*;

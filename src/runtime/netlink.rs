@@ -32,6 +32,13 @@ fn other(what: &str, e: impl std::fmt::Display) -> io::Error {
 
 impl Netlink {
     /// Opens a socket.
+    /// A socket in the network namespace of berth's bridges: the host's as root, the
+    /// rootless one without (see [`super::rootless::in_network`]).
+    pub fn open_host() -> io::Result<Netlink> {
+        super::rootless::in_network(Netlink::open)
+    }
+
+    /// A socket in the caller's network namespace.
     pub fn open() -> io::Result<Netlink> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;

@@ -334,7 +334,7 @@ impl Networks {
                 container,
             });
         }
-        if let Ok(mut nl) = Netlink::open() {
+        if let Ok(mut nl) = Netlink::open_host() {
             nl.delete(&rec.bridge)
                 .map_err(io(format!("delete bridge {}", rec.bridge)))?;
         }
@@ -345,7 +345,7 @@ impl Networks {
 
     /// Makes sure the network's bridge exists, has the gateway address and is up.
     pub fn ensure_bridge(&self, rec: &NetworkRecord) -> Result<(), NetworkError> {
-        let mut nl = Netlink::open().map_err(io("open a netlink socket"))?;
+        let mut nl = Netlink::open_host().map_err(io("open a netlink socket"))?;
         let what = format!("set up bridge {} of network {}", rec.bridge, rec.name);
         if nl.link_index(&rec.bridge).map_err(io(&what))?.is_none() {
             match nl.create_bridge(&rec.bridge) {
@@ -455,7 +455,7 @@ impl Networks {
         let host = host_veth(container_id);
         let peer = format!("vp{}", &container_id[..10]);
         let what = format!("connect the container to network {}", rec.name);
-        let mut nl = Netlink::open().map_err(io(&what))?;
+        let mut nl = Netlink::open_host().map_err(io(&what))?;
         // A veth left by a crash (its namespace still alive) would block the name.
         nl.delete(&host).map_err(io(&what))?;
         nl.create_veth(&host, &peer, pid).map_err(io(&what))?;

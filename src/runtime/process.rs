@@ -393,7 +393,7 @@ pub fn start(
     if let Err(e) = before_start(pid) {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         let _ = started.wait();
-        return Err(host("prepare the container's cgroup")(e));
+        return Err(host("connect the container to its network")(e));
     }
     File::from(go_w)
         .write_all(b"1")
@@ -784,10 +784,26 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
     }
     // The new root, then the kernel's filesystems inside it: a plan (see
     // `mount::kernel_filesystems`, tested without root) applied through the seam.
+    // In a user namespace, procfs, sysfs and the device nodes are made now, while the
+    // host's are in sight (see `mount::Detached`), and attached after pivot_root.
+    let held = if super::rootless::active() {
+        Some(rootless_mounts(l.network == Network::Host)?)
+    } else {
+        None
+    };
+    let detached_fds = held
+        .as_ref()
+        .map(|(proc, sys, devices)| super::mount::Detached {
+            proc: proc.as_raw_fd(),
+            sys: sys.as_ref().map(AsRawFd::as_raw_fd),
+            devices: devices.iter().map(AsRawFd::as_raw_fd).collect(),
+            tty_group: !super::rootless::single_id(),
+        });
     let mut ops = vec![Op::PivotRoot(l.rootfs.clone())];
     ops.extend(super::mount::kernel_filesystems(
         l.network == Network::Host,
         l.cgroupfs.as_ref(),
+        detached_fds.as_ref(),
     ));
     super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
     // /etc files: their contents were read on the host side; the container gets its own
@@ -849,6 +865,45 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
         )?;
     }
     Ok(())
+}
+
+/// The detached procfs, sysfs (not with the host's network) and device nodes of a
+/// container in a user namespace.
+type RootlessMounts = (OwnedFd, Option<OwnedFd>, Vec<OwnedFd>);
+
+fn rootless_mounts(host_network: bool) -> Result<RootlessMounts, Fail> {
+    use super::mount::{
+        MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY, fs_context,
+        fs_mount,
+    };
+    let safe = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
+    let new = |fstype: &std::ffi::CStr, attrs| {
+        fs_context(fstype).and_then(|fs| fs_mount(&fs, attrs)).map_err(|e| {
+            (
+                125,
+                format!(
+                    "mount {} in the user namespace: {e}{}",
+                    fstype.to_string_lossy(),
+                    if e.raw_os_error() == Some(libc::EPERM) {
+                        " (the kernel allows it only where the host's is fully visible: is part of the host's /proc or /sys covered by another mount?)"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        })
+    };
+    let proc = new(c"proc", safe)?;
+    let sys = if host_network {
+        None
+    } else {
+        Some(new(c"sysfs", safe | MOUNT_ATTR_RDONLY)?)
+    };
+    let devices = super::mount::DEVICES
+        .iter()
+        .map(|(name, _, _)| detached(Path::new(&format!("/dev/{name}")), false))
+        .collect::<Result<Vec<OwnedFd>, Fail>>()?;
+    Ok((proc, sys, devices))
 }
 
 /// Writes the secrets delivered as files into a fresh tmpfs at `/run/secrets`: each file
@@ -934,15 +989,36 @@ fn extra_mount(m: &ExtraMount, source: Option<&OwnedFd>) -> Result<(), Fail> {
         ));
     }
     if m.read_only {
+        // The flags the mount has stay: in a user namespace, those it inherited from the
+        // host (nosuid, nodev, noexec) are locked, and a remount without them fails.
+        let kept = nix::sys::statvfs::statvfs(m.target.as_str())
+            .map(|st| locked_flags(st.flags()))
+            .unwrap_or(MsFlags::empty());
         mount(
             None,
             None,
             &m.target,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC | kept,
             None,
         )?;
     }
     Ok(())
+}
+
+/// The mount flags a bind remount must repeat (`statvfs` flags as `mount` flags).
+fn locked_flags(st: nix::sys::statvfs::FsFlags) -> MsFlags {
+    use nix::sys::statvfs::FsFlags as F;
+    [
+        (F::ST_NOSUID, MsFlags::MS_NOSUID),
+        (F::ST_NODEV, MsFlags::MS_NODEV),
+        (F::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (F::ST_NOATIME, MsFlags::MS_NOATIME),
+        (F::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (F::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(s, _)| st.contains(*s))
+    .fold(MsFlags::empty(), |acc, (_, m)| acc | m)
 }
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -952,6 +1028,11 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 /// A detached copy of the mount tree at host path `source` (open_tree(2) with
 /// `OPEN_TREE_CLONE`), to be attached inside the container later.
 fn detached_bind(source: &Path) -> Result<OwnedFd, Fail> {
+    detached(source, true)
+}
+
+/// A detached copy of the mount at `source`, with the mounts below it when `recursive`.
+fn detached(source: &Path, recursive: bool) -> Result<OwnedFd, Fail> {
     let path = CString::new(source.as_os_str().as_bytes()).map_err(fail("bind source"))?;
     // SAFETY: open_tree(2) with a NUL-terminated path; the result is checked.
     let fd = unsafe {
@@ -959,7 +1040,9 @@ fn detached_bind(source: &Path) -> Result<OwnedFd, Fail> {
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             path.as_ptr(),
-            OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+            OPEN_TREE_CLONE
+                | if recursive { AT_RECURSIVE } else { 0 }
+                | libc::O_CLOEXEC as libc::c_uint,
         )
     };
     if fd < 0 {
@@ -1039,9 +1122,26 @@ fn exec_command(l: &Process, old_mask: &SigSet) -> Result<std::convert::Infallib
     let user = super::users::resolve_user(Path::new("/"), &l.user).map_err(|e| (125, e))?;
     let (uid, gid) = (user.uid, user.gid);
     let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-    nix::unistd::setgroups(&groups).map_err(fail("setgroups"))?;
-    nix::unistd::setgid(Gid::from_raw(gid)).map_err(fail("setgid"))?;
-    nix::unistd::setuid(Uid::from_raw(uid)).map_err(fail("setuid"))?;
+    // A single-id user namespace denies setgroups (see `rootless`): the groups stay.
+    if !super::rootless::single_id() {
+        nix::unistd::setgroups(&groups).map_err(fail("setgroups"))?;
+    }
+    let unmapped = |what: &'static str, id: u32| {
+        move |e: nix::errno::Errno| -> Fail {
+            if e == nix::errno::Errno::EINVAL && super::rootless::active() {
+                (
+                    125,
+                    format!(
+                        "{what} {id}: this user namespace does not map that id; give your user subordinate ids in /etc/subuid and /etc/subgid (Debian's `uidmap` package; see the README's \"Without root\")"
+                    ),
+                )
+            } else {
+                fail(what)(e)
+            }
+        }
+    };
+    nix::unistd::setgid(Gid::from_raw(gid)).map_err(unmapped("setgid", gid))?;
+    nix::unistd::setuid(Uid::from_raw(uid)).map_err(unmapped("setuid", uid))?;
     if uid == 0 {
         caps::set_capabilities(&l.capabilities).map_err(fail("set capabilities"))?;
     }

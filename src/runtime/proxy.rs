@@ -88,6 +88,43 @@ fn pick(backends: &[SocketAddr], next: &AtomicUsize) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// A connection to a backend. Backends are containers: rootless, they live in berth's
+/// own network namespace, where the socket is made (the listeners stay on the host's).
+async fn connect_backend(addr: SocketAddr) -> io::Result<TcpStream> {
+    if super::rootless::network_namespace().is_none() {
+        return TcpStream::connect(addr).await;
+    }
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd =
+        tokio::task::spawn_blocking(move || super::rootless::socket(domain, libc::SOCK_STREAM))
+            .await
+            .map_err(io::Error::other)??;
+    tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+        .connect(addr)
+        .await
+}
+
+/// A UDP socket for one client's flow to a backend (see [`connect_backend`]).
+async fn udp_backend_socket(local: SocketAddr) -> io::Result<UdpSocket> {
+    if super::rootless::network_namespace().is_none() {
+        return UdpSocket::bind(local).await;
+    }
+    let domain = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = tokio::task::spawn_blocking(move || super::rootless::socket(domain, libc::SOCK_DGRAM))
+        .await
+        .map_err(io::Error::other)??;
+    let socket = std::net::UdpSocket::from(fd);
+    UdpSocket::from_std(socket)
+}
+
 async fn serve_tcp(listener: TcpListener, backends: Backends) {
     let next = Arc::new(AtomicUsize::new(0));
     loop {
@@ -100,7 +137,7 @@ async fn serve_tcp(listener: TcpListener, backends: Backends) {
             let _ = client.set_nodelay(true);
             for addr in order {
                 if let Ok(Ok(mut upstream)) =
-                    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+                    tokio::time::timeout(CONNECT_TIMEOUT, connect_backend(addr)).await
                 {
                     let _ = upstream.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
@@ -132,7 +169,7 @@ async fn serve_udp(socket: Arc<UdpSocket>, backends: Backends) {
                 } else {
                     "[::]:0".parse().expect("literal")
                 };
-                let Ok(u) = UdpSocket::bind(local).await else {
+                let Ok(u) = udp_backend_socket(local).await else {
                     continue;
                 };
                 if u.connect(addr).await.is_err() {

@@ -152,6 +152,24 @@ pub struct UnpackStats {
     pub bytes: u64,
 }
 
+/// A chown's result, where an owner the rootless user namespace does not map (EINVAL:
+/// no subordinate ids, or an id beyond the mapped range) leaves the file the user's own,
+/// with a warning once per process.
+fn unmapped(result: nix::Result<()>, uid: u64, gid: u64) -> nix::Result<()> {
+    match result {
+        Err(Errno::EINVAL) if super::rootless::active() => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                crate::say!(
+                    "berth: warning: the image has files owned by {uid}:{gid}, which this user namespace does not map (see /etc/subuid and /etc/subgid): they are unpacked as root's"
+                )
+            });
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// What to do with whiteout entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Whiteouts {
@@ -352,15 +370,9 @@ impl Unpacker<'_> {
         .map_err(self.sys(entry, "open the opaque directory"))?;
         // SAFETY: the name and value are valid NUL-terminated / sized buffers that outlive
         // the call, and `dir` is an open descriptor.
-        let rc = unsafe {
-            libc::fsetxattr(
-                dir.as_raw_fd(),
-                c"trusted.overlay.opaque".as_ptr(),
-                b"y".as_ptr().cast(),
-                1,
-                0,
-            )
-        };
+        let name = super::rootless::overlay_xattr("opaque");
+        let rc =
+            unsafe { libc::fsetxattr(dir.as_raw_fd(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
         Errno::result(rc)
             .map(drop)
             .map_err(self.sys(entry, "mark opaque"))
@@ -388,10 +400,14 @@ impl Unpacker<'_> {
         entry: &[u8],
     ) -> Result<(), UnpackError> {
         if self.chown {
-            fchown(
-                fd,
-                Some(Uid::from_raw(uid as u32)),
-                Some(Gid::from_raw(gid as u32)),
+            unmapped(
+                fchown(
+                    fd,
+                    Some(Uid::from_raw(uid as u32)),
+                    Some(Gid::from_raw(gid as u32)),
+                ),
+                uid,
+                gid,
             )
             .map_err(self.sys(entry, "chown"))?;
         }
@@ -499,12 +515,16 @@ impl Unpacker<'_> {
                 symlinkat(OsStr::from_bytes(&target), &parent, name)
                     .map_err(self.sys(&raw, "create the symlink"))?;
                 if self.chown {
-                    fchownat(
-                        &parent,
-                        name,
-                        Some(Uid::from_raw(uid as u32)),
-                        Some(Gid::from_raw(gid as u32)),
-                        AtFlags::AT_SYMLINK_NOFOLLOW,
+                    unmapped(
+                        fchownat(
+                            &parent,
+                            name,
+                            Some(Uid::from_raw(uid as u32)),
+                            Some(Gid::from_raw(gid as u32)),
+                            AtFlags::AT_SYMLINK_NOFOLLOW,
+                        ),
+                        uid,
+                        gid,
                     )
                     .map_err(self.sys(&raw, "chown"))?;
                 }
