@@ -301,6 +301,12 @@ impl Cgroup {
                 write(&dir.join("pids.max"), &p.to_string()).map_err(|e| why("pids", e))?;
             }
             let cg = Cgroup::V2(dir.clone());
+            // Rootless, a device program cannot be loaded (that needs CAP_BPF on the host)
+            // nor is one needed: the user namespace makes no device nodes and the
+            // container gets only the host's harmless ones, bound.
+            if super::rootless::active() {
+                return Ok(cg);
+            }
             if let Err(e) = super::devices::attach_v2(&dir, super::devices::DEFAULT_ALLOW) {
                 let _ = cg.remove();
                 return Err(e);

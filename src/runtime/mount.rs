@@ -86,6 +86,12 @@ pub enum Op {
         /// What it points to.
         to: PathBuf,
     },
+    /// Hides a path from the container (Docker's masked paths): a directory under an
+    /// empty read-only tmpfs, a file under `/dev/null`; nothing if it is missing.
+    Mask(PathBuf),
+    /// Makes a path read-only (a bind mount onto itself, remounted read-only); nothing if
+    /// it is missing.
+    ReadOnly(PathBuf),
     /// Makes `root` the root (`pivot_root`) and lets go of the old one.
     PivotRoot(PathBuf),
     /// The UTS namespace's host name.
@@ -111,6 +117,8 @@ impl fmt::Display for Op {
             } => write!(f, "mknod {} c {major} {minor} {mode:o}", path.display()),
             Op::Attach { fd, path } => write!(f, "attach fd {fd} at {}", path.display()),
             Op::Symlink { link, to } => write!(f, "symlink {} -> {}", link.display(), to.display()),
+            Op::Mask(p) => write!(f, "mask {}", p.display()),
+            Op::ReadOnly(p) => write!(f, "read-only {}", p.display()),
             Op::PivotRoot(root) => write!(f, "pivot_root {}", root.display()),
             Op::Hostname(h) => write!(f, "sethostname {h}"),
         }
@@ -133,6 +141,10 @@ pub trait Syscall {
     fn attach(&self, fd: std::os::fd::RawFd, path: &Path) -> io::Result<()>;
     /// Creates a symlink.
     fn symlink(&self, to: &Path, link: &Path) -> io::Result<()>;
+    /// Masks a path (see [`Op::Mask`]).
+    fn mask(&self, path: &Path) -> io::Result<()>;
+    /// Makes a path read-only (see [`Op::ReadOnly`]).
+    fn read_only(&self, path: &Path) -> io::Result<()>;
     /// `pivot_root` into `root`, the old root detached.
     fn pivot_root(&self, root: &Path) -> io::Result<()>;
     /// Sets the host name.
@@ -247,6 +259,45 @@ impl Syscall for LinuxSyscall {
             .map_err(|e| io::Error::new(e.kind(), format!("symlink {}: {e}", link.display())))
     }
 
+    fn mask(&self, path: &Path) -> io::Result<()> {
+        let m = match std::fs::symlink_metadata(path) {
+            Ok(md) if md.is_dir() => Mount {
+                fstype: Some("tmpfs".into()),
+                source: Some("tmpfs".into()),
+                target: path.into(),
+                flags: MsFlags::MS_RDONLY,
+                data: Some("size=0".into()),
+            },
+            Ok(_) => Mount {
+                fstype: None,
+                source: Some("/dev/null".into()),
+                target: path.into(),
+                flags: MsFlags::MS_BIND,
+                data: None,
+            },
+            Err(_) => return Ok(()),
+        };
+        self.mount(&m)
+    }
+
+    fn read_only(&self, path: &Path) -> io::Result<()> {
+        if std::fs::symlink_metadata(path).is_err() {
+            return Ok(());
+        }
+        let bind = |flags| Mount {
+            fstype: None,
+            source: Some(path.into()),
+            target: path.into(),
+            flags,
+            data: None,
+        };
+        self.mount(&bind(MsFlags::MS_BIND | MsFlags::MS_REC))?;
+        self.mount(&Mount {
+            source: None,
+            ..bind(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC)
+        })
+    }
+
     fn pivot_root(&self, root: &Path) -> io::Result<()> {
         nix::unistd::chdir(root).map_err(at("enter the root filesystem", root))?;
         nix::unistd::pivot_root(".", ".").map_err(at("pivot_root to", root))?;
@@ -316,6 +367,14 @@ impl Syscall for RecordingSyscall {
         })
     }
 
+    fn mask(&self, path: &Path) -> io::Result<()> {
+        self.record(Op::Mask(path.into()))
+    }
+
+    fn read_only(&self, path: &Path) -> io::Result<()> {
+        self.record(Op::ReadOnly(path.into()))
+    }
+
     fn pivot_root(&self, root: &Path) -> io::Result<()> {
         self.record(Op::PivotRoot(root.into()))
     }
@@ -347,6 +406,8 @@ pub fn perform(sys: &dyn Syscall, ops: &[Op]) -> io::Result<()> {
             } => sys.mknod_char(path, *major, *minor, *mode)?,
             Op::Attach { fd, path } => sys.attach(*fd, path)?,
             Op::Symlink { link, to } => sys.symlink(to, link)?,
+            Op::Mask(p) => sys.mask(p)?,
+            Op::ReadOnly(p) => sys.read_only(p)?,
             Op::PivotRoot(root) => sys.pivot_root(root)?,
             Op::Hostname(h) => sys.sethostname(h)?,
         }
@@ -380,6 +441,38 @@ pub const DEVICES: [(&str, u64, u64); 6] = [
     ("urandom", 1, 9),
     ("tty", 5, 0),
 ];
+
+/// Docker's masked paths: made unreadable inside the container.
+pub const MASKED: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+/// Docker's read-only paths.
+pub const READ_ONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Docker's masked paths, then its read-only ones (after `/proc` and `/sys` are mounted).
+pub fn hidden_paths() -> Vec<Op> {
+    MASKED
+        .iter()
+        .map(|p| Op::Mask(p.into()))
+        .chain(READ_ONLY.iter().map(|p| Op::ReadOnly(p.into())))
+        .collect()
+}
 
 /// What a container in a user namespace gets made before `pivot_root`, as detached
 /// mounts attached afterwards: procfs and sysfs may be mounted there only while a fully
@@ -848,6 +941,22 @@ mod tests {
         // Without a cgroup: nothing under /sys/fs.
         let calls = rendered(&kernel_filesystems(false, None, None));
         assert!(!calls.iter().any(|c| c.contains("/sys/fs")), "{calls:#?}");
+    }
+
+    #[test]
+    fn docker_s_masked_paths_then_its_read_only_ones() {
+        let calls = rendered(&hidden_paths());
+        let kcore = calls.iter().position(|c| c == "mask /proc/kcore").unwrap();
+        let sys = calls
+            .iter()
+            .position(|c| c == "read-only /proc/sys")
+            .unwrap();
+        assert!(kcore < sys, "{calls:#?}");
+        assert!(
+            calls.contains(&"mask /sys/firmware".to_string()),
+            "{calls:#?}"
+        );
+        assert!(calls.contains(&"read-only /proc/sysrq-trigger".to_string()));
     }
 
     #[test]

@@ -180,29 +180,6 @@ pub struct Started {
     orphan: Option<PathBuf>,
 }
 
-/// Docker's masked paths: made unreadable inside the container.
-const MASKED: &[&str] = &[
-    "/proc/asound",
-    "/proc/acpi",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-];
-/// Docker's read-only paths.
-const READ_ONLY: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
-
 /// The tiny static init `build.rs` compiles (empty where it has no port).
 const TINY_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/berth-init"));
 
@@ -816,31 +793,8 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
         std::fs::write(dest, content).map_err(fail(dest))?;
     }
     // Docker's masked and read-only paths.
-    for p in MASKED {
-        match std::fs::symlink_metadata(p) {
-            Ok(md) if md.is_dir() => mount(
-                Some("tmpfs"),
-                Some("tmpfs"),
-                p,
-                MsFlags::MS_RDONLY,
-                Some("size=0"),
-            )?,
-            Ok(_) => mount(None, Some("/dev/null"), p, MsFlags::MS_BIND, None)?,
-            Err(_) => {}
-        }
-    }
-    for p in READ_ONLY {
-        if std::fs::symlink_metadata(p).is_ok() {
-            mount(None, Some(p), p, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
-            mount(
-                None,
-                None,
-                p,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
-                None,
-            )?;
-        }
-    }
+    super::mount::perform(&LinuxSyscall, &super::mount::hidden_paths())
+        .map_err(|e| (125, e.to_string()))?;
     for (m, source) in l.mounts.iter().zip(&sources) {
         extra_mount(m, source.as_ref())?;
     }
