@@ -152,14 +152,22 @@ fn rootless_builds_match_root_and_containers_run_with_published_ports() {
     std::fs::write(work.join("ctx/Dockerfile"), DOCKERFILE).unwrap();
     user.own(&work);
 
-    // As root, in a store of its own.
-    let root_store = tempfile::tempdir().unwrap();
+    // As root, in a store of its own (made world-readable, as a umask would).
+    let root_store_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        root_store_dir.path(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let root_store = root_store_dir.path().join("store");
+    std::fs::create_dir(&root_store).unwrap();
+    std::fs::set_permissions(&root_store, std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_root = |args: &[&str]| {
         run_ok(
             Command::new(env!("CARGO_BIN_EXE_berth"))
                 .args(args)
                 .current_dir(&work)
-                .env("BERTH_STORE", root_store.path())
+                .env("BERTH_STORE", &root_store)
                 .env("SOURCE_DATE_EPOCH", "1700000000"),
         )
     };
@@ -185,10 +193,22 @@ fn rootless_builds_match_root_and_containers_run_with_published_ports() {
         root_image.lines().last(),
         "a rootless build gives root's digest"
     );
-    assert!(
-        user.dir().join(".local/share/berth/berth").is_dir(),
-        "the user's store is $XDG_DATA_HOME/berth"
-    );
+    // Stores are their owner's alone: unpacked images hold setuid files and
+    // world-writable directories no other user may reach.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let store = user.dir().join(".local/share/berth");
+    for dir in [
+        &store,
+        &store.join("berth"),
+        &root_store,
+        &root_store.join("berth"),
+    ] {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    }
+    // A store another user owns is refused, before anything in it is trusted.
+    let (code, _, said) = user.berth(&work, &["--store", root_store.to_str().unwrap(), "images"]);
+    assert_ne!(code, 0, "{said}");
+    assert!(said.contains("belongs to uid 0"), "{said}");
 
     // The container sees the image's owners and modes, its user, and its environment.
     let (out, _) = user.ok(&work, &["run", "--rm", "t:1"]);

@@ -265,7 +265,14 @@ pub fn main() -> ExitCode {
     // (see `runtime::rootless`). Before any thread starts: setns needs one thread.
     if !matches!(
         cli.command,
-        Command::Completions(_) | Command::Man(_) | Command::ContainerInit { .. }
+        Command::Completions(_)
+            | Command::Man(_)
+            | Command::ContainerInit { .. }
+            | Command::Init(_)
+            | Command::Check(_)
+            | Command::Config(_)
+            | Command::Login(_)
+            | Command::Logout(_)
     ) && let Err(e) = crate::runtime::rootless::enter(&cli.global.store_dir())
     {
         crate::say!(

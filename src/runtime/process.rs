@@ -637,7 +637,12 @@ fn container_init(
         .map_err(fail("wait for the host"))?;
     if !joined {
         for file in &l.cgroup_join {
-            std::fs::write(file, "0").map_err(fail("join the container's cgroup"))?;
+            std::fs::write(file, "0").map_err(|e| {
+                (
+                    125,
+                    format!("join the container's cgroup: write {}: {e}", file.display()),
+                )
+            })?;
         }
     }
     if Path::new("/proc/self/ns/cgroup").exists() {
@@ -807,7 +812,8 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
     // The working directory, created if missing (Docker does), before privileges drop.
     let cwd = &l.process.cwd;
     if std::fs::symlink_metadata(cwd).is_err() {
-        std::fs::create_dir_all(cwd).map_err(fail("create the working directory"))?;
+        std::fs::create_dir_all(cwd)
+            .map_err(|e| (125, format!("create the working directory {cwd}: {e}")))?;
     }
     if l.read_only {
         mount(
@@ -883,14 +889,14 @@ fn secret_files(l: &Launch) -> Result<(), Fail> {
             .create_new(true)
             .mode(0o400)
             .open(&path)
-            .map_err(fail("write a secret file"))?;
-        f.write_all(&value.0).map_err(fail("write a secret file"))?;
+            .map_err(fail(&path))?;
+        f.write_all(&value.0).map_err(fail(&path))?;
         nix::unistd::fchown(
             &f,
             Some(Uid::from_raw(user.uid)),
             Some(Gid::from_raw(user.gid)),
         )
-        .map_err(fail("give a secret file to the container's user"))?;
+        .map_err(|e| (125, format!("give {path} to uid {}: {e}", user.uid)))?;
     }
     mount(
         None,
@@ -1077,9 +1083,6 @@ fn exec_command(l: &Process, old_mask: &SigSet) -> Result<std::convert::Infallib
     let (uid, gid) = (user.uid, user.gid);
     let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // A single-id user namespace denies setgroups (see `rootless`): the groups stay.
-    if !super::rootless::single_id() {
-        nix::unistd::setgroups(&groups).map_err(fail("setgroups"))?;
-    }
     let unmapped = |what: &'static str, id: u32| {
         move |e: nix::errno::Errno| -> Fail {
             if e == nix::errno::Errno::EINVAL && super::rootless::active() {
@@ -1094,6 +1097,10 @@ fn exec_command(l: &Process, old_mask: &SigSet) -> Result<std::convert::Infallib
             }
         }
     };
+    if !super::rootless::single_id() {
+        let first = groups.first().map_or(gid, |g| g.as_raw());
+        nix::unistd::setgroups(&groups).map_err(unmapped("setgroups: group", first))?;
+    }
     nix::unistd::setgid(Gid::from_raw(gid)).map_err(unmapped("setgid", gid))?;
     nix::unistd::setuid(Uid::from_raw(uid)).map_err(unmapped("setuid", uid))?;
     if uid == 0 {

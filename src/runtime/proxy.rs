@@ -41,7 +41,12 @@ impl Proxy {
         for p in ports {
             let addr = p.listen_addr();
             let what = |e: io::Error| {
-                io::Error::new(e.kind(), format!("listen on {addr}/{}: {e}", p.proto))
+                let help = if e.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+                    " (ports below 1024 need root, or a lower net.ipv4.ip_unprivileged_port_start)"
+                } else {
+                    ""
+                };
+                io::Error::new(e.kind(), format!("listen on {addr}/{}: {e}{help}", p.proto))
             };
             let (tx, rx) = watch::channel(Vec::new());
             match p.proto {

@@ -130,13 +130,40 @@ fn start_time(pid: i32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Opens (creating) a file for writing, refusing a symlink in its place.
+fn create_nofollow(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not) and
+/// started at `start`.
+fn alive(pid: i32, start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return false;
+    };
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.first()
+        .is_some_and(|state| *state != "Z" && *state != "X")
+        && f.get(19).and_then(|s| s.parse::<u64>().ok()) == Some(start)
+}
+
 /// The pause process recorded for `store`, if it still runs.
 fn recorded_pause(store: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(state_file(store)).ok()?;
     let mut f = text.split_whitespace();
     let pid: i32 = f.next()?.parse().ok()?;
     let start: u64 = f.next()?.parse().ok()?;
-    (start_time(pid) == Some(start)).then_some(pid)
+    alive(pid, start).then_some(pid)
 }
 
 /// Enters the rootless user namespace for `store` (creating it on first use). Does
@@ -146,13 +173,18 @@ pub fn enter(store: &Path) -> Result<(), RootlessError> {
     if nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    std::fs::create_dir_all(store.join("berth"))
-        .map_err(io_err(format!("create the store {}", store.display())))?;
+    // Nothing in a store another user could write is trusted (its pid file names the
+    // namespaces to join).
+    for dir in [store.to_path_buf(), store.join("berth")] {
+        std::fs::create_dir_all(&dir)
+            .map_err(io_err(format!("create the store {}", dir.display())))?;
+        crate::store::own_dir(&dir).map_err(io_err(format!("use the store {}", dir.display())))?;
+    }
     let pid = match recorded_pause(store) {
         Some(pid) => pid,
         None => {
             // One creator at a time: a second berth waits, then finds the first's.
-            let lock = File::create(store.join("berth/rootless.lock"))
+            let lock = create_nofollow(&store.join("berth/rootless.lock"))
                 .map_err(io_err("create the rootless lock"))?;
             nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
                 .map_err(|(_, e)| errno("lock the rootless state")(e))
@@ -259,7 +291,7 @@ fn create(store: &Path) -> Result<i32, RootlessError> {
     );
     let maps = plan_maps(uid, gid);
     let netns = netns_file(store);
-    File::create(&netns).map_err(io_err(format!("create {}", netns.display())))?;
+    create_nofollow(&netns).map_err(io_err(format!("create {}", netns.display())))?;
     let (to_parent_r, to_parent_w) = nix::unistd::pipe().map_err(errno("create a pipe"))?;
     let (to_child_r, to_child_w) = nix::unistd::pipe().map_err(errno("create a pipe"))?;
     let netns_c = CString::new(netns.as_os_str().as_encoded_bytes())
@@ -384,6 +416,8 @@ fn pause_process(to_parent: OwnedFd, from_parent: OwnedFd, netns: &CString) -> i
         1
     };
     let _ = nix::unistd::setsid();
+    // Hold no directory of the caller's.
+    let _ = nix::unistd::chdir("/");
     // SAFETY: prctl with a static NUL-terminated name: `ps` shows what it is.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"berth-pause".as_ptr()) };
     if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER) {
@@ -456,7 +490,7 @@ fn announce(maps: &Maps, uid: u32) {
         _ => format!("only id 0 is mapped, to uid {uid}"),
     };
     crate::say!(
-        "berth: running rootless, in a user namespace of your own ({ids}). Limits: cgroup limits (--memory, --cpus, --pids-limit) apply only where the user has a delegated cgroup v2 subtree; containers on a bridge reach each other and published ports, but not the host's own addresses; ports below 1024 cannot be published."
+        "berth: running rootless, in a user namespace of your own ({ids}). Limits: cgroup limits (--memory, --cpus, --pids-limit) apply only where the user has a delegated cgroup v2 subtree; containers on a bridge reach each other, but neither the host's addresses nor published ports; ports below 1024 cannot be published. The namespace lives in a process named berth-pause."
     );
     if let Some(why) = &maps.why_single {
         crate::say!(
@@ -527,6 +561,37 @@ pub fn overlay_xattr(name: &str) -> CString {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        // SAFETY: the child only exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => unsafe { libc::_exit(0) },
+            nix::unistd::ForkResult::Parent { child } => {
+                let pid = child.as_raw();
+                let start = start_time(pid).unwrap();
+                // Not reaped yet: a zombie, with its start time still readable.
+                let mut zombie = false;
+                for _ in 0..200 {
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+                    if stat.contains(") Z ") {
+                        zombie = true;
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                assert!(zombie);
+                assert!(!alive(pid, start), "a zombie is dead");
+                let _ = nix::sys::wait::waitpid(child, None);
+                let me = std::process::id() as i32;
+                assert!(alive(me, start_time(me).unwrap()));
+                assert!(
+                    !alive(me, start_time(me).unwrap() + 1),
+                    "another start time"
+                );
+            }
+        }
+    }
 
     #[test]
     fn identity_maps_are_recognised() {

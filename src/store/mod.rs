@@ -103,6 +103,30 @@ impl StoreError {
 /// Result type of the store.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Makes sure `dir` (the store, or its `berth/` directory) is the caller's alone: owned by
+/// its user, and closed to everyone else (mode 0700). Unpacked images hold setuid files
+/// and world-writable directories; a store others can traverse would let them plant files
+/// in images, or run those setuid files as the store's owner (as Docker's CVE-2021-41091).
+/// A store another user owns is refused: they could plant what berth then runs.
+pub fn own_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "it belongs to uid {}, not to uid {me}: berth keeps images only in a store of its own user",
+                md.uid()
+            ),
+        ));
+    }
+    if md.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// A content store rooted at a directory.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -115,6 +139,11 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
         };
+        // The store's own directories are checked before anything in them is used.
+        for dir in [&store.root, &store.state_dir()] {
+            fs::create_dir_all(dir).map_err(StoreError::io("cannot create", dir))?;
+            own_dir(dir).map_err(StoreError::io("cannot use the store", dir))?;
+        }
         for dir in [
             store.root.join("blobs/sha256"),
             store.state_dir().join("ingest"),
