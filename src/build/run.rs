@@ -63,7 +63,12 @@ pub fn run(
 ) -> Result<Layer, BuildError> {
     if !crate::runtime::mount::overlay_supported() {
         return Err(BuildError::Runtime(
-            "RUN steps need overlayfs, which this kernel does not offer".into(),
+            if crate::runtime::rootless::active() {
+                "RUN steps need overlayfs, which this kernel does not let a user namespace mount (Linux 5.11 does): build as root"
+            } else {
+                "RUN steps need overlayfs, which this kernel does not offer"
+            }
+            .into(),
         ));
     }
     let tmp_base = store.state_dir().join("tmp");

@@ -732,12 +732,29 @@ pub fn overlay_rootfs(
     })
 }
 
-/// True when the kernel supports overlayfs (listed in `/proc/filesystems`).
+/// True when the kernel supports overlayfs (listed in `/proc/filesystems`), and lets this
+/// process mount it: in a user namespace only from Linux 5.11 (containers then get a
+/// copy of the image instead).
 pub fn overlay_supported() -> bool {
-    std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| {
+    let listed = std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| {
         s.lines()
             .any(|l| l.split_whitespace().last() == Some("overlay"))
-    })
+    });
+    listed && (!super::rootless::active() || kernel_at_least(&kernel_release(), (5, 11)))
+}
+
+/// The running kernel's release (`uname -r`).
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
+}
+
+/// Whether a kernel release (`6.1.0-18-amd64`) is at least `major.minor`.
+fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
 }
 
 /// mount_setattr/fsmount flag: read-only.
@@ -941,6 +958,15 @@ mod tests {
         // Without a cgroup: nothing under /sys/fs.
         let calls = rendered(&kernel_filesystems(false, None, None));
         assert!(!calls.iter().any(|c| c.contains("/sys/fs")), "{calls:#?}");
+    }
+
+    #[test]
+    fn kernel_releases_are_compared() {
+        assert!(kernel_at_least("6.1.0-18-amd64", (5, 11)));
+        assert!(kernel_at_least("5.11.0", (5, 11)));
+        assert!(!kernel_at_least("5.10.209-1", (5, 11)));
+        assert!(!kernel_at_least("4.19.0-26-amd64", (5, 11)));
+        assert!(!kernel_at_least("", (5, 11)));
     }
 
     #[test]
