@@ -92,6 +92,36 @@ pub enum Op {
     /// Makes a path read-only (a bind mount onto itself, remounted read-only); nothing if
     /// it is missing.
     ReadOnly(PathBuf),
+    /// A file the runtime writes (`/etc/hosts` and the like): a symlink in its place is
+    /// replaced, never followed.
+    File {
+        /// The path.
+        path: PathBuf,
+        /// Its content.
+        content: Vec<u8>,
+    },
+    /// Copies what the image has at `path` into the empty volume behind the detached
+    /// mount `fd` (a named volume's first use, as Docker does).
+    Seed {
+        /// The path in the image.
+        path: PathBuf,
+        /// The volume's detached mount.
+        fd: std::os::fd::RawFd,
+    },
+    /// A secret's file, created (never replaced) with mode 0400 and the given owner.
+    Secret {
+        /// The path.
+        path: PathBuf,
+        /// The value (never printed).
+        value: super::process::SecretBytes,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// Remounts a mount read-only, keeping the flags it has (in a user namespace those it
+    /// inherited from the host are locked, and a remount without them fails).
+    RemountReadOnly(PathBuf),
     /// Makes `root` the root (`pivot_root`) and lets go of the old one.
     PivotRoot(PathBuf),
     /// The UTS namespace's host name.
@@ -117,6 +147,14 @@ impl fmt::Display for Op {
             } => write!(f, "mknod {} c {major} {minor} {mode:o}", path.display()),
             Op::Attach { fd, path } => write!(f, "attach fd {fd} at {}", path.display()),
             Op::Symlink { link, to } => write!(f, "symlink {} -> {}", link.display(), to.display()),
+            Op::File { path, content } => {
+                write!(f, "write {} ({} bytes)", path.display(), content.len())
+            }
+            Op::Seed { path, fd } => write!(f, "seed fd {fd} from {}", path.display()),
+            Op::Secret { path, uid, gid, .. } => {
+                write!(f, "secret {} (0400 {uid}:{gid})", path.display())
+            }
+            Op::RemountReadOnly(p) => write!(f, "remount read-only {}", p.display()),
             Op::Mask(p) => write!(f, "mask {}", p.display()),
             Op::ReadOnly(p) => write!(f, "read-only {}", p.display()),
             Op::PivotRoot(root) => write!(f, "pivot_root {}", root.display()),
@@ -141,6 +179,14 @@ pub trait Syscall {
     fn attach(&self, fd: std::os::fd::RawFd, path: &Path) -> io::Result<()>;
     /// Creates a symlink.
     fn symlink(&self, to: &Path, link: &Path) -> io::Result<()>;
+    /// Writes a file (see [`Op::File`]).
+    fn write_file(&self, path: &Path, content: &[u8]) -> io::Result<()>;
+    /// Seeds a volume (see [`Op::Seed`]).
+    fn seed(&self, path: &Path, fd: std::os::fd::RawFd) -> io::Result<()>;
+    /// Remounts read-only (see [`Op::RemountReadOnly`]).
+    fn remount_read_only(&self, path: &Path) -> io::Result<()>;
+    /// Writes a secret's file (see [`Op::Secret`]).
+    fn secret(&self, path: &Path, value: &[u8], uid: u32, gid: u32) -> io::Result<()>;
     /// Masks a path (see [`Op::Mask`]).
     fn mask(&self, path: &Path) -> io::Result<()>;
     /// Makes a path read-only (see [`Op::ReadOnly`]).
@@ -259,6 +305,67 @@ impl Syscall for LinuxSyscall {
             .map_err(|e| io::Error::new(e.kind(), format!("symlink {}: {e}", link.display())))
     }
 
+    fn write_file(&self, path: &Path, content: &[u8]) -> io::Result<()> {
+        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(path).map_err(with_path)?;
+        }
+        self.target(path, false)?;
+        std::fs::write(path, content).map_err(with_path)
+    }
+
+    fn seed(&self, path: &Path, fd: std::os::fd::RawFd) -> io::Result<()> {
+        // The detached mount's root, reachable through the descriptor.
+        let via = format!("/proc/self/fd/{fd}");
+        super::process::seed(path, Path::new(&via)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("copy {} into its volume: {e}", path.display()),
+            )
+        })
+    }
+
+    fn secret(&self, path: &Path, value: &[u8], uid: u32, gid: u32) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(path)
+            .map_err(with_path)?;
+        f.write_all(value).map_err(with_path)?;
+        nix::unistd::fchown(
+            &f,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("give {} to uid {uid}: {e}", path.display()),
+            )
+        })
+    }
+
+    fn remount_read_only(&self, path: &Path) -> io::Result<()> {
+        let kept = nix::sys::statvfs::statvfs(path)
+            .map(|st| locked_flags(st.flags()))
+            .unwrap_or(MsFlags::empty());
+        self.mount(&Mount {
+            fstype: None,
+            source: None,
+            target: path.into(),
+            flags: MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_REC
+                | kept,
+            data: None,
+        })
+    }
+
     fn mask(&self, path: &Path) -> io::Result<()> {
         let m = match std::fs::symlink_metadata(path) {
             Ok(md) if md.is_dir() => Mount {
@@ -367,6 +474,33 @@ impl Syscall for RecordingSyscall {
         })
     }
 
+    fn write_file(&self, path: &Path, content: &[u8]) -> io::Result<()> {
+        self.record(Op::File {
+            path: path.into(),
+            content: content.to_vec(),
+        })
+    }
+
+    fn seed(&self, path: &Path, fd: std::os::fd::RawFd) -> io::Result<()> {
+        self.record(Op::Seed {
+            path: path.into(),
+            fd,
+        })
+    }
+
+    fn remount_read_only(&self, path: &Path) -> io::Result<()> {
+        self.record(Op::RemountReadOnly(path.into()))
+    }
+
+    fn secret(&self, path: &Path, _value: &[u8], uid: u32, gid: u32) -> io::Result<()> {
+        self.record(Op::Secret {
+            path: path.into(),
+            value: Default::default(),
+            uid,
+            gid,
+        })
+    }
+
     fn mask(&self, path: &Path) -> io::Result<()> {
         self.record(Op::Mask(path.into()))
     }
@@ -406,6 +540,15 @@ pub fn perform(sys: &dyn Syscall, ops: &[Op]) -> io::Result<()> {
             } => sys.mknod_char(path, *major, *minor, *mode)?,
             Op::Attach { fd, path } => sys.attach(*fd, path)?,
             Op::Symlink { link, to } => sys.symlink(to, link)?,
+            Op::File { path, content } => sys.write_file(path, content)?,
+            Op::Seed { path, fd } => sys.seed(path, *fd)?,
+            Op::RemountReadOnly(p) => sys.remount_read_only(p)?,
+            Op::Secret {
+                path,
+                value,
+                uid,
+                gid,
+            } => sys.secret(path, &value.0, *uid, *gid)?,
             Op::Mask(p) => sys.mask(p)?,
             Op::ReadOnly(p) => sys.read_only(p)?,
             Op::PivotRoot(root) => sys.pivot_root(root)?,
@@ -464,6 +607,134 @@ pub const READ_ONLY: &[&str] = &[
     "/proc/sys",
     "/proc/sysrq-trigger",
 ];
+
+/// The mount flags a bind remount must repeat (`statvfs` flags as `mount` flags).
+fn locked_flags(st: nix::sys::statvfs::FsFlags) -> MsFlags {
+    use nix::sys::statvfs::FsFlags as F;
+    [
+        (F::ST_NOSUID, MsFlags::MS_NOSUID),
+        (F::ST_NODEV, MsFlags::MS_NODEV),
+        (F::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (F::ST_NOATIME, MsFlags::MS_NOATIME),
+        (F::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (F::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(s, _)| st.contains(*s))
+    .fold(MsFlags::empty(), |acc, (_, m)| acc | m)
+}
+
+/// The container's own `/etc` files (`hostname`, `hosts`, `resolv.conf`): contents and
+/// paths.
+pub fn etc_files(files: &[(Vec<u8>, &str)]) -> Vec<Op> {
+    files
+        .iter()
+        .map(|(content, path)| Op::File {
+            path: (*path).into(),
+            content: content.clone(),
+        })
+        .collect()
+}
+
+/// A user's mount (`-v`, `--tmpfs`, a service's volumes) as the plan sees it.
+#[derive(Debug, Clone)]
+pub struct UserMount<'a> {
+    /// Absolute path inside the container.
+    pub target: &'a str,
+    /// The detached bind source (opened before `pivot_root`) and whether it is a
+    /// directory; `None` for a tmpfs.
+    pub source: Option<(std::os::fd::RawFd, bool)>,
+    /// Read-only.
+    pub read_only: bool,
+    /// Copy the image's content at `target` into the (empty) source first.
+    pub seed: bool,
+    /// A tmpfs's size in bytes.
+    pub tmpfs_size: Option<u64>,
+}
+
+/// The user's mounts, in order: a tmpfs (world-writable, sticky, like Docker's) or the
+/// detached bind source attached at its target (created when missing, never a symlink),
+/// seeded first when asked, remounted read-only when asked.
+pub fn user_mounts(mounts: &[UserMount]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for m in mounts {
+        let path = PathBuf::from(m.target);
+        let Some((fd, dir)) = m.source else {
+            ops.push(Op::Target {
+                path: path.clone(),
+                dir: true,
+            });
+            let data = match m.tmpfs_size {
+                Some(size) => format!("mode=1777,size={size}"),
+                None => "mode=1777".to_string(),
+            };
+            ops.push(mount_op(
+                Some("tmpfs"),
+                Some("tmpfs"),
+                m.target,
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(&data),
+            ));
+            continue;
+        };
+        if m.seed && dir {
+            ops.push(Op::Seed {
+                path: path.clone(),
+                fd,
+            });
+        }
+        ops.push(Op::Target {
+            path: path.clone(),
+            dir,
+        });
+        ops.push(Op::Attach {
+            fd,
+            path: path.clone(),
+        });
+        if m.read_only {
+            ops.push(Op::RemountReadOnly(path));
+        }
+    }
+    ops
+}
+
+/// Secrets delivered as files: a fresh tmpfs at `/run/secrets` (they never touch a disk),
+/// each file mode 0400 and owned by the command's user, then the mount read-only.
+pub fn secret_files(
+    files: &[(String, super::process::SecretBytes)],
+    uid: u32,
+    gid: u32,
+) -> Vec<Op> {
+    const DIR: &str = "/run/secrets";
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mut ops = vec![
+        Op::Target {
+            path: DIR.into(),
+            dir: true,
+        },
+        mount_op(
+            Some("tmpfs"),
+            Some("secrets"),
+            DIR,
+            flags,
+            Some("mode=0755,size=4m"),
+        ),
+    ];
+    ops.extend(files.iter().map(|(name, value)| Op::Secret {
+        path: format!("{DIR}/{name}").into(),
+        value: value.clone(),
+        uid,
+        gid,
+    }));
+    ops.push(mount_op(
+        None,
+        None,
+        DIR,
+        flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+    ));
+    ops
+}
 
 /// Docker's masked paths, then its read-only ones (after `/proc` and `/sys` are mounted).
 pub fn hidden_paths() -> Vec<Op> {
@@ -958,6 +1229,83 @@ mod tests {
         // Without a cgroup: nothing under /sys/fs.
         let calls = rendered(&kernel_filesystems(false, None, None));
         assert!(!calls.iter().any(|c| c.contains("/sys/fs")), "{calls:#?}");
+    }
+
+    #[test]
+    fn user_mounts_and_etc_files_are_planned_in_order() {
+        let mounts = [
+            UserMount {
+                target: "/data",
+                source: Some((7, true)),
+                read_only: false,
+                seed: true,
+                tmpfs_size: None,
+            },
+            UserMount {
+                target: "/etc/app.conf",
+                source: Some((8, false)),
+                read_only: true,
+                seed: true,
+                tmpfs_size: None,
+            },
+            UserMount {
+                target: "/scratch",
+                source: None,
+                read_only: false,
+                seed: false,
+                tmpfs_size: Some(1 << 20),
+            },
+        ];
+        let calls = rendered(&user_mounts(&mounts));
+        assert_eq!(
+            calls[..6],
+            [
+                "seed fd 7 from /data",
+                "target /data (dir)",
+                "attach fd 7 at /data",
+                // A file is never seeded.
+                "target /etc/app.conf (file)",
+                "attach fd 8 at /etc/app.conf",
+                "remount read-only /etc/app.conf",
+            ]
+        );
+        assert_eq!(calls[6], "target /scratch (dir)");
+        assert!(
+            calls[7].starts_with("mount tmpfs tmpfs on /scratch")
+                && calls[7].contains("mode=1777,size=1048576"),
+            "{}",
+            calls[7]
+        );
+        let etc = rendered(&etc_files(&[(b"web-1\n".to_vec(), "/etc/hostname")]));
+        assert_eq!(etc, ["write /etc/hostname (6 bytes)"]);
+    }
+
+    #[test]
+    fn secrets_go_on_their_own_tmpfs_read_only_once_written() {
+        use super::super::process::SecretBytes;
+        let ops = secret_files(
+            &[("db".into(), SecretBytes(b"hunter2".to_vec()))],
+            1000,
+            1000,
+        );
+        let shown = format!("{ops:?}");
+        assert!(
+            !shown.contains("hunter2"),
+            "a plan never shows a value: {shown}"
+        );
+        let calls = rendered(&ops);
+        assert_eq!(calls[0], "target /run/secrets (dir)");
+        assert!(
+            calls[1].starts_with("mount tmpfs secrets on /run/secrets"),
+            "{}",
+            calls[1]
+        );
+        assert_eq!(calls[2], "secret /run/secrets/db (0400 1000:1000)");
+        assert!(
+            calls[3].contains("MS_REMOUNT") && calls[3].contains("MS_RDONLY"),
+            "{}",
+            calls[3]
+        );
     }
 
     #[test]

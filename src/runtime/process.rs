@@ -133,7 +133,7 @@ pub struct Handover {
 }
 
 /// A secret's value: never printed (`Debug` shows `<redacted>`).
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct SecretBytes(pub Vec<u8>);
 
 impl std::fmt::Debug for SecretBytes {
@@ -591,14 +591,6 @@ fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> Fail + '_ {
     move |e| (125, format!("{what}: {e}"))
 }
 
-/// Makes sure a mount target inside the new root is a real directory (or file), never a
-/// symlink, creating it when missing.
-fn target(path: &str, dir: bool) -> Result<(), Fail> {
-    LinuxSyscall
-        .target(Path::new(path), dir)
-        .map_err(|e| (125, e.to_string()))
-}
-
 fn mount(
     fstype: Option<&str>,
     source: Option<&str>,
@@ -788,23 +780,40 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
         detached_fds.as_ref(),
     ));
     super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
-    // /etc files: their contents were read on the host side; the container gets its own
-    // copies (a symlink in the image's place is replaced, never followed).
-    for (content, dest) in etc {
-        if std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
-            std::fs::remove_file(dest).map_err(fail(dest))?;
-        }
-        target(dest, false)?;
-        std::fs::write(dest, content).map_err(fail(dest))?;
-    }
-    // Docker's masked and read-only paths.
-    super::mount::perform(&LinuxSyscall, &super::mount::hidden_paths())
-        .map_err(|e| (125, e.to_string()))?;
-    for (m, source) in l.mounts.iter().zip(&sources) {
-        extra_mount(m, source.as_ref())?;
-    }
+    // The /etc files (their contents read on the host side), Docker's masked and read-only
+    // paths, then the user's mounts: a plan too (see `mount::etc_files`, `hidden_paths`,
+    // `user_mounts`).
+    let user_mounts = l
+        .mounts
+        .iter()
+        .zip(&sources)
+        .map(|(m, source)| {
+            let source = source
+                .as_ref()
+                .map(|fd| {
+                    nix::sys::stat::fstat(fd)
+                        .map(|st| (fd.as_raw_fd(), st.st_mode & libc::S_IFMT == libc::S_IFDIR))
+                        .map_err(fail("stat a bind mount source"))
+                })
+                .transpose()?;
+            Ok(super::mount::UserMount {
+                target: &m.target,
+                source,
+                read_only: m.read_only,
+                seed: m.seed,
+                tmpfs_size: m.tmpfs_size,
+            })
+        })
+        .collect::<Result<Vec<_>, Fail>>()?;
+    let mut ops = super::mount::etc_files(etc);
+    ops.extend(super::mount::hidden_paths());
+    ops.extend(super::mount::user_mounts(&user_mounts));
+    super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
     if !l.secret_files.is_empty() {
-        secret_files(l)?;
+        let user =
+            super::users::resolve_user(Path::new("/"), &l.process.user).map_err(|e| (125, e))?;
+        let ops = super::mount::secret_files(&l.secret_files, user.uid, user.gid);
+        super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
     }
     LinuxSyscall
         .sethostname(&l.hostname)
@@ -866,124 +875,8 @@ fn rootless_mounts(host_network: bool) -> Result<RootlessMounts, Fail> {
     Ok((proc, sys, devices))
 }
 
-/// Writes the secrets delivered as files into a fresh tmpfs at `/run/secrets`: each file
-/// mode 0400 and owned by the command's user (resolved in the container's own
-/// `/etc/passwd`), then the mount is made read-only. The values never touch a disk.
-fn secret_files(l: &Launch) -> Result<(), Fail> {
-    use std::os::unix::fs::OpenOptionsExt;
-    const DIR: &str = "/run/secrets";
-    target(DIR, true)?;
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(
-        Some("tmpfs"),
-        Some("secrets"),
-        DIR,
-        flags,
-        Some("mode=0755,size=4m"),
-    )?;
-    let user = super::users::resolve_user(Path::new("/"), &l.process.user).map_err(|e| (125, e))?;
-    for (name, value) in &l.secret_files {
-        let path = format!("{DIR}/{name}");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&path)
-            .map_err(fail(&path))?;
-        f.write_all(&value.0).map_err(fail(&path))?;
-        nix::unistd::fchown(
-            &f,
-            Some(Uid::from_raw(user.uid)),
-            Some(Gid::from_raw(user.gid)),
-        )
-        .map_err(|e| (125, format!("give {path} to uid {}: {e}", user.uid)))?;
-    }
-    mount(
-        None,
-        None,
-        DIR,
-        flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None,
-    )
-}
-
-/// Mounts a bind source (opened before `pivot_root`) or a tmpfs at its target inside the
-/// container. The target is created when missing and is never a symlink; after
-/// `pivot_root` every path resolves inside the container anyway.
-fn extra_mount(m: &ExtraMount, source: Option<&OwnedFd>) -> Result<(), Fail> {
-    let Some(fd) = source else {
-        target(&m.target, true)?;
-        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        let data = match m.tmpfs_size {
-            Some(size) => format!("mode=1777,size={size}"),
-            None => "mode=1777".to_string(),
-        };
-        return mount(Some("tmpfs"), Some("tmpfs"), &m.target, flags, Some(&data));
-    };
-    let is_dir = nix::sys::stat::fstat(fd)
-        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
-        .map_err(fail("stat a bind mount source"))?;
-    if m.seed && is_dir {
-        // The detached mount's root, reachable through the descriptor.
-        let via = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        seed(Path::new(&m.target), Path::new(&via))
-            .map_err(|e| (125, format!("copy {} into its volume: {e}", m.target)))?;
-    }
-    target(&m.target, is_dir)?;
-    let dest = CString::new(m.target.as_bytes()).map_err(fail("mount target"))?;
-    // SAFETY: move_mount(2) of a detached mount we own onto a path; arguments are valid.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            dest.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if rc != 0 {
-        return Err((
-            125,
-            format!("mount on {}: {}", m.target, io::Error::last_os_error()),
-        ));
-    }
-    if m.read_only {
-        // The flags the mount has stay: in a user namespace, those it inherited from the
-        // host (nosuid, nodev, noexec) are locked, and a remount without them fails.
-        let kept = nix::sys::statvfs::statvfs(m.target.as_str())
-            .map(|st| locked_flags(st.flags()))
-            .unwrap_or(MsFlags::empty());
-        mount(
-            None,
-            None,
-            &m.target,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC | kept,
-            None,
-        )?;
-    }
-    Ok(())
-}
-
-/// The mount flags a bind remount must repeat (`statvfs` flags as `mount` flags).
-fn locked_flags(st: nix::sys::statvfs::FsFlags) -> MsFlags {
-    use nix::sys::statvfs::FsFlags as F;
-    [
-        (F::ST_NOSUID, MsFlags::MS_NOSUID),
-        (F::ST_NODEV, MsFlags::MS_NODEV),
-        (F::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (F::ST_NOATIME, MsFlags::MS_NOATIME),
-        (F::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (F::ST_RELATIME, MsFlags::MS_RELATIME),
-    ]
-    .into_iter()
-    .filter(|(s, _)| st.contains(*s))
-    .fold(MsFlags::empty(), |acc, (_, m)| acc | m)
-}
-
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// A detached copy of the mount tree at host path `source` (open_tree(2) with
 /// `OPEN_TREE_CLONE`), to be attached inside the container later.
@@ -1022,7 +915,7 @@ fn detached(source: &Path, recursive: bool) -> Result<OwnedFd, Fail> {
 /// Copies the image's content at `from` (a path in the container) into an empty volume
 /// directory `to`: directories, regular files and symlinks (as links, never followed), with
 /// modes and owners.
-fn seed(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn seed(from: &Path, to: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(from) {
         Ok(md) if md.is_dir() => {}
         _ => return Ok(()),
