@@ -39,6 +39,13 @@ impl TestUser {
                 .any(|l| l.starts_with(&format!("{}:", user.name)))
         };
         if !has("/etc/subuid") || !has("/etc/subgid") {
+            // usermod needs the files; a minimal image may have none.
+            for file in ["/etc/subuid", "/etc/subgid"] {
+                if !Path::new(file).exists() {
+                    std::fs::write(file, "").unwrap();
+                    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+                }
+            }
             let base = if tag == "b" { 400_000 } else { 470_000 };
             let range = format!("{base}-{}", base + 65_535);
             run_ok(Command::new("usermod").args([
