@@ -267,6 +267,13 @@ fn rootless_builds_match_root_and_containers_run_with_published_ports() {
         "the port is closed with the container"
     );
 
+    // Every command joined the one namespace the first made.
+    let pauses = Command::new("pgrep")
+        .args(["-c", "-u", &user.name, "-x", "berth-pause"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&pauses.stdout).trim(), "1");
+
     // Exporting what was built works as the user too.
     user.ok(&work, &["export", "t:1", "-o", "t.tar"]);
     assert!(work.join("t.tar").metadata().unwrap().len() > 0);

@@ -163,7 +163,12 @@ fn recorded_pause(store: &Path) -> Option<i32> {
     let mut f = text.split_whitespace();
     let pid: i32 = f.next()?.parse().ok()?;
     let start: u64 = f.next()?.parse().ok()?;
-    alive(pid, start).then_some(pid)
+    // Ours, too: a pid file naming another user's process (which we could not join) is
+    // as stale as one naming a dead process.
+    let ours =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(format!("/proc/{pid}")).ok()?)
+            == nix::unistd::getuid().as_raw();
+    (ours && alive(pid, start)).then_some(pid)
 }
 
 /// Enters the rootless user namespace for `store` (creating it on first use). Does
