@@ -394,6 +394,15 @@ fn host_arch() -> Arch {
 }
 
 impl Engine<'_> {
+    /// The layer this step made in the last build, whose compressed chunks (and unchanged
+    /// first bytes) a new layer may take over; none with `--no-cache`, which takes
+    /// nothing from earlier builds.
+    fn last_layer(&self, last: &Option<ExplainRecord>) -> Option<Digest> {
+        last.as_ref()
+            .filter(|_| !self.opts.no_cache)
+            .and_then(|l| l.layer.clone())
+    }
+
     fn timestamp(&self) -> String {
         jiff::Timestamp::from_second(self.opts.created as i64)
             .map(|t| t.to_string())
@@ -1044,13 +1053,7 @@ impl Engine<'_> {
                     .zip(diff_ids)
                     .map(|((d, m), id)| (d, m, id))
                     .collect();
-                // `--no-cache` takes nothing from earlier builds, compressed chunks included.
-                let reuse_from: Vec<Digest> = last
-                    .as_ref()
-                    .filter(|_| !self.opts.no_cache)
-                    .and_then(|l| l.layer.clone())
-                    .into_iter()
-                    .collect();
+                let reuse_from: Vec<Digest> = self.last_layer(&last).into_iter().collect();
                 let scratch = tempfile::Builder::new()
                     .prefix("bind-")
                     .tempdir_in(self.spool.path())
@@ -1268,10 +1271,8 @@ impl Engine<'_> {
             None => {
                 // A rebuild copies the start of this step's last layer: have the kernel
                 // read it while the plan is made.
-                if let Some(d) = last.as_ref().and_then(|l| l.layer.as_ref())
-                    && !self.opts.no_cache
-                {
-                    self.store.prefetch(d);
+                if let Some(d) = self.last_layer(&last) {
+                    self.store.prefetch(&d);
                 }
                 let chown = c.chown.as_deref().map(|o| self.owner(st, o)).transpose()?;
                 let epoch = self.opts.epoch;
@@ -1342,13 +1343,7 @@ impl Engine<'_> {
                         &spool,
                     )?,
                 };
-                // `--no-cache` takes nothing from earlier builds, compressed chunks included.
-                let reuse_from: Vec<Digest> = last
-                    .as_ref()
-                    .filter(|_| !self.opts.no_cache)
-                    .and_then(|l| l.layer.clone())
-                    .into_iter()
-                    .collect();
+                let reuse_from: Vec<Digest> = self.last_layer(&last).into_iter().collect();
                 let (layer, nodes) = copy::write_plan(
                     store,
                     &plan,

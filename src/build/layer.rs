@@ -613,6 +613,19 @@ mod tests {
         w.finish().unwrap()
     }
 
+    /// A gzip layer's tar, after checking its blob against its digest and the tar against
+    /// its diff_id.
+    fn checked_tar(store: &Store, layer: &Layer) -> Vec<u8> {
+        let blob = std::fs::read(store.blob_path(&layer.digest)).unwrap();
+        assert_eq!(Digest::of(&blob), layer.digest);
+        let mut tar_bytes = Vec::new();
+        flate2::read::GzDecoder::new(&blob[..])
+            .read_to_end(&mut tar_bytes)
+            .unwrap();
+        assert_eq!(DiffId(Digest::of(&tar_bytes)), layer.diff_id);
+        tar_bytes
+    }
+
     #[test]
     fn layers_are_reproducible_and_digests_check_out() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -622,13 +635,7 @@ mod tests {
         );
         let (la, lb) = (write_sample(&sa), write_sample(&sb));
         assert_eq!(la, lb);
-        let blob = std::fs::read(sa.blob_path(&la.digest)).unwrap();
-        assert_eq!(Digest::of(&blob), la.digest);
-        let mut tar_bytes = Vec::new();
-        flate2::read::GzDecoder::new(&blob[..])
-            .read_to_end(&mut tar_bytes)
-            .unwrap();
-        assert_eq!(DiffId(Digest::of(&tar_bytes)), la.diff_id);
+        let tar_bytes = checked_tar(&sa, &la);
         let mut archive = tar::Archive::new(&tar_bytes[..]);
         let names: Vec<String> = archive
             .entries()
@@ -780,13 +787,7 @@ mod tests {
             let (whole, _, whole_index) = write_tree(&fresh_store, &entries, &[]);
             assert_eq!(resumed, whole, "round {round}");
             assert_eq!(index, whole_index, "the entry index too");
-            let blob = std::fs::read(store.blob_path(&resumed.digest)).unwrap();
-            assert_eq!(Digest::of(&blob), resumed.digest);
-            let mut tar_bytes = Vec::new();
-            flate2::read::GzDecoder::new(&blob[..])
-                .read_to_end(&mut tar_bytes)
-                .unwrap();
-            assert_eq!(DiffId(Digest::of(&tar_bytes)), resumed.diff_id);
+            checked_tar(&store, &resumed);
             previous = resumed;
         }
 

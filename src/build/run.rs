@@ -382,7 +382,7 @@ fn is_opaque(path: &Path) -> bool {
     };
     let mut buf = [0u8; 2];
     // SAFETY: valid NUL-terminated strings and a buffer of the given size.
-    let name = crate::runtime::rootless::overlay_xattr("opaque");
+    let name = crate::runtime::rootless::overlay_opaque_xattr();
     let n = unsafe {
         libc::lgetxattr(
             c.as_ptr(),

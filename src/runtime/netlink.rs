@@ -31,7 +31,6 @@ fn other(what: &str, e: impl std::fmt::Display) -> io::Error {
 }
 
 impl Netlink {
-    /// Opens a socket.
     /// A socket in the network namespace of berth's bridges: the host's as root, the
     /// rootless one without (see [`super::rootless::in_network`]).
     pub fn open_host() -> io::Result<Netlink> {

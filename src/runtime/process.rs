@@ -756,8 +756,10 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
             )?;
         }
     }
-    // The new root, then the kernel's filesystems inside it: a plan (see
-    // `mount::kernel_filesystems`, tested without root) applied through the seam.
+    // The new root, then inside it the kernel's filesystems, the /etc files (their
+    // contents read on the host side), Docker's masked and read-only paths and the user's
+    // mounts: one plan (see `mount::kernel_filesystems`, `etc_files`, `hidden_paths`,
+    // `user_mounts`, tested without root) applied through the seam.
     // In a user namespace, procfs, sysfs and the device nodes are made now, while the
     // host's are in sight (see `mount::Detached`), and attached after pivot_root.
     let held = if super::rootless::active() {
@@ -773,16 +775,6 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
             devices: devices.iter().map(AsRawFd::as_raw_fd).collect(),
             tty_group: !super::rootless::single_id(),
         });
-    let mut ops = vec![Op::PivotRoot(l.rootfs.clone())];
-    ops.extend(super::mount::kernel_filesystems(
-        l.network == Network::Host,
-        l.cgroupfs.as_ref(),
-        detached_fds.as_ref(),
-    ));
-    super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
-    // The /etc files (their contents read on the host side), Docker's masked and read-only
-    // paths, then the user's mounts: a plan too (see `mount::etc_files`, `hidden_paths`,
-    // `user_mounts`).
     let user_mounts = l
         .mounts
         .iter()
@@ -805,19 +797,26 @@ fn setup(l: &Launch, etc: &[(Vec<u8>, &'static str)]) -> Result<(), Fail> {
             })
         })
         .collect::<Result<Vec<_>, Fail>>()?;
-    let mut ops = super::mount::etc_files(etc);
+    let mut ops = vec![Op::PivotRoot(l.rootfs.clone())];
+    ops.extend(super::mount::kernel_filesystems(
+        l.network == Network::Host,
+        l.cgroupfs.as_ref(),
+        detached_fds.as_ref(),
+    ));
+    ops.extend(super::mount::etc_files(etc));
     ops.extend(super::mount::hidden_paths());
     ops.extend(super::mount::user_mounts(&user_mounts));
     super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
+    // Secrets go to the command's user, whose name is resolved in the container's own
+    // /etc/passwd (as the user's mounts left it); then the host name.
+    let mut ops = Vec::new();
     if !l.secret_files.is_empty() {
         let user =
             super::users::resolve_user(Path::new("/"), &l.process.user).map_err(|e| (125, e))?;
-        let ops = super::mount::secret_files(&l.secret_files, user.uid, user.gid);
-        super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
+        ops = super::mount::secret_files(&l.secret_files, user.uid, user.gid);
     }
-    LinuxSyscall
-        .sethostname(&l.hostname)
-        .map_err(|e| (125, e.to_string()))?;
+    ops.push(Op::Hostname(l.hostname.clone()));
+    super::mount::perform(&LinuxSyscall, &ops).map_err(|e| (125, e.to_string()))?;
     // The working directory, created if missing (Docker does), before privileges drop.
     let cwd = &l.process.cwd;
     if std::fs::symlink_metadata(cwd).is_err() {

@@ -96,38 +96,42 @@ fn pick(backends: &[SocketAddr], next: &AtomicUsize) -> Vec<SocketAddr> {
 /// A connection to a backend. Backends are containers: rootless, they live in berth's
 /// own network namespace, where the socket is made (the listeners stay on the host's).
 async fn connect_backend(addr: SocketAddr) -> io::Result<TcpStream> {
+    match rootless_socket(addr, libc::SOCK_STREAM).await? {
+        Some(fd) => {
+            tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+                .connect(addr)
+                .await
+        }
+        None => TcpStream::connect(addr).await,
+    }
+}
+
+/// A UDP socket for one client's flow to a backend (see [`connect_backend`]).
+async fn udp_backend_socket(local: SocketAddr) -> io::Result<UdpSocket> {
+    match rootless_socket(local, libc::SOCK_DGRAM).await? {
+        Some(fd) => UdpSocket::from_std(std::net::UdpSocket::from(fd)),
+        None => UdpSocket::bind(local).await,
+    }
+}
+
+/// Rootless, a socket of type `ty` for `addr`'s family made in the containers' network
+/// namespace; as root, `None` (the caller makes one here).
+async fn rootless_socket(
+    addr: SocketAddr,
+    ty: libc::c_int,
+) -> io::Result<Option<std::os::fd::OwnedFd>> {
     if super::rootless::network_namespace().is_none() {
-        return TcpStream::connect(addr).await;
+        return Ok(None);
     }
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
-    let fd =
-        tokio::task::spawn_blocking(move || super::rootless::socket(domain, libc::SOCK_STREAM))
-            .await
-            .map_err(io::Error::other)??;
-    tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
-        .connect(addr)
+    tokio::task::spawn_blocking(move || super::rootless::socket(domain, ty))
         .await
-}
-
-/// A UDP socket for one client's flow to a backend (see [`connect_backend`]).
-async fn udp_backend_socket(local: SocketAddr) -> io::Result<UdpSocket> {
-    if super::rootless::network_namespace().is_none() {
-        return UdpSocket::bind(local).await;
-    }
-    let domain = if local.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let fd = tokio::task::spawn_blocking(move || super::rootless::socket(domain, libc::SOCK_DGRAM))
-        .await
-        .map_err(io::Error::other)??;
-    let socket = std::net::UdpSocket::from(fd);
-    UdpSocket::from_std(socket)
+        .map_err(io::Error::other)?
+        .map(Some)
 }
 
 async fn serve_tcp(listener: TcpListener, backends: Backends) {

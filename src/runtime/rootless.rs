@@ -123,13 +123,6 @@ fn netns_file(store: &Path) -> PathBuf {
     store.join("berth/rootless.netns")
 }
 
-/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// Opens (creating) a file for writing, refusing a symlink in its place.
 fn create_nofollow(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -140,21 +133,6 @@ fn create_nofollow(path: &Path) -> io::Result<File> {
         .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(path)
-}
-
-/// Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not) and
-/// started at `start`.
-fn alive(pid: i32, start: u64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return false;
-    };
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.first()
-        .is_some_and(|state| *state != "Z" && *state != "X")
-        && f.get(19).and_then(|s| s.parse::<u64>().ok()) == Some(start)
 }
 
 /// The pause process recorded for `store`, if it still runs.
@@ -168,7 +146,8 @@ fn recorded_pause(store: &Path) -> Option<i32> {
     let ours =
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(format!("/proc/{pid}")).ok()?)
             == nix::unistd::getuid().as_raw();
-    (ours && alive(pid, start)).then_some(pid)
+    // A zombie (killed, not yet reaped by the command that made it) is not alive.
+    (ours && super::container::process_start_time(pid) == Some(start)).then_some(pid)
 }
 
 /// Enters the rootless user namespace for `store` (creating it on first use). Does
@@ -321,7 +300,7 @@ fn create(store: &Path) -> Result<i32, RootlessError> {
                 let _ = nix::sys::wait::waitpid(child, None);
                 return Err(e);
             }
-            let start = start_time(pid).ok_or_else(|| {
+            let start = super::container::process_start_time(pid).ok_or_else(|| {
                 RootlessError::Setup("the rootless pause process exited at once".into())
             })?;
             let state = state_file(store);
@@ -556,11 +535,14 @@ pub fn socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
     })
 }
 
-/// The extended attribute prefix overlayfs uses for opaque directories: `trusted.` as
-/// root, `user.` in a user namespace (with the `userxattr` mount option).
-pub fn overlay_xattr(name: &str) -> CString {
-    let prefix = if active() { "user" } else { "trusted" };
-    CString::new(format!("{prefix}.overlay.{name}")).expect("no NUL")
+/// The extended attribute overlayfs marks opaque directories with: `trusted.` as root,
+/// `user.` in a user namespace (with the `userxattr` mount option).
+pub fn overlay_opaque_xattr() -> &'static std::ffi::CStr {
+    if active() {
+        c"user.overlay.opaque"
+    } else {
+        c"trusted.overlay.opaque"
+    }
 }
 
 #[cfg(test)]
@@ -568,14 +550,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_zombie_is_not_alive() {
+    fn a_zombie_pause_process_is_not_alive() {
+        use super::super::container::process_start_time;
         // SAFETY: the child only exits.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => unsafe { libc::_exit(0) },
             nix::unistd::ForkResult::Parent { child } => {
                 let pid = child.as_raw();
-                let start = start_time(pid).unwrap();
-                // Not reaped yet: a zombie, with its start time still readable.
+                // Not reaped yet: a zombie, whose /proc entry is still there.
                 let mut zombie = false;
                 for _ in 0..200 {
                     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -586,14 +568,9 @@ mod tests {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
                 assert!(zombie);
-                assert!(!alive(pid, start), "a zombie is dead");
+                assert_eq!(process_start_time(pid), None, "a zombie is dead");
                 let _ = nix::sys::wait::waitpid(child, None);
-                let me = std::process::id() as i32;
-                assert!(alive(me, start_time(me).unwrap()));
-                assert!(
-                    !alive(me, start_time(me).unwrap() + 1),
-                    "another start time"
-                );
+                assert!(process_start_time(std::process::id() as i32).is_some());
             }
         }
     }

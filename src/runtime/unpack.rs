@@ -370,7 +370,7 @@ impl Unpacker<'_> {
         .map_err(self.sys(entry, "open the opaque directory"))?;
         // SAFETY: the name and value are valid NUL-terminated / sized buffers that outlive
         // the call, and `dir` is an open descriptor.
-        let name = super::rootless::overlay_xattr("opaque");
+        let name = super::rootless::overlay_opaque_xattr();
         let rc =
             unsafe { libc::fsetxattr(dir.as_raw_fd(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
         Errno::result(rc)
