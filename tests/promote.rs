@@ -251,6 +251,51 @@ fn git(p: &TempProject, args: &[&str]) {
 }
 
 #[test]
+fn a_release_records_the_commit_its_image_was_built_from() {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file(
+        "berth.toml",
+        "[app]\nname = \"rev\"\n[image]\nfrom = \"base:1\"\n[[image.steps]]\ncopy = [\"a.txt\", \"/a.txt\"]\n",
+    )
+    .file("environments/dev.toml", "hosts = [\"local\"]\n")
+    .file("a.txt", "one\n")
+    .file(".gitignore", ".store\n");
+    git(&p, &["init", "-q"]);
+    git(&p, &["add", "."]);
+    git(&p, &["commit", "-q", "-m", "built"]);
+    let built = head(&p);
+    p.berth().args(["build", "--tag", "rev:old"]).run().ok();
+    git(&p, &["commit", "-q", "--allow-empty", "-m", "later"]);
+    assert_ne!(head(&p), built);
+    // Deploying the older image names its commit, not the work tree's.
+    let plan = json(
+        &p.berth()
+            .args([
+                "--json",
+                "deploy",
+                "--env",
+                "dev",
+                "--dry-run",
+                "--image",
+                "rev:old",
+            ])
+            .run()
+            .ok(),
+    );
+    assert_eq!(plan["plan"]["revision"], built.as_str(), "{plan}");
+}
+
+fn head(p: &TempProject) -> String {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(p.path())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
 fn diff_names_each_change_between_two_crafted_images() {
     let p = TempProject::new();
     p.with_busybox_base();

@@ -118,11 +118,20 @@ pub fn deploy(g: &GlobalOpts, args: &DeployArgs, out: &mut Output) -> Result<(),
             store.resolve(&config.app.name)?
         }
     };
-    let revision = crate::build::provenance::of(&g.project_dir())
-        .labels
-        .into_iter()
-        .find(|(k, _)| k == "org.opencontainers.image.revision")
-        .map(|(_, v)| v);
+    // The commit the image was built from, as its label says: `--image` may name an
+    // older build than the working tree's commit (and the tree need not be read again).
+    let revision = store
+        .image(&digest)?
+        .config
+        .oci
+        .config()
+        .as_ref()
+        .and_then(|c| {
+            c.labels()
+                .as_ref()?
+                .get(crate::build::provenance::REVISION)
+                .cloned()
+        });
     let plan = ReleasePlan::for_environment(&config, &digest, revision);
     let origin = ImageOrigin::Store;
     if args.dry_run {
