@@ -261,6 +261,9 @@ fn rootless_builds_match_root_and_containers_run_with_published_ports() {
     );
     assert_ne!(code, 0, "{said}");
     assert!(said.contains(&port.to_string()), "{said}");
+    // exec joins the running container (its namespaces are the user's own).
+    let (out, _) = user.ok(&work, &["exec", "web", "cat", "/www/index.html"]);
+    assert_eq!(out, "served-rootless\n");
     user.ok(&work, &["rm", "-f", "web"]);
     assert!(
         http_get(port, "/", 0).is_none(),
@@ -274,9 +277,74 @@ fn rootless_builds_match_root_and_containers_run_with_published_ports() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&pauses.stdout).trim(), "1");
 
+    // Ports below 1024 need root (unless the host lowered the bound), and berth says so.
+    let unprivileged_from: u16 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1024);
+    if unprivileged_from > 81 {
+        let (code, _, said) = user.berth(
+            &work,
+            &["run", "--rm", "-p", "127.0.0.1:81:80", "base:1", "true"],
+        );
+        assert_ne!(code, 0, "{said}");
+        assert!(said.contains("ports below 1024 need root"), "{said}");
+    }
+    // `--network host` is the host's own network: its interfaces are the host's.
+    let host_ifaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let (out, _) = user.ok(
+        &work,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "base:1",
+            "cat",
+            "/proc/net/dev",
+        ],
+    );
+    for iface in &host_ifaces {
+        assert!(out.contains(&format!("{iface}:")), "{iface} in {out}");
+    }
+
     // Exporting what was built works as the user too.
     user.ok(&work, &["export", "t:1", "-o", "t.tar"]);
     assert!(work.join("t.tar").metadata().unwrap().len() > 0);
+}
+
+#[test]
+fn without_subordinate_ids_berth_maps_one_id_and_says_what_that_limits() {
+    let user = TestUser::new("s");
+    run_ok(Command::new("usermod").args([
+        "--del-subuids",
+        "0-4294967294",
+        "--del-subgids",
+        "0-4294967294",
+        &user.name,
+    ]));
+    let work = user.dir().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let tar = base_tar(&work);
+    user.own(&work);
+    let (_, said) = user.ok(&work, &["import", "-t", "base:1", tar.to_str().unwrap()]);
+    assert!(
+        said.contains("only id 0 is mapped") && said.contains("/etc/subuid"),
+        "{said}"
+    );
+    let (out, _) = user.ok(
+        &work,
+        &["run", "--rm", "base:1", "cat", "/proc/self/uid_map"],
+    );
+    assert_eq!(out.split_whitespace().nth(2), Some("1"), "one id: {out}");
+    // A container cannot switch to a user the namespace does not map.
+    let (code, _, said) = user.berth(&work, &["run", "--rm", "--user", "1234", "base:1", "id"]);
+    assert_ne!(code, 0, "{said}");
+    assert!(said.contains("does not map that id"), "{said}");
 }
 
 #[test]
