@@ -205,6 +205,43 @@ pub struct ChunkEntry {
     pub offset: u64,
     /// Length of the compressed bytes.
     pub compressed_len: u64,
+    /// BLAKE3 of the compressed bytes, hex: a later layer that takes them over checks them
+    /// against it. (Indexes written before it was kept lack it; their chunks are not
+    /// taken over.)
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub compressed_hash: String,
+}
+
+impl ChunkEntry {
+    /// [`ChunkEntry::compressed_hash`] as bytes, when there is one.
+    fn compressed_key(&self) -> Option<[u8; 32]> {
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(&self.compressed_hash, &mut key)
+            .ok()
+            .map(|()| key)
+    }
+}
+
+/// The bytes of a blob before `boundary` as consecutive pieces with their BLAKE3s (the
+/// gzip header, then each chunk's compressed bytes), for checking them cheaply before they
+/// are taken over; `None` when the index cannot say (an older index, or one whose chunks
+/// do not lie end to end up to the boundary).
+pub fn prefix_pieces(index: &ChunkIndex, boundary: &Boundary) -> Option<Vec<(u64, [u8; 32])>> {
+    let header: &[u8] = if index.codec == Codec::Gzip {
+        &HEADER
+    } else {
+        &[]
+    };
+    let mut pieces = vec![(header.len() as u64, *blake3::hash(header).as_bytes())];
+    let mut at = header.len() as u64;
+    for c in index.chunks.get(..boundary.chunks)? {
+        if c.offset != at {
+            return None;
+        }
+        pieces.push((c.compressed_len, c.compressed_key()?));
+        at += c.compressed_len;
+    }
+    (at == boundary.blob.len).then_some(pieces)
 }
 
 /// A chunk compression format.
@@ -259,11 +296,14 @@ pub struct ResumePoint {
     pub entries: String,
 }
 
-/// Compressed chunks that may be copied instead of compressed: chunk BLAKE3 → (blob,
-/// offset, length).
+/// Where a chunk's compressed bytes are: (blob, offset, length, their BLAKE3).
+type StoredChunk = (Arc<BlobRanges>, u64, u64, [u8; 32]);
+
+/// Compressed chunks that may be copied instead of compressed, by the BLAKE3 of their
+/// uncompressed bytes.
 #[derive(Default, Clone)]
 pub struct ReusableChunks {
-    map: HashMap<[u8; 32], (Arc<BlobRanges>, u64, u64)>,
+    map: HashMap<[u8; 32], StoredChunk>,
     /// Chunk → the chunk that followed it (hash, length), where that one was not the last
     /// of its layer: a rebuild's likely next chunk.
     next: HashMap<[u8; 32], ([u8; 32], usize)>,
@@ -281,10 +321,10 @@ impl ReusableChunks {
             hex::decode_to_slice(&c.hash, &mut key).ok().map(|()| key)
         };
         for c in &index.chunks {
-            if let Some(key) = key(c) {
+            if let (Some(key), Some(compressed)) = (key(c), c.compressed_key()) {
                 self.map
                     .entry(key)
-                    .or_insert_with(|| (Arc::clone(&blob), c.offset, c.compressed_len));
+                    .or_insert_with(|| (Arc::clone(&blob), c.offset, c.compressed_len, compressed));
             }
         }
         // A last chunk was cut by the end of its stream, not by its content: never predicted.
@@ -312,6 +352,8 @@ struct Done {
     index: u64,
     data: Vec<u8>,
     compressed: Vec<u8>,
+    /// BLAKE3 of `compressed`.
+    compressed_hash: [u8; 32],
     crc: crc32fast::Hasher,
     hash: [u8; 32],
     reused: bool,
@@ -395,6 +437,7 @@ fn output_thread<W: Sink>(
             len: done.data.len() as u64,
             offset: written,
             compressed_len: done.compressed.len() as u64,
+            compressed_hash: hex::encode(done.compressed_hash),
         });
         written += done.compressed.len() as u64;
         out.stats.chunks += 1;
@@ -560,7 +603,9 @@ fn compress_chunk(data: &[u8], codec: Codec, level: u32) -> io::Result<Vec<u8>> 
     })
 }
 
-/// Hashes a chunk and either copies its compressed bytes from an earlier blob or compresses it.
+/// Hashes a chunk and either copies its compressed bytes from an earlier blob or compresses
+/// it. Bytes copied must have the BLAKE3 they had when written: a damaged earlier blob, or
+/// one that can no longer be read, costs a compression, not a broken layer.
 fn process(
     index: u64,
     data: Vec<u8>,
@@ -572,18 +617,24 @@ fn process(
     let hash = hash.unwrap_or_else(|| blake3::hash(&data).into());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&data);
-    let (compressed, reused) = match reuse.map.get(&hash) {
-        Some((file, offset, len)) => {
-            let mut buf = Vec::new();
-            file.read_into(*offset, *len as usize, &mut buf)?;
-            (buf, true)
+    let copied = reuse.map.get(&hash).and_then(|(file, offset, len, want)| {
+        let mut buf = Vec::new();
+        file.read_into(*offset, *len as usize, &mut buf).ok()?;
+        (blake3::hash(&buf).as_bytes() == want).then_some((buf, *want))
+    });
+    let (compressed, compressed_hash, reused) = match copied {
+        Some((buf, h)) => (buf, h, true),
+        None => {
+            let buf = compress_chunk(&data, codec, level)?;
+            let h = blake3::hash(&buf).into();
+            (buf, h, false)
         }
-        None => (compress_chunk(&data, codec, level)?, false),
     };
     Ok(Done {
         index,
         data,
         compressed,
+        compressed_hash,
         crc,
         hash,
         reused,
@@ -1013,6 +1064,74 @@ mod tests {
             stats.reused + 2 >= stats.chunks,
             "all but the edited chunks are reused: {stats:?}"
         );
+        // A damaged earlier blob: the chunk with a flipped byte no longer has the BLAKE3
+        // its index gives, so it is compressed again, not copied; the others still are.
+        let mut damaged = old_gz.clone();
+        let first = &old_idx.chunks[1];
+        damaged[(first.offset + first.compressed_len / 2) as usize] ^= 0x10;
+        std::fs::write(dir.path().join("old.gz"), &damaged).unwrap();
+        let mut reuse = ReusableChunks::default();
+        reuse.add(
+            BlobRanges::open(&dir.path().join("old.gz")).unwrap(),
+            &old_idx,
+            Codec::Gzip,
+            1,
+        );
+        let (warm, _, again) = gz(&new, 2, reuse);
+        assert_eq!(warm, cold, "a damaged chunk never reaches the output");
+        assert_eq!(
+            again.reused + 1,
+            stats.reused,
+            "{again:?} against {stats:?}"
+        );
+        // An index from before compressed chunks were hashed offers nothing to copy.
+        let mut older = old_idx.clone();
+        older
+            .chunks
+            .iter_mut()
+            .for_each(|c| c.compressed_hash.clear());
+        let mut reuse = ReusableChunks::default();
+        reuse.add(
+            BlobRanges::open(&dir.path().join("old.gz")).unwrap(),
+            &older,
+            Codec::Gzip,
+            1,
+        );
+        assert!(reuse.is_empty());
+    }
+
+    #[test]
+    fn prefix_pieces_are_the_header_and_the_chunks_end_to_end() {
+        let data = sample(6 << 20, 4);
+        let (out, idx, _) = gz(&data, 2, ReusableChunks::default());
+        let boundary = |chunks: usize| {
+            let end = idx.chunks[chunks - 1].offset + idx.chunks[chunks - 1].compressed_len;
+            let mut h = crate::store::Sha256Resumable::new();
+            h.update(&out[..end as usize]);
+            Boundary {
+                chunks,
+                crc: 0,
+                tar: crate::store::Sha256Resumable::new().midstate(),
+                blob: h.midstate(),
+            }
+        };
+        let b = boundary(3);
+        let pieces = prefix_pieces(&idx, &b).unwrap();
+        assert_eq!(pieces.len(), 4);
+        let mut at = 0usize;
+        for (len, hash) in &pieces {
+            let bytes = &out[at..at + *len as usize];
+            assert_eq!(blake3::hash(bytes).as_bytes(), hash);
+            at += *len as usize;
+        }
+        assert_eq!(at as u64, b.blob.len);
+        // Not end to end, or lacking hashes: the caller falls back to SHA-256.
+        let mut gap = idx.clone();
+        gap.chunks[1].offset += 1;
+        assert!(prefix_pieces(&gap, &b).is_none());
+        let mut unhashed = idx.clone();
+        unhashed.chunks[0].compressed_hash.clear();
+        assert!(prefix_pieces(&unhashed, &b).is_none());
     }
 
     #[test]

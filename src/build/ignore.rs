@@ -59,11 +59,20 @@ impl IgnoreRules {
 
     /// True when the path (relative to the context, `/`-separated) is excluded.
     pub fn is_excluded(&self, path: &str) -> bool {
+        if self.rules.is_empty() {
+            return false;
+        }
         let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
         let mut excluded = false;
         for rule in &self.rules {
-            // A rule matches the path itself or any of its parent directories.
-            let hit = (1..=parts.len()).any(|n| match_components(&rule.components, &parts[..n]));
+            // A rule matches the path itself or any of its parent directories. Without
+            // `**` it has a fixed depth: only the path's ancestor at that depth can match.
+            let hit = if rule.components.iter().any(|c| c == "**") {
+                (1..=parts.len()).any(|n| match_components(&rule.components, &parts[..n]))
+            } else {
+                let n = rule.components.len();
+                n <= parts.len() && match_components(&rule.components, &parts[..n])
+            };
             if hit {
                 excluded = rule.exclude;
             }
@@ -110,6 +119,9 @@ fn match_components(pattern: &[String], path: &[&str]) -> bool {
 /// Matches one path component against a glob with `*`, `?`, `[...]` classes and `\`
 /// escapes (Go's `filepath.Match` rules).
 pub fn glob_component(pattern: &str, name: &str) -> bool {
+    if !pattern.contains(['*', '?', '[', '\\']) {
+        return pattern == name;
+    }
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
     glob_at(&p, &n)

@@ -54,6 +54,16 @@ pub struct ImageFs {
 /// `None` for paths with `..` (an image that has them is refused elsewhere; here they are
 /// skipped so they can never be looked up).
 pub fn normalize(path: &str) -> Option<String> {
+    // Most tar paths are normal already, or differ only by a `./` before and a `/` after.
+    let trimmed = path.strip_prefix("./").unwrap_or(path);
+    let trimmed = trimmed.strip_suffix('/').unwrap_or(trimmed);
+    if !trimmed.starts_with('/')
+        && trimmed
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+    {
+        return Some(trimmed.to_string());
+    }
     let mut parts = Vec::new();
     for c in path.split('/') {
         match c {
@@ -249,14 +259,19 @@ impl ImageFs {
     }
 
     fn remove_tree(&mut self, path: &str) {
+        use std::ops::Bound;
         self.nodes.remove(path);
-        let prefix = format!("{path}/");
-        let doomed: Vec<String> = self
-            .nodes
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .map(|(p, _)| p.clone())
-            .collect();
+        // The paths under it follow it in the map, after any `path-x` or `path.x` (bytes
+        // below `/`) and before `path0`: found without building the prefix.
+        let mut doomed = Vec::new();
+        let after = (Bound::Excluded(path), Bound::Unbounded);
+        for (p, _) in self.nodes.range::<str, _>(after) {
+            match p.strip_prefix(path).and_then(|rest| rest.bytes().next()) {
+                Some(b'/') => doomed.push(p.clone()),
+                Some(c) if c < b'/' => {}
+                _ => break,
+            }
+        }
         for p in doomed {
             self.nodes.remove(&p);
         }
@@ -421,6 +436,29 @@ mod tests {
     fn paths_normalize() {
         assert_eq!(normalize("./a//b/").unwrap(), "a/b");
         assert_eq!(normalize("/").unwrap(), "");
+        assert_eq!(normalize("./").unwrap(), "");
+        assert_eq!(normalize("./a/b/").unwrap(), "a/b");
+        assert_eq!(normalize("a/./b").unwrap(), "a/b");
+        assert_eq!(normalize("/a/b").unwrap(), "a/b");
+        assert_eq!(normalize("usr/bin/ls").unwrap(), "usr/bin/ls");
         assert!(normalize("a/../b").is_none());
+        assert!(normalize("./..").is_none());
+    }
+
+    #[test]
+    fn removing_a_tree_takes_what_is_under_it_and_nothing_beside_it() {
+        let mut fs = ImageFs::default();
+        for p in [
+            "a", "a-b", "a.d", "a.d/x", "a/b", "a/b/c", "a/z", "a0", "ab", "b",
+        ] {
+            fs.nodes.insert(p.into(), node(FsKind::Dir));
+        }
+        fs.remove_tree("a");
+        let left: Vec<&str> = fs.nodes.keys().map(String::as_str).collect();
+        assert_eq!(left, ["a-b", "a.d", "a.d/x", "a0", "ab", "b"]);
+        fs.remove_tree("a.d");
+        fs.remove_tree("nothing");
+        let left: Vec<&str> = fs.nodes.keys().map(String::as_str).collect();
+        assert_eq!(left, ["a-b", "a0", "ab", "b"]);
     }
 }

@@ -14,6 +14,7 @@ use oci_spec::image::{Descriptor, MediaType};
 use super::BuildError;
 use super::chunked::{
     ChunkIndex, ChunkedWriter, Codec, OutputError, ResumePoint, ReusableChunks, Start,
+    prefix_pieces,
 };
 use super::imagefs::IndexEntry;
 use crate::manifest::schema::Compression;
@@ -299,7 +300,7 @@ impl LayerWriter {
             .filter(|(_, index)| index.codec == codec && index.level == level)
             .flat_map(|(d, index)| index.resume.iter().map(move |p| (d, index, p)))
             .filter(|(_, index, p)| {
-                p.boundary.chunks <= index.chunks.len()
+                prefix_pieces(index, &p.boundary).is_some()
                     && Sha256Resumable::resume(&p.boundary.tar).is_some()
                     && Sha256Resumable::resume(&p.boundary.blob).is_some()
                     && planned
@@ -309,7 +310,8 @@ impl LayerWriter {
             .max_by_key(|(_, _, p)| p.boundary.tar.len);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         if let Some((digest, index, point)) = best
-            && let Ok(blob) = store.blob_writer_from(digest, &point.boundary.blob)
+            && let Some(pieces) = prefix_pieces(index, &point.boundary)
+            && let Ok(blob) = store.blob_writer_from(digest, &point.boundary.blob, pieces)
         {
             let start = Start {
                 boundary: point.boundary.clone(),

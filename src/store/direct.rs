@@ -116,6 +116,30 @@ impl IngestFile {
         Ok(())
     }
 
+    /// Appends the first `len` bytes of `src`, read straight into the write buffer (no
+    /// copy between), showing them to `inspect` on the way.
+    pub(super) fn copy_in(
+        &mut self,
+        src: &File,
+        len: u64,
+        mut inspect: impl FnMut(&[u8]),
+    ) -> io::Result<()> {
+        let mut at = 0;
+        while at < len {
+            if self.filled == BUFFER {
+                self.write_out(BUFFER)?;
+            }
+            let filled = self.filled;
+            let n = (BUFFER - filled).min(usize::try_from(len - at).unwrap_or(usize::MAX));
+            let window = &mut self.buf.window()[filled..filled + n];
+            src.read_exact_at(window, at)?;
+            inspect(window);
+            self.filled += n;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// Writes what is buffered (the unaligned tail without `O_DIRECT`) and returns the
     /// file, not yet synced.
     pub(super) fn finish(mut self) -> io::Result<tempfile::NamedTempFile> {

@@ -299,40 +299,44 @@ impl Store {
     /// Starts writing a blob whose first `state.len` bytes are those of the stored blob
     /// `from`, with the hash state after them. The bytes are copied on a thread of their
     /// own while the caller goes on; the first write waits for the copy, which fails if
-    /// the bytes do not hash to `state` (a damaged blob, or a stale saved state).
-    pub fn blob_writer_from(&self, from: &Digest, state: &Midstate) -> Result<BlobWriter> {
+    /// they are not the `pieces` (consecutive lengths with the BLAKE3 each had when it was
+    /// written: a damaged or shortened blob). BLAKE3 costs a fraction of hashing them
+    /// with SHA-256 again; `state` itself comes from an index that is checksummed.
+    pub fn blob_writer_from(
+        &self,
+        from: &Digest,
+        state: &Midstate,
+        pieces: Vec<(u64, [u8; 32])>,
+    ) -> Result<BlobWriter> {
         let hasher = Sha256Resumable::resume(state).ok_or_else(|| StoreError::BadDocument {
             what: "hash state",
             digest: from.to_string(),
             message: "its tail does not match its length".into(),
         })?;
+        let len = state.len;
+        if pieces.iter().map(|p| p.0).sum::<u64>() != len {
+            return Err(StoreError::BadDocument {
+                what: "chunk index",
+                digest: from.to_string(),
+                message: "its chunks do not add up to the resume point".into(),
+            });
+        }
         let path = self.blob_path(from);
         let src = File::open(&path).map_err(|e| Self::open_error(from, path.clone(), e))?;
-        let len = state.len;
         advise_willneed(&src, len);
         let mut file = self.ingest_file()?;
         // The copy starts now, on its own thread, while the caller reads and compresses
         // what follows; the first write waits for it. Its reads go through the page cache,
-        // which [`Store::prefetch`] may have filled already. The bytes are hashed as they
-        // pass and must give `state`: a damaged earlier blob never reaches a new one (the
-        // caller then writes the layer in full).
-        let want = state.clone();
+        // which [`Store::prefetch`] may have filled already, straight into the ingest
+        // file's write buffer. The bytes are checked as they pass: a damaged earlier blob
+        // never reaches a new one (the caller then writes the layer in full).
         let copy = std::thread::spawn(move || -> io::Result<direct::IngestFile> {
-            use std::os::unix::fs::FileExt;
-            let mut buf = vec![0u8; 4 << 20];
-            let mut hash = Sha256Resumable::new();
-            let mut at = 0u64;
-            while at < len {
-                let n = (len - at).min(buf.len() as u64) as usize;
-                src.read_exact_at(&mut buf[..n], at)?;
-                hash.update(&buf[..n]);
-                file.write_all(&buf[..n])?;
-                at += n as u64;
-            }
-            if hash.midstate() != want {
+            let mut check = PieceCheck::new(pieces);
+            file.copy_in(&src, len, |bytes| check.update(bytes))?;
+            if !check.matches() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "the earlier blob's first bytes are not those its saved hash state describes",
+                    "the earlier blob's first bytes are not those its saved state describes",
                 ));
             }
             Ok(file)
@@ -437,6 +441,50 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// The store's exclusive lock; released on drop.
 pub struct StoreLock {
     _file: File,
+}
+
+/// Checks that an earlier blob's first bytes are consecutive pieces with the BLAKE3s
+/// they had when written (see [`Store::blob_writer_from`]).
+struct PieceCheck {
+    /// The pieces still to come, last first.
+    left: Vec<(u64, [u8; 32])>,
+    hasher: blake3::Hasher,
+    ok: bool,
+}
+
+impl PieceCheck {
+    fn new(mut pieces: Vec<(u64, [u8; 32])>) -> PieceCheck {
+        pieces.retain(|p| p.0 > 0);
+        pieces.reverse();
+        PieceCheck {
+            left: pieces,
+            hasher: blake3::Hasher::new(),
+            ok: true,
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let Some((piece_left, want)) = self.left.last_mut() else {
+                self.ok = false; // More bytes than pieces.
+                return;
+            };
+            let n = (*piece_left).min(bytes.len() as u64) as usize;
+            self.hasher.update(&bytes[..n]);
+            *piece_left -= n as u64;
+            bytes = &bytes[n..];
+            if *piece_left == 0 {
+                self.ok &= self.hasher.finalize().as_bytes() == want;
+                self.hasher.reset();
+                self.left.pop();
+            }
+        }
+    }
+
+    /// True when every piece came whole and as it was.
+    fn matches(self) -> bool {
+        self.ok && self.left.is_empty()
+    }
 }
 
 /// A blob being written: bytes go to an ingest file and are hashed as they pass. Only
@@ -575,6 +623,64 @@ pub fn decompress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blob_built_on_an_earlier_ones_first_bytes_checks_them_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let (old_digest, _) = store.put_blob(&old).unwrap();
+        let cut = 3_000_001;
+        let mut h = Sha256Resumable::new();
+        h.update(&old[..cut]);
+        let state = h.midstate();
+        let pieces = |bytes: &[u8]| {
+            let split = [0, 10, 1_000_000, cut];
+            let p: Vec<(u64, [u8; 32])> = split
+                .windows(2)
+                .map(|w| {
+                    let piece = &bytes[w[0]..w[1]];
+                    (piece.len() as u64, *blake3::hash(piece).as_bytes())
+                })
+                .collect();
+            p
+        };
+        let expect = |tail: &[u8]| Digest::of(&[&old[..cut], tail].concat());
+        {
+            let mut w = store
+                .blob_writer_from(&old_digest, &state, pieces(&old))
+                .unwrap();
+            w.write_all(b"a new tail").unwrap();
+            let (digest, size) = w.commit(None).unwrap();
+            assert_eq!(digest, expect(b"a new tail"));
+            assert_eq!(
+                fs::read(store.blob_path(&digest)).unwrap().len() as u64,
+                size
+            );
+            assert_eq!(
+                Digest::of(&fs::read(store.blob_path(&digest)).unwrap()),
+                digest
+            );
+        }
+        // Pieces that do not add up to the state's length are refused at once.
+        let short = vec![(10, [0; 32])];
+        assert!(store.blob_writer_from(&old_digest, &state, short).is_err());
+        // A damaged earlier blob: a flipped byte in the second piece, or a blob cut short.
+        let mut damaged = old.clone();
+        damaged[500_000] ^= 1;
+        for bytes in [&damaged[..], &old[..cut - 1]] {
+            fs::write(store.blob_path(&old_digest), bytes).unwrap();
+            let mut w = store
+                .blob_writer_from(&old_digest, &state, pieces(&old))
+                .unwrap();
+            assert!(w.write_all(b"a new tail").is_err());
+            assert!(w.commit(None).is_err());
+        }
+        let ingest = fs::read_dir(store.state_dir().join("ingest"))
+            .unwrap()
+            .count();
+        assert_eq!(ingest, 0, "the failed writers left nothing behind");
+    }
 
     #[test]
     fn a_new_store_is_an_oci_layout() {
