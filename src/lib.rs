@@ -13,6 +13,7 @@ macro_rules! say {
     }};
 }
 
+pub mod background;
 pub mod build;
 pub mod cli;
 pub mod deploy;

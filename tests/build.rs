@@ -877,3 +877,39 @@ fn source_date_epoch_dates_the_files_and_a_new_one_rebuilds_them() {
         explained.stdout
     );
 }
+
+/// berth loads caches and frees large trees on threads of their own; the runtime creates
+/// a RUN step's container with a raw clone, which must not happen while one of them holds
+/// a lock (a child stuck forever on the allocator's). A RUN as the first step (the stat
+/// cache of a large context still loading) and a RUN right after a COPY of it (its trees
+/// being freed) build, every time.
+#[test]
+fn run_steps_start_while_caches_load_and_trees_are_freed() {
+    let p = TempProject::new();
+    p.with_busybox_base();
+    p.file(
+        "ctx/Dockerfile",
+        "FROM base:1\nRUN echo one > /one\nCOPY app/ /app/\nRUN ls /app/deps | wc -l > /count\nRUN echo three\n",
+    );
+    text_tree(&p, "ctx/app/deps", 1500, 5);
+    for round in 0..4 {
+        p.file("ctx/app/src/main.txt", &format!("round {round}\n"));
+        let run = p
+            .berth()
+            .args([
+                "--json",
+                "build",
+                "--no-cache",
+                "-f",
+                "ctx/Dockerfile",
+                "-t",
+                "threads:1",
+            ])
+            .arg("ctx")
+            .within(120)
+            .run()
+            .ok();
+        let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(report["steps"].as_array().unwrap().len(), 4, "{report}");
+    }
+}

@@ -29,28 +29,49 @@ struct StatEntry {
 /// Content hashes of context files, keyed by absolute path.
 pub struct StatCache {
     path: PathBuf,
-    entries: BTreeMap<String, StatEntry>,
+    /// Read on a thread of its own from [`StatCache::load`] on (a large context's cache is
+    /// most of a megabyte of JSON), and waited for when first asked.
+    entries: std::sync::OnceLock<BTreeMap<String, StatEntry>>,
+    loading: std::sync::Mutex<Option<std::sync::mpsc::Receiver<BTreeMap<String, StatEntry>>>>,
     dirty: bool,
 }
 
 impl StatCache {
-    /// Loads the stat cache (an unreadable or corrupt one is treated as empty).
+    /// Starts loading the stat cache (an unreadable or corrupt one is treated as empty).
     pub fn load(store: &Store) -> StatCache {
         let path = store.state_dir().join("cache/stat.json");
-        let entries = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let from = path.clone();
+        let (tx, loading) = std::sync::mpsc::channel();
+        crate::background::spawn(move || {
+            let entries = std::fs::read(&from)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let _ = tx.send(entries);
+        });
         StatCache {
             path,
-            entries,
+            entries: std::sync::OnceLock::new(),
+            loading: std::sync::Mutex::new(Some(loading)),
             dirty: false,
         }
     }
 
+    fn entries(&self) -> &BTreeMap<String, StatEntry> {
+        self.entries.get_or_init(|| {
+            let loading = self.loading.lock().map(|mut l| l.take()).ok().flatten();
+            loading.and_then(|l| l.recv().ok()).unwrap_or_default()
+        })
+    }
+
+    fn entries_mut(&mut self) -> &mut BTreeMap<String, StatEntry> {
+        self.entries();
+        self.entries.get_mut().expect("loaded above")
+    }
+
     /// The cached content hash of a file, if its identity is unchanged.
     pub fn get(&self, abs: &Path, size: u64, stamp: (u64, u64, i128, i128)) -> Option<&str> {
-        let e = self.entries.get(abs.to_str()?)?;
+        let e = self.entries().get(abs.to_str()?)?;
         let same = e.size == size
             && (e.dev, e.ino, e.mtime, e.ctime) == stamp
             && e.hash.starts_with(CONTENT_HASH_PREFIX);
@@ -76,8 +97,8 @@ impl StatCache {
             ctime: stamp.3,
             hash: hash.to_string(),
         };
-        if self.entries.get(key) != Some(&entry) {
-            self.entries.insert(key.to_string(), entry);
+        if self.entries().get(key) != Some(&entry) {
+            self.entries_mut().insert(key.to_string(), entry);
             self.dirty = true;
         }
     }
@@ -90,7 +111,7 @@ impl StatCache {
         if let Some(dir) = self.path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        if let Ok(bytes) = serde_json::to_vec(&self.entries) {
+        if let Ok(bytes) = serde_json::to_vec(self.entries()) {
             // Losing the stat cache only costs re-hashing; a failure here is not an error.
             let _ = store.replace_file(&self.path, &bytes);
         }

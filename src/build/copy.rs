@@ -12,7 +12,7 @@ use super::archive;
 use super::cache::{ContentHashReader, StatCache};
 use super::context::{Context, ContextEntry, EntryKind};
 use super::imagefs::{FsKind, FsNode, ImageFs, normalize, open_layer};
-use super::layer::{EntryMeta, Layer, LayerCompression, LayerWriter, entry_error};
+use super::layer::{EarlyCopy, EntryMeta, Layer, LayerCompression, LayerWriter, entry_error};
 use crate::store::{Digest, Store, StoreError};
 
 /// What a planned entry holds.
@@ -667,22 +667,26 @@ pub type Written = (Layer, Vec<(String, FsNode)>);
 /// began with the same entries, the layer resumes after them (see
 /// [`LayerWriter::resuming`]): a change deep in the tree costs the bytes after it, not
 /// the whole layer.
+#[allow(clippy::too_many_arguments)]
 pub fn write_plan(
     store: &Store,
     plan: &Plan,
     compression: LayerCompression,
     reuse_from: &[Digest],
+    early: Option<EarlyCopy>,
     ctx: Option<&Context>,
     stat: &mut StatCache,
     inputs: &mut Inputs,
 ) -> Result<Written, BuildError> {
     let mut resumed = false;
+    let mut early = early;
     let mut attempt = |reuse_from: &[Digest], resumed: &mut bool| {
         write_plan_once(
             store,
             plan,
             compression,
             reuse_from,
+            early.take(),
             ctx,
             stat,
             inputs,
@@ -709,6 +713,7 @@ fn write_plan_once(
     plan: &Plan,
     compression: LayerCompression,
     reuse_from: &[Digest],
+    early: Option<EarlyCopy>,
     ctx: Option<&Context>,
     stat: &mut StatCache,
     inputs: &mut Inputs,
@@ -736,7 +741,8 @@ fn write_plan_once(
         );
         planned.push(fp);
     }
-    let (mut w, resume_at) = LayerWriter::resuming(store, compression, reuse_from, &planned)?;
+    let (mut w, resume_at) =
+        LayerWriter::resuming(store, compression, reuse_from, &planned, early)?;
     *resumed = resume_at.is_some();
     let mut nodes = Vec::with_capacity(plan.len());
     let werr = |path: &str, e: io::Error| {
@@ -846,5 +852,36 @@ fn write_plan_once(
 
 /// The digest of a step's cache inputs.
 pub fn inputs_digest(inputs: &Inputs) -> Digest {
-    Digest::of(&serde_json::to_vec(&inputs.files).expect("inputs serialise"))
+    // Streamed into the hash: the JSON of a large context is hundreds of kilobytes.
+    let hashing = crate::store::HashingWriter::new(io::sink());
+    let mut w = io::BufWriter::with_capacity(64 << 10, hashing);
+    serde_json::to_writer(&mut w, &inputs.files).expect("inputs serialise");
+    let hashing = w
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .expect("a sink never fails");
+    hashing.finish().1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inputs_digest_is_that_of_their_json() {
+        // Cache keys stay what they were when the JSON was built in memory.
+        let mut inputs = Inputs {
+            files: BTreeMap::new(),
+            complete: true,
+        };
+        for i in 0..5000u32 {
+            let hash = format!("b3:{}", blake3::hash(&i.to_le_bytes()).to_hex());
+            inputs
+                .files
+                .insert(format!("deps/pkg{i}/mod \"{i}\".py"), (hash, 0o644));
+        }
+        let json = serde_json::to_vec(&inputs.files).unwrap();
+        assert!(json.len() > 64 << 10, "more than one buffer's worth");
+        assert_eq!(inputs_digest(&inputs), Digest::of(&json));
+    }
 }

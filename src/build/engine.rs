@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use oci_spec::image::{Arch, Descriptor, History, HistoryBuilder, ImageConfiguration, Os};
 
@@ -11,7 +13,7 @@ use super::cache::{self, ExplainRecord, StatCache};
 use super::context::Context;
 use super::copy::{self, Inputs, Owner};
 use super::imagefs::{ImageFs, lookup_group, lookup_user};
-use super::layer::{Layer, LayerCompression};
+use super::layer::{EarlyCopy, Layer, LayerCompression};
 use super::meta;
 use super::plan::{Base, BuildPlan, Step, describe_step};
 use super::shell_words::process_word;
@@ -142,6 +144,8 @@ struct StageState {
     chain: Digest,
     base: Option<String>,
     fs: Option<ImageFs>,
+    /// `fs` being loaded ahead of need (see [`StageState::load_fs_ahead`]).
+    fs_ahead: Option<FsAhead>,
     fs_layers: Vec<(Digest, String)>,
     args: BTreeMap<String, String>,
     /// A CMD was set in this stage (an ENTRYPOINT then keeps it; it resets only an
@@ -161,9 +165,65 @@ impl StageState {
 
     fn fs(&mut self, store: &Store) -> Result<&mut ImageFs, BuildError> {
         if self.fs.is_none() {
-            self.fs = Some(ImageFs::load(store, &self.fs_layers)?);
+            let ahead = self.fs_ahead.take().and_then(|a| a.take(&self.fs_layers));
+            self.fs = Some(match ahead {
+                Some(loaded) => loaded?,
+                None => ImageFs::load(store, &self.fs_layers, None)?,
+            });
         }
         Ok(self.fs.as_mut().expect("loaded"))
+    }
+
+    /// Starts loading the image's tree on a thread of its own, for a step that will
+    /// likely need it once it knows it missed the cache (a COPY, after walking its
+    /// sources): the two overlap. Unused, the load stops at its next layer.
+    fn load_fs_ahead(&mut self, store: &Store) {
+        if self.fs.is_some() || self.fs_ahead.is_some() {
+            return;
+        }
+        let (store, layers) = (store.clone(), self.fs_layers.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let (tx, loaded) = std::sync::mpsc::channel();
+        crate::background::spawn(move || {
+            let _ = tx.send(ImageFs::load(&store, &layers, Some(&stopped)));
+        });
+        self.fs_ahead = Some(FsAhead {
+            layers: self.fs_layers.clone(),
+            stop,
+            loaded,
+        });
+    }
+}
+
+/// Drops `value` on a thread of its own: freeing a large tree (a context's listing, an
+/// image's files) costs milliseconds the build need not wait for.
+fn drop_later<T: Send + 'static>(value: T) {
+    crate::background::spawn(move || drop(value));
+}
+
+/// An image's tree being loaded ahead of need.
+struct FsAhead {
+    /// The layers it is of.
+    layers: Vec<(Digest, String)>,
+    stop: Arc<AtomicBool>,
+    loaded: std::sync::mpsc::Receiver<Result<ImageFs, BuildError>>,
+}
+
+impl FsAhead {
+    /// The tree, when it is of `layers` (else it is let go).
+    fn take(self, layers: &[(Digest, String)]) -> Option<Result<ImageFs, BuildError>> {
+        if self.layers != layers {
+            return None;
+        }
+        self.loaded.recv().ok()
+    }
+}
+
+impl Drop for FsAhead {
+    fn drop(&mut self) {
+        // Not waited for: it stops at its next layer and its result is dropped.
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -485,6 +545,7 @@ impl Engine<'_> {
                     chain: Digest::of(b"scratch"),
                     base: None,
                     fs: Some(ImageFs::default()),
+                    fs_ahead: None,
                     fs_layers: Vec::new(),
                     args: BTreeMap::new(),
                     cmd_set: false,
@@ -516,6 +577,7 @@ impl Engine<'_> {
                     chain: Digest::of(format!("base {}", base.digest).as_bytes()),
                     base: Some(base.digest.to_string()),
                     fs: None,
+                    fs_ahead: None,
                     fs_layers,
                     args: BTreeMap::new(),
                     cmd_set: false,
@@ -589,6 +651,7 @@ impl Engine<'_> {
             st.config.oci.set_config(Some(cfg));
         }
         st.config.oci.set_created(Some(self.timestamp()));
+        drop_later((st.fs.take(), st.fs_ahead.take()));
         let image = self.store.write_image(&st.config, st.layers)?;
         self.built.insert(index, image.clone());
         Ok(image)
@@ -1223,6 +1286,7 @@ impl Engine<'_> {
                 )
             }
             None => {
+                st.load_fs_ahead(self.store);
                 let exclude = super::ignore::IgnoreRules::parse(&c.exclude.join("\n"));
                 let (sel, inputs) =
                     copy::context_inputs(&self.ctx, &c.sources, &self.stat, &exclude)?;
@@ -1260,20 +1324,23 @@ impl Engine<'_> {
             // first build skips this and hashes while writing, reading each file once.
             copy::hash_missing(&self.ctx, &selected, &mut self.stat, &mut inputs)?;
         }
-        let hit = (inputs.complete && !self.opts.no_cache)
-            .then(|| cache::lookup_step(self.store, &key_of(&inputs)))
-            .flatten();
-        let (layer, status) = match hit {
-            Some(layer) => {
+        let known = (inputs.complete && !self.opts.no_cache).then(|| key_of(&inputs));
+        let hit = known
+            .as_ref()
+            .and_then(|key| Some((cache::lookup_step(self.store, key)?, key.clone())));
+        let (layer, status, key) = match hit {
+            Some((layer, key)) => {
                 st.fs = None; // Reload lazily if a later step needs it.
-                (layer, StepStatus::Hit)
+                st.fs_ahead = None;
+                record.inputs = std::mem::take(&mut inputs.files);
+                (layer, StepStatus::Hit, key)
             }
             None => {
-                // A rebuild copies the start of this step's last layer: have the kernel
-                // read it while the plan is made.
-                if let Some(d) = self.last_layer(&last) {
-                    self.store.prefetch(&d);
-                }
+                // A rebuild takes over the start of this step's last layer: its copy starts
+                // now, while the plan that says how much of it is the same is made.
+                let early = self
+                    .last_layer(&last)
+                    .and_then(|d| EarlyCopy::start(self.store, self.opts.compression, &d));
                 let chown = c.chown.as_deref().map(|o| self.owner(st, o)).transpose()?;
                 let epoch = self.opts.epoch;
                 let spool = self.spool.path().to_path_buf();
@@ -1285,7 +1352,7 @@ impl Engine<'_> {
                             .into_iter()
                             .map(|(d, desc)| (d, desc.media_type().to_string()))
                             .collect();
-                        let src = ImageFs::load(store, &layers)?;
+                        let src = ImageFs::load(store, &layers, None)?;
                         copy::plan_from_image(
                             store,
                             &src,
@@ -1349,28 +1416,32 @@ impl Engine<'_> {
                     &plan,
                     self.opts.compression,
                     &reuse_from,
+                    early,
                     Some(&self.ctx),
                     &mut self.stat,
                     &mut inputs,
                 )?;
+                drop_later(plan);
                 if let Some(fs) = st.fs.as_mut() {
                     fs.add_layer(layer.digest.clone(), layer.media_type.clone(), nodes);
                 }
-                cache::record_step(store, &key_of(&inputs), &layer);
-                record.inputs = inputs.files.clone();
+                // Unknown until the files whose hashes were not known had been written
+                // (and hashed); otherwise writing changed no input.
+                let key = known.unwrap_or_else(|| key_of(&inputs));
+                cache::record_step(store, &key, &layer);
+                record.inputs = std::mem::take(&mut inputs.files);
                 let reason = if self.opts.no_cache {
                     "--no-cache".to_string()
                 } else {
                     cache::miss_reason(&record, last.as_ref(), parent_missed)
                 };
-                (layer, StepStatus::Miss(reason))
+                (layer, StepStatus::Miss(reason), key)
             }
         };
-        record.inputs = inputs.files.clone();
-        let key = key_of(&inputs);
         record.key = key.to_string();
         record.layer = Some(layer.digest.clone());
         cache::save_explain(self.store, &slot, &record);
+        drop_later((record, last, selected));
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }
 

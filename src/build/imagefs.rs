@@ -191,9 +191,17 @@ fn layer_error(digest: &Digest, e: io::Error) -> BuildError {
 impl ImageFs {
     /// Indexes the given layers (bottom first), from each layer's entry index when the store
     /// has one (see [`layer_entries`]): a rebuild reads no cached layer to place a COPY.
-    pub fn load(store: &Store, layers: &[(Digest, String)]) -> Result<ImageFs, BuildError> {
+    /// When `stop` is given and set, it stops between two layers and returns what it has.
+    pub fn load(
+        store: &Store,
+        layers: &[(Digest, String)],
+        stop: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<ImageFs, BuildError> {
         let mut fs = ImageFs::default();
         for (i, (digest, media_type)) in layers.iter().enumerate() {
+            if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+                break;
+            }
             fs.layers.push((digest.clone(), media_type.clone()));
             for e in layer_entries(store, digest, media_type)? {
                 let Some(path) = normalize(&e.path) else {

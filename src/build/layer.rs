@@ -18,7 +18,7 @@ use super::chunked::{
 };
 use super::imagefs::IndexEntry;
 use crate::manifest::schema::Compression;
-use crate::store::{BlobWriter, DiffId, Digest, Sha256Resumable, Store, StoreError};
+use crate::store::{BlobWriter, DiffId, Digest, PrefixCopy, Sha256Resumable, Store, StoreError};
 
 /// Ownership, mode and time of a tar entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -107,21 +107,66 @@ fn reusable(
     let mut reuse = ReusableChunks::default();
     let mut indexes = Vec::new();
     for d in from {
-        let index = std::fs::read(chunk_index_path(store, d))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<ChunkIndex>(&b).ok())
-            .map(|mut index| {
-                if index.resume_sum != ChunkIndex::resume_checksum(&index.resume) {
-                    index.resume.clear(); // Damaged: the chunks stay usable, the points not.
-                }
-                index
-            });
-        if let (Some(index), Ok(blob)) = (index, store.blob_ranges(d)) {
+        if let (Some(index), Ok(blob)) = (read_chunk_index(store, d), store.blob_ranges(d)) {
             reuse.add(blob, &index, codec, level);
             indexes.push((d.clone(), index));
         }
     }
     (reuse, indexes)
+}
+
+/// The chunk index of a stored layer, if it has a readable one; resume points whose
+/// checksum fails are dropped (the chunks stay usable, the points not).
+fn read_chunk_index(store: &Store, digest: &Digest) -> Option<ChunkIndex> {
+    let bytes = std::fs::read(chunk_index_path(store, digest)).ok()?;
+    let mut index = serde_json::from_slice::<ChunkIndex>(&bytes).ok()?;
+    if index.resume_sum != ChunkIndex::resume_checksum(&index.resume) {
+        index.resume.clear();
+    }
+    Some(index)
+}
+
+/// The resume points of `index` a layer compressed with `codec` at `level` can start from:
+/// its hash states whole, and its chunks up to it listed end to end with their hashes.
+fn usable_points(
+    index: &ChunkIndex,
+    codec: Codec,
+    level: u32,
+) -> impl Iterator<Item = (&ResumePoint, Vec<(u64, [u8; 32])>)> {
+    let same = index.codec == codec && index.level == level;
+    index
+        .resume
+        .iter()
+        .filter(move |_| same)
+        .filter(|p| {
+            Sha256Resumable::resume(&p.boundary.tar).is_some()
+                && Sha256Resumable::resume(&p.boundary.blob).is_some()
+        })
+        .filter_map(|p| Some((p, prefix_pieces(index, &p.boundary)?)))
+}
+
+/// The first bytes of a step's last layer, copied while the step's plan is still being
+/// made: as far as its furthest resume point. [`LayerWriter::resuming`] then takes as many
+/// of them as the plan allows; dropped unused, the copy stops and is removed.
+pub struct EarlyCopy {
+    digest: Digest,
+    copy: PrefixCopy,
+}
+
+impl EarlyCopy {
+    /// Starts copying the stored layer `from`, if a layer compressed as `compression` could
+    /// resume from it.
+    pub fn start(store: &Store, compression: LayerCompression, from: &Digest) -> Option<EarlyCopy> {
+        let (codec, level) = codec_level(compression);
+        let index = read_chunk_index(store, from)?;
+        let (_, pieces) =
+            usable_points(&index, codec, level).max_by_key(|(p, _)| p.boundary.tar.len)?;
+        let copy = store.copy_prefix(from, pieces).ok()?;
+        Some(EarlyCopy {
+            digest: from.clone(),
+            copy,
+        })
+    }
 }
 
 /// The chunk codec and level for `compression`.
@@ -221,6 +266,9 @@ pub struct LayerWriter {
     /// Resume points of the earlier layer that lie before where this one resumed: the same
     /// bytes, so valid for this one too.
     inherited: Vec<ResumePoint>,
+    /// The fingerprints of the first entries, as the caller planned them (see
+    /// [`LayerWriter::resuming`]): not computed again at the end.
+    planned: Vec<[u8; 32]>,
     /// Where this layer resumed (uncompressed bytes taken over), or 0.
     resumed_from: u64,
     /// The header bytes of the entry being written.
@@ -254,7 +302,7 @@ impl LayerWriter {
         compression: LayerCompression,
         reuse_from: &[Digest],
     ) -> Result<Self, StoreError> {
-        Ok(Self::resuming(store, compression, reuse_from, &[])?.0)
+        Ok(Self::resuming(store, compression, reuse_from, &[], None)?.0)
     }
 
     fn around(
@@ -275,6 +323,7 @@ impl LayerWriter {
             starts: Vec::new(),
             starts_from,
             inherited,
+            planned: Vec::new(),
             resumed_from: 0,
             scratch: Vec::with_capacity(1024),
         }
@@ -291,56 +340,65 @@ impl LayerWriter {
         compression: LayerCompression,
         reuse_from: &[Digest],
         planned: &[[u8; 32]],
+        early: Option<EarlyCopy>,
     ) -> Result<(Self, Option<ResumeAt>), StoreError> {
         let (codec, level) = codec_level(compression);
         let (reuse, indexes) = reusable(store, reuse_from, codec, level);
         // The furthest point whose entries up to it are the planned ones.
         let best = indexes
             .iter()
-            .filter(|(_, index)| index.codec == codec && index.level == level)
-            .flat_map(|(d, index)| index.resume.iter().map(move |p| (d, index, p)))
-            .filter(|(_, index, p)| {
-                prefix_pieces(index, &p.boundary).is_some()
-                    && Sha256Resumable::resume(&p.boundary.tar).is_some()
-                    && Sha256Resumable::resume(&p.boundary.blob).is_some()
-                    && planned
-                        .get(p.entry)
-                        .is_some_and(|fp| hex::encode(fp) == p.entries)
+            .flat_map(|(d, index)| {
+                usable_points(index, codec, level).map(move |(p, pieces)| (d, index, p, pieces))
             })
-            .max_by_key(|(_, _, p)| p.boundary.tar.len);
+            .filter(|(_, _, p, _)| {
+                planned
+                    .get(p.entry)
+                    .is_some_and(|fp| hex::encode(fp) == p.entries)
+            })
+            .max_by_key(|(_, _, p, _)| p.boundary.tar.len);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if let Some((digest, index, point)) = best
-            && let Some(pieces) = prefix_pieces(index, &point.boundary)
-            && let Ok(blob) = store.blob_writer_from(digest, &point.boundary.blob, pieces)
-        {
-            let start = Start {
-                boundary: point.boundary.clone(),
-                chunks: index.chunks[..point.boundary.chunks].to_vec(),
+        if let Some((digest, index, point, pieces)) = best {
+            // The copy started early, when it is of this blob; else one starts now.
+            let copy = match early {
+                Some(e) if e.digest == *digest => Some(e.copy),
+                other => {
+                    drop(other);
+                    store.copy_prefix(digest, pieces).ok()
+                }
             };
-            let inherited = index
-                .resume
-                .iter()
-                .filter(|p| p.boundary.tar.len <= point.boundary.tar.len)
-                .cloned()
-                .collect();
-            let compressor = ChunkedWriter::resume(blob, codec, level, threads, reuse, Some(start))
-                .map_err(io_err)?;
-            let mut w = Self::around(compressor, compression, store, point.entry, inherited);
-            w.resumed_from = point.boundary.tar.len;
-            // The entry it resumes in starts this far before the boundary.
-            w.starts.push(point.boundary.tar.len - point.entry_offset);
-            let at = ResumeAt {
-                entry: point.entry,
-                offset: point.entry_offset,
-            };
-            return Ok((w, Some(at)));
+            if let Some(copy) = copy
+                && let Ok(blob) = store.blob_writer_from(copy, &point.boundary.blob)
+            {
+                let start = Start {
+                    boundary: point.boundary.clone(),
+                    chunks: index.chunks[..point.boundary.chunks].to_vec(),
+                };
+                let inherited = index
+                    .resume
+                    .iter()
+                    .filter(|p| p.boundary.tar.len <= point.boundary.tar.len)
+                    .cloned()
+                    .collect();
+                let compressor =
+                    ChunkedWriter::resume(blob, codec, level, threads, reuse, Some(start))
+                        .map_err(io_err)?;
+                let mut w = Self::around(compressor, compression, store, point.entry, inherited);
+                w.planned = planned.to_vec();
+                w.resumed_from = point.boundary.tar.len;
+                // The entry it resumes in starts this far before the boundary.
+                w.starts.push(point.boundary.tar.len - point.entry_offset);
+                let at = ResumeAt {
+                    entry: point.entry,
+                    offset: point.entry_offset,
+                };
+                return Ok((w, Some(at)));
+            }
         }
         let blob = store.blob_writer()?;
         let compressor = ChunkedWriter::new(blob, codec, level, threads, reuse).map_err(io_err)?;
-        Ok((
-            Self::around(compressor, compression, store, 0, Vec::new()),
-            None,
-        ))
+        let mut w = Self::around(compressor, compression, store, 0, Vec::new());
+        w.planned = planned.to_vec();
+        Ok((w, None))
     }
 
     /// Notes the start of the next entry.
@@ -509,6 +567,7 @@ impl LayerWriter {
         index.resume = resume_points(
             &self.entries,
             &self.identities,
+            &self.planned,
             &self.starts,
             self.starts_from,
             end,
@@ -543,19 +602,33 @@ impl LayerWriter {
 
 /// The chunk boundaries of a finished layer a later one can resume from: those inside an
 /// entry whose fingerprint (and every one before it) is known, before the archive's end.
+#[allow(clippy::too_many_arguments)]
 fn resume_points(
     entries: &[IndexEntry],
     identities: &[(u64, Option<String>)],
+    planned: &[[u8; 32]],
     starts: &[u64],
     starts_from: usize,
     end: u64,
     inherited: Vec<ResumePoint>,
     boundaries: Vec<super::chunked::Boundary>,
 ) -> Vec<ResumePoint> {
-    let mut fps: Vec<[u8; 32]> = Vec::new();
-    for (e, (mtime, identity)) in entries.iter().zip(identities) {
+    // The planned ones are those of the first entries written (resuming relies on it).
+    let mut fps: Vec<[u8; 32]> = planned[..planned.len().min(entries.len())].to_vec();
+    for (e, (mtime, identity)) in entries.iter().zip(identities).skip(fps.len()) {
         let Some(identity) = identity else { break };
         fps.push(fingerprint(fps.last(), e, *mtime, identity));
+    }
+    if cfg!(debug_assertions) {
+        let mut again: Vec<[u8; 32]> = Vec::new();
+        for (e, (mtime, identity)) in entries.iter().zip(identities) {
+            let Some(identity) = identity else { break };
+            again.push(fingerprint(again.last(), e, *mtime, identity));
+        }
+        assert_eq!(
+            fps, again,
+            "the planned fingerprints are those of the entries written"
+        );
     }
     let mut points = inherited;
     for b in boundaries {
@@ -723,7 +796,7 @@ mod tests {
             let fp = fingerprint(planned.last(), &describe_of(e), 0, &identity(&e.1));
             planned.push(fp);
         }
-        let (mut w, at) = LayerWriter::resuming(store, c, reuse, &planned).unwrap();
+        let (mut w, at) = LayerWriter::resuming(store, c, reuse, &planned, None).unwrap();
         for (i, e) in entries.iter().enumerate() {
             let (path, content) = e;
             let meta = meta_of(content);

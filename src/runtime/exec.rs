@@ -37,7 +37,8 @@ pub fn exec(pid: i32, cgroup: &Cgroup, process: &Process) -> Result<Started, Lau
     let (pid_r, pid_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| host("create a pipe")(e.into()))?;
     let mask = SigSet::thread_get_mask().map_err(|e| host("read the signal mask")(e.into()))?;
-    // SAFETY: berth is single-threaded when it execs into a container.
+    crate::background::settle();
+    // SAFETY: berth is single-threaded when it execs into a container (settled above).
     match unsafe { nix::unistd::fork() }.map_err(|e| host("fork")(e.into()))? {
         nix::unistd::ForkResult::Child => {
             drop(err_r);

@@ -296,6 +296,8 @@ pub fn start(
     launch: &Launch,
     before_start: &mut dyn FnMut(Pid) -> io::Result<()>,
 ) -> Result<Started, LaunchError> {
+    // The child is created with a raw clone: no other thread may hold a lock then.
+    crate::background::settle();
     let init_binary = sealed_init().map_err(host("make a sealed copy of the container's init"))?;
     let etc: Vec<(Vec<u8>, &'static str)> = launch
         .etc_files

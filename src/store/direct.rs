@@ -18,6 +18,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::mpsc::sync_channel;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
@@ -116,27 +117,123 @@ impl IngestFile {
         Ok(())
     }
 
-    /// Appends the first `len` bytes of `src`, read straight into the write buffer (no
-    /// copy between), showing them to `inspect` on the way.
+    /// Appends the first bytes of `src` to an empty ingest file, read straight into write
+    /// buffers (no copy between), up to what `limit` says (asked again before each read,
+    /// so another thread may lower it), showing them to `inspect` on the way, which may
+    /// stop the copy by returning false. Returns how many bytes were appended.
+    ///
+    /// Full buffers are written on a thread of their own while the next one is read and
+    /// inspected: the disk and the reads overlap instead of taking turns.
     pub(super) fn copy_in(
         &mut self,
         src: &File,
-        len: u64,
-        mut inspect: impl FnMut(&[u8]),
-    ) -> io::Result<()> {
-        let mut at = 0;
-        while at < len {
-            if self.filled == BUFFER {
-                self.write_out(BUFFER)?;
-            }
-            let filled = self.filled;
-            let n = (BUFFER - filled).min(usize::try_from(len - at).unwrap_or(usize::MAX));
-            let window = &mut self.buf.window()[filled..filled + n];
-            src.read_exact_at(window, at)?;
-            inspect(window);
-            self.filled += n;
-            at += n as u64;
+        limit: impl Fn() -> u64,
+        mut inspect: impl FnMut(&[u8]) -> bool,
+    ) -> io::Result<u64> {
+        assert_eq!(
+            (self.written, self.filled),
+            (0, 0),
+            "a copy starts an empty file"
+        );
+        // The same open file: its offset and flags are shared.
+        let file = self.file.as_file().try_clone()?;
+        let mut direct = self.direct;
+        let (to_writer, writes) = sync_channel::<Aligned>(1);
+        let (give_back, free) = sync_channel::<Aligned>(2);
+        let mut window = std::mem::replace(&mut self.buf, Aligned::new(0));
+        let mut spare = Some(Aligned::new(BUFFER));
+        let (mut at, mut filled) = (0u64, 0usize);
+        let (read, written) = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| -> io::Result<u64> {
+                let mut written = 0;
+                for mut buf in writes {
+                    write_fully(&file, buf.window(), &mut direct)?;
+                    written += BUFFER as u64;
+                    if !direct {
+                        start_writeback(&file, written - BUFFER as u64, BUFFER as u64);
+                    }
+                    if give_back.send(buf).is_err() {
+                        break;
+                    }
+                }
+                Ok(written)
+            });
+            let read = loop {
+                let len = limit();
+                if at >= len {
+                    break Ok(());
+                }
+                if filled == BUFFER {
+                    let next = match spare.take() {
+                        Some(b) => Some(b),
+                        None => free.recv().ok(),
+                    };
+                    // A writer that stopped has its error to tell, below.
+                    let Some(next) = next else { break Ok(()) };
+                    if to_writer
+                        .send(std::mem::replace(&mut window, next))
+                        .is_err()
+                    {
+                        break Ok(());
+                    }
+                    filled = 0;
+                }
+                // Steps of a quarter of a buffer: a lowered limit is seen soon.
+                let n = (BUFFER / 4)
+                    .min(BUFFER - filled)
+                    .min(usize::try_from(len - at).unwrap_or(usize::MAX));
+                let bytes = &mut window.window()[filled..filled + n];
+                if let Err(e) = src.read_exact_at(bytes, at) {
+                    break Err(e);
+                }
+                let go_on = inspect(bytes);
+                filled += n;
+                at += n as u64;
+                if !go_on {
+                    break Ok(());
+                }
+            };
+            drop(to_writer);
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the ingest writer panicked")));
+            (read, written)
+        });
+        let written = written?;
+        read?;
+        if written + filled as u64 != at {
+            return Err(io::Error::other("the ingest writer stopped early"));
         }
+        self.direct = direct;
+        self.buf = window;
+        self.filled = filled;
+        self.written = written;
+        self.kicked = if direct { 0 } else { written };
+        Ok(at)
+    }
+
+    /// Cuts what was appended back to its first `len` bytes, which are those of `src`.
+    pub(super) fn truncate_to(&mut self, len: u64, src: &File) -> io::Result<()> {
+        let total = self.written + self.filled as u64;
+        if len > total {
+            return Err(io::Error::other(
+                "cannot truncate an ingest file past its end",
+            ));
+        }
+        if len >= self.written {
+            self.filled = (len - self.written) as usize;
+            return Ok(());
+        }
+        // Back to the last whole block before `len`; the bytes after it go in the window.
+        let aligned = len / ALIGN as u64 * ALIGN as u64;
+        let mut file = self.file.as_file();
+        file.set_len(aligned)?;
+        io::Seek::seek(&mut file, io::SeekFrom::Start(aligned))?;
+        self.written = aligned;
+        self.kicked = self.kicked.min(aligned);
+        let tail = (len - aligned) as usize;
+        src.read_exact_at(&mut self.buf.window()[..tail], aligned)?;
+        self.filled = tail;
         Ok(())
     }
 
@@ -243,6 +340,27 @@ fn read_direct(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> io::R
     })
 }
 
+/// Writes all of `bytes` (a multiple of [`ALIGN`] at an aligned offset while `direct`),
+/// switching the file to buffered I/O if its filesystem takes the flag but not the write.
+fn write_fully(mut file: &File, bytes: &[u8], direct: &mut bool) -> io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match file.write(&bytes[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if *direct && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
+                set_direct(file, false)?;
+                *direct = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn set_direct(file: &File, on: bool) -> io::Result<()> {
     let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
     let flags = if on {
@@ -323,6 +441,63 @@ mod tests {
             assert_eq!(written(&pieces).0, data, "len {len} in pieces");
             assert_eq!(written_as(&pieces, false).0, data, "len {len} buffered");
         }
+    }
+
+    #[test]
+    fn a_copy_cut_back_holds_exactly_the_first_bytes_and_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let data: Vec<u8> = (0..BUFFER * 2 + 999)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        std::fs::write(&src_path, &data).unwrap();
+        let src = File::open(&src_path).unwrap();
+        for direct in [true, false] {
+            for cut in [
+                0,
+                1,
+                ALIGN - 1,
+                ALIGN,
+                BUFFER / 4 + 3,
+                BUFFER + 5,
+                data.len(),
+            ] {
+                let mut w = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
+                if !direct {
+                    w.go_buffered().unwrap();
+                }
+                let mut seen = 0;
+                let n = w
+                    .copy_in(
+                        &src,
+                        || data.len() as u64,
+                        |b| {
+                            seen += b.len();
+                            true
+                        },
+                    )
+                    .unwrap();
+                assert_eq!((n, seen), (data.len() as u64, data.len()));
+                w.truncate_to(cut as u64, &src).unwrap();
+                w.write_all(b"tail").unwrap();
+                let file = w.finish().unwrap();
+                let back = std::fs::read(file.path()).unwrap();
+                assert_eq!(
+                    back,
+                    [&data[..cut], b"tail"].concat(),
+                    "cut {cut}, direct {direct}"
+                );
+            }
+        }
+        // The limit is asked again as the copy goes, and `inspect` can stop it.
+        let mut w = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
+        assert_eq!(w.copy_in(&src, || 5000, |_| true).unwrap(), 5000);
+        let mut w2 = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
+        assert_eq!(
+            w2.copy_in(&src, || u64::MAX, |_| false).unwrap(),
+            (BUFFER / 4) as u64
+        );
+        w.truncate_to(6000, &src).unwrap_err();
     }
 
     #[test]

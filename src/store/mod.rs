@@ -20,6 +20,9 @@ pub mod partial;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 
 pub use digest::{DiffId, Digest, HashingReader, HashingWriter, Midstate, Sha256Resumable};
 pub use direct::BlobRanges;
@@ -296,64 +299,71 @@ impl Store {
         Ok(direct::IngestFile::new(file))
     }
 
-    /// Starts writing a blob whose first `state.len` bytes are those of the stored blob
-    /// `from`, with the hash state after them. The bytes are copied on a thread of their
-    /// own while the caller goes on; the first write waits for the copy, which fails if
-    /// they are not the `pieces` (consecutive lengths with the BLAKE3 each had when it was
-    /// written: a damaged or shortened blob). BLAKE3 costs a fraction of hashing them
-    /// with SHA-256 again; `state` itself comes from an index that is checksummed.
-    pub fn blob_writer_from(
-        &self,
-        from: &Digest,
-        state: &Midstate,
-        pieces: Vec<(u64, [u8; 32])>,
-    ) -> Result<BlobWriter> {
-        let hasher = Sha256Resumable::resume(state).ok_or_else(|| StoreError::BadDocument {
-            what: "hash state",
-            digest: from.to_string(),
-            message: "its tail does not match its length".into(),
-        })?;
-        let len = state.len;
-        if pieces.iter().map(|p| p.0).sum::<u64>() != len {
-            return Err(StoreError::BadDocument {
-                what: "chunk index",
-                digest: from.to_string(),
-                message: "its chunks do not add up to the resume point".into(),
-            });
-        }
+    /// Starts copying the first bytes of the stored blob `from` into a new ingest file, on
+    /// a thread of its own, while the caller goes on: they are the `pieces` (consecutive
+    /// lengths, each with the BLAKE3 it had when written) and are checked as they pass. A
+    /// damaged or shortened blob stops the copy. [`Store::blob_writer_from`] later says how
+    /// many of them the new blob takes (so the copy can start before that is known).
+    /// BLAKE3 costs a fraction of hashing the bytes with SHA-256 again.
+    pub fn copy_prefix(&self, from: &Digest, pieces: Vec<(u64, [u8; 32])>) -> Result<PrefixCopy> {
         let path = self.blob_path(from);
         let src = File::open(&path).map_err(|e| Self::open_error(from, path.clone(), e))?;
-        advise_willneed(&src, len);
+        let ends: Vec<u64> = pieces
+            .iter()
+            .scan(0, |at, p| {
+                *at += p.0;
+                Some(*at)
+            })
+            .collect();
+        let total = ends.last().copied().unwrap_or(0);
+        advise_willneed(&src, total);
         let mut file = self.ingest_file()?;
-        // The copy starts now, on its own thread, while the caller reads and compresses
-        // what follows; the first write waits for it. Its reads go through the page cache,
-        // which [`Store::prefetch`] may have filled already, straight into the ingest
-        // file's write buffer. The bytes are checked as they pass: a damaged earlier blob
-        // never reaches a new one (the caller then writes the layer in full).
-        let copy = std::thread::spawn(move || -> io::Result<direct::IngestFile> {
+        let limit = Arc::new(AtomicU64::new(total));
+        let stop = Arc::clone(&limit);
+        // Reads go through the page cache (the blob was likely written or read lately),
+        // straight into the ingest file's write buffer.
+        let thread = std::thread::spawn(move || -> io::Result<Copied> {
             let mut check = PieceCheck::new(pieces);
-            file.copy_in(&src, len, |bytes| check.update(bytes))?;
-            if !check.matches() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the earlier blob's first bytes are not those its saved state describes",
-                ));
-            }
-            Ok(file)
+            let copied = file.copy_in(
+                &src,
+                || stop.load(Ordering::Acquire),
+                |bytes| check.update(bytes),
+            )?;
+            Ok(Copied {
+                file,
+                src,
+                copied,
+                verified: check.verified,
+            })
         });
-        Ok(BlobWriter {
-            store: self.clone(),
-            state: Ingest::Copying(copy, hasher),
+        Ok(PrefixCopy {
+            ends,
+            limit,
+            thread: Some(thread),
         })
     }
 
-    /// Starts reading a blob into the page cache in the background (the kernel's
-    /// readahead), for a copy of it that is about to come: see
-    /// [`Store::blob_writer_from`]. Failing to is harmless.
-    pub fn prefetch(&self, digest: &Digest) {
-        if let Ok(f) = File::open(self.blob_path(digest)) {
-            advise_willneed(&f, 0);
+    /// Starts writing a blob whose first `state.len` bytes are those `copy` is copying
+    /// (`state.len` must be where one of its pieces ends), with the hash state after them.
+    /// The copy stops there; the first write waits for it, and fails if those bytes were
+    /// not all as the pieces say (the caller then writes the blob in full).
+    pub fn blob_writer_from(&self, mut copy: PrefixCopy, state: &Midstate) -> Result<BlobWriter> {
+        let bad = |message: &str| StoreError::BadDocument {
+            what: "hash state",
+            digest: format!("{}-byte prefix", state.len),
+            message: message.into(),
+        };
+        let hasher = Sha256Resumable::resume(state)
+            .ok_or_else(|| bad("its tail does not match its length"))?;
+        if state.len > 0 && !copy.ends.contains(&state.len) {
+            return Err(bad("it does not lie between two of the copied pieces"));
         }
+        copy.limit.fetch_min(state.len, Ordering::AcqRel);
+        let thread = copy.thread.take().expect("a copy is adopted once");
+        Ok(BlobWriter {
+            store: self.clone(),
+            state: Ingest::Copying(thread, hasher, state.len),
+        })
     }
 
     /// Stores a small blob held in memory; returns its digest and size.
@@ -443,12 +453,44 @@ pub struct StoreLock {
     _file: File,
 }
 
+/// An earlier blob's first bytes being copied into a new blob (see [`Store::copy_prefix`]).
+/// Dropped unused, it stops the copy and removes what was copied.
+pub struct PrefixCopy {
+    /// Where each piece ends.
+    ends: Vec<u64>,
+    /// Where the copy stops: lowered once the caller knows how much it takes.
+    limit: Arc<AtomicU64>,
+    thread: Option<JoinHandle<io::Result<Copied>>>,
+}
+
+impl Drop for PrefixCopy {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.limit.store(0, Ordering::Release);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What a prefix copy's thread hands back.
+struct Copied {
+    file: direct::IngestFile,
+    /// The blob copied from.
+    src: File,
+    /// Bytes copied.
+    copied: u64,
+    /// Bytes from the start that were checked and found as their pieces say.
+    verified: u64,
+}
+
 /// Checks that an earlier blob's first bytes are consecutive pieces with the BLAKE3s
-/// they had when written (see [`Store::blob_writer_from`]).
+/// they had when written (see [`Store::copy_prefix`]).
 struct PieceCheck {
-    /// The pieces still to come, last first.
+    /// The pieces still to come, last first; the first of them partly seen.
     left: Vec<(u64, [u8; 32])>,
     hasher: blake3::Hasher,
+    /// Bytes from the start whose pieces were seen whole and matched.
+    verified: u64,
     ok: bool,
 }
 
@@ -459,31 +501,33 @@ impl PieceCheck {
         PieceCheck {
             left: pieces,
             hasher: blake3::Hasher::new(),
+            verified: 0,
             ok: true,
         }
     }
 
-    fn update(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let Some((piece_left, want)) = self.left.last_mut() else {
+    /// Checks the next bytes; false once something did not match (nothing from there on
+    /// can be used).
+    fn update(&mut self, mut bytes: &[u8]) -> bool {
+        while self.ok && !bytes.is_empty() {
+            let Some((left, want)) = self.left.last_mut() else {
                 self.ok = false; // More bytes than pieces.
-                return;
+                break;
             };
-            let n = (*piece_left).min(bytes.len() as u64) as usize;
+            let n = (*left).min(bytes.len() as u64) as usize;
             self.hasher.update(&bytes[..n]);
-            *piece_left -= n as u64;
+            *left -= n as u64;
             bytes = &bytes[n..];
-            if *piece_left == 0 {
-                self.ok &= self.hasher.finalize().as_bytes() == want;
+            if *left == 0 {
+                self.ok = self.hasher.finalize().as_bytes() == want;
+                if self.ok {
+                    self.verified += self.hasher.count();
+                }
                 self.hasher.reset();
                 self.left.pop();
             }
         }
-    }
-
-    /// True when every piece came whole and as it was.
-    fn matches(self) -> bool {
-        self.ok && self.left.is_empty()
+        self.ok
     }
 }
 
@@ -499,11 +543,9 @@ pub struct BlobWriter {
 enum Ingest {
     /// The ingest file, hashing what is written.
     Ready(HashingWriter<direct::IngestFile>),
-    /// An earlier blob's first bytes still being copied in, and the hash state after them.
-    Copying(
-        std::thread::JoinHandle<io::Result<direct::IngestFile>>,
-        Sha256Resumable,
-    ),
+    /// An earlier blob's first bytes still being copied in, the hash state after them and
+    /// how many there are.
+    Copying(JoinHandle<io::Result<Copied>>, Sha256Resumable, u64),
     /// The copy failed (its error was returned) or the writer was committed.
     Gone,
 }
@@ -513,15 +555,35 @@ impl Ingest {
     fn into_writer(self) -> io::Result<HashingWriter<direct::IngestFile>> {
         match self {
             Ingest::Ready(w) => Ok(w),
-            Ingest::Copying(copy, hasher) => {
-                let file = copy
+            Ingest::Copying(copy, hasher, len) => {
+                let mut done = copy
                     .join()
                     .map_err(|_| io::Error::other("the blob copy thread panicked"))??;
-                Ok(HashingWriter::resumed(file, hasher))
+                if done.verified < len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the earlier blob's first bytes are not those its chunk index describes",
+                    ));
+                }
+                // It may have gone further before it was told where to stop.
+                if done.copied > len {
+                    done.file.truncate_to(len, &done.src)?;
+                }
+                Ok(HashingWriter::resumed(done.file, hasher))
             }
             Ingest::Gone => Err(io::Error::other(
                 "the blob's ingest file is gone after an error",
             )),
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // A copy still under way ends before the writer does (it has a limit): no thread
+        // outlives it to run while the runtime forks.
+        if let Ingest::Copying(copy, _, _) = std::mem::replace(&mut self.state, Ingest::Gone) {
+            let _ = copy.join();
         }
     }
 }
@@ -555,7 +617,7 @@ impl BlobWriter {
     pub fn midstate(&self) -> Option<Midstate> {
         match &self.state {
             Ingest::Ready(w) => Some(w.midstate()),
-            Ingest::Copying(_, hasher) => Some(hasher.midstate()),
+            Ingest::Copying(_, hasher, _) => Some(hasher.midstate()),
             Ingest::Gone => None,
         }
     }
@@ -630,56 +692,75 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let old: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
         let (old_digest, _) = store.put_blob(&old).unwrap();
+        // The new blob takes the first `cut` bytes (not a multiple of the block size); the
+        // pieces copied go further.
         let cut = 3_000_001;
         let mut h = Sha256Resumable::new();
         h.update(&old[..cut]);
         let state = h.midstate();
-        let pieces = |bytes: &[u8]| {
-            let split = [0, 10, 1_000_000, cut];
-            let p: Vec<(u64, [u8; 32])> = split
+        let pieces = || {
+            [0, 10, 1_000_000, cut, 4_000_000, 5_000_000]
                 .windows(2)
                 .map(|w| {
-                    let piece = &bytes[w[0]..w[1]];
+                    let piece = &old[w[0]..w[1]];
                     (piece.len() as u64, *blake3::hash(piece).as_bytes())
                 })
-                .collect();
-            p
+                .collect::<Vec<_>>()
         };
-        let expect = |tail: &[u8]| Digest::of(&[&old[..cut], tail].concat());
-        {
-            let mut w = store
-                .blob_writer_from(&old_digest, &state, pieces(&old))
-                .unwrap();
+        let expect = Digest::of(&[&old[..cut], b"a new tail"].concat());
+        let ingest = || {
+            fs::read_dir(store.state_dir().join("ingest"))
+                .unwrap()
+                .count()
+        };
+        // Told where to stop at once, or only after copying everything.
+        for wait in [false, true] {
+            let copy = store.copy_prefix(&old_digest, pieces()).unwrap();
+            if wait {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            let mut w = store.blob_writer_from(copy, &state).unwrap();
             w.write_all(b"a new tail").unwrap();
             let (digest, size) = w.commit(None).unwrap();
-            assert_eq!(digest, expect(b"a new tail"));
+            assert_eq!(digest, expect, "waited: {wait}");
+            let bytes = fs::read(store.blob_path(&digest)).unwrap();
             assert_eq!(
-                fs::read(store.blob_path(&digest)).unwrap().len() as u64,
-                size
+                (bytes.len() as u64, Digest::of(&bytes)),
+                (size, expect.clone())
             );
-            assert_eq!(
-                Digest::of(&fs::read(store.blob_path(&digest)).unwrap()),
-                digest
-            );
+            fs::remove_file(store.blob_path(&digest)).unwrap();
         }
-        // Pieces that do not add up to the state's length are refused at once.
-        let short = vec![(10, [0; 32])];
-        assert!(store.blob_writer_from(&old_digest, &state, short).is_err());
-        // A damaged earlier blob: a flipped byte in the second piece, or a blob cut short.
-        let mut damaged = old.clone();
-        damaged[500_000] ^= 1;
-        for bytes in [&damaged[..], &old[..cut - 1]] {
+        // Only where a piece ends.
+        let copy = store.copy_prefix(&old_digest, pieces()).unwrap();
+        let mut off = state.clone();
+        off.len += 1;
+        assert!(store.blob_writer_from(copy, &off).is_err());
+        // A copy nobody takes is removed.
+        drop(store.copy_prefix(&old_digest, pieces()).unwrap());
+        assert_eq!(ingest(), 0);
+        // Damage after the cut does not matter; before it, a flipped byte or a blob cut
+        // short fails the write, and nothing is left behind.
+        let mut after = old.clone();
+        after[4_500_000] ^= 1;
+        let mut before = old.clone();
+        before[500_000] ^= 1;
+        for (bytes, fine) in [
+            (&after[..], true),
+            (&before[..], false),
+            (&old[..cut - 1], false),
+        ] {
             fs::write(store.blob_path(&old_digest), bytes).unwrap();
-            let mut w = store
-                .blob_writer_from(&old_digest, &state, pieces(&old))
-                .unwrap();
-            assert!(w.write_all(b"a new tail").is_err());
-            assert!(w.commit(None).is_err());
+            let copy = store.copy_prefix(&old_digest, pieces()).unwrap();
+            let mut w = store.blob_writer_from(copy, &state).unwrap();
+            assert_eq!(w.write_all(b"a new tail").is_ok(), fine);
+            let committed = w.commit(None);
+            assert_eq!(committed.is_ok(), fine, "{committed:?}");
+            if let Ok((digest, _)) = committed {
+                assert_eq!(digest, expect);
+                fs::remove_file(store.blob_path(&digest)).unwrap();
+            }
         }
-        let ingest = fs::read_dir(store.state_dir().join("ingest"))
-            .unwrap()
-            .count();
-        assert_eq!(ingest, 0, "the failed writers left nothing behind");
+        assert_eq!(ingest(), 0, "the failed writers left nothing behind");
     }
 
     #[test]

@@ -90,6 +90,26 @@ impl Berth {
         self
     }
 
+    /// Runs under coreutils' `timeout`: killed after `secs` (exit code 137), so a hang
+    /// fails its test instead of stalling the suite.
+    #[allow(dead_code)]
+    pub fn within(self, secs: u64) -> Self {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-s", "KILL", &secs.to_string()])
+            .arg(self.cmd.get_program())
+            .args(self.cmd.get_args());
+        for (k, v) in self.cmd.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        if let Some(dir) = self.cmd.get_current_dir() {
+            cmd.current_dir(dir);
+        }
+        Berth { cmd }
+    }
+
     /// Runs to completion.
     pub fn run(mut self) -> Run {
         let Output {

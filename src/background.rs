@@ -1,0 +1,72 @@
+//! Work on threads of their own that the caller does not wait for (loading a cache ahead
+//! of need, freeing a large tree), and the one place that does wait for them: before the
+//! container runtime creates a process with a raw `clone`/`fork`. Such a child may only
+//! rely on locks no other thread held at that moment (the allocator's among them), so the
+//! runtime calls [`settle`] first and berth is single-threaded when it forks.
+
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+/// Threads started by [`spawn`] and not yet joined.
+static PENDING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Runs `work` on a thread of its own. If no thread can be started, it runs here.
+pub fn spawn(work: impl FnOnce() + Send + 'static) {
+    // The closure comes back only through the error path, so it runs inline then.
+    let work = std::sync::Arc::new(Mutex::new(Some(work)));
+    let theirs = std::sync::Arc::clone(&work);
+    let started = std::thread::Builder::new().spawn(move || {
+        if let Some(work) = theirs.lock().ok().and_then(|mut w| w.take()) {
+            work();
+        }
+    });
+    match started {
+        Ok(handle) => {
+            let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+            pending.retain(|h| !h.is_finished());
+            pending.push(handle);
+        }
+        Err(_) => {
+            if let Some(work) = work.lock().ok().and_then(|mut w| w.take()) {
+                work();
+            }
+        }
+    }
+}
+
+/// Waits until every thread [`spawn`] started has ended.
+pub fn settle() {
+    loop {
+        let handles = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|e| e.into_inner()));
+        if handles.is_empty() {
+            return;
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn settle_waits_for_every_thread_and_what_they_started() {
+        static DONE: AtomicUsize = AtomicUsize::new(0);
+        for _ in 0..4 {
+            spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                // One started from a background thread is waited for too.
+                spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    DONE.fetch_add(1, Ordering::SeqCst);
+                });
+                DONE.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        settle();
+        assert_eq!(DONE.load(Ordering::SeqCst), 8);
+    }
+}
