@@ -113,7 +113,7 @@ impl StatCache {
         }
         if let Ok(bytes) = serde_json::to_vec(self.entries()) {
             // Losing the stat cache only costs re-hashing; a failure here is not an error.
-            let _ = store.replace_file(&self.path, &bytes);
+            let _ = store.replace_cache_file(&self.path, &bytes);
         }
     }
 }
@@ -164,7 +164,7 @@ fn write_record<T: Serialize>(store: &Store, kind: &str, key: &Digest, value: &T
         let _ = std::fs::create_dir_all(dir);
     }
     if let Ok(bytes) = serde_json::to_vec(value) {
-        let _ = store.replace_file(&path, &bytes);
+        let _ = store.replace_cache_file(&path, &bytes);
     }
 }
 
@@ -181,7 +181,7 @@ pub fn record_step(store: &Store, key: &Digest, layer: &Layer) {
 }
 
 /// What one step saw in the last build at its position.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExplainRecord {
     /// The parent's chain key.
     pub parent: String,
@@ -208,9 +208,17 @@ pub fn last_explain(store: &Store, slot: &Digest) -> Option<ExplainRecord> {
     serde_json::from_slice(&std::fs::read(record_path(store, "explain", slot)).ok()?).ok()
 }
 
-/// Saves the record at a step position.
-pub fn save_explain(store: &Store, slot: &Digest, record: &ExplainRecord) {
-    write_record(store, "explain", slot, record);
+/// Saves the record at a step position, unless it is the `last` one there (a step that
+/// hit: rewriting it would only cost a write, and on ext4 a flush).
+pub fn save_explain(
+    store: &Store,
+    slot: &Digest,
+    record: &ExplainRecord,
+    last: Option<&ExplainRecord>,
+) {
+    if last != Some(record) {
+        write_record(store, "explain", slot, record);
+    }
 }
 
 /// Why a step missed, comparing what it sees now with the last build at its position.
@@ -306,6 +314,28 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_record_is_written_when_it_changed_and_left_alone_when_not() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let slot = Digest::of(b"slot");
+        let path = record_path(&store, "explain", &slot);
+        let one = rec("COPY . /app", &[("a.js", "h1", 0o644)]);
+        save_explain(&store, &slot, &one, None);
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        assert_eq!(last_explain(&store, &slot).as_ref(), Some(&one));
+        // The same record again: not rewritten.
+        save_explain(&store, &slot, &one, Some(&one));
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        // A changed one replaces it whole, and no temp file stays beside it.
+        let two = rec("COPY . /app", &[("a.js", "h2", 0o644)]);
+        save_explain(&store, &slot, &two, Some(&one));
+        assert_eq!(last_explain(&store, &slot).as_ref(), Some(&two));
+        let names = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+        assert_eq!(names, 1);
     }
 
     #[test]

@@ -1197,7 +1197,7 @@ impl Engine<'_> {
             }
         };
         record.layer = Some(layer.digest.clone());
-        cache::save_explain(self.store, &slot, &record);
+        cache::save_explain(self.store, &slot, &record, last.as_ref());
         st.fs = None; // What the command changed is known only from its layer: reload lazily.
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }
@@ -1440,7 +1440,7 @@ impl Engine<'_> {
         };
         record.key = key.to_string();
         record.layer = Some(layer.digest.clone());
-        cache::save_explain(self.store, &slot, &record);
+        cache::save_explain(self.store, &slot, &record, last.as_ref());
         drop_later((record, last, selected));
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }

@@ -580,14 +580,14 @@ impl LayerWriter {
         let path = chunk_index_path(&self.store, &digest);
         if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&index)) {
             let _ = std::fs::create_dir_all(dir);
-            let _ = self.store.replace_file(&path, &bytes);
+            let _ = self.store.replace_cache_file(&path, &bytes);
         }
         // Its entry index too: the next step that needs the image's files reads this, not
         // the layer it just compressed.
         let path = super::imagefs::index_path(&self.store, &digest);
         if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&self.entries)) {
             let _ = std::fs::create_dir_all(dir);
-            let _ = self.store.replace_file(&path, &bytes);
+            let _ = self.store.replace_cache_file(&path, &bytes);
         }
         Ok(Layer {
             digest,

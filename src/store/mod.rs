@@ -394,6 +394,30 @@ impl Store {
         self.replace(path, bytes, false)
     }
 
+    /// [`Store::replace_file`] for a cache's file, which readers may find missing (they
+    /// do without): the old one is removed before the new one takes its name. On ext4 a
+    /// rename over an existing file makes the new one's data be written out first
+    /// (`auto_da_alloc`), and the build would wait for the disk for a file that need not
+    /// survive a crash.
+    pub fn replace_cache_file(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let dir = path.parent().expect("store paths have a parent");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&Store::temp_prefix(".tmp-"))
+            .tempfile_in(dir)
+            .map_err(StoreError::io("cannot create a temp file in", dir))?;
+        tmp.write_all(bytes)
+            .map_err(StoreError::io("cannot write", tmp.path()))?;
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(StoreError::io("cannot replace", path)(e));
+            }
+            _ => {}
+        }
+        tmp.persist(path)
+            .map_err(|e| StoreError::io("cannot replace", path)(e.error))?;
+        Ok(())
+    }
+
     fn replace(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         let dir = path.parent().expect("store paths have a parent");
         let mut tmp = tempfile::Builder::new()
