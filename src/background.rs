@@ -16,6 +16,12 @@ pub fn spawn(work: impl FnOnce() + Send + 'static) {
     let work = std::sync::Arc::new(Mutex::new(Some(work)));
     let theirs = std::sync::Arc::clone(&work);
     let started = std::thread::Builder::new().spawn(move || {
+        // Below the threads the caller waits for: on a machine with few cores, work ahead
+        // of need must not slow the work that is needed now.
+        // SAFETY: setpriority on this thread's own id; it reads no memory of ours.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+        }
         if let Some(work) = theirs.lock().ok().and_then(|mut w| w.take()) {
             work();
         }

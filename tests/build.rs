@@ -781,6 +781,12 @@ fn a_change_deep_in_the_tree_resumes_the_layer_and_builds_what_a_fresh_store_bui
             "{tar_sum}"
         );
     }
+    // Unchanged since a build that missed: the copy started ahead of the walk is dropped,
+    // and leaves nothing behind.
+    let again = build(&p);
+    assert_eq!(again["steps"][0]["status"], "hit", "{again}");
+    let ingest = std::fs::read_dir(p.store().join("berth/ingest")).unwrap();
+    assert_eq!(ingest.count(), 0);
     // A damaged store is never copied into a new layer: the earlier blob with a flipped
     // byte, then cut short, then its saved states garbled. Each time the layer is written
     // in full and the image is the fresh store's; `--no-cache` takes nothing over.

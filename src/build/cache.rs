@@ -201,6 +201,10 @@ pub struct ExplainRecord {
     /// The file times of its layer (`SOURCE_DATE_EPOCH`, else 0).
     #[serde(default)]
     pub epoch: u64,
+    /// It missed the cache: a developer changing files between builds makes the next
+    /// one likely to miss too (a COPY then starts taking over its last layer early).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub missed: bool,
 }
 
 /// The last record at a step position.

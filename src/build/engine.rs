@@ -1100,6 +1100,7 @@ impl Engine<'_> {
             key: key.to_string(),
             layer: None,
             epoch: self.opts.epoch,
+            missed: false,
         };
         let last = cache::last_explain(self.store, &slot);
         let hit = (!self.opts.no_cache)
@@ -1193,6 +1194,7 @@ impl Engine<'_> {
                 } else {
                     cache::miss_reason(&record, last.as_ref(), parent_missed)
                 };
+                record.missed = true;
                 (layer, StepStatus::Miss(reason))
             }
         };
@@ -1273,6 +1275,17 @@ impl Engine<'_> {
             "{:?}/{:?}",
             self.opts.compression.algorithm, self.opts.compression.level
         );
+        let slot = Digest::of(format!("{}\n{stage}\n{index}", self.opts.project_id).as_bytes());
+        let last = cache::last_explain(self.store, &slot);
+        // A rebuild takes over the start of this step's last layer. When the step missed
+        // last time (files are being edited between builds), its copy starts before the
+        // sources are walked: it runs while they are, and is dropped if the step hits.
+        let mut early = match (&c.from, &last) {
+            (None, Some(l)) if l.missed => self
+                .last_layer(&last)
+                .and_then(|d| EarlyCopy::start(self.store, self.opts.compression, &d)),
+            _ => None,
+        };
         let (source_image, selected, mut inputs) = match &c.from {
             Some(from) => {
                 let img = self.image_named(from, stage)?;
@@ -1306,7 +1319,6 @@ impl Engine<'_> {
                 .as_bytes(),
             )
         };
-        let slot = Digest::of(format!("{}\n{stage}\n{index}", self.opts.project_id).as_bytes());
         let mut record = ExplainRecord {
             parent: st.chain.to_string(),
             base: if index == 0 { st.base.clone() } else { None },
@@ -1316,8 +1328,8 @@ impl Engine<'_> {
             key: String::new(),
             layer: None,
             epoch: self.opts.epoch,
+            missed: false,
         };
-        let last = cache::last_explain(self.store, &slot);
         if !inputs.complete && last.is_some() && !self.opts.no_cache {
             // This step was built before, so a hit is likely: hash what the stat cache does
             // not know (files changed in the last seconds) rather than rebuild blindly. A
@@ -1332,15 +1344,18 @@ impl Engine<'_> {
             Some((layer, key)) => {
                 st.fs = None; // Reload lazily if a later step needs it.
                 st.fs_ahead = None;
+                drop(early.take()); // Stops it and removes what it copied.
                 record.inputs = std::mem::take(&mut inputs.files);
                 (layer, StepStatus::Hit, key)
             }
             None => {
-                // A rebuild takes over the start of this step's last layer: its copy starts
-                // now, while the plan that says how much of it is the same is made.
-                let early = self
-                    .last_layer(&last)
-                    .and_then(|d| EarlyCopy::start(self.store, self.opts.compression, &d));
+                // Else its copy starts now, while the plan that says how much of the last
+                // layer is the same is made.
+                record.missed = true;
+                let early = early.take().or_else(|| {
+                    self.last_layer(&last)
+                        .and_then(|d| EarlyCopy::start(self.store, self.opts.compression, &d))
+                });
                 let chown = c.chown.as_deref().map(|o| self.owner(st, o)).transpose()?;
                 let epoch = self.opts.epoch;
                 let spool = self.spool.path().to_path_buf();
