@@ -4,11 +4,43 @@
 //! rely on locks no other thread held at that moment (the allocator's among them), so the
 //! runtime calls [`settle`] first and berth is single-threaded when it forks.
 
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// Threads started by [`spawn`] and not yet joined.
 static PENDING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+/// How many [`spawn_kept`] tasks have not finished, and word when one does.
+static KEPT: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// Runs `work` like [`spawn`], for work whose result must outlive the process (a cache
+/// file written): [`finish`], at the end of `main`, waits for it.
+pub fn spawn_kept(work: impl FnOnce() + Send + 'static) {
+    *KEPT.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    let done = Done;
+    spawn(move || {
+        let _done = done;
+        work();
+    });
+}
+
+/// Marks a [`spawn_kept`] task finished when dropped (also if it panicked).
+struct Done;
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let mut left = KEPT.0.lock().unwrap_or_else(|e| e.into_inner());
+        *left -= 1;
+        KEPT.1.notify_all();
+    }
+}
+
+/// Waits for the [`spawn_kept`] tasks (the others may be abandoned: the process is ending).
+pub fn finish() {
+    let mut left = KEPT.0.lock().unwrap_or_else(|e| e.into_inner());
+    while *left > 0 {
+        left = KEPT.1.wait(left).unwrap_or_else(|e| e.into_inner());
+    }
+}
 
 /// Runs `work` on a thread of its own. If no thread can be started, it runs here.
 pub fn spawn(work: impl FnOnce() + Send + 'static) {
@@ -74,5 +106,18 @@ mod tests {
         }
         settle();
         assert_eq!(DONE.load(Ordering::SeqCst), 8);
+    }
+
+    #[test]
+    fn finish_waits_for_kept_work() {
+        static WRITTEN: AtomicUsize = AtomicUsize::new(0);
+        for _ in 0..3 {
+            spawn_kept(|| {
+                std::thread::sleep(std::time::Duration::from_millis(40));
+                WRITTEN.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        finish();
+        assert_eq!(WRITTEN.load(Ordering::SeqCst), 3);
     }
 }

@@ -3,5 +3,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    berth::cli::main()
+    let code = berth::cli::main();
+    // Cache files still being written on threads of their own.
+    berth::background::finish();
+    code
 }

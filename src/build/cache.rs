@@ -217,12 +217,19 @@ pub fn last_explain(store: &Store, slot: &Digest) -> Option<ExplainRecord> {
 pub fn save_explain(
     store: &Store,
     slot: &Digest,
-    record: &ExplainRecord,
-    last: Option<&ExplainRecord>,
+    record: ExplainRecord,
+    last: Option<ExplainRecord>,
 ) {
-    if last != Some(record) {
-        write_record(store, "explain", slot, record);
+    if last.as_ref() == Some(&record) {
+        return;
     }
+    // On a thread of its own (a large context's record is hundreds of kilobytes of JSON);
+    // the process waits for it before it ends.
+    let (store, slot) = (store.clone(), slot.clone());
+    crate::background::spawn_kept(move || {
+        write_record(&store, "explain", &slot, &record);
+        drop(last);
+    });
 }
 
 /// Why a step missed, comparing what it sees now with the last build at its position.
@@ -328,15 +335,18 @@ mod tests {
         let slot = Digest::of(b"slot");
         let path = record_path(&store, "explain", &slot);
         let one = rec("COPY . /app", &[("a.js", "h1", 0o644)]);
-        save_explain(&store, &slot, &one, None);
+        save_explain(&store, &slot, one.clone(), None);
+        crate::background::finish();
         let inode = std::fs::metadata(&path).unwrap().ino();
         assert_eq!(last_explain(&store, &slot).as_ref(), Some(&one));
         // The same record again: not rewritten.
-        save_explain(&store, &slot, &one, Some(&one));
+        save_explain(&store, &slot, one.clone(), Some(one.clone()));
+        crate::background::finish();
         assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
         // A changed one replaces it whole, and no temp file stays beside it.
         let two = rec("COPY . /app", &[("a.js", "h2", 0o644)]);
-        save_explain(&store, &slot, &two, Some(&one));
+        save_explain(&store, &slot, two.clone(), Some(one));
+        crate::background::finish();
         assert_eq!(last_explain(&store, &slot).as_ref(), Some(&two));
         let names = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
         assert_eq!(names, 1);

@@ -1199,7 +1199,7 @@ impl Engine<'_> {
             }
         };
         record.layer = Some(layer.digest.clone());
-        cache::save_explain(self.store, &slot, &record, last.as_ref());
+        cache::save_explain(self.store, &slot, record, last);
         st.fs = None; // What the command changed is known only from its layer: reload lazily.
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }
@@ -1455,8 +1455,8 @@ impl Engine<'_> {
         };
         record.key = key.to_string();
         record.layer = Some(layer.digest.clone());
-        cache::save_explain(self.store, &slot, &record, last.as_ref());
-        drop_later((record, last, selected));
+        cache::save_explain(self.store, &slot, record, last);
+        drop_later(selected);
         Ok(self.add_layer(st, key, layer, text, origin, status))
     }
 

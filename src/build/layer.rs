@@ -576,19 +576,23 @@ impl LayerWriter {
         );
         index.resume_sum = ChunkIndex::resume_checksum(&index.resume);
         let (digest, size) = blob.commit(None)?;
-        // The index only speeds up later builds; failing to save it loses nothing.
-        let path = chunk_index_path(&self.store, &digest);
-        if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&index)) {
-            let _ = std::fs::create_dir_all(dir);
-            let _ = self.store.replace_cache_file(&path, &bytes);
-        }
-        // Its entry index too: the next step that needs the image's files reads this, not
-        // the layer it just compressed.
-        let path = super::imagefs::index_path(&self.store, &digest);
-        if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&self.entries)) {
-            let _ = std::fs::create_dir_all(dir);
-            let _ = self.store.replace_cache_file(&path, &bytes);
-        }
+        // The chunk index, and the entry index (the next step that needs the image's files
+        // reads it, not the layer just compressed), are written on a thread of their own
+        // while the build goes on (a step that cannot find one yet reads the layer). They
+        // only speed up later builds: failing to save them loses nothing.
+        let (store, entries, at) = (self.store.clone(), self.entries, digest.clone());
+        crate::background::spawn_kept(move || {
+            let path = chunk_index_path(&store, &at);
+            if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&index)) {
+                let _ = std::fs::create_dir_all(dir);
+                let _ = store.replace_cache_file(&path, &bytes);
+            }
+            let path = super::imagefs::index_path(&store, &at);
+            if let (Some(dir), Ok(bytes)) = (path.parent(), serde_json::to_vec(&entries)) {
+                let _ = std::fs::create_dir_all(dir);
+                let _ = store.replace_cache_file(&path, &bytes);
+            }
+        });
         Ok(Layer {
             digest,
             diff_id: DiffId(diff_id),
@@ -730,6 +734,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let layer = write_sample(&store);
+        crate::background::finish(); // The indexes are written on a thread of their own.
         let index = crate::build::imagefs::index_path(&store, &layer.digest);
         let written = std::fs::read(&index).unwrap();
         std::fs::remove_file(&index).unwrap();
@@ -821,6 +826,7 @@ mod tests {
             }
         }
         let layer = w.finish().unwrap();
+        crate::background::finish(); // The indexes are written on a thread of their own.
         let index = std::fs::read(crate::build::imagefs::index_path(store, &layer.digest)).unwrap();
         (layer, at, index)
     }
