@@ -83,22 +83,11 @@ impl IngestFile {
     /// and moves what follows them to the front.
     fn write_out(&mut self, len: usize) -> io::Result<()> {
         let filled = self.filled;
-        let mut done = 0;
-        while done < len {
-            match self.file.as_file().write(&self.buf.window()[done..len]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The filesystem took the flag but not the write: the rest goes buffered.
-                Err(e)
-                    if self.direct
-                        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
-                {
-                    self.go_buffered()?
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        write_fully(
+            self.file.as_file(),
+            &self.buf.window()[..len],
+            &mut self.direct,
+        )?;
         self.written += len as u64;
         self.buf.window().copy_within(len..filled, 0);
         self.filled -= len;

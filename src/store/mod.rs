@@ -400,13 +400,7 @@ impl Store {
     /// (`auto_da_alloc`), and the build would wait for the disk for a file that need not
     /// survive a crash.
     pub fn replace_cache_file(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let dir = path.parent().expect("store paths have a parent");
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&Store::temp_prefix(".tmp-"))
-            .tempfile_in(dir)
-            .map_err(StoreError::io("cannot create a temp file in", dir))?;
-        tmp.write_all(bytes)
-            .map_err(StoreError::io("cannot write", tmp.path()))?;
+        let tmp = Self::temp_beside(path, bytes)?;
         match fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 return Err(StoreError::io("cannot replace", path)(e));
@@ -419,13 +413,7 @@ impl Store {
     }
 
     fn replace(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
-        let dir = path.parent().expect("store paths have a parent");
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&Store::temp_prefix(".tmp-"))
-            .tempfile_in(dir)
-            .map_err(StoreError::io("cannot create a temp file in", dir))?;
-        tmp.write_all(bytes)
-            .map_err(StoreError::io("cannot write", tmp.path()))?;
+        let tmp = Self::temp_beside(path, bytes)?;
         if durable {
             tmp.as_file()
                 .sync_all()
@@ -433,7 +421,20 @@ impl Store {
         }
         tmp.persist(path)
             .map_err(|e| StoreError::io("cannot replace", path)(e.error))?;
+        let dir = path.parent().expect("store paths have a parent");
         if durable { sync_dir(dir) } else { Ok(()) }
+    }
+
+    /// A temp file holding `bytes` in the directory of `path`, to be renamed to it.
+    fn temp_beside(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+        let dir = path.parent().expect("store paths have a parent");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&Store::temp_prefix(".tmp-"))
+            .tempfile_in(dir)
+            .map_err(StoreError::io("cannot create a temp file in", dir))?;
+        tmp.write_all(bytes)
+            .map_err(StoreError::io("cannot write", tmp.path()))?;
+        Ok(tmp)
     }
 
     /// Takes the store's exclusive lock (held until the guard drops). Index updates and GC
