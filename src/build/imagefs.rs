@@ -172,10 +172,7 @@ pub fn layer_entries(
         && std::fs::create_dir_all(dir).is_ok()
         && let Ok(json) = serde_json::to_vec(&out)
     {
-        let tmp = dir.join(format!(".{}.{}", digest.hex(), std::process::id()));
-        if std::fs::write(&tmp, json).is_ok() && std::fs::rename(&tmp, &path).is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        let _ = store.replace_cache_file(&path, &json);
     }
     Ok(out)
 }
