@@ -26,6 +26,8 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 const ALIGN: usize = 4096;
 /// The direct-write buffer.
 const BUFFER: usize = 2 << 20;
+/// Blobs smaller than this are written buffered when their size is known.
+const SMALL: u64 = 64 << 10;
 /// In buffered mode, how much is written before the kernel's write-back is started.
 const WRITEBACK_STEP: u64 = 32 << 20;
 
@@ -79,6 +81,23 @@ impl IngestFile {
         }
     }
 
+    /// Wraps a fresh, empty temp file for a blob of `len` bytes known in advance. A small
+    /// one is written buffered, from a buffer its own size: a manifest or a config needs
+    /// neither direct I/O nor a 2 MiB buffer (whose zeroing costs more than writing it).
+    pub(super) fn sized(file: tempfile::NamedTempFile, len: u64) -> IngestFile {
+        if len >= SMALL {
+            return IngestFile::new(file);
+        }
+        IngestFile {
+            file,
+            buf: Aligned::new((len as usize).div_ceil(ALIGN).max(1) * ALIGN),
+            filled: 0,
+            direct: false,
+            written: 0,
+            kicked: 0,
+        }
+    }
+
     /// Writes the first `len` bytes of the window (a multiple of [`ALIGN`] in direct mode)
     /// and moves what follows them to the front.
     fn write_out(&mut self, len: usize) -> io::Result<()> {
@@ -112,10 +131,14 @@ impl IngestFile {
     /// stop the copy by returning false. Returns how many bytes were appended.
     ///
     /// Full buffers are written on a thread of their own while the next one is read and
-    /// inspected: the disk and the reads overlap instead of taking turns.
+    /// inspected: the disk and the reads overlap instead of taking turns. The reads go
+    /// past the page cache too when `src_direct` (the same file opened `O_DIRECT`) is
+    /// given: a blob written directly is not in the cache, and reading it through the
+    /// cache would fill it with pages read once.
     pub(super) fn copy_in(
         &mut self,
         src: &File,
+        mut src_direct: Option<File>,
         limit: impl Fn() -> u64,
         mut inspect: impl FnMut(&[u8]) -> bool,
     ) -> io::Result<u64> {
@@ -130,6 +153,9 @@ impl IngestFile {
         let (to_writer, writes) = sync_channel::<Aligned>(1);
         let (give_back, free) = sync_channel::<Aligned>(2);
         let mut window = std::mem::replace(&mut self.buf, Aligned::new(0));
+        if window.len != BUFFER {
+            window = Aligned::new(BUFFER);
+        }
         let mut spare = Some(Aligned::new(BUFFER));
         let (mut at, mut filled) = (0u64, 0usize);
         let (read, written) = std::thread::scope(|scope| {
@@ -171,11 +197,11 @@ impl IngestFile {
                 let n = (BUFFER / 4)
                     .min(BUFFER - filled)
                     .min(usize::try_from(len - at).unwrap_or(usize::MAX));
-                let bytes = &mut window.window()[filled..filled + n];
-                if let Err(e) = src.read_exact_at(bytes, at) {
+                let room = &mut window.window()[filled..];
+                if let Err(e) = read_aligned(&mut src_direct, src, room, n, at) {
                     break Err(e);
                 }
-                let go_on = inspect(bytes);
+                let go_on = inspect(&room[..n]);
                 filled += n;
                 at += n as u64;
                 if !go_on {
@@ -244,11 +270,12 @@ impl IngestFile {
 
 impl Write for IngestFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.filled == BUFFER {
-            self.write_out(BUFFER)?;
+        let size = self.buf.len;
+        if self.filled == size {
+            self.write_out(size)?;
         }
         let filled = self.filled;
-        let n = buf.len().min(BUFFER - filled);
+        let n = buf.len().min(size - filled);
         self.buf.window()[filled..filled + n].copy_from_slice(&buf[..n]);
         self.filled += n;
         Ok(n)
@@ -275,11 +302,7 @@ impl BlobRanges {
     /// Opens `path` for range reads.
     pub fn open(path: &Path) -> io::Result<BlobRanges> {
         let file = File::open(path)?;
-        let direct = File::options()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
+        let direct = open_direct(path);
         Ok(BlobRanges { file, direct })
     }
 
@@ -327,6 +350,50 @@ fn read_direct(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> io::R
         out.extend_from_slice(&window[skip..skip + len]);
         Ok(())
     })
+}
+
+/// `path` opened for reading with `O_DIRECT`, if its filesystem has it.
+pub(super) fn open_direct(path: &Path) -> Option<File> {
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+/// Reads `n` bytes at `at` (a multiple of [`ALIGN`]) into the start of `room` (aligned,
+/// with space for `n` rounded up to a block): from `direct` while it takes the reads (it
+/// is dropped when its filesystem refuses them), else from `file`.
+fn read_aligned(
+    direct: &mut Option<File>,
+    file: &File,
+    room: &mut [u8],
+    n: usize,
+    at: u64,
+) -> io::Result<()> {
+    if let Some(d) = direct {
+        let span = n.div_ceil(ALIGN) * ALIGN;
+        let mut got = 0;
+        // The last block may be short: the read ends at the end of the file.
+        let read = loop {
+            if got >= n {
+                break Ok(());
+            }
+            match d.read_at(&mut room[got..span], at + got as u64) {
+                Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        match read {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                *direct = None;
+            }
+            r => return r,
+        }
+    }
+    file.read_exact_at(&mut room[..n], at)
 }
 
 /// Writes all of `bytes` (a multiple of [`ALIGN`] at an aligned offset while `direct`),
@@ -389,7 +456,18 @@ mod tests {
     /// `direct: false` forces the fallback for filesystems without direct I/O.
     fn written_as(chunks: &[&[u8]], direct: bool) -> (Vec<u8>, bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
+        let w = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
+        written_by(w, chunks, direct)
+    }
+
+    /// Written by a file made for `hint` bytes, whatever the real length.
+    fn written_sized(chunks: &[&[u8]], hint: u64) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        written_by(IngestFile::sized(file, hint), chunks, true).0
+    }
+
+    fn written_by(mut w: IngestFile, chunks: &[&[u8]], direct: bool) -> (Vec<u8>, bool) {
         if !direct {
             w.go_buffered().unwrap();
         }
@@ -429,6 +507,9 @@ mod tests {
             let pieces: Vec<&[u8]> = data.chunks(ALIGN * 3 + 5).collect();
             assert_eq!(written(&pieces).0, data, "len {len} in pieces");
             assert_eq!(written_as(&pieces, false).0, data, "len {len} buffered");
+            // Made for its length, and for the wrong one (a small file given more).
+            assert_eq!(written_sized(&pieces, len as u64), data, "len {len} sized");
+            assert_eq!(written_sized(&pieces, 100), data, "len {len} sized 100");
         }
     }
 
@@ -441,7 +522,7 @@ mod tests {
             .collect();
         std::fs::write(&src_path, &data).unwrap();
         let src = File::open(&src_path).unwrap();
-        for direct in [true, false] {
+        for (direct, src_direct) in [(true, true), (true, false), (false, true), (false, false)] {
             for cut in [
                 0,
                 1,
@@ -459,6 +540,7 @@ mod tests {
                 let n = w
                     .copy_in(
                         &src,
+                        open_direct(&src_path).filter(|_| src_direct),
                         || data.len() as u64,
                         |b| {
                             seen += b.len();
@@ -474,16 +556,29 @@ mod tests {
                 assert_eq!(
                     back,
                     [&data[..cut], b"tail"].concat(),
-                    "cut {cut}, direct {direct}"
+                    "cut {cut}, direct {direct}, source direct {src_direct}"
                 );
             }
         }
         // The limit is asked again as the copy goes, and `inspect` can stop it.
         let mut w = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
-        assert_eq!(w.copy_in(&src, || 5000, |_| true).unwrap(), 5000);
+        let mut seen = Vec::new();
+        let n = w
+            .copy_in(
+                &src,
+                open_direct(&src_path),
+                || 5000,
+                |b| {
+                    seen.extend_from_slice(b);
+                    true
+                },
+            )
+            .unwrap();
+        assert_eq!((n, &seen[..]), (5000, &data[..5000]));
         let mut w2 = IngestFile::new(tempfile::NamedTempFile::new_in(dir.path()).unwrap());
         assert_eq!(
-            w2.copy_in(&src, || u64::MAX, |_| false).unwrap(),
+            w2.copy_in(&src, open_direct(&src_path), || u64::MAX, |_| false)
+                .unwrap(),
             (BUFFER / 4) as u64
         );
         w.truncate_to(6000, &src).unwrap_err();

@@ -291,12 +291,20 @@ impl Store {
     }
 
     fn ingest_file(&self) -> Result<direct::IngestFile> {
+        Ok(direct::IngestFile::new(self.ingest_temp()?))
+    }
+
+    /// [`Store::ingest_file`] for a blob of `len` bytes.
+    fn ingest_file_for(&self, len: u64) -> Result<direct::IngestFile> {
+        Ok(direct::IngestFile::sized(self.ingest_temp()?, len))
+    }
+
+    fn ingest_temp(&self) -> Result<tempfile::NamedTempFile> {
         let dir = self.state_dir().join("ingest");
-        let file = tempfile::Builder::new()
+        tempfile::Builder::new()
             .prefix(&Store::temp_prefix("blob-"))
             .tempfile_in(&dir)
-            .map_err(StoreError::io("cannot create an ingest file in", &dir))?;
-        Ok(direct::IngestFile::new(file))
+            .map_err(StoreError::io("cannot create an ingest file in", &dir))
     }
 
     /// Starts copying the first bytes of the stored blob `from` into a new ingest file, on
@@ -308,6 +316,7 @@ impl Store {
     pub fn copy_prefix(&self, from: &Digest, pieces: Vec<(u64, [u8; 32])>) -> Result<PrefixCopy> {
         let path = self.blob_path(from);
         let src = File::open(&path).map_err(|e| Self::open_error(from, path.clone(), e))?;
+        let src_direct = direct::open_direct(&path);
         let ends: Vec<u64> = pieces
             .iter()
             .scan(0, |at, p| {
@@ -316,16 +325,21 @@ impl Store {
             })
             .collect();
         let total = ends.last().copied().unwrap_or(0);
-        advise_willneed(&src, total);
         let mut file = self.ingest_file()?;
         let limit = Arc::new(AtomicU64::new(total));
         let stop = Arc::clone(&limit);
-        // Reads go through the page cache (the blob was likely written or read lately),
-        // straight into the ingest file's write buffer.
+        // Reads go straight into the ingest file's write buffers, past the page cache
+        // (the blob was written past it, so its pages would be read once and evicted).
         let thread = std::thread::spawn(move || -> io::Result<Copied> {
+            if src_direct.is_none() {
+                // Asked for all at once, from this thread: queueing the reads of a large
+                // blob costs the caller milliseconds.
+                advise_willneed(&src, stop.load(Ordering::Acquire));
+            }
             let mut check = PieceCheck::new(pieces);
             let copied = file.copy_in(
                 &src,
+                src_direct,
                 || stop.load(Ordering::Acquire),
                 |bytes| check.update(bytes),
             )?;
@@ -372,7 +386,12 @@ impl Store {
         if self.has_blob(&digest) {
             return Ok((digest, bytes.len() as u64));
         }
-        let mut w = self.blob_writer()?;
+        let mut w = BlobWriter {
+            store: self.clone(),
+            state: Ingest::Ready(HashingWriter::new(
+                self.ingest_file_for(bytes.len() as u64)?,
+            )),
+        };
         w.write_all(bytes).map_err(StoreError::io(
             "cannot write",
             self.state_dir().join("ingest"),
