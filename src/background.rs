@@ -72,6 +72,48 @@ pub fn spawn(work: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// A value computed by [`spawn`] while the caller goes on, and waited for when first
+/// asked. A computation that panicked gives the type's default (what the caches using this
+/// do with a file they cannot read).
+pub struct Later<T> {
+    value: std::sync::OnceLock<T>,
+    coming: Mutex<Option<std::sync::mpsc::Receiver<T>>>,
+}
+
+impl<T: Default + Send + 'static> Later<T> {
+    /// Starts computing the value.
+    pub fn spawn(work: impl FnOnce() -> T + Send + 'static) -> Later<T> {
+        let (tx, coming) = std::sync::mpsc::channel();
+        spawn(move || {
+            let _ = tx.send(work());
+        });
+        Later {
+            value: std::sync::OnceLock::new(),
+            coming: Mutex::new(Some(coming)),
+        }
+    }
+
+    /// The value, once computed.
+    pub fn get(&self) -> &T {
+        self.value.get_or_init(|| {
+            let coming = self.coming.lock().map(|mut c| c.take()).ok().flatten();
+            coming.and_then(|c| c.recv().ok()).unwrap_or_default()
+        })
+    }
+
+    /// The value, once computed, to change.
+    pub fn get_mut(&mut self) -> &mut T {
+        self.get();
+        self.value.get_mut().expect("computed above")
+    }
+
+    /// The value, once computed, to keep.
+    pub fn into_inner(mut self) -> T {
+        self.get_mut();
+        self.value.take().expect("computed above")
+    }
+}
+
 /// Waits until every thread [`spawn`] started has ended.
 pub fn settle() {
     loop {

@@ -31,8 +31,7 @@ pub struct StatCache {
     path: PathBuf,
     /// Read on a thread of its own from [`StatCache::load`] on (a large context's cache is
     /// most of a megabyte of JSON), and waited for when first asked.
-    entries: std::sync::OnceLock<BTreeMap<String, StatEntry>>,
-    loading: std::sync::Mutex<Option<std::sync::mpsc::Receiver<BTreeMap<String, StatEntry>>>>,
+    entries: crate::background::Later<BTreeMap<String, StatEntry>>,
     dirty: bool,
 }
 
@@ -41,32 +40,25 @@ impl StatCache {
     pub fn load(store: &Store) -> StatCache {
         let path = store.state_dir().join("cache/stat.json");
         let from = path.clone();
-        let (tx, loading) = std::sync::mpsc::channel();
-        crate::background::spawn(move || {
-            let entries = std::fs::read(&from)
+        let entries = crate::background::Later::spawn(move || {
+            std::fs::read(&from)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            let _ = tx.send(entries);
+                .unwrap_or_default()
         });
         StatCache {
             path,
-            entries: std::sync::OnceLock::new(),
-            loading: std::sync::Mutex::new(Some(loading)),
+            entries,
             dirty: false,
         }
     }
 
     fn entries(&self) -> &BTreeMap<String, StatEntry> {
-        self.entries.get_or_init(|| {
-            let loading = self.loading.lock().map(|mut l| l.take()).ok().flatten();
-            loading.and_then(|l| l.recv().ok()).unwrap_or_default()
-        })
+        self.entries.get()
     }
 
     fn entries_mut(&mut self) -> &mut BTreeMap<String, StatEntry> {
-        self.entries();
-        self.entries.get_mut().expect("loaded above")
+        self.entries.get_mut()
     }
 
     /// The cached content hash of a file, if its identity is unchanged.
@@ -207,28 +199,56 @@ pub struct ExplainRecord {
     pub missed: bool,
 }
 
+/// The record a step position had in the last build. What a rebuild needs at once (the
+/// layer, whether the step missed) is read first; the whole record (whose inputs are
+/// hundreds of kilobytes of JSON for a large context) is parsed on a thread of its own.
+pub struct LastExplain {
+    /// The layer the step produced.
+    pub layer: Option<Digest>,
+    /// The step missed the cache.
+    pub missed: bool,
+    record: crate::background::Later<Option<ExplainRecord>>,
+}
+
+impl LastExplain {
+    /// The whole record (`None` if it did not parse).
+    pub fn record(&self) -> Option<&ExplainRecord> {
+        self.record.get().as_ref()
+    }
+}
+
 /// The last record at a step position.
-pub fn last_explain(store: &Store, slot: &Digest) -> Option<ExplainRecord> {
-    serde_json::from_slice(&std::fs::read(record_path(store, "explain", slot)).ok()?).ok()
+pub fn last_explain(store: &Store, slot: &Digest) -> Option<LastExplain> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        layer: Option<Digest>,
+        #[serde(default)]
+        missed: bool,
+    }
+    let bytes = std::fs::read(record_path(store, "explain", slot)).ok()?;
+    let head: Head = serde_json::from_slice(&bytes).ok()?;
+    Some(LastExplain {
+        layer: head.layer,
+        missed: head.missed,
+        record: crate::background::Later::spawn(move || serde_json::from_slice(&bytes).ok()),
+    })
 }
 
 /// Saves the record at a step position, unless it is the `last` one there (a step that
-/// hit: rewriting it would only cost a write, and on ext4 a flush).
+/// hit: rewriting it would only cost a write, and on ext4 a flush). Compared and written
+/// on a thread of its own; the process waits for it before it ends.
 pub fn save_explain(
     store: &Store,
     slot: &Digest,
     record: ExplainRecord,
-    last: Option<ExplainRecord>,
+    last: Option<LastExplain>,
 ) {
-    if last.as_ref() == Some(&record) {
-        return;
-    }
-    // On a thread of its own (a large context's record is hundreds of kilobytes of JSON);
-    // the process waits for it before it ends.
     let (store, slot) = (store.clone(), slot.clone());
     crate::background::spawn_kept(move || {
-        write_record(&store, "explain", &slot, &record);
-        drop(last);
+        if last.as_ref().and_then(LastExplain::record) != Some(&record) {
+            write_record(&store, "explain", &slot, &record);
+        }
     });
 }
 
@@ -279,21 +299,37 @@ pub fn miss_reason(
             "the layers below changed".into()
         };
     }
-    let mut changes = Vec::new();
-    for (path, (hash, mode)) in &now.inputs {
-        match last.inputs.get(path) {
-            None => changes.push(format!("{path} added")),
-            Some((h, _)) if h != hash => changes.push(format!("{path} changed")),
-            Some((_, m)) if m != mode => changes.push(format!("{path} mode {m:o} → {mode:o}")),
-            Some(_) => {}
+    // Both maps in order, side by side (a large context has thousands of inputs).
+    let (mut changes, mut removed) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (now.inputs.iter().peekable(), last.inputs.iter().peekable());
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((p, _)), Some((q, _))) => p.cmp(q),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (path, _) = a.next().expect("peeked");
+                changes.push(format!("{path} added"));
+            }
+            std::cmp::Ordering::Greater => {
+                let (path, _) = b.next().expect("peeked");
+                removed.push(format!("{path} removed"));
+            }
+            std::cmp::Ordering::Equal => {
+                let ((path, (hash, mode)), (_, (h, m))) =
+                    (a.next().expect("peeked"), b.next().expect("peeked"));
+                if h != hash {
+                    changes.push(format!("{path} changed"));
+                } else if m != mode {
+                    changes.push(format!("{path} mode {m:o} → {mode:o}"));
+                }
+            }
         }
     }
-    changes.extend(
-        last.inputs
-            .keys()
-            .filter(|p| !now.inputs.contains_key(*p))
-            .map(|p| format!("{p} removed")),
-    );
+    changes.extend(removed);
     if changes.is_empty() {
         return "the cached layer is gone (removed by gc?) or the cache was cleared".into();
     }
@@ -338,16 +374,23 @@ mod tests {
         save_explain(&store, &slot, one.clone(), None);
         crate::background::finish();
         let inode = std::fs::metadata(&path).unwrap().ino();
-        assert_eq!(last_explain(&store, &slot).as_ref(), Some(&one));
+        let last = || last_explain(&store, &slot).unwrap();
+        assert_eq!(last().record(), Some(&one));
         // The same record again: not rewritten.
-        save_explain(&store, &slot, one.clone(), Some(one.clone()));
+        save_explain(&store, &slot, one.clone(), Some(last()));
         crate::background::finish();
         assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
         // A changed one replaces it whole, and no temp file stays beside it.
-        let two = rec("COPY . /app", &[("a.js", "h2", 0o644)]);
-        save_explain(&store, &slot, two.clone(), Some(one));
+        let two = ExplainRecord {
+            layer: Some(Digest::of(b"layer")),
+            missed: true,
+            ..rec("COPY . /app", &[("a.js", "h2", 0o644)])
+        };
+        save_explain(&store, &slot, two.clone(), Some(last()));
         crate::background::finish();
-        assert_eq!(last_explain(&store, &slot).as_ref(), Some(&two));
+        let read = last();
+        assert_eq!(read.record(), Some(&two));
+        assert_eq!((read.layer, read.missed), (two.layer.clone(), true));
         let names = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
         assert_eq!(names, 1);
     }

@@ -217,8 +217,10 @@ fn destination(
 /// an ancestor a layer left implicit would come back as root's 0755 (BuildKit's layers
 /// carry their ancestors too).
 pub(crate) fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(), BuildError> {
-    let paths: Vec<String> = plan.keys().cloned().collect();
-    for p in paths {
+    let mut added = Plan::new();
+    // In sorted order a directory comes before what is under it, so the first ancestor
+    // found planned had its own ancestors seen to already: the climb stops there.
+    for p in plan.keys() {
         let mut cur = p.as_str();
         while let Some((parent, _)) = cur.rsplit_once('/') {
             cur = parent;
@@ -232,11 +234,14 @@ pub(crate) fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(
                         format!("/{parent} is a symlink; berth does not write through links"),
                     ));
                 }
-                continue;
+                break;
+            }
+            if added.contains_key(parent) {
+                break;
             }
             match fs.get(parent) {
                 Some(n) if n.kind == FsKind::Dir => {
-                    plan.insert(
+                    added.insert(
                         parent.to_string(),
                         Planned {
                             content: Content::Dir,
@@ -256,7 +261,7 @@ pub(crate) fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(
                     ));
                 }
                 None => {
-                    plan.insert(
+                    added.insert(
                         parent.to_string(),
                         Planned {
                             content: Content::Dir,
@@ -272,6 +277,7 @@ pub(crate) fn add_parents(plan: &mut Plan, fs: &ImageFs, epoch: u64) -> Result<(
             }
         }
     }
+    plan.extend(added);
     Ok(())
 }
 

@@ -138,12 +138,19 @@ pub struct BuildOutput {
     pub pin: crate::store::Pin,
 }
 
+/// A layer (digest, media type) and the nodes it adds to an [`ImageFs`].
+type PendingLayer = (Digest, String, Vec<(String, super::imagefs::FsNode)>);
+
 struct StageState {
     config: ImageConfig,
     layers: Vec<Descriptor>,
     chain: Digest,
     base: Option<String>,
     fs: Option<ImageFs>,
+    /// Layers this build wrote, with their nodes, not yet added to `fs`: added when a
+    /// later step asks for it (most steps after the last COPY never do), dropped when
+    /// `fs` is reloaded (its layers include them).
+    fs_pending: Vec<PendingLayer>,
     /// `fs` being loaded ahead of need (see [`StageState::load_fs_ahead`]).
     fs_ahead: Option<FsAhead>,
     fs_layers: Vec<(Digest, String)>,
@@ -165,13 +172,18 @@ impl StageState {
 
     fn fs(&mut self, store: &Store) -> Result<&mut ImageFs, BuildError> {
         if self.fs.is_none() {
+            drop_later(std::mem::take(&mut self.fs_pending));
             let ahead = self.fs_ahead.take().and_then(|a| a.take(&self.fs_layers));
             self.fs = Some(match ahead {
                 Some(loaded) => loaded?,
                 None => ImageFs::load(store, &self.fs_layers, None)?,
             });
         }
-        Ok(self.fs.as_mut().expect("loaded"))
+        let fs = self.fs.as_mut().expect("loaded");
+        for (digest, media_type, nodes) in self.fs_pending.drain(..) {
+            fs.add_layer(digest, media_type, nodes);
+        }
+        Ok(fs)
     }
 
     /// Starts loading the image's tree on a thread of its own, for a step that will
@@ -457,7 +469,7 @@ impl Engine<'_> {
     /// The layer this step made in the last build, whose compressed chunks (and unchanged
     /// first bytes) a new layer may take over; none with `--no-cache`, which takes
     /// nothing from earlier builds.
-    fn last_layer(&self, last: &Option<ExplainRecord>) -> Option<Digest> {
+    fn last_layer(&self, last: &Option<cache::LastExplain>) -> Option<Digest> {
         last.as_ref()
             .filter(|_| !self.opts.no_cache)
             .and_then(|l| l.layer.clone())
@@ -545,6 +557,7 @@ impl Engine<'_> {
                     chain: Digest::of(b"scratch"),
                     base: None,
                     fs: Some(ImageFs::default()),
+                    fs_pending: Vec::new(),
                     fs_ahead: None,
                     fs_layers: Vec::new(),
                     args: BTreeMap::new(),
@@ -577,6 +590,7 @@ impl Engine<'_> {
                     chain: Digest::of(format!("base {}", base.digest).as_bytes()),
                     base: Some(base.digest.to_string()),
                     fs: None,
+                    fs_pending: Vec::new(),
                     fs_ahead: None,
                     fs_layers,
                     args: BTreeMap::new(),
@@ -651,7 +665,7 @@ impl Engine<'_> {
             st.config.oci.set_config(Some(cfg));
         }
         st.config.oci.set_created(Some(self.timestamp()));
-        drop_later((st.fs.take(), st.fs_ahead.take()));
+        drop_later((st.fs.take(), st.fs_ahead.take(), st.fs_pending));
         let image = self.store.write_image(&st.config, st.layers)?;
         self.built.insert(index, image.clone());
         Ok(image)
@@ -1192,7 +1206,11 @@ impl Engine<'_> {
                 let reason = if self.opts.no_cache {
                     "--no-cache".to_string()
                 } else {
-                    cache::miss_reason(&record, last.as_ref(), parent_missed)
+                    cache::miss_reason(
+                        &record,
+                        last.as_ref().and_then(|l| l.record()),
+                        parent_missed,
+                    )
                 };
                 record.missed = true;
                 (layer, StepStatus::Miss(reason))
@@ -1437,8 +1455,11 @@ impl Engine<'_> {
                     &mut inputs,
                 )?;
                 drop_later(plan);
-                if let Some(fs) = st.fs.as_mut() {
-                    fs.add_layer(layer.digest.clone(), layer.media_type.clone(), nodes);
+                if st.fs.is_some() {
+                    st.fs_pending
+                        .push((layer.digest.clone(), layer.media_type.clone(), nodes));
+                } else {
+                    drop_later(nodes);
                 }
                 // Unknown until the files whose hashes were not known had been written
                 // (and hashed); otherwise writing changed no input.
@@ -1448,7 +1469,11 @@ impl Engine<'_> {
                 let reason = if self.opts.no_cache {
                     "--no-cache".to_string()
                 } else {
-                    cache::miss_reason(&record, last.as_ref(), parent_missed)
+                    cache::miss_reason(
+                        &record,
+                        last.as_ref().and_then(|l| l.record()),
+                        parent_missed,
+                    )
                 };
                 (layer, StepStatus::Miss(reason), key)
             }
