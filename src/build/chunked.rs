@@ -74,12 +74,42 @@ pub struct Start {
     pub chunks: Vec<ChunkEntry>,
 }
 
-/// No cut before this many bytes of a chunk.
-pub const MIN_CHUNK: usize = 512 << 10;
+/// The smallest chunk cut by content (gzip's; see [`Cuts`]).
+pub const MIN_CHUNK: usize = 256 << 10;
 /// A cut is forced at this size.
 pub const MAX_CHUNK: usize = 4 << 20;
-/// After the minimum, a cut where the gear hash's top 20 bits are zero: 1 MiB on average.
-const CUT_MASK: u64 = 0xFFFF_F000_0000_0000;
+
+/// Where a codec's chunks are cut: not before `min` bytes, then where the gear hash has
+/// the bits of `mask` clear. A stream resumes only from an index whose cuts are the same
+/// (`id`): the chunks before the point must be those a full build would cut.
+#[derive(Debug, Clone, Copy)]
+struct Cuts {
+    id: u32,
+    min: usize,
+    mask: u64,
+}
+
+impl Cuts {
+    fn of(codec: Codec) -> Cuts {
+        match codec {
+            // 512 KiB on average. Deflate looks back 32 KiB only, so smaller chunks cost
+            // little (0.3% on a Python tree), and a one-file rebuild compresses again,
+            // on average, half a chunk.
+            Codec::Gzip => Cuts {
+                id: 1,
+                min: MIN_CHUNK,
+                mask: 0xFFFF_C000_0000_0000,
+            },
+            // 1.5 MiB on average: zstd's matches reach across chunks of this size, and
+            // 512 KiB ones cost 4% on the same tree.
+            Codec::Zstd => Cuts {
+                id: 0,
+                min: 512 << 10,
+                mask: 0xFFFF_F000_0000_0000,
+            },
+        }
+    }
+}
 
 /// An error of the compression pipeline or of the writer behind it (the blob's disk),
 /// marked so that a caller does not blame the input it was reading.
@@ -116,11 +146,11 @@ fn gear_over(window: &[u8]) -> u64 {
 
 /// The first cut in `buf[from..to]`: the end of the first byte `j` whose gear hash (over
 /// `buf[j - 63..=j]`) has its top bits clear, as `j + 1`. Needs `from >= 64`.
-fn find_cut_serial(buf: &[u8], from: usize, to: usize) -> Option<usize> {
+fn find_cut_serial(buf: &[u8], from: usize, to: usize, mask: u64) -> Option<usize> {
     let mut h = gear_over(&buf[from - 64..from]);
     for (j, &b) in buf[from..to].iter().enumerate() {
         h = (h << 1).wrapping_add(GEAR[b as usize]);
-        if h & CUT_MASK == 0 {
+        if h & mask == 0 {
             return Some(from + j + 1);
         }
     }
@@ -131,14 +161,14 @@ fn find_cut_serial(buf: &[u8], from: usize, to: usize) -> Option<usize> {
 /// one loop. One lane is a chain of dependent shifts and adds (2 cycles a byte); four
 /// independent chains keep the core busy. Each lane starts from the 64 bytes before it, so
 /// the hashes, and the cut, are exactly the serial ones.
-fn find_cut(buf: &[u8], from: usize, to: usize) -> Option<usize> {
+fn find_cut(buf: &[u8], from: usize, to: usize, mask: u64) -> Option<usize> {
     const LANES: usize = 4;
     if to <= from {
         return None;
     }
     let n = to - from;
     if n < LANES * 1024 {
-        return find_cut_serial(buf, from, to);
+        return find_cut_serial(buf, from, to, mask);
     }
     let lane = n / LANES;
     let start = |k: usize| from + k * lane;
@@ -152,10 +182,9 @@ fn find_cut(buf: &[u8], from: usize, to: usize) -> Option<usize> {
         h1 = (h1 << 1).wrapping_add(GEAR[b as usize]);
         h2 = (h2 << 1).wrapping_add(GEAR[c as usize]);
         h3 = (h3 << 1).wrapping_add(GEAR[d as usize]);
-        if (h0 & CUT_MASK == 0) | (h1 & CUT_MASK == 0) | (h2 & CUT_MASK == 0) | (h3 & CUT_MASK == 0)
-        {
+        if (h0 & mask == 0) | (h1 & mask == 0) | (h2 & mask == 0) | (h3 & mask == 0) {
             for (k, h) in [h0, h1, h2, h3].into_iter().enumerate() {
-                if h & CUT_MASK == 0 && first[k] == usize::MAX {
+                if h & mask == 0 && first[k] == usize::MAX {
                     first[k] = i;
                 }
             }
@@ -168,7 +197,7 @@ fn find_cut(buf: &[u8], from: usize, to: usize) -> Option<usize> {
         return Some(start(k) + first[k] + 1);
     }
     // What the four lanes left over (fewer than four bytes).
-    find_cut_serial(buf, start(LANES), to)
+    find_cut_serial(buf, start(LANES), to, mask)
 }
 
 /// gzip header: magic, deflate, no flags, mtime 0, no extra flags, OS unknown (as Go writes).
@@ -263,6 +292,9 @@ pub struct ChunkIndex {
     pub codec: Codec,
     /// Compression level.
     pub level: u32,
+    /// How chunks were cut (see [`Cuts`]; 0 before gzip's were made smaller).
+    #[serde(default)]
+    pub cuts: u32,
     /// Chunks in order.
     pub chunks: Vec<ChunkEntry>,
     /// Points between chunks a later stream may resume from (see [`Boundary`]), with what
@@ -275,6 +307,11 @@ pub struct ChunkIndex {
 }
 
 impl ChunkIndex {
+    /// A later stream compressed as `codec` at `level` may resume from this one's points.
+    pub fn resumable_as(&self, codec: Codec, level: u32) -> bool {
+        self.codec == codec && self.level == level && self.cuts == Cuts::of(codec).id
+    }
+
     /// The checksum [`ChunkIndex::resume_sum`] holds for these points.
     pub fn resume_checksum(points: &[ResumePoint]) -> String {
         let json = serde_json::to_vec(points).expect("resume points serialise");
@@ -328,7 +365,12 @@ impl ReusableChunks {
             }
         }
         // A last chunk was cut by the end of its stream, not by its content: never predicted.
-        let inner = index.chunks.len().saturating_sub(1);
+        // Nor are chunks cut by other rules: a full build would not cut where they end.
+        let inner = if index.cuts == Cuts::of(codec).id {
+            index.chunks.len().saturating_sub(1)
+        } else {
+            0
+        };
         for pair in index.chunks[..inner].windows(2) {
             let len = pair[1].len as usize;
             if let (Some(a), Some(b), MIN_CHUNK..=MAX_CHUNK) = (key(&pair[0]), key(&pair[1]), len) {
@@ -411,6 +453,7 @@ fn output_thread<W: Sink>(
         index: ChunkIndex {
             codec,
             level,
+            cuts: Cuts::of(codec).id,
             chunks,
             resume: Vec::new(),
             resume_sum: String::new(),
@@ -906,8 +949,9 @@ impl<W: Sink> ChunkedWriter<W> {
                     continue;
                 }
             }
-            let from = self.scanned.max(MIN_CHUNK);
-            match find_cut(&self.buf, from, len) {
+            let cuts = Cuts::of(self.codec);
+            let from = self.scanned.max(cuts.min);
+            match find_cut(&self.buf, from, len, cuts.mask) {
                 Some(at) => self.submit_at(at, None)?,
                 None if len == MAX_CHUNK => self.submit_at(MAX_CHUNK, None)?,
                 None => {
@@ -1232,11 +1276,81 @@ mod tests {
     }
 
     #[test]
+    fn streams_resume_only_from_chunks_cut_as_they_would_cut_them() {
+        let (_, index, _) = gz(&sample(3 << 20, 4), 2, ReusableChunks::default());
+        assert_eq!(index.cuts, Cuts::of(Codec::Gzip).id);
+        assert!(index.resumable_as(Codec::Gzip, index.level));
+        assert!(!index.resumable_as(Codec::Gzip, index.level + 1));
+        assert!(!index.resumable_as(Codec::Zstd, index.level));
+        // An index from before gzip's chunks were made smaller: its points lie where a
+        // full build would not cut now.
+        let old = ChunkIndex { cuts: 0, ..index };
+        assert!(!old.resumable_as(Codec::Gzip, old.level));
+    }
+
+    #[test]
+    fn chunks_cut_by_other_rules_are_reused_but_not_followed() {
+        let data = sample(6 << 20, 7);
+        let (fresh_gz, fresh, _) = gz(&data, 2, ReusableChunks::default());
+        let ends: Vec<usize> = fresh
+            .chunks
+            .iter()
+            .scan(0, |at, c| {
+                *at += c.len as usize;
+                Some(*at)
+            })
+            .collect();
+        assert!(ends.len() >= 4, "{} chunks", ends.len());
+        // An older index of the same bytes: the same first chunk, then the next two as one
+        // (cut by other rules), then the rest as one.
+        let entry = |from: usize, to: usize| ChunkEntry {
+            hash: blake3::hash(&data[from..to]).to_hex().to_string(),
+            len: (to - from) as u64,
+            offset: 0,
+            compressed_len: 0,
+            compressed_hash: String::new(),
+        };
+        let chunks = vec![
+            entry(0, ends[0]),
+            entry(ends[0], ends[2]),
+            entry(ends[2], data.len()),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.gz"), b"").unwrap();
+        let warm = |cuts: u32| {
+            let old = ChunkIndex {
+                codec: Codec::Gzip,
+                level: 1,
+                cuts,
+                chunks: chunks.clone(),
+                ..Default::default()
+            };
+            let mut reuse = ReusableChunks::default();
+            let blob = BlobRanges::open(&dir.path().join("old.gz")).unwrap();
+            reuse.add(blob, &old, Codec::Gzip, 1);
+            gz(&data, 2, reuse)
+        };
+        // Claimed to be cut by today's rules, its chunk order is followed (what makes a
+        // rebuild skip the search), and the bytes come out cut as it was cut.
+        let (followed, index, _) = warm(fresh.cuts);
+        assert_eq!(index.chunks[1].len as usize, ends[2] - ends[0]);
+        assert_ne!(followed, fresh_gz);
+        // Cut by other rules: the stream is cut as a build without it cuts.
+        let (own, index, _) = warm(0);
+        assert_eq!(index.chunks.len(), fresh.chunks.len());
+        assert!(
+            own == fresh_gz,
+            "the same bytes as a build without the old index"
+        );
+    }
+
+    #[test]
     fn the_four_lane_cut_search_finds_the_serial_cut() {
-        // Cuts are rare (one per MiB past the minimum), so plant some: a 64-byte window
+        // Cuts are rare (one per 256 KiB or MiB past the minimum), so plant some: a 64-byte window
         // copied from a place where the serial search cut makes a cut wherever it goes.
+        let mask = Cuts::of(Codec::Zstd).mask;
         let mut data = sample(24 << 20, 9);
-        let cut = find_cut_serial(&data, 64, data.len()).expect("24 MiB hold a cut");
+        let cut = find_cut_serial(&data, 64, data.len(), mask).expect("24 MiB hold a cut");
         let window = data[cut - 64..cut].to_vec();
         for at in [100_000, 100_700, 3 << 20, (3 << 20) + 5, 9 << 20] {
             data[at - 64..at].copy_from_slice(&window);
@@ -1261,11 +1375,13 @@ mod tests {
         }));
         let mut found = 0;
         for (from, to) in ranges {
-            let serial = find_cut_serial(&data, from, to.max(from));
-            assert_eq!(find_cut(&data, from, to), serial, "{from}..{to}");
-            found += usize::from(serial.is_some());
+            for mask in [mask, Cuts::of(Codec::Gzip).mask] {
+                let serial = find_cut_serial(&data, from, to.max(from), mask);
+                assert_eq!(find_cut(&data, from, to, mask), serial, "{from}..{to}");
+                found += usize::from(serial.is_some());
+            }
         }
-        assert!(found > 100, "the ranges hold cuts: {found}");
+        assert!(found > 200, "the ranges hold cuts: {found}");
     }
 
     #[test]

@@ -133,7 +133,7 @@ fn usable_points(
     codec: Codec,
     level: u32,
 ) -> impl Iterator<Item = (&ResumePoint, Vec<(u64, [u8; 32])>)> {
-    let same = index.codec == codec && index.level == level;
+    let same = index.resumable_as(codec, level);
     index
         .resume
         .iter()
