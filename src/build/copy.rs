@@ -634,8 +634,19 @@ fn context_rel<'a>(
     stamp: &Option<(u64, u64, i128, i128)>,
     ctx: Option<&Context>,
 ) -> Option<&'a str> {
+    use std::os::unix::ffi::OsStrExt;
     match (stamp, ctx) {
-        (Some(_), Some(c)) => src.strip_prefix(c.root()).ok().and_then(|rel| rel.to_str()),
+        // Planned as the root joined with a clean relative path: cut at the byte level
+        // (`Path::strip_prefix` compares component by component).
+        (Some(_), Some(c)) => {
+            let root = c.root().as_os_str().as_bytes();
+            let rest = src.as_os_str().as_bytes().strip_prefix(root)?;
+            let rel = match root.ends_with(b"/") {
+                true => rest, // The context is `/`.
+                false => rest.strip_prefix(b"/")?,
+            };
+            std::str::from_utf8(rel).ok()
+        }
         _ => None,
     }
 }
@@ -736,16 +747,20 @@ fn write_plan_once(
             _ => Some(String::new()),
         }
     };
+    // The entries known before writing, as the index describes them, with their
+    // identities: what a resumed layer announces for the entries it does not write.
     let mut planned: Vec<[u8; 32]> = Vec::new();
+    let mut known: Vec<(super::imagefs::IndexEntry, String)> = Vec::new();
     for (path, p) in plan {
         let Some(id) = identity(inputs, p) else { break };
-        let fp = super::layer::fingerprint(
+        let entry = describe_planned(path, p);
+        planned.push(super::layer::fingerprint(
             planned.last(),
-            &describe_planned(path, p),
+            &entry,
             p.meta.mtime,
             &id,
-        );
-        planned.push(fp);
+        ));
+        known.push((entry, id));
     }
     let (mut w, resume_at) =
         LayerWriter::resuming(store, compression, reuse_from, &planned, early)?;
@@ -778,13 +793,13 @@ fn write_plan_once(
         match resume_at {
             // Already in the layer.
             Some(at) if i < at.entry => {
-                let id = identity(inputs, p).expect("planned entries have identities");
-                w.skip(describe_planned(path, p), &p.meta, &id);
+                let (entry, id) = std::mem::take(&mut known[i]);
+                w.skip(entry, &p.meta, id);
                 continue;
             }
             // The entry the layer resumed in: its bytes from there on.
             Some(at) if i == at.entry => {
-                let id = identity(inputs, p).expect("planned entries have identities");
+                let (entry, id) = std::mem::take(&mut known[i]);
                 let content = match &p.content {
                     Content::File {
                         path: src, stamp, ..
@@ -798,7 +813,7 @@ fn write_plan_once(
                     Content::File { path: src, .. } => src.clone(),
                     _ => PathBuf::from(format!("/{path}")),
                 };
-                w.finish_entry(describe_planned(path, p), &p.meta, &id, content, at.offset)
+                w.finish_entry(entry, &p.meta, &id, content, at.offset)
                     .map_err(|e| {
                         entry_error(e, |source| BuildError::Context { path: src, source })
                     })?;

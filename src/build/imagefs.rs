@@ -85,7 +85,7 @@ pub fn open_layer(
 }
 
 /// One tar entry of a layer, as the entry index keeps it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct IndexEntry {
     /// The path as the tar names it (UTF-8 paths only; others are skipped as before).
     #[serde(rename = "p")]

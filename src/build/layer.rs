@@ -409,10 +409,9 @@ impl LayerWriter {
         }
     }
 
-    fn record(&mut self, entry: IndexEntry, meta: &EntryMeta, identity: Option<&str>) {
+    fn record(&mut self, entry: IndexEntry, meta: &EntryMeta, identity: Option<String>) {
         self.entries.push(entry);
-        self.identities
-            .push((meta.mtime, identity.map(str::to_string)));
+        self.identities.push((meta.mtime, identity));
     }
 
     /// Gives the last entry written (a file) its content's identity, known only once its
@@ -425,7 +424,7 @@ impl LayerWriter {
 
     /// Announces an entry of a resumed layer that lies before where it resumed: its bytes
     /// are already in the layer; only the layer's entry index learns of it.
-    pub fn skip(&mut self, entry: IndexEntry, meta: &EntryMeta, identity: &str) {
+    pub fn skip(&mut self, entry: IndexEntry, meta: &EntryMeta, identity: String) {
         self.record(entry, meta, Some(identity));
     }
 
@@ -514,7 +513,7 @@ impl LayerWriter {
         let pad = (512 - size % 512) % 512;
         let padded = from.saturating_sub(size).min(pad);
         out.write_all(&[0u8; 512][..(pad - padded) as usize])?;
-        self.record(entry, meta, identity);
+        self.record(entry, meta, identity.map(str::to_string));
         Ok(())
     }
 
@@ -806,7 +805,9 @@ mod tests {
             let (path, content) = e;
             let meta = meta_of(content);
             match at {
-                Some(at) if i < at.entry => w.skip(describe_of(e), &meta, &identity(content)),
+                Some(at) if i < at.entry => {
+                    w.skip(describe_of(e), &meta, identity(content).to_string())
+                }
                 Some(at) if i == at.entry => w
                     .finish_entry(
                         describe_of(e),
