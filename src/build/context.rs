@@ -180,7 +180,7 @@ impl Context {
                     path: path.clone(),
                     source: e,
                 })?;
-                self.walk(&rel, &dir, &mut children)?;
+                self.walk(&rel, dir, &mut children)?;
             }
             out.push((entry, children));
         }
@@ -264,39 +264,110 @@ impl Context {
     /// its directory's descriptor (`fstatat`, `openat` without following links): no path
     /// is walked again from the root, and a directory swapped for a link mid-walk is not
     /// followed.
+    ///
+    /// A large tree's walk is mostly those calls, one per file, and they run in parallel:
+    /// directories are listed by this thread and by helpers (as jobs, newest first, so the
+    /// descriptors open at once stay about as many as the tree is deep), and their
+    /// listings are put together here in order. The result, and the first error in that
+    /// order, are those of a walk by one thread.
     fn walk(
         &self,
         rel: &str,
-        dir: &fs::File,
+        dir: fs::File,
         out: &mut Vec<ContextEntry>,
     ) -> Result<(), BuildError> {
-        for name in self.names_in(rel, dir, true)? {
-            let child = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
-            let excluded = self.ignore.is_excluded(&child);
-            if excluded && !self.ignore.may_reinclude_under(&child) {
-                continue;
+        let helpers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) - 1;
+        let walk = Walk::default();
+        walk.push(vec![Job::Open(rel.to_string(), dir)]);
+        std::thread::scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(|| {
+                    while let Some(job) = walk.next_job() {
+                        let listed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.list(&walk, job)
+                        }));
+                        if listed.is_err() {
+                            walk.fail();
+                        }
+                    }
+                });
             }
-            let Some(entry) = stat_entry(dir, Path::new(&name), &child, &name)? else {
-                continue;
-            };
-            let is_dir = entry.kind == EntryKind::Dir;
-            if !excluded {
+            // Also if this thread panics: the helpers must end for the scope to.
+            let _stop = StopWalk(&walk);
+            self.put_together(&walk, rel, out)
+        })
+    }
+
+    /// Appends the listing of `rel` and, after each directory in it, its own.
+    fn put_together(
+        &self,
+        walk: &Walk,
+        rel: &str,
+        out: &mut Vec<ContextEntry>,
+    ) -> Result<(), BuildError> {
+        let listing = walk
+            .take(rel, |job| self.list(walk, job))
+            .map_err(|e| match e {
+                Some(e) => e,
+                None => BuildError::Context {
+                    path: self.abs(rel),
+                    source: std::io::Error::other("a thread listing the context panicked"),
+                },
+            })?;
+        for (entry, sub) in listing {
+            if let Some(entry) = entry {
                 out.push(entry);
             }
-            if is_dir {
-                let sub =
-                    open_dir(Some(dir), Path::new(&name)).map_err(|e| BuildError::Context {
-                        path: self.abs(&child),
-                        source: e,
-                    })?;
-                self.walk(&child, &sub, out)?;
+            if let Some(sub) = sub {
+                self.put_together(walk, &sub, out)?;
             }
         }
         Ok(())
+    }
+
+    /// Lists a directory: its children in order, each stat'ed (unless ignored with all
+    /// under it), its subdirectories handed on as jobs.
+    fn list(&self, walk: &Walk, job: Job) {
+        let (rel, dir) = match job {
+            Job::Open(rel, dir) => (rel, Ok(dir)),
+            Job::At(rel, parent, name) => {
+                let dir = open_dir(Some(&parent), Path::new(&name));
+                (rel, dir)
+            }
+        };
+        let mut jobs = Vec::new();
+        let listing = dir
+            .map_err(|e| BuildError::Context {
+                path: self.abs(&rel),
+                source: e,
+            })
+            .and_then(|dir| {
+                let dir = std::sync::Arc::new(dir);
+                let mut listing = Vec::new();
+                for name in self.names_in(&rel, &dir, true)? {
+                    let child = if rel.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{rel}/{name}")
+                    };
+                    let excluded = self.ignore.is_excluded(&child);
+                    if excluded && !self.ignore.may_reinclude_under(&child) {
+                        continue;
+                    }
+                    let Some(entry) = stat_entry(&*dir, Path::new(&name), &child, &name)? else {
+                        continue;
+                    };
+                    let sub = (entry.kind == EntryKind::Dir).then(|| child.clone());
+                    if sub.is_some() {
+                        jobs.push(Job::At(child, std::sync::Arc::clone(&dir), name));
+                    }
+                    listing.push(((!excluded).then_some(entry), sub));
+                }
+                Ok(listing)
+            });
+        // The first subdirectory is taken first (the jobs are a stack).
+        jobs.reverse();
+        walk.listed(rel, listing, jobs);
     }
 
     /// Paths matching a glob, component by component, sorted. Directories on the way are
@@ -334,6 +405,108 @@ impl Context {
             current = next;
         }
         Ok(current)
+    }
+}
+
+/// A directory to list: one open already, or one to open in its (open) parent.
+enum Job {
+    Open(String, fs::File),
+    At(String, std::sync::Arc<fs::File>, String),
+}
+
+/// A directory's children in order: each entry (`None` when ignored but looked into for
+/// re-included paths) and, for a directory, its path, whose own listing follows it.
+type Listing = Vec<(Option<ContextEntry>, Option<String>)>;
+
+/// The work of a walk shared by its threads.
+#[derive(Default)]
+struct Walk {
+    state: std::sync::Mutex<WalkState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WalkState {
+    jobs: Vec<Job>,
+    listed: std::collections::HashMap<String, Result<Listing, BuildError>>,
+    stopped: bool,
+    panicked: bool,
+}
+
+impl Walk {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WalkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, jobs: Vec<Job>) {
+        self.lock().jobs.extend(jobs);
+        self.changed.notify_all();
+    }
+
+    /// Records a directory's listing and the jobs it gave.
+    fn listed(&self, rel: String, listing: Result<Listing, BuildError>, jobs: Vec<Job>) {
+        let mut state = self.lock();
+        state.listed.insert(rel, listing);
+        state.jobs.extend(jobs);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// A helper's next job; `None` once the walk is over.
+    fn next_job(&self) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if state.stopped {
+                return None;
+            }
+            if let Some(job) = state.jobs.pop() {
+                return Some(job);
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The listing of `rel`, doing jobs (with `work`) while it is not there yet. `Err(None)`
+    /// if a helper panicked.
+    fn take(&self, rel: &str, mut work: impl FnMut(Job)) -> Result<Listing, Option<BuildError>> {
+        let mut state = self.lock();
+        loop {
+            if let Some(listing) = state.listed.remove(rel) {
+                return listing.map_err(Some);
+            }
+            if state.panicked {
+                return Err(None);
+            }
+            if let Some(job) = state.jobs.pop() {
+                drop(state);
+                work(job);
+                state = self.lock();
+                continue;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn fail(&self) {
+        self.lock().panicked = true;
+        self.changed.notify_all();
+    }
+
+    fn stop(&self) {
+        let mut state = self.lock();
+        state.stopped = true;
+        state.jobs.clear();
+        drop(state);
+        self.changed.notify_all();
+    }
+}
+
+/// Stops a walk's helpers when dropped.
+struct StopWalk<'a>(&'a Walk);
+
+impl Drop for StopWalk<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
@@ -430,6 +603,69 @@ mod tests {
             EntryKind::Symlink("/etc/passwd".into()),
             "symlinks are not followed"
         );
+    }
+
+    #[test]
+    fn a_large_tree_walks_in_order_and_fails_where_one_thread_would() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        // Wide and deep, names that sort around `/` (`a-b`, `a.b`, `a/...`), ignored
+        // subtrees with a re-included file.
+        for i in 0..40 {
+            for j in 0..8 {
+                let dir = p.join(format!("t/d{i:02}/e{j}/f"));
+                fs::create_dir_all(&dir).unwrap();
+                fs::write(dir.join("x"), "x").unwrap();
+                fs::write(dir.parent().unwrap().join("y.log"), "y").unwrap();
+            }
+            fs::write(p.join(format!("t/d{i:02}-z")), "z").unwrap();
+            fs::write(p.join(format!("t/d{i:02}.z")), "z").unwrap();
+        }
+        fs::write(p.join(".dockerignore"), "t/d1*\n!t/d13/e1/f/x\n**/*.log\n").unwrap();
+        // The same walk, one directory at a time, by the standard library.
+        fn reference(root: &Path, rel: &str, ignore: &IgnoreRules, out: &mut Vec<String>) {
+            let mut names: Vec<_> = fs::read_dir(root.join(rel))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for name in names {
+                let child = format!("{rel}/{}", name.to_str().unwrap());
+                let excluded = ignore.is_excluded(&child);
+                if excluded && !ignore.may_reinclude_under(&child) {
+                    continue;
+                }
+                if !excluded {
+                    out.push(child.clone());
+                }
+                if root.join(&child).is_dir() {
+                    reference(root, &child, ignore, out);
+                }
+            }
+        }
+        let c = Context::open(p).unwrap();
+        let mut want = Vec::new();
+        reference(p, "t", &c.ignore, &mut want);
+        assert!(want.contains(&"t/d13/e1/f/x".to_string()));
+        assert!(!want.iter().any(|w| w.starts_with("t/d12")));
+        let got: Vec<String> = c.select("t").unwrap()[0]
+            .1
+            .iter()
+            .map(|e| e.rel.clone())
+            .collect();
+        assert_eq!(got, want);
+        // A file no layer can hold, deep in the tree, and another after it in walk order:
+        // the error is the first one's, every time.
+        let bad = |dir: &str| p.join(dir).join(std::ffi::OsStr::from_bytes(b"bad\xff"));
+        fs::write(bad("t/d05/e3/f"), "").unwrap();
+        fs::write(bad("t/d30/e0"), "").unwrap();
+        for _ in 0..20 {
+            match c.select("t") {
+                Err(BuildError::NonUtf8Path(path)) => assert!(path.starts_with(p.join("t/d05"))),
+                other => panic!("{:?}", other.map(|_| ())),
+            }
+        }
     }
 
     #[test]
