@@ -219,8 +219,20 @@ impl LastExplain {
 
 /// The last record at a step position.
 pub fn last_explain(store: &Store, slot: &Digest) -> Option<LastExplain> {
+    // The fields every record has are required here too (as for the whole record), so
+    // a record that would not parse is not half used.
     #[derive(Deserialize)]
     struct Head {
+        #[serde(rename = "parent")]
+        _parent: serde::de::IgnoredAny,
+        #[serde(rename = "instruction")]
+        _instruction: serde::de::IgnoredAny,
+        #[serde(rename = "inputs")]
+        _inputs: serde::de::IgnoredAny,
+        #[serde(rename = "args")]
+        _args: serde::de::IgnoredAny,
+        #[serde(rename = "key")]
+        _key: serde::de::IgnoredAny,
         #[serde(default)]
         layer: Option<Digest>,
         #[serde(default)]
@@ -393,6 +405,15 @@ mod tests {
         assert_eq!((read.layer, read.missed), (two.layer.clone(), true));
         let names = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
         assert_eq!(names, 1);
+        // A record that is not one is not used, not even in part.
+        for bad in [
+            &b"{}"[..],
+            br#"{"layer": null, "missed": true}"#,
+            b"{\"parent\": ",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(last_explain(&store, &slot).is_none());
+        }
     }
 
     #[test]

@@ -280,8 +280,11 @@ impl Context {
         let walk = Walk::default();
         walk.push(vec![Job::Open(rel.to_string(), dir)]);
         std::thread::scope(|scope| {
+            // Also if this thread panics: the helpers must end for the scope to.
+            let _stop = StopWalk(&walk);
             for _ in 0..helpers {
-                scope.spawn(|| {
+                // A helper that cannot start leaves the work to the others.
+                let _ = std::thread::Builder::new().spawn_scoped(scope, || {
                     while let Some(job) = walk.next_job() {
                         let listed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             self.list(&walk, job)
@@ -292,8 +295,6 @@ impl Context {
                     }
                 });
             }
-            // Also if this thread panics: the helpers must end for the scope to.
-            let _stop = StopWalk(&walk);
             self.put_together(&walk, rel, out)
         })
     }
@@ -314,7 +315,8 @@ impl Context {
                     source: std::io::Error::other("a thread listing the context panicked"),
                 },
             })?;
-        for (entry, sub) in listing {
+        for item in listing {
+            let (entry, sub) = item?;
             if let Some(entry) = entry {
                 out.push(entry);
             }
@@ -326,7 +328,9 @@ impl Context {
     }
 
     /// Lists a directory: its children in order, each stat'ed (unless ignored with all
-    /// under it), its subdirectories handed on as jobs.
+    /// under it), its subdirectories handed on as jobs. A child that cannot be looked at
+    /// ends the listing with its error in its place: what comes before it (subdirectories
+    /// included) is walked first, as one thread would.
     fn list(&self, walk: &Walk, job: Job) {
         let (rel, dir) = match job {
             Job::Open(rel, dir) => (rel, Ok(dir)),
@@ -354,14 +358,19 @@ impl Context {
                     if excluded && !self.ignore.may_reinclude_under(&child) {
                         continue;
                     }
-                    let Some(entry) = stat_entry(&*dir, Path::new(&name), &child, &name)? else {
-                        continue;
+                    let entry = match stat_entry(&*dir, Path::new(&name), &child, &name) {
+                        Ok(Some(entry)) => entry,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            listing.push(Err(e));
+                            break;
+                        }
                     };
                     let sub = (entry.kind == EntryKind::Dir).then(|| child.clone());
                     if sub.is_some() {
                         jobs.push(Job::At(child, std::sync::Arc::clone(&dir), name));
                     }
-                    listing.push(((!excluded).then_some(entry), sub));
+                    listing.push(Ok(((!excluded).then_some(entry), sub)));
                 }
                 Ok(listing)
             });
@@ -415,8 +424,9 @@ enum Job {
 }
 
 /// A directory's children in order: each entry (`None` when ignored but looked into for
-/// re-included paths) and, for a directory, its path, whose own listing follows it.
-type Listing = Vec<(Option<ContextEntry>, Option<String>)>;
+/// re-included paths) and, for a directory, its path, whose own listing follows it; or,
+/// last, the error of the child that could not be looked at.
+type Listing = Vec<Result<(Option<ContextEntry>, Option<String>), BuildError>>;
 
 /// The work of a walk shared by its threads.
 #[derive(Default)]
@@ -655,11 +665,19 @@ mod tests {
             .map(|e| e.rel.clone())
             .collect();
         assert_eq!(got, want);
-        // A file no layer can hold, deep in the tree, and another after it in walk order:
-        // the error is the first one's, every time.
+        // A file no layer can hold, deep in the tree, and others after it in walk order
+        // (one a sibling of a directory it is under, another deeper): the error is the
+        // first one's, every time.
         let bad = |dir: &str| p.join(dir).join(std::ffi::OsStr::from_bytes(b"bad\xff"));
         fs::write(bad("t/d05/e3/f"), "").unwrap();
         fs::write(bad("t/d30/e0"), "").unwrap();
+        nix::sys::stat::mknod(
+            &p.join("t/d05/zz.fifo"),
+            nix::sys::stat::SFlag::S_IFIFO,
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+            0,
+        )
+        .unwrap();
         for _ in 0..20 {
             match c.select("t") {
                 Err(BuildError::NonUtf8Path(path)) => assert!(path.starts_with(p.join("t/d05"))),
