@@ -486,6 +486,48 @@ fn zstd_layers_are_reproducible_and_readable() {
 }
 
 #[test]
+fn a_cached_layer_is_used_only_for_the_compression_it_was_made_with() {
+    require("skopeo", "skopeo");
+    let p = TempProject::new();
+    p.with_busybox_base();
+    // A heredoc, a WORKDIR that creates its directory, a context COPY and a RUN: every
+    // kind of step with a layer of its own.
+    p.file(
+        "app/Dockerfile",
+        "FROM base:1\nCOPY <<EOF /note\nhi\nEOF\nWORKDIR /made/here\nCOPY . /app/\nRUN echo ran > /ran\n",
+    )
+    .file("app/index.html", "hello\n");
+    let media_types = |compression: &str| {
+        p.file(
+            "berth.toml",
+            &format!("{NODE_APP}compression = \"{compression}\"\n"),
+        );
+        p.berth().args(["build"]).run().ok();
+        let raw = run_ok(
+            Command::new("skopeo")
+                .args(["inspect", "--raw"])
+                .arg(format!("oci:{}:shop:latest", p.store().display())),
+        );
+        let manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["mediaType"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let gzip = media_types("gzip");
+    assert_eq!(gzip.len(), 5, "{gzip:?}");
+    // The same steps again in the same store, now zstd: no gzip layer comes from the cache
+    // (the base's own layer stays as it was imported).
+    let zstd = media_types("zstd");
+    assert_eq!(zstd[0], gzip[0]);
+    for t in &zstd[1..] {
+        assert!(t.ends_with("tar+zstd"), "{zstd:?}");
+    }
+}
+
+#[test]
 fn run_steps_build_the_classic_dockerfile_pattern() {
     let p = TempProject::new();
     p.with_busybox_base();

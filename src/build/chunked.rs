@@ -89,6 +89,12 @@ struct Cuts {
     mask: u64,
 }
 
+/// Which rules `codec`'s chunks are cut by: a layer's bytes depend on them, so step cache
+/// keys name them.
+pub fn cut_rules(codec: Codec) -> u32 {
+    Cuts::of(codec).id
+}
+
 impl Cuts {
     fn of(codec: Codec) -> Cuts {
         match codec {

@@ -879,8 +879,9 @@ impl Engine<'_> {
         why: &str,
         files: impl FnOnce(&mut super::layer::LayerWriter) -> std::io::Result<()>,
     ) -> Result<(Layer, StepStatus), BuildError> {
+        let stored = self.compressed_key(key);
         if let Some(l) = (!self.opts.no_cache)
-            .then(|| cache::lookup_step(self.store, key))
+            .then(|| cache::lookup_step(self.store, &stored))
             .flatten()
         {
             return Ok((l, StepStatus::Hit));
@@ -892,8 +893,15 @@ impl Engine<'_> {
         }
         files(&mut w).map_err(io)?;
         let l = w.finish()?;
-        cache::record_step(self.store, key, &l);
+        cache::record_step(self.store, &stored, &l);
         Ok((l, StepStatus::Miss(why.into())))
+    }
+
+    /// Where [`Engine::generated_layer`] keeps the layer of the step with `key`: its key
+    /// with how the layer is compressed (see [`super::layer::compression_key`]).
+    fn compressed_key(&self, key: &Digest) -> Digest {
+        let how = super::layer::compression_key(self.opts.compression);
+        Digest::of(format!("{key}\n{how}").as_bytes())
     }
 
     /// Each path with its parent directory resolved through the image's symlinks (the file
@@ -1057,10 +1065,7 @@ impl Engine<'_> {
             .and_then(|c| c.user().clone())
             .unwrap_or_default();
         let cwd = meta::workdir(&st.config);
-        let compression = format!(
-            "{:?}/{:?}",
-            self.opts.compression.algorithm, self.opts.compression.level
-        );
+        let compression = super::layer::compression_key(self.opts.compression);
         // The mounts' descriptions are part of the key (a secret's id, never its value; a
         // cache's id, never its contents), as in BuildKit; a bind mount's files are too.
         let mut mount_key: Vec<String> = mounts.iter().map(|m| m.to_string()).collect();
@@ -1289,10 +1294,7 @@ impl Engine<'_> {
         if c.sources.iter().any(|s| s.contains("://")) {
             return self.url_add(st, c, &dest, text, origin);
         }
-        let compression = format!(
-            "{:?}/{:?}",
-            self.opts.compression.algorithm, self.opts.compression.level
-        );
+        let compression = super::layer::compression_key(self.opts.compression);
         let slot = Digest::of(format!("{}\n{stage}\n{index}", self.opts.project_id).as_bytes());
         let last = cache::last_explain(self.store, &slot);
         // A rebuild takes over the start of this step's last layer. When the step missed
@@ -1577,7 +1579,10 @@ impl Engine<'_> {
             )
         };
         if let (Some(sum), false, 1) = (&c.checksum, self.opts.no_cache, c.sources.len())
-            && let Some(l) = cache::lookup_step(self.store, &key_of(std::slice::from_ref(sum)))
+            && let Some(l) = cache::lookup_step(
+                self.store,
+                &self.compressed_key(&key_of(std::slice::from_ref(sum))),
+            )
         {
             let key = key_of(std::slice::from_ref(sum));
             st.fs = None;

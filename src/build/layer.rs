@@ -93,7 +93,7 @@ impl LayerCompression {
 fn chunk_index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
     store
         .state_dir()
-        .join("cache/chunks-b3")
+        .join("cache/chunks-b3c")
         .join(format!("{}.json", digest.hex()))
 }
 
@@ -166,6 +166,18 @@ impl EarlyCopy {
             digest: from.clone(),
             copy,
         })
+    }
+}
+
+/// What a step's cache key holds of how its layer is compressed: the algorithm, the level,
+/// and the rules its chunks are cut by (the layer's bytes depend on all three, and a cache
+/// hit must give the bytes a build without the cache would).
+pub fn compression_key(compression: LayerCompression) -> String {
+    let (codec, _) = codec_level(compression);
+    let named = format!("{:?}/{:?}", compression.algorithm, compression.level);
+    match super::chunked::cut_rules(codec) {
+        0 => named,
+        rules => format!("{named}/cuts {rules}"),
     }
 }
 
