@@ -401,6 +401,22 @@ fn image_commands_tag_remove_and_collect() {
         "{}",
         listed.stdout
     );
+    // Chunk indexes go with their layers, and where older versions kept them goes too.
+    let old_indexes = p.store().join("berth/cache/chunks-b3");
+    std::fs::create_dir_all(&old_indexes).unwrap();
+    std::fs::write(old_indexes.join("x.json"), "{}").unwrap();
+    let indexes = || -> Vec<String> {
+        std::fs::read_dir(p.store().join("berth/cache/chunks-b3c"))
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .replace(".json", "")
+            })
+            .collect()
+    };
+    let indexed = indexes().len();
     p.berth().args(["gc"]).run().ok();
     let listed = p.berth().args(["images"]).run().ok();
     assert!(
@@ -408,6 +424,12 @@ fn image_commands_tag_remove_and_collect() {
         "{}",
         listed.stdout
     );
+    let kept = indexes();
+    assert!(kept.len() < indexed, "{indexed} -> {kept:?}");
+    for hex in kept {
+        assert!(p.store().join("blobs/sha256").join(&hex).exists(), "{hex}");
+    }
+    assert!(!old_indexes.exists());
 }
 
 #[test]
@@ -855,7 +877,7 @@ fn a_change_deep_in_the_tree_resumes_the_layer_and_builds_what_a_fresh_store_bui
             }
             "index" => {
                 let name = format!("{}.json", blob.file_name().unwrap().to_str().unwrap());
-                let index = p.store().join("berth/cache/chunks-b3").join(name);
+                let index = p.store().join("berth/cache/chunks-b3c").join(name);
                 let text = std::fs::read_to_string(&index).unwrap();
                 let garbled = text.replacen("\"crc\":", "\"crc\":1", 1);
                 assert_ne!(text, garbled);

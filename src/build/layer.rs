@@ -90,6 +90,7 @@ impl LayerCompression {
     }
 }
 
+/// Where a layer's chunk index lives (gc removes it with the blob).
 fn chunk_index_path(store: &Store, digest: &Digest) -> std::path::PathBuf {
     store
         .state_dir()

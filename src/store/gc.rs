@@ -295,20 +295,26 @@ impl Store {
             report.bytes += size;
         }
         if !dry_run {
-            // Entry indexes of layers whose blob is gone (build::imagefs::index_path).
-            let dir = self.state_dir().join("layer-index");
-            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some(hex) = name.strip_suffix(".json") else {
-                    continue;
-                };
-                let gone = format!("sha256:{hex}")
-                    .parse::<super::Digest>()
-                    .is_ok_and(|d| !self.has_blob(&d));
-                if gone {
-                    let _ = fs::remove_file(e.path());
+            // Entry indexes (build::imagefs::index_path) and chunk indexes
+            // (build::layer::chunk_index_path) of layers whose blob is gone.
+            for dir in ["layer-index", "cache/chunks-b3c"] {
+                let dir = self.state_dir().join(dir);
+                for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let Some(hex) = name.strip_suffix(".json") else {
+                        continue;
+                    };
+                    let gone = format!("sha256:{hex}")
+                        .parse::<super::Digest>()
+                        .is_ok_and(|d| !self.has_blob(&d));
+                    if gone {
+                        let _ = fs::remove_file(e.path());
+                    }
                 }
             }
+            // Chunk indexes where berth kept them before gzip chunks were made smaller: no
+            // version reads them any more.
+            let _ = fs::remove_dir_all(self.state_dir().join("cache/chunks-b3"));
         }
         for path in self.unused_snapshots(&diff_ids) {
             report.snapshots += 1;
