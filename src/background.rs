@@ -106,12 +106,6 @@ impl<T: Default + Send + 'static> Later<T> {
         self.get();
         self.value.get_mut().expect("computed above")
     }
-
-    /// The value, once computed, to keep.
-    pub fn into_inner(mut self) -> T {
-        self.get_mut();
-        self.value.take().expect("computed above")
-    }
 }
 
 /// Waits until every thread [`spawn`] started has ended.
