@@ -71,9 +71,13 @@ impl IngestFile {
     /// Wraps a fresh, empty temp file, switching it to direct I/O where possible.
     pub(super) fn new(file: tempfile::NamedTempFile) -> IngestFile {
         let direct = set_direct(file.as_file(), true).is_ok();
+        IngestFile::around(file, BUFFER, direct)
+    }
+
+    fn around(file: tempfile::NamedTempFile, buffer: usize, direct: bool) -> IngestFile {
         IngestFile {
             file,
-            buf: Aligned::new(BUFFER),
+            buf: Aligned::new(buffer),
             filled: 0,
             direct,
             written: 0,
@@ -88,14 +92,7 @@ impl IngestFile {
         if len >= SMALL {
             return IngestFile::new(file);
         }
-        IngestFile {
-            file,
-            buf: Aligned::new((len as usize).div_ceil(ALIGN).max(1) * ALIGN),
-            filled: 0,
-            direct: false,
-            written: 0,
-            kicked: 0,
-        }
+        IngestFile::around(file, (len as usize).div_ceil(ALIGN).max(1) * ALIGN, false)
     }
 
     /// Writes the first `len` bytes of the window (a multiple of [`ALIGN`] in direct mode)
@@ -337,19 +334,26 @@ fn read_direct(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> io::R
             *buf = Aligned::new(span.next_multiple_of(256 << 10));
         }
         let window = &mut buf.window()[..span];
-        let mut got = 0;
-        // The last block may be short: the read ends at the end of the file.
-        while got < skip + len {
-            match file.read_at(&mut window[got..], first + got as u64) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        read_blocks(file, window, skip + len, first)?;
         out.extend_from_slice(&window[skip..skip + len]);
         Ok(())
     })
+}
+
+/// Reads whole blocks at `at` (aligned) into `room` (aligned, a whole number of blocks)
+/// until at least its first `n` bytes are in: the last block may be short, where the file
+/// ends.
+fn read_blocks(file: &File, room: &mut [u8], n: usize, at: u64) -> io::Result<()> {
+    let mut got = 0;
+    while got < n {
+        match file.read_at(&mut room[got..], at + got as u64) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `path` opened for reading with `O_DIRECT`, if its filesystem has it.
@@ -373,20 +377,7 @@ fn read_aligned(
 ) -> io::Result<()> {
     if let Some(d) = direct {
         let span = n.div_ceil(ALIGN) * ALIGN;
-        let mut got = 0;
-        // The last block may be short: the read ends at the end of the file.
-        let read = loop {
-            if got >= n {
-                break Ok(());
-            }
-            match d.read_at(&mut room[got..span], at + got as u64) {
-                Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(k) => got += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        match read {
+        match read_blocks(d, &mut room[..span], n, at) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
                 *direct = None;
             }
