@@ -1295,6 +1295,24 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_the_sizes_the_readme_gives() {
+        // About 512 KiB for gzip, 1.5 MiB for zstd (the minimum plus 256 KiB or 1 MiB on
+        // average), on bytes without structure.
+        let data = sample(48 << 20, 11);
+        for (codec, low, high) in [
+            (Codec::Gzip, 400 << 10, 650 << 10),
+            (Codec::Zstd, 1200 << 10, 1900 << 10),
+        ] {
+            let (_, index, _) = compress(codec, &data, 2, ReusableChunks::default());
+            let mean = data.len() / index.chunks.len();
+            assert!(
+                (low..high).contains(&mean),
+                "{codec:?}: {mean} bytes on average"
+            );
+        }
+    }
+
+    #[test]
     fn chunks_cut_by_other_rules_are_reused_but_not_followed() {
         let data = sample(6 << 20, 7);
         let (fresh_gz, fresh, _) = gz(&data, 2, ReusableChunks::default());
